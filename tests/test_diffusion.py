@@ -125,18 +125,72 @@ def test_loss_matches_reference_steps(tiny_setup):
     assert out.loss.item() == pytest.approx(diff.item() + 0.5 * enc.item(), rel=1e-5)
 
 
-def test_chunked_loss_equals_full_loss_and_gradients(tiny_setup):
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_lean_path_equals_reference_loss_and_gradients(tiny_setup, p):
+    """loss_chunk > 0 (encoder once, first pass on the self-conditioned examples only, chunked soft embeddings and
+    CE) gives the reference path's loss parts, per-example losses and every LoRA gradient."""
     model, batch = tiny_setup
-    grads = []
-    losses = []
+    results = []
     for chunk in (0, 50):
         model.zero_grad()
-        out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk), gen(11))
+        out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=p), gen(11))
         out.loss.backward()
-        losses.append(out.loss.item())
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None]))
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad and q.grad is not None}
+        results.append((out, grads))
+    (ref, ref_grads), (lean, lean_grads) = results
+    if p == 0.5:
+        assert 0 < lean.self_conditioned.item() < 1  # a mixed batch: the subset first pass is really exercised
+    assert lean.self_conditioned.item() == ref.self_conditioned.item()
+    for part in ("loss", "diffusion", "encoder"):
+        assert getattr(lean, part).item() == pytest.approx(getattr(ref, part).item(), rel=1e-5), part
+    assert torch.allclose(lean.per_example, ref.per_example, rtol=1e-5)
+    assert ref_grads.keys() == lean_grads.keys() and len(ref_grads) > 0
+    for name, g in ref_grads.items():
+        assert torch.allclose(lean_grads[name], g, rtol=1e-4, atol=1e-7), name
+
+
+def _batch_sizes(core):
+    """Records the batch size of every encoder and decoder call."""
+    calls = {"encoder": [], "decoder": []}
+    hooks = [
+        core.model.encoder.language_model.register_forward_pre_hook(
+            lambda m, a, kw: calls["encoder"].append(kw["inputs_embeds"].shape[0]), with_kwargs=True),
+        core.model.decoder.register_forward_pre_hook(
+            lambda m, a, kw: calls["decoder"].append(kw["decoder_input_ids"].shape[0]), with_kwargs=True),
+    ]
+    return calls, hooks
+
+
+def test_lean_path_encodes_once_and_first_pass_runs_only_where_needed(tiny_setup):
+    model, batch = tiny_setup
+    core = model.get_base_model()
+    seen = {}
+    for chunk in (0, 50):
+        calls, hooks = _batch_sizes(core)
+        try:
+            out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=0.5), gen(11))
+        finally:
+            for h in hooks:
+                h.remove()
+        seen[chunk] = (calls, round(out.self_conditioned.item() * 3))
+    (ref_calls, _), (lean_calls, n_sc) = seen[0], seen[50]
+    assert ref_calls == {"encoder": [3, 3], "decoder": [3, 3]}  # the reference re-encodes in its no-grad pass
+    assert lean_calls == {"encoder": [3], "decoder": [n_sc, 3]} and 0 < n_sc < 3
+
+
+def test_lean_path_never_materializes_batch_by_canvas_by_vocab(tiny_setup):
+    from ftkit.profiling import LargestTensor
+
+    model, batch = tiny_setup
+    vocab = model.config.text_config.vocab_size
+    full_logits = batch["canvas"].numel() * vocab * 4  # the (B, L, V) fp32 logits
+    largest = {}
+    for chunk in (0, 50):
+        with LargestTensor(last_dim=vocab) as meter:
+            diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=1.0), gen(3)).loss.backward()
+        largest[chunk] = meter.bytes
+    assert largest[0] >= full_logits  # the meter sees the reference path's logits
+    assert largest[50] <= 50 * vocab * 4 < full_logits  # one chunk of fp32 logits at most
 
 
 def test_self_conditioning_changes_the_second_pass(tiny_setup):

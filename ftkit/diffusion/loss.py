@@ -5,6 +5,10 @@ Per example: t ~ U(eps, 1); each canvas token replaced by a uniform random token
 over every canvas position (the EOS fill included: the uniform kernel has a flat ELBO, so no 1/t weighting); plus an
 autoregressive cross-entropy on the encoder, which reads the whole clean sequence (prompt + canvas) while the
 decoder's attention mask cuts the cache off at the prompt.
+
+Two paths compute the same values: `_reference_losses` (one `model(...)` call per pass, as TRL runs it; the one DDP
+sees) and, when `diffusion.loss_chunk > 0`, `_lean_losses` (encoder once, first pass only where needed, everything
+over the vocabulary chunked). Both draw the same noise from the generator in the same order.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
+from ftkit.diffusion.head import head_logits
+from ftkit.diffusion.self_conditioning import injected_soft_embeddings, select_batch, soft_embeddings
 from ftkit.recipe import DiffusionSection
 
 
@@ -43,13 +49,6 @@ def core_model(model: torch.nn.Module) -> torch.nn.Module:
         elif hasattr(model, "get_base_model"):  # PeftModel
             model = model.get_base_model()
     raise TypeError(f"not a DiffusionGemmaForBlockDiffusion: {type(model).__name__}")
-
-
-def head_logits(core: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """lm_head + tanh soft-capping, exactly as DiffusionGemmaForBlockDiffusion.forward computes logits."""
-    cap = core.final_logit_softcapping
-    logits = core.lm_head(hidden).float()
-    return torch.tanh(logits / cap) * cap
 
 
 def chunked_head_token_losses(
@@ -113,46 +112,72 @@ def diffusion_loss(
     t = sample_noise_level(bsz, cfg.eps, generator, device)
     noisy, _ = corrupt_canvas(target, t, vocab, generator)
     kwargs = decoder_inputs(batch, noisy)
-
-    # Self-conditioning: a no-grad first pass produces the logits the second pass conditions on, gated per example.
+    # Self-conditioning is gated per example; the gate is drawn after the corruption on both paths.
     sc_mask = torch.rand(bsz, generator=generator, device=device) < cfg.self_conditioning_p
-    if cfg.self_conditioning_p > 0:
-        with torch.no_grad():
-            kwargs["self_conditioning_logits"] = model(**kwargs).logits.detach()
-        kwargs["self_conditioning_mask"] = sc_mask
+    self_conditioning = sc_mask if cfg.self_conditioning_p > 0 else None
+    enc_targets = encoder_targets(batch["input_ids"], batch["attention_mask"]) if cfg.encoder_loss_weight > 0 else None
 
-    enc_targets = encoder_targets(batch["input_ids"], batch["attention_mask"])
-    want_encoder = cfg.encoder_loss_weight > 0
     if cfg.loss_chunk > 0:
-        # Memory-lean path: hidden states from the base model, head + CE chunked (no (B, L, V) fp32 logits tensor).
-        out = core.model(**kwargs)
-        token_losses = chunked_head_token_losses(core, out.last_hidden_state, target, cfg.loss_chunk)
-        diff = token_losses.mean()
-        enc = (
-            masked_mean(
-                chunked_head_token_losses(core, out.encoder_last_hidden_state[:, :-1], enc_targets, cfg.loss_chunk),
-                enc_targets,
-            )
-            if want_encoder
-            else diff.new_zeros(())
-        )
+        token_losses, enc = _lean_losses(core, kwargs, target, enc_targets, self_conditioning, cfg.loss_chunk)
     else:
-        out = model(**kwargs)
-        token_losses = F.cross_entropy(out.logits.transpose(1, 2), target, reduction="none")
-        diff = token_losses.mean()
-        if want_encoder:
-            enc_logits = head_logits(core, out.encoder_last_hidden_state[:, :-1])
-            enc = F.cross_entropy(enc_logits.flatten(0, 1), enc_targets.flatten(), ignore_index=-100)
-        else:
-            enc = diff.new_zeros(())
+        token_losses, enc = _reference_losses(model, core, kwargs, target, enc_targets, self_conditioning)
+    diff = token_losses.mean()
+    if enc is None:
+        enc = diff.new_zeros(())
     loss = diff + cfg.encoder_loss_weight * enc
-    per_example = token_losses.detach().mean(dim=1)
     return LossOutput(
         loss=loss,
         diffusion=diff.detach(),
         encoder=enc.detach(),
         t_mean=t.mean().detach(),
-        self_conditioned=sc_mask.float().mean() if cfg.self_conditioning_p > 0 else torch.zeros((), device=device),
+        self_conditioned=sc_mask.float().mean() if self_conditioning is not None else torch.zeros((), device=device),
         t=t.detach(),
-        per_example=per_example,
+        per_example=token_losses.detach().mean(dim=1),
     )
+
+
+def _reference_losses(model, core, kwargs, target, enc_targets, sc_mask):
+    """The objective exactly as the reference implementations run it: a no-grad first call of the whole model for
+    the self-conditioning logits, then the training call. It goes through `model(...)`, so DDP sees the forward."""
+    if sc_mask is not None:
+        with torch.no_grad():
+            kwargs = {**kwargs, "self_conditioning_logits": model(**kwargs).logits.detach(), "self_conditioning_mask": sc_mask}
+    out = model(**kwargs)
+    token_losses = F.cross_entropy(out.logits.transpose(1, 2), target, reduction="none")
+    enc = None
+    if enc_targets is not None:
+        enc_logits = head_logits(core, out.encoder_last_hidden_state[:, :-1])
+        enc = F.cross_entropy(enc_logits.flatten(0, 1), enc_targets.flatten(), ignore_index=-100)
+    return token_losses, enc
+
+
+DECODER_KEYS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids")
+
+
+def _lean_losses(core, kwargs, target, enc_targets, sc_mask, chunk: int):
+    """The same objective with the same values, computed leaner (diffusion.loss_chunk > 0):
+    - the encoder runs once (the reference re-encodes the prompt in the no-grad pass) and writes the KV cache;
+    - the no-grad first decoder pass runs on the self-conditioned examples only (the others' signal is zero), and
+      its soft embeddings are computed `chunk` positions at a time (`self_conditioning.py`);
+    - head + cross-entropy are chunked and recomputed in backward: no (B, L, vocab) tensor exists at any point.
+    It calls the encoder and decoder directly, so it is for single-process training (DDP needs `model(...)`)."""
+    encoded = core.model.encoder(input_ids=kwargs["input_ids"], attention_mask=kwargs["attention_mask"])
+    cache = encoded.past_key_values
+    decoder_kwargs = {key: kwargs[key] for key in DECODER_KEYS}
+    soft = None
+    if sc_mask is not None and bool(sc_mask.any()):
+        index = sc_mask.nonzero().squeeze(1)
+        with torch.no_grad():
+            first = core.model.decoder(
+                past_key_values=select_batch(cache, index), **{key: v[index] for key, v in decoder_kwargs.items()}
+            )
+            picked = soft_embeddings(core, first.last_hidden_state, chunk)
+        soft = picked.new_zeros((sc_mask.shape[0], *picked.shape[1:])).index_copy_(0, index, picked)
+    with injected_soft_embeddings(core, soft):
+        hidden = core.model.decoder(past_key_values=cache, **decoder_kwargs).last_hidden_state
+    token_losses = chunked_head_token_losses(core, hidden, target, chunk)
+    enc = None
+    if enc_targets is not None:
+        enc_losses = chunked_head_token_losses(core, encoded.last_hidden_state[:, :-1], enc_targets, chunk)
+        enc = masked_mean(enc_losses, enc_targets)
+    return token_losses, enc
