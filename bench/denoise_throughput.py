@@ -58,11 +58,16 @@ def run_generate(model, prompt_ids, prompt_mask, canvas_length, knobs, seed):
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
     torch.manual_seed(seed)  # generate draws from the global RNG
+    # The saved benchmark checkpoints carry an empty generation_config (no eos/pad ids, unlike the released model's
+    # generation_config.json). Without them generate neither pads after EOS nor excludes that fill from
+    # tokens_per_forward, which would then count the whole canvas while ftkit counts up to the first EOS.
+    text = model.config.get_text_config()
     out = model.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=canvas_length,
         max_denoising_steps=knobs["steps"], t_min=knobs["t_min"], t_max=knobs["t_max"],
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=knobs["entropy_bound"]),
         stability_threshold=knobs["stability"], confidence_threshold=knobs["confidence"],
+        eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
     )
     return float(out.tokens_per_forward.float().mean()), None
 

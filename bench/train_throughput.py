@@ -3,7 +3,8 @@
   ftkit-4bit    ftkit.model.load_base (bnb 4-bit linears + ftkit.quant NF4 experts) + attach_lora (attn + experts)
   peft-4bit     plain transformers `load_in_4bit` (experts stay bf16) + PEFT LoRA on attn + experts (target_parameters)
   peft-bf16     plain transformers bf16 + the same PEFT LoRA
-  unsloth-4bit  Unsloth FastDiffusionModel, when it imports (skipped with a note otherwise)
+  unsloth-4bit  Unsloth FastDiffusionModel (4-bit attn + dense MLP, LoRA there, experts bf16 and frozen), when it
+                imports (skipped with a note otherwise)
 
 Every method runs the same step: ftkit.diffusion.loss.diffusion_loss -> backward -> AdamW step.
 Checkpoints are random-init at the real model's widths with L layers, saved with save_pretrained and loaded back
@@ -26,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
 METHODS = ("ftkit-4bit", "peft-4bit", "peft-bf16", "unsloth-4bit")
-SKIP_4BIT = ["vision_tower", "embed_vision", "lm_head", "router", "self_conditioning"]  # as ftkit.model.load_base
 
 
 class Skipped(Exception):
@@ -72,10 +72,12 @@ def load_peft_4bit(path: Path, tiny: bool, r: int):
     from peft import get_peft_model
     from transformers import BitsAndBytesConfig, DiffusionGemmaForBlockDiffusion
 
+    from ftkit.model import KEEP_UNQUANTIZED  # the same modules kept in full precision as ftkit's own load
+
     if not torch.cuda.is_available():
         raise Skipped("benchmarked on CUDA only (bnb Linear4bit)")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=SKIP_4BIT)
+                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(KEEP_UNQUANTIZED))
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quant,
                                                             device_map={"": torch.cuda.current_device()})
     return get_peft_model(model, plain_lora_config(r)), "bnb nf4 linears, experts bf16"
@@ -90,18 +92,60 @@ def load_peft_bf16(path: Path, tiny: bool, r: int):
     return get_peft_model(model, plain_lora_config(r)), f"{str(dtype).removeprefix('torch.')}, no quantization"
 
 
+# Unsloth's LoRA targets for DiffusionGemma: attention + dense MLP of the text encoder and decoder layers only. The bare
+# suffix list (q_proj ... down_proj) would also wrap decoder.self_conditioning.{gate,up,down}_proj and the vision
+# tower's Gemma4ClippableLinear; the experts are fused 3D parameters that PEFT's target_modules cannot reach.
+# Source: unslothai/unsloth unsloth/models/diffusion_gemma_objective.py (DIFFUSION_GEMMA_PROFILE.lora_target_modules).
+UNSLOTH_LORA_TARGETS = (
+    r".*model\.(encoder\.language_model|decoder)\.layers\.\d+\."
+    r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+)
+
+
 def load_unsloth_4bit(path: Path, tiny: bool, r: int):
+    """Unsloth's DiffusionGemma path, as its API actually is (never run here: unsloth needs a GPU to import).
+
+    API sources (unslothai/unsloth):
+      - unsloth/models/diffusion.py: `FastDiffusionModel`, a transformers-only "slow path" (no Unsloth kernels or
+        compile patching; it loads the unmodified DiffusionGemmaForBlockDiffusion, so ftkit's diffusion_loss forward
+        kwargs apply unchanged). `from_pretrained(model_name, max_seq_length=None, dtype=None, load_in_4bit=False,
+        ..., device_map="auto", attn_implementation="eager", return_tokenizer=True, **kw)` returns
+        `(model, processor_or_tokenizer)`, or `(model, None)` with return_tokenizer=False. load_in_4bit builds a bnb
+        NF4 config (double quant, compute dtype = dtype) skipping lm_head, embed_tokens, experts, self_conditioning
+        and router: only attention + dense-MLP linears become 4-bit, the experts stay bf16.
+        `get_peft_model(model, r=16, target_modules=None, lora_alpha=16, lora_dropout=0.0, bias="none",
+        use_gradient_checkpointing=True, random_state=3407, task_type=None, **kw)` wraps plain PEFT (returns a
+        PeftModel) and, by default, turns on HF gradient checkpointing. `for_training(model,
+        use_gradient_checkpointing=True)` is only model.train() + that same switch.
+      - unsloth/models/loader.py: `FastModel.from_pretrained` / `get_peft_model` dispatch diffusion model_types
+        ("diffusion_gemma", "diffusion_gemma4") to FastDiffusionModel; Unsloth's own notebook
+        (unslothai/notebooks nb/DiffusionGemma_(26B-A4B)-Sudoku.ipynb) goes through FastModel and pins
+        transformers==5.11.0.
+    """
     try:
-        from unsloth import FastDiffusionModel  # type: ignore[import-not-found]
+        import unsloth  # type: ignore[import-not-found]  # raises without a CUDA/ROCm/XPU device
+
+        FastDiffusionModel = getattr(unsloth, "FastDiffusionModel", None)
+        if FastDiffusionModel is None:  # not re-exported at top level in every release
+            from unsloth.models.diffusion import FastDiffusionModel  # type: ignore[import-not-found]
     except Exception as e:  # ImportError, or unsloth refusing to import without a GPU
         raise Skipped(f"unsloth FastDiffusionModel does not import ({e.__class__.__name__})") from None
     # The issue's Unsloth configuration: 4-bit, LoRA on attention + dense MLP (Unsloth does not adapt the experts).
-    model, _ = FastDiffusionModel.from_pretrained(model_name=str(path), load_in_4bit=True)
-    model = FastDiffusionModel.get_peft_model(
-        model, r=r, lora_alpha=2 * r,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    # return_tokenizer=False: the benchmark checkpoints carry no tokenizer/processor files. attn_implementation is
+    # left at Unsloth's default ("eager"); the note below records it.
+    model, _ = FastDiffusionModel.from_pretrained(
+        model_name=str(path), dtype=torch.bfloat16, load_in_4bit=True,
+        device_map={"": torch.cuda.current_device()}, return_tokenizer=False,
     )
-    return model, "unsloth 4-bit, LoRA attn + dense MLP"
+    # Gradient checkpointing stays off here (Unsloth's default would turn it on): run_method applies --grad-ckpt to
+    # every method alike.
+    model = FastDiffusionModel.get_peft_model(
+        model, r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", target_modules=UNSLOTH_LORA_TARGETS,
+        use_gradient_checkpointing=False,
+    )
+    model = FastDiffusionModel.for_training(model, use_gradient_checkpointing=False)
+    attn = getattr(model.get_base_model().config, "_attn_implementation", "?")
+    return model, f"unsloth bnb nf4 attn+MLP, experts bf16; LoRA attn + dense MLP; attn={attn}"
 
 
 LOADERS = {"ftkit-4bit": load_ftkit_4bit, "peft-4bit": load_peft_4bit, "peft-bf16": load_peft_bf16,
@@ -137,12 +181,19 @@ def run_method(method: str, path: Path, batch: dict, args) -> dict:
     except Exception as e:  # a baseline that fails to load is reported, not fatal to the other columns
         return {**row, "note": f"failed to load: {e.__class__.__name__}: {str(e)[:120]}"}
     row["load_s"] = time.perf_counter() - start
+    ftkit = method.startswith("ftkit")
     if args.grad_ckpt:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if ftkit:  # transformers can checkpoint only the decoder; ftkit.checkpointing adds the encoder
+            from ftkit.checkpointing import enable_encoder_checkpointing
+
+            enable_encoder_checkpointing(model)
     model.train()
     dev = bc.device()
     on_device = {k: v.to(dev) for k, v in batch.items()}
-    cfg = DiffusionSection(loss_chunk=args.loss_chunk)
+    # The baselines compute the objective as TRL / Unsloth do (full logits, the whole model in the first pass);
+    # ftkit uses its lean path (encoder once, first pass where needed, chunked head + CE) when --loss-chunk > 0.
+    cfg = DiffusionSection(loss_chunk=args.loss_chunk if ftkit else 0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     generator = torch.Generator(device=dev).manual_seed(0)
@@ -179,8 +230,10 @@ def main(argv=None) -> int:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5; tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; tiny 1)")
-    parser.add_argument("--grad-ckpt", action="store_true", help="checkpoint decoder layers (all methods)")
-    parser.add_argument("--loss-chunk", type=int, default=0, help="DiffusionSection.loss_chunk (0 = unchunked)")
+    parser.add_argument("--grad-ckpt", action="store_true",
+                        help="checkpoint decoder layers (all methods) and encoder layers (ftkit only: its own)")
+    parser.add_argument("--loss-chunk", type=int, default=256,
+                        help="ftkit's DiffusionSection.loss_chunk (0 = the reference path, as the baselines run)")
     parser.add_argument("--workdir", default="/tmp/ftkit-bench", help="where checkpoints are written (then deleted)")
     args = parser.parse_args(argv)
     layers = [int(x) for x in (args.layers or ("1,2" if args.tiny else "2,4,8")).split(",")]

@@ -197,8 +197,9 @@ def lora_target_lines(lora) -> list[str]:
     if lora.attention:
         out.append(f"attention `q_proj`, `k_proj`, `v_proj`, `o_proj` ({stacks} text layers)")
     if lora.experts:
+        rank = "" if lora.expert_r in (None, lora.r) else f"; rank {lora.expert_r} per expert"
         out.append(f"MoE experts {', '.join(f'`{p}`' for p in params)} (fused expert tensors, via PEFT "
-                   f"`target_parameters`; {stacks})")
+                   f"`target_parameters`; {stacks}{rank})")
     if lora.dense_mlp:
         out.append(f"dense MLP `gate_proj`, `up_proj`, `down_proj` ({stacks})")
     if regex:

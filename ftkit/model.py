@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,12 @@ TIED_NOTE = (
 )
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Modules bitsandbytes must leave in full precision: the frozen router (4-bit scores would change which experts a
+# token goes to), the self-conditioning block, the tied head, and the vision tower (unused by text fine-tuning; its
+# clippable linears must stay plain). transformers matches a plain name only from the start of a module's path or as
+# its suffix ("router" would miss "...layers.0.router.proj"), so these are regexes up to a module boundary.
+KEEP_UNQUANTIZED = (r".*\.router", r".*\.self_conditioning", r".*vision_tower", r".*embed_vision", "lm_head")
 
 
 def tiny_config(spec: TinySpec, vocab_size: int, pad_id: int = 0, eos_id: int = 1, bos_id: int = 2):
@@ -108,7 +116,8 @@ def load_tokenizer(model_cfg: ModelSection, run_dir: Path | None = None):
 
 def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: Path | None = None) -> torch.nn.Module:
     """The frozen base model. `tiny`: built from the spec (and saved to `run_dir/base` for later reloads) unless the
-    run already holds it; otherwise `from_pretrained` with optional 4-bit quantization (experts included)."""
+    run already holds it; otherwise `from_pretrained` with optional 4-bit quantization (experts included: they load
+    on the CPU and reach the GPU one dense tensor at a time, each quantized there before the next)."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     if model_cfg.base == TINY:
@@ -126,29 +135,116 @@ def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: 
         raise FtkitError(f"model.base={source!r}: neither a local directory nor a hub id (owner/name)")
     kwargs = dict(dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation, revision=model_cfg.revision)
     if quant.mode == "4bit":
-        if not torch.cuda.is_available():
-            raise FtkitError("quant.mode=4bit needs a CUDA GPU (bitsandbytes); use quant.mode=none on CPU")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant.quant_type,
-            bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
-            # The vision tower is unused by text fine-tuning and its clippable linears must stay plain.
-            llm_int8_skip_modules=["vision_tower", "embed_vision", "lm_head", "router", "self_conditioning"],
-        )
-        # One full copy per process under DDP: each rank loads onto its own GPU, not all onto GPU 0.
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
-    try:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(source, **kwargs)
-    except OSError as e:
-        raise FtkitError(f"model.base={source!r}: cannot load weights ({e.__class__.__name__}: {e})") from None
+        device = quant_device()
+        kwargs["quantization_config"] = bnb_config(quant)
+        kwargs["device_map"] = {"": device}
+        if quant.experts:
+            config = _load(DiffusionGemmaForBlockDiffusion.config_class, source, "config", revision=model_cfg.revision)
+            kwargs["device_map"] = experts_on_cpu_device_map(config, device)
+    model = _load(DiffusionGemmaForBlockDiffusion, source, "weights", **kwargs)
     if quant.mode == "4bit" and quant.experts:
         from ftkit.quant import quantize_experts
 
-        quantize_experts(model, quant)
+        reclaim_offloaded_experts(model)
+        quantize_experts(model, quant, device=device)  # one dense expert tensor on `device` at a time
     return _freeze(model)
+
+
+def _load(cls, source: str, what: str, **kwargs):
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise FtkitError(f"model.base={source!r}: cannot load {what} ({e.__class__.__name__}: {e})") from None
+
+
+def quant_device() -> torch.device:
+    """The GPU a 4-bit base loads onto. One full copy per process under DDP: each rank loads onto its own GPU
+    (LOCAL_RANK), not all onto GPU 0.
+
+    No CPU fallback, although the whole load path works there (tests/test_quant_load.py patches this function to run
+    it): bitsandbytes' CPU inference kernel rejects 4-bit layers whose output width is not a multiple of 32 (a router
+    over 4 experts), and a 4-bit CPU run of the real model has no use."""
+    if not torch.cuda.is_available():
+        raise FtkitError("quant.mode=4bit needs a CUDA GPU (bitsandbytes); use quant.mode=none on CPU")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+
+
+def bnb_config(quant: QuantSection):
+    """bitsandbytes `load_in_4bit` for the nn.Linear layers (attention, dense MLP); the experts are ftkit's."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        llm_int8_skip_modules=list(KEEP_UNQUANTIZED),
+        # Only lets a device_map name CPU modules (the experts, see experts_on_cpu_device_map); for 4-bit it changes
+        # nothing else but adding those modules (no nn.Linear inside) to the skip list.
+        llm_int8_enable_fp32_cpu_offload=quant.experts,
+    )
+
+
+def expert_module_names(config) -> list[str]:
+    """The fused-experts modules of both text stacks (every layer has one), as `named_modules()` names them."""
+    layers = range(config.text_config.num_hidden_layers)
+    return [f"model.encoder.language_model.layers.{i}.experts" for i in layers] + [
+        f"model.decoder.layers.{i}.experts" for i in layers
+    ]
+
+
+def experts_on_cpu_device_map(config, device: torch.device | int | str) -> dict:
+    """A `from_pretrained` device_map: everything on `device` except the experts modules, which load on the CPU.
+
+    bitsandbytes leaves the 3-D expert tensors dense, so on `device` all of them would be there at once (~46 GB in
+    bf16 for the real 30 layers) before quantize_experts could shrink them; from the CPU it moves them over one at a
+    time. Loading them dense and streaming each through the GPU keeps transformers' own key handling (renames,
+    shards, ties) instead of re-implementing it over the safetensors files. The price is host RAM: each loading
+    process holds all dense experts on the CPU until they are quantized.
+
+    `device` is a torch.device and the experts' target the string "cpu": accelerate offloads exactly the modules
+    mapped to "cpu" when the main device is anything else, so a CPU-only run takes the same dispatch path as a GPU
+    run (tests/test_quant_load.py relies on that). More specific keys win over "" (transformers sorts by depth)."""
+    return {"": torch.device(device)} | dict.fromkeys(expert_module_names(config), "cpu")
+
+
+def reclaim_offloaded_experts(model: torch.nn.Module) -> None:
+    """Undo accelerate's dispatch of a model loaded with `experts_on_cpu_device_map`, keeping every weight.
+
+    The dispatch hooks hold the CPU modules' tensors in a weights map and leave meta tensors in the modules; removing
+    the hooks writes the CPU tensors back, but as one new Parameter per module, which splits the encoder/decoder tie
+    (both still view the same memory), and leaves each module's forward pinned as an instance attribute. This undoes
+    both, so the model is what a single-device load gives: no hooks, no `hf_device_map`, tied experts on the CPU."""
+    from accelerate.hooks import remove_hook_from_module
+
+    offloaded = [name for name, dev in getattr(model, "hf_device_map", {}).items() if dev == "cpu"]
+    remove_hook_from_module(model, recurse=True)
+    model.__dict__.pop("hf_device_map", None)
+    _unpin_forwards(model)
+    _retie_same_memory(model.get_submodule(name) for name in offloaded)
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if on_meta:
+        raise FtkitError(f"{len(on_meta)} weights were never loaded (still on the meta device), e.g. {on_meta[0]}")
+
+
+def _unpin_forwards(model: torch.nn.Module) -> None:
+    """Drop the `module.forward = <its class's forward, bound>` that accelerate's hook removal leaves behind: it would
+    hide a later class swap (quantize_experts turns each experts module into a QuantizedExperts subclass)."""
+    for module in model.modules():
+        pinned = module.__dict__.get("forward")
+        if getattr(pinned, "__self__", None) is module and getattr(pinned, "__func__", None) is type(module).forward:
+            del module.forward
+
+
+def _retie_same_memory(modules) -> None:
+    """Make Parameters that view exactly the same memory one Parameter again (they were one before the dispatch)."""
+    canonical: dict[tuple, torch.nn.Parameter] = {}
+    for module in modules:
+        for name, param in module._parameters.items():
+            if param is not None:
+                view = (param.untyped_storage().data_ptr(), param.storage_offset(), tuple(param.shape), param.stride(),
+                        param.dtype, param.device)
+                module._parameters[name] = canonical.setdefault(view, param)
 
 
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -177,6 +273,29 @@ def lora_targets(lora: LoraSection, num_layers: int | None = None) -> tuple[str 
     return regex, [f"{prefix}.{i}.{name}" for i in range(num_layers) for name in EXPERT_PARAMS]
 
 
+# PEFT matches rank/alpha patterns for `target_parameters` against "<module path>.<parameter name>".
+EXPERT_PARAM_PATTERN = r"experts\.(gate_up_proj|down_proj)"
+
+
+def expert_rank_patterns(lora: LoraSection) -> dict[str, dict[str, float]]:
+    """PEFT `rank_pattern` / `alpha_pattern` giving the expert tensors rank `lora.expert_r` at the same alpha/r
+    (standard adapter_config.json fields: the adapter loads anywhere PEFT does)."""
+    if not lora.experts or lora.expert_r is None or lora.expert_r == lora.r:
+        return {}
+    alpha = lora.alpha * lora.expert_r / lora.r
+    return {"rank_pattern": {EXPERT_PARAM_PATTERN: lora.expert_r},
+            "alpha_pattern": {EXPERT_PARAM_PATTERN: int(alpha) if alpha.is_integer() else alpha}}
+
+
+@contextmanager
+def expert_pattern_warning_silenced():
+    """PEFT checks rank/alpha patterns against target_modules only and calls the expert pattern unmatched, although
+    it does apply it to the target_parameters (tests/test_model.py checks the ranks): that warning would mislead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        yield
+
+
 def attach_lora(model: torch.nn.Module, lora: LoraSection):
     """Wrap the frozen base in a PEFT LoRA model (attention / dense MLP by module regex, experts by parameter)."""
     from peft import LoraConfig, get_peft_model
@@ -189,8 +308,10 @@ def attach_lora(model: torch.nn.Module, lora: LoraSection):
         target_modules=regex if regex else [],
         target_parameters=params or None,
         bias="none",
+        **expert_rank_patterns(lora),
     )
-    peft_model = get_peft_model(model, config)
+    with expert_pattern_warning_silenced():
+        peft_model = get_peft_model(model, config)
     if params:
         from ftkit.quant import bind_expert_lora
 

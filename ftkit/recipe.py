@@ -72,6 +72,9 @@ class LoraSection:
     dropout: float = 0.0
     attention: bool = True  # q/k/v/o of encoder and decoder text layers
     experts: bool = True  # experts.gate_up_proj / experts.down_proj via PEFT target_parameters
+    # Rank of each expert's LoRA (null = r). PEFT gives every one of the 128 experts its own rank-r pair, so at r=16
+    # the experts carry ~0.95B LoRA parameters at full depth; alpha is scaled with it (alpha/r is kept).
+    expert_r: int | None = None
     dense_mlp: bool = False  # the shared dense MLP beside the experts
     encoder: bool = True
     decoder: bool = True
@@ -98,10 +101,14 @@ class TrainSection:
     warmup_steps: int = 10
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
     max_grad_norm: float = 1.0
+    # transformers' optimizer names; the 8-bit ones (bitsandbytes) keep AdamW's two states in 1 byte each.
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"] = "adamw_torch"
     logging_steps: int = 10
     save_steps: int = 50
     save_total_limit: int = 2
     gradient_checkpointing: bool = False
+    # With gradient_checkpointing: checkpoint the encoder layers too (ftkit keeps their KV-cache writes to one).
+    checkpoint_encoder: bool = True
     max_prompt_length: int = 512
     num_workers: int = 0
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
@@ -262,6 +269,7 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     need(recipe.diffusion.encoder_loss_weight >= 0.0, "diffusion.encoder_loss_weight", "must be >= 0")
     need(recipe.diffusion.loss_chunk >= 0, "diffusion.loss_chunk", "must be >= 0")
     need(recipe.lora.r > 0, "lora.r", "must be > 0")
+    need(recipe.lora.expert_r is None or recipe.lora.expert_r > 0, "lora.expert_r", "must be > 0 (or null for lora.r)")
     need(0.0 <= recipe.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     # PEFT's ParamWrapper (LoRA on the fused expert tensors) cannot factor dropout out of x @ (W + BA).
     need(recipe.lora.dropout == 0.0 or not recipe.lora.experts, "lora.dropout", "must be 0 when `lora.experts` is true")

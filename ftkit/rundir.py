@@ -178,13 +178,20 @@ def load_run(run_dir: str | Path, adapter: bool = True, checkpoint: str | None =
 
 
 def load_adapter(base, adapter_dir: Path):
-    """PeftModel.from_pretrained with a clear error for an adapter made on another base model."""
+    """PeftModel.from_pretrained with a clear error for an adapter made on another base model; on a base with 4-bit
+    experts, PEFT's expert wrappers are bound to the quantized forward (plain ones would refuse to run)."""
     from peft import PeftModel
 
+    from ftkit.model import expert_pattern_warning_silenced
+    from ftkit.quant import bind_expert_lora
+
     try:
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        with expert_pattern_warning_silenced():
+            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise FtkitError(
             f"{adapter_dir}: the adapter does not fit this base model (made for another base?): {first[:300]}"
         ) from None
+    bind_expert_lora(model)
+    return model

@@ -69,6 +69,7 @@ def training_arguments(recipe: Recipe, run_dir: Path):
         warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -79,8 +80,8 @@ def training_arguments(recipe: Recipe, run_dir: Path):
         bf16=bf16,
         use_cpu=not cuda,
         activation_checkpointing=t.gradient_checkpointing,
-        # The encoder writes the decoder's KV cache: only decoder layers may be checkpointed (transformers keeps
-        # encoder layers out of GradientCheckpointingLayer), and reentrant checkpointing would replay cache writes.
+        # Decoder layers (transformers' GradientCheckpointingLayer); the encoder's are ftkit.checkpointing's, in
+        # train(). Non-reentrant: reentrant checkpointing would replay the encoder's cache writes.
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         remove_unused_columns=False,
         # Experts no token was routed to get no gradient in a step: DDP must be told to expect that.
@@ -143,6 +144,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
         if recipe.train.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+            if recipe.train.checkpoint_encoder:
+                from ftkit.checkpointing import enable_encoder_checkpointing
+
+                enable_encoder_checkpointing(model)
         # PEFT draws lora_A from the global RNG: seed it, or two runs of one recipe start from different adapters.
         set_seed(recipe.train.seed)
         model = attach_lora(model, recipe.lora)

@@ -76,3 +76,80 @@ def test_layout_rejects_a_canvas_longer_than_the_model(char_tokenizer):
     pc = PromptCanvas(prompt="", pieces=(Piece("x" * 9, False),))
     with pytest.raises(FtkitError, match=r"example e7: canvas is 9 tokens, longer than the model's canvas_length=8"):
         layout_example(char_tokenizer, pc, canvas_length=8, max_prompt_length=10, example_id="e7")
+
+
+def test_expert_rank_is_its_own_and_keeps_alpha_over_r(char_tokenizer, tmp_path):
+    """lora.expert_r gives every expert rank expert_r (attention keeps r) at the same alpha/r, through PEFT's own
+    rank_pattern, so the saved adapter reloads with plain PEFT; the 4-bit expert path reads the smaller rank too."""
+    import copy
+
+    from peft import PeftModel
+
+    from ftkit.quant import quantize_experts
+    from ftkit.rundir import load_adapter
+    from ftkit.recipe import QuantSection
+
+    lora = LoraSection(r=4, alpha=8, expert_r=2)
+    base = build_tiny(SPEC, char_tokenizer)
+    model = attach_lora(copy.deepcopy(base), lora)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n}
+    e, hidden = SPEC.experts, SPEC.hidden
+    assert shapes["base_model.model.model.decoder.layers.0.experts.lora_A.default.weight"] == (e * 2, SPEC.expert_intermediate)
+    assert shapes["base_model.model.model.decoder.layers.0.experts.base_layer.lora_A.default.weight"] == (e * 2, hidden)
+    assert shapes["base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.default.weight"] == (4, hidden)
+    scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
+    assert scalings == {2.0}
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, len(char_tokenizer), (2, 6), generator=g)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  decoder_input_ids=torch.randint(3, len(char_tokenizer), (2, SPEC.canvas_length), generator=g))
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    on_4bit = copy.deepcopy(base)
+    quantize_experts(on_4bit, QuantSection(mode="4bit", compute_dtype="float32", blocksize=32))
+    on_4bit = load_adapter(on_4bit, tmp_path)  # how `ftkit eval` loads a 4-bit run: bound, so it runs
+    with torch.no_grad():
+        assert (on_4bit(**inputs).logits - reloaded(**inputs).logits).abs().max() > 0  # NF4 experts, and it ran
+        want = model(**inputs).logits
+        assert torch.equal(reloaded(**inputs).logits, want)
+        assert not torch.allclose(attach_lora(copy.deepcopy(base), lora)(**inputs).logits, want)  # LoRA matters
+
+    # Same adapter on 4-bit experts: the quantized forward takes the rank from the weights it is handed, and
+    # matches plain PEFT on a base holding the dequantized expert values.
+    quantized = copy.deepcopy(base)
+    quantize_experts(quantized, QuantSection(mode="4bit", compute_dtype="float32", blocksize=32))
+    reference = copy.deepcopy(base)
+    for q_layer, r_layer in zip(quantized.model.decoder.layers, reference.model.decoder.layers):
+        with torch.no_grad():  # encoder layers share these tensors
+            for name in ("gate_up_proj", "down_proj"):
+                getattr(r_layer.experts, name).copy_(q_layer.experts.storage(name).dequantize(torch.float32))
+    lora_state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    outputs = []
+    for m in (quantized, reference):
+        adapted = attach_lora(m, lora)
+        assert not adapted.load_state_dict(lora_state, strict=False).unexpected_keys
+        with torch.no_grad():
+            outputs.append(adapted(**inputs).logits)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_bnb_keeps_router_self_conditioning_head_and_vision_in_full_precision(char_tokenizer):
+    """Checked with transformers' own matcher over every Linear of a real (tiny) DiffusionGemma."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from ftkit.model import KEEP_UNQUANTIZED
+
+    model = build_tiny(SPEC, char_tokenizer)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    converted = {n for n in linears if should_convert_module(n, list(KEEP_UNQUANTIZED))}
+    kept = set(linears) - converted
+    for part in ("router.proj", "self_conditioning.gate_proj", "vision_tower", "lm_head"):
+        assert any(part in n for n in kept), part
+        assert not any(part in n for n in converted), part
+    assert {"model.decoder.layers.1.self_attn.q_proj", "model.encoder.language_model.layers.0.mlp.down_proj"} <= converted
+    assert all(re.search(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$", n) for n in converted)

@@ -174,3 +174,33 @@ def test_logged_loss_is_the_sum_of_its_logged_parts_under_accumulation(tmp_path)
     for r in rows:
         # tiny_recipe keeps the default encoder_loss_weight of 1.0
         assert r["loss"] == pytest.approx(r["diffusion_loss"] + r["encoder_loss"], rel=1e-5)
+
+
+def test_memory_lean_recipe_trains_every_lora_parameter(tmp_path):
+    """The real recipe's memory settings on the tiny model: both stacks checkpointed, chunked loss, 8-bit AdamW,
+    a smaller expert rank — every LoRA tensor still trains and the settings are really in force."""
+    from ftkit.checkpointing import CheckpointedEncoderLayer
+
+    class Inspect(Snapshot):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            super().on_train_begin(args, state, control, model=model, **kw)
+            self.optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+            self.encoder_checkpointed = all(isinstance(layer, CheckpointedEncoderLayer)
+                                            for layer in model.get_base_model().model.encoder.language_model.layers)
+            self.expert_a = [tuple(p.shape) for n, p in model.named_parameters()
+                             if "experts.lora_A" in n and ".decoder.layers.0." in n]
+
+    recipe = tiny_recipe(tmp_path / "lean", gradient_checkpointing=True, optim="adamw_bnb_8bit", max_steps=3,
+                         save_steps=10)
+    recipe = recipe_from_dict({**recipe.to_dict(), "diffusion": {"loss_chunk": 40},
+                               "lora": {**recipe.to_dict()["lora"], "expert_r": 2}})
+    snap = Inspect()
+    summary = train(recipe, progress=False, extra_callbacks=[snap])
+    # bitsandbytes' AdamW in 8-bit mode (it keeps 32-bit states only for tensors under min_8bit_size elements,
+    # which every tiny LoRA tensor is).
+    assert type(snap.optimizer).__module__.startswith("bitsandbytes.") and snap.optimizer.args.optim_bits == 8
+    assert snap.encoder_checkpointed
+    assert snap.expert_a == [(TINY["experts"] * 2, TINY["expert_intermediate"])]
+    unchanged = [n for n in snap.trainable if torch.equal(snap.before[n], snap.after[n])]
+    assert snap.trainable and unchanged == []
+    assert summary["loss_end"] is not None and torch.isfinite(torch.tensor(summary["loss_end"]))

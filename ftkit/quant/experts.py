@@ -130,11 +130,14 @@ def expert_storage(model: nn.Module) -> list[NF4Tensor]:
     return list(seen.values())
 
 
-def quantize_experts(model: nn.Module, quant) -> QuantStats:
+def quantize_experts(model: nn.Module, quant, device: torch.device | str | None = None) -> QuantStats:
     """Quantize every fused expert tensor of `model` in place (quant: ftkit.recipe.QuantSection).
 
-    Tied tensors (the same Parameter in an encoder and a decoder layer) are quantized once and stay shared; the
-    original dense storage is released even if something else still references the old Parameter object."""
+    `device`: where the NF4 storage lives (default: where each dense tensor is). The dense tensors may sit elsewhere
+    (the CPU, when `load_base` keeps them off the GPU): they are moved there one at a time, so the device never holds
+    more than one dense expert tensor beyond the storage. Tied tensors (the same Parameter in an encoder and a
+    decoder layer) are quantized once and stay shared; each dense copy is released as soon as it is quantized, even
+    if something else still references the old Parameter object."""
     compute_dtype = _DTYPES[quant.compute_dtype]
     by_param: dict[int, NF4Tensor] = {}
     originals: list[nn.Parameter] = []  # keeps ids stable while the mapping is built
@@ -147,22 +150,32 @@ def quantize_experts(model: nn.Module, quant) -> QuantStats:
                 originals.append(param)
                 numel += param.numel()
                 bytes_before += param.numel() * param.element_size()
-                with torch.no_grad():
-                    by_param[id(param)] = NF4Tensor(
-                        param.data, quant_type=quant.quant_type, blocksize=quant.blocksize,
-                        double_quant=quant.double_quant, compute_dtype=compute_dtype,
-                    )
+                by_param[id(param)] = _quantize_one(param, quant, compute_dtype, device)
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)  # free the dense copy now
             storage = by_param[id(param)]
             module.add_module(f"{name}_nf4", storage)
             module._parameters[name] = storage.placeholder()
         module.__class__ = _quantized_class(type(module))
-    for param in originals:
-        param.data = torch.empty(0, dtype=param.dtype, device=param.device)  # free the dense copy now
     stored = list(by_param.values())
     return QuantStats(
         modules=len(modules), tensors=len(stored), numel=numel, bytes_before=bytes_before,
         bytes_after=sum(s.nbytes for s in stored),
     )
+
+
+def _quantize_one(param: nn.Parameter, quant, compute_dtype: torch.dtype, device) -> NF4Tensor:
+    if param.device.type == "meta":
+        raise FtkitError(
+            f"cannot quantize an expert tensor of shape {tuple(param.shape)}: it is on the meta device (its weights "
+            "were never loaded)"
+        )
+    with torch.no_grad():
+        # The only dense copy on `device`: it goes out of scope (is freed) before the next tensor is moved.
+        source = param.detach() if device is None else param.detach().to(device)
+        return NF4Tensor(
+            source, quant_type=quant.quant_type, blocksize=quant.blocksize, double_quant=quant.double_quant,
+            compute_dtype=compute_dtype,
+        )
 
 
 def set_expert_kernel(model: nn.Module, kernel: str) -> None:

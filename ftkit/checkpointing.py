@@ -1,0 +1,73 @@
+"""Gradient checkpointing for both stacks, the encoder's KV-cache writes included.
+
+transformers checkpoints only the decoder layers: an encoder layer writes its keys/values into the shared cache,
+and a recompute would append them a second time. `enable_encoder_checkpointing` makes each encoder layer run under
+non-reentrant `torch.utils.checkpoint` with the cache write kept exactly once: the first run writes through the
+real cache; the recompute in backward gets a stand-in cache whose `update` hands the keys/values straight back,
+which is what the real cache returned on the first write (it was empty), so the recompute sees the same tensors.
+The cache the decoder reads keeps the first run's tensors, whose autograd graph the recompute serves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+_CLASSES: dict[type, type] = {}
+
+
+class _ReplayCache:
+    """The cache an encoder layer sees while checkpoint recomputes it: no second write."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return key_states, value_states
+
+
+def _cache_is_empty(cache, layer_idx: int) -> bool:
+    return cache is None or cache.get_seq_length(layer_idx) == 0
+
+
+class CheckpointedEncoderLayer:
+    """Mixin placed in front of the encoder layer class (the module keeps its parameters and names)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+        layer_forward = super().forward
+        # Only a training forward that writes the first entry of this layer's cache is checkpointed: a cache that
+        # already holds a prefix (generation extending a block) would return prefix + new states on the write.
+        if not (self.training and torch.is_grad_enabled() and _cache_is_empty(past_key_values, self.layer_idx)):
+            return layer_forward(hidden_states, *args, past_key_values=past_key_values, **kwargs)
+        runs = []
+
+        def run(hidden):
+            cache = past_key_values if not runs or past_key_values is None else _ReplayCache()
+            runs.append(1)
+            return layer_forward(hidden, *args, past_key_values=cache, **kwargs)
+
+        return checkpoint(run, hidden_states, use_reentrant=False)
+
+
+def _checkpointed_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (CheckpointedEncoderLayer, cls), {})
+    return _CLASSES[cls]
+
+
+def encoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from ftkit.diffusion.loss import core_model
+
+    return list(core_model(model).model.encoder.language_model.layers)
+
+
+def enable_encoder_checkpointing(model: torch.nn.Module) -> int:
+    """Checkpoint every encoder text layer (in place; idempotent). Returns how many layers are checkpointed."""
+    layers = encoder_layers(model)
+    for layer in layers:
+        if not isinstance(layer, CheckpointedEncoderLayer):
+            layer.__class__ = _checkpointed_class(type(layer))
+    return len(layers)
+
+
+def disable_encoder_checkpointing(model: torch.nn.Module) -> None:
+    for layer in encoder_layers(model):
+        if isinstance(layer, CheckpointedEncoderLayer):
+            layer.__class__ = next(original for original, swapped in _CLASSES.items() if swapped is type(layer))
