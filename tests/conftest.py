@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def char_tokenizer():
     from ftkit.tokenizer import build_char_tokenizer
 

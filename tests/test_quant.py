@@ -31,15 +31,8 @@ def _base_experts(module):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from ftkit.tokenizer import build_char_tokenizer
-
-    return build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def full(tok):
-    return build_tiny(SPEC, tok)
+def full(char_tokenizer):
+    return build_tiny(SPEC, char_tokenizer)
 
 
 @pytest.fixture
@@ -60,10 +53,10 @@ def _dequantized_reference(full, quantized):
     return ref
 
 
-def _inputs(tok, seed=0, batch=2, prompt=8):
+def _inputs(char_tokenizer, seed=0, batch=2, prompt=8):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, len(tok), (batch, prompt), generator=g)
-    canvas = torch.randint(3, len(tok), (batch, SPEC.canvas_length), generator=g)
+    ids = torch.randint(3, len(char_tokenizer), (batch, prompt), generator=g)
+    canvas = torch.randint(3, len(char_tokenizer), (batch, SPEC.canvas_length), generator=g)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=canvas)
 
 
@@ -110,9 +103,9 @@ def test_storage_is_shared_freed_and_four_times_smaller(full):
     assert not any("experts" in k for k in model.state_dict())  # neither placeholders nor packed codes
 
 
-def test_forward_matches_dequantized_reference_and_stays_near_full_precision(full, quantized, tok):
+def test_forward_matches_dequantized_reference_and_stays_near_full_precision(full, quantized, char_tokenizer):
     reference = _dequantized_reference(full, quantized)
-    inputs = _inputs(tok)
+    inputs = _inputs(char_tokenizer)
     with torch.no_grad():
         want = reference(**inputs).logits
         original = full(**inputs).logits
@@ -137,14 +130,14 @@ def test_expert_layer_error_is_normal_nf4_error(full, quantized):
     assert 0.01 < rel < 0.25  # per-weight NF4 RMS error on Gaussian weights is ~0.1
 
 
-def test_lora_matches_plain_peft_on_dequantized_base_and_grads_reach_only_lora(full, quantized, tok):
+def test_lora_matches_plain_peft_on_dequantized_base_and_grads_reach_only_lora(full, quantized, char_tokenizer):
     reference = _dequantized_reference(full, quantized)
     peft_q = attach_lora(quantized, LORA)
     _randomize_lora_b(peft_q)
     peft_ref = attach_lora(reference, LORA)
     result = peft_ref.load_state_dict(peft_q.state_dict(), strict=False)
     assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
-    inputs = _inputs(tok, seed=3)
+    inputs = _inputs(char_tokenizer, seed=3)
 
     output = peft_q(**inputs)
     out = output.logits
@@ -176,7 +169,7 @@ def test_lora_matches_plain_peft_on_dequantized_base_and_grads_reach_only_lora(f
         peft_q.merge_and_unload()
 
 
-def test_adapter_is_standard_peft_and_loads_on_unquantized_base(full, quantized, tok, tmp_path):
+def test_adapter_is_standard_peft_and_loads_on_unquantized_base(full, quantized, char_tokenizer, tmp_path):
     from peft import PeftModel
 
     peft_q = attach_lora(quantized, LORA)
@@ -195,7 +188,7 @@ def test_adapter_is_standard_peft_and_loads_on_unquantized_base(full, quantized,
     assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
 
     loaded = PeftModel.from_pretrained(_dequantized_reference(full, quantized), tmp_path / "q")
-    inputs = _inputs(tok, seed=5)
+    inputs = _inputs(char_tokenizer, seed=5)
     with torch.no_grad():
         assert torch.allclose(loaded(**inputs).logits, peft_q(**inputs).logits, atol=1e-5, rtol=1e-4)
 
@@ -210,11 +203,11 @@ def test_adapter_is_standard_peft_and_loads_on_unquantized_base(full, quantized,
         assert torch.allclose(reloaded(**inputs).logits, peft_q(**inputs).logits, atol=1e-5, rtol=1e-4)
 
 
-def test_decoder_gradient_checkpointing_gives_the_same_grads(quantized, tok):
+def test_decoder_gradient_checkpointing_gives_the_same_grads(quantized, char_tokenizer):
     peft_q = attach_lora(quantized, LORA)
     _randomize_lora_b(peft_q)
     peft_q.train()
-    inputs = _inputs(tok, seed=7)
+    inputs = _inputs(char_tokenizer, seed=7)
 
     def expert_grads():
         peft_q.zero_grad(set_to_none=True)
@@ -240,12 +233,12 @@ def test_device_and_dtype_moves_keep_storage_and_placeholders(quantized):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_grouped_bf16_matches_loop_and_reference(full, tok):
+def test_cuda_grouped_bf16_matches_loop_and_reference(full, char_tokenizer):
     model = copy.deepcopy(full).to("cuda", torch.bfloat16)
     quantize_experts(model, QuantSection(mode="4bit", compute_dtype="bfloat16"))
     peft_q = attach_lora(model, LORA)
     _randomize_lora_b(peft_q)
-    inputs = {k: v.cuda() for k, v in _inputs(tok).items()}
+    inputs = {k: v.cuda() for k, v in _inputs(char_tokenizer).items()}
     results = {}
     for kernel in ("grouped", "loop"):
         set_expert_kernel(peft_q, kernel)

@@ -32,15 +32,8 @@ LORA = LoraSection(r=4, alpha=8)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from ftkit.tokenizer import build_char_tokenizer
-
-    return build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def full(tok):
-    return build_tiny(SPEC, tok)
+def full(char_tokenizer):
+    return build_tiny(SPEC, char_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +95,10 @@ def _tie_groups(model) -> list[list[str]]:
     return sorted(sorted(v) for v in names.values())
 
 
-def _inputs(tok, seed=0, batch=2, prompt=8):
+def _inputs(char_tokenizer, seed=0, batch=2, prompt=8):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, len(tok), (batch, prompt), generator=g)
-    canvas = torch.randint(3, len(tok), (batch, SPEC.canvas_length), generator=g)
+    ids = torch.randint(3, len(char_tokenizer), (batch, prompt), generator=g)
+    canvas = torch.randint(3, len(char_tokenizer), (batch, SPEC.canvas_length), generator=g)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=canvas)
 
 
@@ -163,7 +156,7 @@ def test_weights_that_were_never_loaded_are_refused():
         quantize_experts(model, QUANT)
 
 
-def test_load_base_offloads_the_experts_and_matches_quantizing_after_a_full_load(base_dir, tok):
+def test_load_base_offloads_the_experts_and_matches_quantizing_after_a_full_load(base_dir, char_tokenizer):
     import bitsandbytes as bnb
 
     model, seen = _load_on_cpu(base_dir)
@@ -183,12 +176,12 @@ def test_load_base_offloads_the_experts_and_matches_quantizing_after_a_full_load
         assert e.experts.down_proj_nf4 is d.experts.down_proj_nf4
     assert _tie_groups(model) == _tie_groups(reference)  # attention etc. still tied too
     assert _same_codes(model, reference)
-    inputs = _inputs(tok)
+    inputs = _inputs(char_tokenizer)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reference(**inputs).logits)
 
 
-def test_lora_on_the_loaded_base_gets_the_gradients_of_quantizing_after_a_full_load(base_dir, tok):
+def test_lora_on_the_loaded_base_gets_the_gradients_of_quantizing_after_a_full_load(base_dir, char_tokenizer):
     grads = []
     for model in (_load_on_cpu(base_dir)[0], _quantized_after_load(base_dir)):
         torch.manual_seed(0)  # PEFT draws lora_A from the global RNG
@@ -199,7 +192,7 @@ def test_lora_on_the_loaded_base_gets_the_gradients_of_quantizing_after_a_full_l
                 if "lora_B" in name:  # PEFT starts lora_B at zero, which would hide a broken LoRA path
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         peft_model.train()
-        output = peft_model(**_inputs(tok, seed=3))
+        output = peft_model(**_inputs(char_tokenizer, seed=3))
         (output.logits.pow(2).mean() + output.encoder_last_hidden_state.pow(2).mean()).backward()
         grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
 
@@ -219,13 +212,13 @@ def test_4bit_without_cuda_is_refused(base_dir, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_load_peak_stays_within_two_dense_expert_tensors_of_the_loaded_model(tok, tmp_path):
+def test_cuda_load_peak_stays_within_two_dense_expert_tensors_of_the_loaded_model(char_tokenizer, tmp_path):
     from transformers import DiffusionGemmaForBlockDiffusion
 
     # Experts dominate (6 layers of 16 experts) and the largest nn.Linear is far below one expert tensor.
     spec = TinySpec(layers=6, hidden=256, heads=4, kv_heads=2, head_dim=64, global_head_dim=64, intermediate=256,
                     experts=16, top_k=2, expert_intermediate=256, canvas_length=16)
-    build_tiny(spec, tok).save_pretrained(tmp_path)
+    build_tiny(spec, char_tokenizer).save_pretrained(tmp_path)
     quant = QuantSection(mode="4bit", compute_dtype="bfloat16")
     model_cfg = ModelSection(base=str(tmp_path), dtype="bfloat16")
 
@@ -233,7 +226,7 @@ def test_cuda_load_peak_stays_within_two_dense_expert_tensors_of_the_loaded_mode
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    model = load_base(model_cfg, quant, tok)
+    model = load_base(model_cfg, quant, char_tokenizer)
     torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated() - before  # non-expert weights + NF4 experts
     peak = torch.cuda.max_memory_allocated() - before
@@ -255,6 +248,6 @@ def test_cuda_load_peak_stays_within_two_dense_expert_tensors_of_the_loaded_mode
     )
     quantize_experts(reference, quant)
     assert _same_codes(model, reference)
-    inputs = {k: v.cuda() for k, v in _inputs(tok).items()}
+    inputs = {k: v.cuda() for k, v in _inputs(char_tokenizer).items()}
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, reference(**inputs).logits)
