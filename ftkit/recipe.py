@@ -63,6 +63,9 @@ class QuantSection:
     # bitsandbytes skips the fused 3-D expert tensors; ftkit quantizes them itself when this is on.
     experts: bool = True
     blocksize: int = 64
+    # Experts dequantized at a time in the 4-bit expert forward/backward (0 = all 128 at once): bounds the transient
+    # dense copy to expert_chunk/128 of ~1.5 GB per layer at the real widths.
+    expert_chunk: int = 32
 
 
 @dataclass(frozen=True)
@@ -290,6 +293,7 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         need(getattr(t, key) > 0, f"model.tiny.{key}", "must be > 0")
     need(t.heads % t.kv_heads == 0, "model.tiny.heads", "must be a multiple of model.tiny.kv_heads")
     need(t.embedding_std > 0, "model.tiny.embedding_std", "must be > 0")
+    need(recipe.quant.expert_chunk >= 0, "quant.expert_chunk", "must be >= 0 (0 = all experts at once)")
     if recipe.quant.mode == "4bit":
         need(recipe.quant.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096), "quant.blocksize",
              "must be a power of two in [32, 4096]")

@@ -233,9 +233,10 @@ def test_device_and_dtype_moves_keep_storage_and_placeholders(quantized):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_grouped_bf16_matches_loop_and_reference(full, char_tokenizer):
+@pytest.mark.parametrize("expert_chunk", [0, 2])
+def test_cuda_grouped_bf16_matches_loop_and_reference(full, char_tokenizer, expert_chunk):
     model = copy.deepcopy(full).to("cuda", torch.bfloat16)
-    quantize_experts(model, QuantSection(mode="4bit", compute_dtype="bfloat16"))
+    quantize_experts(model, QuantSection(mode="4bit", compute_dtype="bfloat16", expert_chunk=expert_chunk))
     peft_q = attach_lora(model, LORA)
     _randomize_lora_b(peft_q)
     inputs = {k: v.cuda() for k, v in _inputs(char_tokenizer).items()}
@@ -251,3 +252,55 @@ def test_cuda_grouped_bf16_matches_loop_and_reference(full, char_tokenizer):
     assert _rel(results["grouped"][0], results["loop"][0]) < 2e-2
     for a, b in zip(results["grouped"][1], results["loop"][1]):
         assert _rel(a, b) < 5e-2
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantize_rows_equals_the_rows_of_the_whole_stack(double_quant):
+    w = torch.randn(6, 96, 64, generator=torch.Generator().manual_seed(0))
+    from ftkit.quant.nf4 import NF4Tensor
+
+    storage = NF4Tensor(w, quant_type="nf4", blocksize=64, double_quant=double_quant, compute_dtype=torch.float32)
+    assert storage.rows_sliceable()
+    whole, absmax = storage.dequantize(torch.float32), storage.absmax_fp32()
+    for start, stop in ((0, 1), (2, 5), (5, 6), (0, 6)):
+        assert torch.equal(storage.dequantize_rows(start, stop, torch.float32, absmax), whole[start:stop])
+    odd = NF4Tensor(torch.randn(3, 5, 7), quant_type="nf4", blocksize=64, double_quant=double_quant,
+                    compute_dtype=torch.float32)
+    assert not odd.rows_sliceable()  # 35 elements per row: rows share 4-bit blocks
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_expert_chunks_give_the_same_outputs_and_gradients_with_a_slice_dense_at_a_time(full, char_tokenizer, chunk,
+                                                                                       monkeypatch):
+    from ftkit.quant.nf4 import NF4Tensor
+
+    rows_seen = []
+    original = NF4Tensor.dequantize_rows
+
+    def spy(self, start, stop, dtype, absmax):
+        rows_seen.append(stop - start)
+        return original(self, start, stop, dtype, absmax)
+
+    monkeypatch.setattr(NF4Tensor, "dequantize_rows", spy)
+    inputs = _inputs(char_tokenizer, seed=9)
+    results = {}
+    for expert_chunk in (0, chunk):
+        model = copy.deepcopy(full)
+        quantize_experts(model, QuantSection(mode="4bit", compute_dtype="float32", blocksize=64, expert_chunk=expert_chunk))
+        torch.manual_seed(0)  # PEFT draws lora_A from the global RNG: the same adapter for both
+        peft_q = attach_lora(model, LORA)
+        _randomize_lora_b(peft_q)
+        for kernel in ("loop", "grouped"):
+            set_expert_kernel(peft_q, kernel)
+            peft_q.zero_grad(set_to_none=True)
+            output = peft_q(**inputs)
+            _loss(output).backward()
+            grads = {n: p.grad.clone() for n, p in peft_q.named_parameters() if p.requires_grad}
+            results[expert_chunk, kernel] = (output.logits.detach(), grads)
+    assert rows_seen and max(rows_seen) <= chunk  # never more than one slice of experts dense
+    for kernel in ("loop", "grouped"):
+        (want, want_grads), (got, got_grads) = results[0, kernel], results[chunk, kernel]
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5), kernel
+        assert got_grads.keys() == want_grads.keys()
+        for name, g in want_grads.items():
+            assert torch.allclose(got_grads[name], g, atol=1e-6, rtol=1e-4), (kernel, name)

@@ -29,8 +29,9 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 class QuantizedExperts(nn.Module):
     """Mixin placed in front of a fused-experts class (gate_up_proj (E, 2I, H), down_proj (E, H, I))."""
 
-    # Set by quantize_experts on each instance: per tensor name, the NF4 storage child's attribute name.
     expert_kernel: str = "auto"
+    # Experts dense at a time in forward/backward (quant.expert_chunk; 0 = the whole stack), set by quantize_experts.
+    expert_chunk: int = 0
 
     def storage(self, name: str) -> NF4Tensor:
         return getattr(self, f"{name}_nf4")
@@ -39,9 +40,9 @@ class QuantizedExperts(nn.Module):
         # Filled by ftkit.quant.lora.QuantizedExpertLora for the duration of its forward.
         return self.__dict__.setdefault("_active_lora", {}).get(name, [])
 
-    def _project(self, name: str, x: torch.Tensor, offsets: torch.Tensor, kernel: str) -> torch.Tensor:
+    def _project(self, name: str, x: torch.Tensor, offsets: torch.Tensor, kernel: str, slices) -> torch.Tensor:
         storage = self.storage(name)
-        out = FrozenQuantizedGroupedLinear.apply(x, offsets, storage, storage.compute_dtype, kernel)
+        out = FrozenQuantizedGroupedLinear.apply(x, offsets, storage, storage.compute_dtype, kernel, slices)
         for lora_a, lora_b, scaling in self.lora_factors(name):
             # Low-rank path: (x @ A_e^T) @ B_e^T per expert, same math as PEFT's W + scaling * B_e @ A_e.
             low = grouped_linear(x, lora_a.to(x.dtype), offsets, kernel)
@@ -63,12 +64,26 @@ class QuantizedExperts(nn.Module):
         counts = torch.bincount(expert_ids, minlength=self.num_experts)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
 
-        gated = self._apply_gate(self._project("gate_up_proj", x, offsets, kernel))
-        out = self._project("down_proj", gated, offsets, kernel)
-        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)  # router weights are fp32: sum in fp32
+        slices = self._expert_slices(offsets)
+        gated = self._apply_gate(self._project("gate_up_proj", x, offsets, kernel, slices))
+        # The router weight scales each pair's down-projection input, which (the projection being linear) equals
+        # scaling its output: autograd then keeps (pairs, 704) compute-dtype values instead of (pairs, 2816) fp32.
+        gated = gated * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(gated.dtype)
+        out = self._project("down_proj", gated, offsets, kernel, slices)
+        # Each token's k pairs summed in fp32 (index_add_ keeps nothing for backward but the index).
+        summed = out.new_zeros(num_tokens, out.shape[-1], dtype=torch.float32)
+        return summed.index_add_(0, order // top_k, out.float()).to(hidden_states.dtype)
 
-        per_pair = torch.empty_like(out).index_copy_(0, order, out)  # back to (token, k) order
-        return per_pair.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    def _expert_slices(self, offsets: torch.Tensor):
+        """(first, end expert, first, end row) per `expert_chunk` experts, or None for the whole stack at once."""
+        chunk = self.expert_chunk
+        if not chunk or chunk >= self.num_experts:
+            return None
+        if not all(self.storage(n).rows_sliceable() for n in EXPERT_TENSORS):
+            return None
+        ends = offsets.tolist()  # one host read per layer call (routing's bincount has synchronized already)
+        return [(first, min(first + chunk, self.num_experts), ends[first - 1] if first else 0,
+                 ends[min(first + chunk, self.num_experts) - 1]) for first in range(0, self.num_experts, chunk)]
 
     def _apply(self, fn, recurse=True):
         # Keep the stride-0 placeholders out of the generic path (a cast would materialize them densely), then
@@ -156,6 +171,7 @@ def quantize_experts(model: nn.Module, quant, device: torch.device | str | None 
             module.add_module(f"{name}_nf4", storage)
             module._parameters[name] = storage.placeholder()
         module.__class__ = _quantized_class(type(module))
+        module.expert_chunk = quant.expert_chunk
     stored = list(by_param.values())
     return QuantStats(
         modules=len(modules), tensors=len(stored), numel=numel, bytes_before=bytes_before,

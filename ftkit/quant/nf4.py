@@ -8,6 +8,8 @@ nothing in autograd or PEFT ever sees a 4-bit tensor pretending to be bf16. The 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -57,6 +59,35 @@ class NF4Tensor(nn.Module):
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(self.packed, self.quant_state(dtype or self.compute_dtype))
+
+    def rows_sliceable(self) -> bool:
+        """Whether dequantize_rows can cut at any row: each row (expert) must fill whole 4-bit blocks and bytes."""
+        per_row = math.prod(self.shape[1:])
+        return per_row % self.blocksize == 0 and per_row % 2 == 0
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """The blockwise scales in fp32 (decoding the double quantization, as bitsandbytes does before its kernel)."""
+        if not self.nested:
+            return self.absmax.float()
+        import bitsandbytes.functional as bnbf
+        from bitsandbytes.functional import QuantState
+
+        nested = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2, dtype=torch.float32)
+        return bnbf.dequantize_blockwise(self.absmax, nested) + self.offset
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype, absmax: torch.Tensor) -> torch.Tensor:
+        """Rows [start, stop) of the tensor (experts start..stop-1), dense in `dtype`, from `absmax_fp32()`: the same
+        values as `dequantize()[start:stop]` without the rest of the stack. Needs `rows_sliceable()`."""
+        import bitsandbytes.functional as bnbf
+        from bitsandbytes.functional import QuantState
+
+        per_row = math.prod(self.shape[1:])
+        state = QuantState(
+            absmax=absmax[start * per_row // self.blocksize : stop * per_row // self.blocksize],
+            shape=torch.Size((stop - start, *self.shape[1:])), code=self.code, blocksize=self.blocksize,
+            quant_type=self.quant_type, dtype=dtype,
+        )
+        return bnbf.dequantize_4bit(self.packed[start * per_row // 2 : stop * per_row // 2], state)
 
     def placeholder(self) -> nn.Parameter:
         """A Parameter with this tensor's shape, compute dtype and device, backed by ONE element (stride 0).
