@@ -41,7 +41,7 @@ step() {
       step 420 $py -m pytest -p no:cacheprovider -q -rs tests/test_quant.py tests/test_quant_load.py tests/test_checkpointing.py tests/test_diffusion.py
       ;;
     train)
-      step 540 $py bench/train_throughput.py --layers "${2:-2,4}" --grad-ckpt --loss-chunk 256 --workdir /tmp/ftkit-bench
+      step 540 $py bench/train_throughput.py --layers "${2:-2,4}" --grad-ckpt --loss-chunk 128 --workdir /tmp/ftkit-bench
       ;;
     memory)
       step 540 $py bench/memory_budget.py

@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; tiny 1)")
     parser.add_argument("--grad-ckpt", action="store_true",
                         help="checkpoint decoder layers (all methods) and encoder layers (ftkit only: its own)")
-    parser.add_argument("--loss-chunk", type=int, default=256,
+    parser.add_argument("--loss-chunk", type=int, default=128,
                         help="ftkit's DiffusionSection.loss_chunk (0 = the reference path, as the baselines run)")
     parser.add_argument("--workdir", default="/tmp/ftkit-bench", help="where checkpoints are written (then deleted)")
     args = parser.parse_args(argv)
