@@ -71,10 +71,6 @@ import bench_common as bc  # noqa: E402
 
 GB = 1e9  # decimal gigabytes, as in "18 GB"
 REAL_VOCAB = bc.TRUE_WIDTH["vocab_size"]
-# What ftkit.model.load_base passes to BitsAndBytesConfig(llm_int8_skip_modules=...).
-from ftkit.model import KEEP_UNQUANTIZED  # noqa: E402
-
-LOAD_BASE_SKIP = list(KEEP_UNQUANTIZED)
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bnb 4-bit blocksize (QuantSection default) and its double-quant blocksize
 ADAM8_BLOCK, ADAM8_MIN_SIZE = 256, 4096  # bnb 8-bit optimizers: blockwise states; smaller tensors keep fp32 states
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
@@ -143,10 +139,18 @@ def verify_nf4_formula() -> list[dict]:
     return rows
 
 
+def load_in_4bit_config():
+    """load_base's bitsandbytes settings (ftkit.model.bnb_config), without the CPU placement of the experts."""
+    from ftkit.model import bnb_config
+    from ftkit.recipe import QuantSection
+
+    return bnb_config(QuantSection(mode="4bit", experts=False))
+
+
 def tiny_load_in_4bit_check(workdir: Path) -> dict:
     """A tiny checkpoint loaded the way load_base loads the real one (transformers load_in_4bit, bf16): are the tied
     encoder/decoder Linear4bit weights one tensor, and do its 4-bit weights take what the formula says?"""
-    from transformers import BitsAndBytesConfig, DiffusionGemmaForBlockDiffusion
+    from transformers import DiffusionGemmaForBlockDiffusion
     import bitsandbytes as bnb
 
     from ftkit.model import build_tiny
@@ -154,8 +158,7 @@ def tiny_load_in_4bit_check(workdir: Path) -> dict:
 
     path = workdir / "tiny-4bit"
     build_tiny(bc.tiny_spec(2), build_char_tokenizer()).to(torch.bfloat16).save_pretrained(path)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=LOAD_BASE_SKIP)
+    quant = load_in_4bit_config()
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     with quiet():
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quant,
@@ -193,14 +196,12 @@ def meta_model(cfg) -> torch.nn.Module:
 def bnb_4bit_module_names(cfg) -> set[str]:
     """Names of the modules transformers turns into Linear4bit under load_base's quantization config, from
     transformers' own code (its skip patterns match from the start of a name or as a suffix)."""
-    from transformers import BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.auto import AutoHfQuantizer
     import bitsandbytes as bnb
 
     model = meta_model(cfg)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=LOAD_BASE_SKIP)
+    quant = load_in_4bit_config()
     quantizer = AutoHfQuantizer.from_config(quant, pre_quantized=False)
     skip = quantizer.get_modules_to_not_convert(model, quant.llm_int8_skip_modules, model._keep_in_fp32_modules)
     with quiet():
@@ -611,19 +612,6 @@ def storage_ptrs(tensors) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors if t is not None}
 
 
-def set_checkpointing(model, on: bool) -> None:
-    """Both stacks: decoder layers through transformers, encoder layers through ftkit (KV-cache writes kept once)."""
-    from ftkit.checkpointing import disable_encoder_checkpointing, enable_encoder_checkpointing
-
-    core = model.get_base_model()
-    if on:
-        core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        enable_encoder_checkpointing(model)
-    else:
-        core.activation_checkpointing_disable()
-        disable_encoder_checkpointing(model)
-
-
 def build_model(layers: int, args):
     """Random-init model at the real widths with `layers` layers, frozen, 4-bit experts, LoRA r attached.
     Returns (peft model, notes dict)."""
@@ -733,6 +721,7 @@ def ckpt_input_bytes(layers: int, batch: int, args, checkpointed: bool) -> int:
 
 
 def measure_step(model, layers: int, batch_size: int, args, checkpointed: bool) -> StepResult:
+    from ftkit.checkpointing import set_gradient_checkpointing
     from ftkit.diffusion.loss import diffusion_loss
     from ftkit.profiling import LargestTensor, SavedActivations
     from ftkit.recipe import DiffusionSection
@@ -740,7 +729,7 @@ def measure_step(model, layers: int, batch_size: int, args, checkpointed: bool) 
     dev = bc.device()
     batch = {k: v.to(dev) for k, v in bc.synthetic_batch(batch_size, args.prompt, bc.TRUE_CANVAS, args.vocab).items()}
     cfg = DiffusionSection(loss_chunk=args.loss_chunk, self_conditioning_p=args.self_conditioning_p)
-    set_checkpointing(model, checkpointed)
+    set_gradient_checkpointing(model, checkpointed)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # grads resident before the step, as the budget counts them (no set_to_none)

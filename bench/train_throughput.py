@@ -70,14 +70,15 @@ def load_ftkit_4bit(path: Path, tiny: bool, r: int):
 
 def load_peft_4bit(path: Path, tiny: bool, r: int):
     from peft import get_peft_model
-    from transformers import BitsAndBytesConfig, DiffusionGemmaForBlockDiffusion
+    from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model import KEEP_UNQUANTIZED  # the same modules kept in full precision as ftkit's own load
+    from ftkit.model import bnb_config
+    from ftkit.recipe import QuantSection
 
     if not torch.cuda.is_available():
         raise Skipped("benchmarked on CUDA only (bnb Linear4bit)")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(KEEP_UNQUANTIZED))
+    # ftkit's own bnb settings (same modules kept in full precision), without its expert quantization.
+    quant = bnb_config(QuantSection(mode="4bit", experts=False))
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quant,
                                                             device_map={"": torch.cuda.current_device()})
     return get_peft_model(model, plain_lora_config(r)), "bnb nf4 linears, experts bf16"
@@ -183,11 +184,10 @@ def run_method(method: str, path: Path, batch: dict, args) -> dict:
     row["load_s"] = time.perf_counter() - start
     ftkit = method.startswith("ftkit")
     if args.grad_ckpt:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if ftkit:  # transformers can checkpoint only the decoder; ftkit.checkpointing adds the encoder
-            from ftkit.checkpointing import enable_encoder_checkpointing
+        from ftkit.checkpointing import set_gradient_checkpointing
 
-            enable_encoder_checkpointing(model)
+        # transformers can checkpoint only the decoder; the encoder's checkpointing is ftkit's own.
+        set_gradient_checkpointing(model, True, encoder=ftkit)
     model.train()
     dev = bc.device()
     on_device = {k: v.to(dev) for k, v in batch.items()}

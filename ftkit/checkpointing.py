@@ -67,6 +67,21 @@ def enable_encoder_checkpointing(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool, encoder: bool = True) -> None:
+    """Decoder layers through transformers (non-reentrant: a reentrant replay would rewrite the encoder's cache) and,
+    with `encoder`, the encoder layers through this module. `on=False` turns both off."""
+    from ftkit.diffusion.loss import core_model
+
+    core = core_model(model)
+    if on:
+        core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if encoder:
+            enable_encoder_checkpointing(model)
+    else:
+        core.activation_checkpointing_disable()
+        disable_encoder_checkpointing(model)
+
+
 def disable_encoder_checkpointing(model: torch.nn.Module) -> None:
     for layer in encoder_layers(model):
         if isinstance(layer, CheckpointedEncoderLayer):

@@ -142,12 +142,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
         if int(model.config.canvas_length) != canvas_length:
             raise FtkitError(f"model canvas_length {model.config.canvas_length} != {canvas_length}")
         if recipe.train.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-            if recipe.train.checkpoint_encoder:
-                from ftkit.checkpointing import enable_encoder_checkpointing
+            from ftkit.checkpointing import set_gradient_checkpointing
 
-                enable_encoder_checkpointing(model)
+            set_gradient_checkpointing(model, True, encoder=recipe.train.checkpoint_encoder)
+            model.enable_input_require_grads()
         # PEFT draws lora_A from the global RNG: seed it, or two runs of one recipe start from different adapters.
         set_seed(recipe.train.seed)
         model = attach_lora(model, recipe.lora)

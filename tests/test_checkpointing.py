@@ -4,7 +4,7 @@ the activations kept for backward shrink."""
 import pytest
 import torch
 
-from ftkit.checkpointing import disable_encoder_checkpointing, enable_encoder_checkpointing
+from ftkit.checkpointing import CheckpointedEncoderLayer, set_gradient_checkpointing
 from ftkit.diffusion.loss import decoder_inputs, diffusion_loss
 from ftkit.layout import collate, layout_example
 from ftkit.model import attach_lora, build_tiny
@@ -33,13 +33,11 @@ def setup():
 
 
 def _set_checkpointing(model, on: bool):
-    core = model.get_base_model()
+    set_gradient_checkpointing(model, on)
     if on:
-        core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        assert enable_encoder_checkpointing(model) == SPEC.layers
-    else:
-        core.activation_checkpointing_disable()
-        disable_encoder_checkpointing(model)
+        assert all(isinstance(layer, CheckpointedEncoderLayer)
+                   for layer in model.get_base_model().model.encoder.language_model.layers)
+        assert all(layer.gradient_checkpointing for layer in model.get_base_model().model.decoder.layers)
 
 
 def _step(model, batch, chunk):

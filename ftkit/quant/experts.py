@@ -82,8 +82,11 @@ class QuantizedExperts(nn.Module):
         if not all(self.storage(n).rows_sliceable() for n in EXPERT_TENSORS):
             return None
         ends = offsets.tolist()  # one host read per layer call (routing's bincount has synchronized already)
-        return [(first, min(first + chunk, self.num_experts), ends[first - 1] if first else 0,
-                 ends[min(first + chunk, self.num_experts) - 1]) for first in range(0, self.num_experts, chunk)]
+        slices = []
+        for first in range(0, self.num_experts, chunk):
+            end = min(first + chunk, self.num_experts)
+            slices.append((first, end, ends[first - 1] if first else 0, ends[end - 1]))
+        return slices
 
     def _apply(self, fn, recurse=True):
         # Keep the stride-0 placeholders out of the generic path (a cast would materialize them densely), then
