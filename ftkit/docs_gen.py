@@ -18,7 +18,7 @@ SECTION_NOTES = {
     "model": "Which base model to load. `base: tiny` builds a random-init DiffusionGemma from `model.tiny` (CPU tests).",
     "quant": "4-bit quantization of the frozen base (QLoRA). `experts: true` also quantizes the fused MoE expert tensors.",
     "lora": "Which modules get LoRA adapters. Expert LoRA goes through PEFT `target_parameters`.",
-    "diffusion": "The masked-diffusion training objective. `loss_chunk` must be 0 under DDP (see docs/multi-gpu.md).",
+    "diffusion": "The masked-diffusion training objective. `loss_chunk` must be 0 under FSDP (see docs/multi-gpu.md).",
     "train": "Optimisation and the run directory (`output_dir`).",
     "task": "The task plugin and its data; `options` is validated by the task's own options (below).",
     "eval": "Constrained denoising used by `ftkit eval`, `ftkit generate` and `ftkit solve`.",

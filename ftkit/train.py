@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -92,6 +93,17 @@ def training_arguments(recipe: Recipe, run_dir: Path):
     )
 
 
+def check_launch(recipe: Recipe) -> None:
+    """Settings the launcher rules out, refused before anything loads. FSDP unshards parameters in hooks around
+    each wrapped module's forward; the lean loss path (`diffusion.loss_chunk > 0`) calls the encoder, decoder and
+    head below the root module, whose parameters (embeddings, head) would stay sharded. DDP is fine either way."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes") and recipe.diffusion.loss_chunk > 0:
+        raise FtkitError(
+            f"diffusion.loss_chunk={recipe.diffusion.loss_chunk}: FSDP needs the unchunked loss path; "
+            "override with diffusion.loss_chunk=0 (see docs/multi-gpu.md)"
+        )
+
+
 def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
     from transformers import set_seed
 
@@ -100,6 +112,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
     from ftkit.tasks import make_task
     from ftkit.trainer import DiffusionTrainer, JsonlLogCallback
 
+    check_launch(recipe)
     # Under `accelerate launch` every process runs this function; the main process writes the run files and the
     # tiny base, the others wait for it and read them.
     dist = PartialState(cpu=not torch.cuda.is_available())
@@ -183,14 +196,22 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
     result = trainer.train(resume_from_checkpoint=str(last_ckpt) if (resume and last_ckpt) else None)
     elapsed = time.time() - start
 
-    if trainer.is_world_process_zero():
-        _save_adapter(model, run_dir)
-        summary = _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_step)
-        rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
-        plot_loss_curve(rundir.read_jsonl(run_dir / rundir.TRAIN_LOG), run_dir / "loss.png")
-        plot_noise_vs_loss(rundir.read_jsonl(noise_log), run_dir / "noise_loss.png")
-        return summary
-    return {}
+    summary: dict[str, Any] = {}
+    try:
+        if trainer.is_world_process_zero():
+            _save_adapter(model, run_dir)
+            summary = _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_step)
+            rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
+            plot_loss_curve(rundir.read_jsonl(run_dir / rundir.TRAIN_LOG), run_dir / "loss.png")
+            plot_noise_vs_loss(rundir.read_jsonl(noise_log), run_dir / "noise_loss.png")
+    finally:
+        # The other processes wait for the main one's files, then every process tears the process group down
+        # itself: a process that exits with gloo's threads still running aborts ("terminate called without an
+        # active exception", SIGABRT) and torchrun reports the whole run as failed.
+        if dist.num_processes > 1:
+            dist.wait_for_everyone()
+            dist.destroy_process_group()
+    return summary
 
 
 def _print_parameter_groups(groups) -> None:

@@ -53,9 +53,11 @@ class DiffusionTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = {k: inputs[k] for k in BATCH_KEYS if k in inputs}
-        if self.diffusion.loss_chunk > 0 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            raise RuntimeError("diffusion.loss_chunk > 0 calls the base model directly, which bypasses DDP; set it to 0")
-        out = diffusion_loss(model, batch, self.diffusion, self._noise_generator(batch["canvas"].device))
+        # accelerate applies mixed precision by wrapping the model's forward; the lean loss path calls the encoder,
+        # decoder and head directly, so the same autocast is entered here (a no-op without mixed precision, and
+        # harmless around the reference path's already-autocast forward).
+        with self.accelerator.autocast():
+            out = diffusion_loss(model, batch, self.diffusion, self._noise_generator(batch["canvas"].device))
         if model.training:
             self._record(out)
         return (out.loss, {"loss": out.loss}) if return_outputs else out.loss

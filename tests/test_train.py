@@ -137,6 +137,15 @@ def test_bad_data_leaves_no_run_dir(tmp_path):
     assert not out.exists()
 
 
+def test_fsdp_launch_refuses_the_lean_loss_path_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    out = tmp_path / "fsdp"
+    recipe = recipe_from_dict({**tiny_recipe(out).to_dict(), "diffusion": {"loss_chunk": 64}})
+    with pytest.raises(FtkitError, match=r"diffusion\.loss_chunk=64: FSDP needs the unchunked loss path"):
+        train(recipe, progress=False)
+    assert not out.exists()
+
+
 class GradCapture(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
         if state.global_step == 0:
@@ -204,3 +213,34 @@ def test_memory_lean_recipe_trains_every_lora_parameter(tmp_path):
     unchanged = [n for n in snap.trainable if torch.equal(snap.before[n], snap.after[n])]
     assert snap.trainable and unchanged == []
     assert summary["loss_end"] is not None and torch.isfinite(torch.tensor(summary["loss_end"]))
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 40])
+def test_mixed_precision_reaches_both_loss_paths(tmp_path, loss_chunk):
+    """accelerate's mixed precision wraps the model's forward, which the lean path does not call: the trainer enters
+    the same autocast itself, so a bf16 run computes the LoRA layers under autocast on either path."""
+    from transformers import TrainingArguments
+
+    from ftkit.layout import collate, layout_example
+    from ftkit.model import attach_lora, build_tiny
+    from ftkit.recipe import DiffusionSection, LoraSection, TinySpec
+    from ftkit.tasks.sudoku import SudokuTask
+    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.trainer import DiffusionTrainer
+
+    tok = build_char_tokenizer()
+    model = attach_lora(build_tiny(TinySpec(**TINY), tok), LoraSection(r=4, alpha=8))
+    task = SudokuTask()
+    batch = collate([layout_example(tok, task.to_prompt_canvas(e), 96, 256) for e in task.build_dataset("test", 2, 0)],
+                    tok.pad_token_id)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[])
+    trainer = DiffusionTrainer(model=model, args=args, diffusion=DiffusionSection(loss_chunk=loss_chunk))
+    seen = []
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("decoder.layers.0.self_attn.q_proj.lora_A.default"))
+    hook = lora_a.register_forward_hook(
+        lambda m, a, out: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype)))
+    try:
+        trainer.compute_loss(model, batch)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {(True, torch.bfloat16, torch.bfloat16)}

@@ -6,9 +6,10 @@ over every canvas position (the EOS fill included: the uniform kernel has a flat
 autoregressive cross-entropy on the encoder, which reads the whole clean sequence (prompt + canvas) while the
 decoder's attention mask cuts the cache off at the prompt.
 
-Two paths compute the same values: `_reference_losses` (one `model(...)` call per pass, as TRL runs it; the one DDP
-sees) and, when `diffusion.loss_chunk > 0`, `_lean_losses` (encoder once, first pass only where needed, everything
-over the vocabulary chunked). Both draw the same noise from the generator in the same order.
+Two paths compute the same values: `_reference_losses` (one `model(...)` call per pass, as TRL runs it) and, when
+`diffusion.loss_chunk > 0`, `_lean_losses` (encoder once, first pass only where needed, everything over the
+vocabulary chunked). Both draw the same noise from the generator in the same order, and both run inside the DDP
+wrapper's forward when there is one (`as_wrapper_forward`), so gradients are all-reduced either way.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def diffusion_loss(
     enc_targets = encoder_targets(batch["input_ids"], batch["attention_mask"]) if cfg.encoder_loss_weight > 0 else None
 
     if cfg.loss_chunk > 0:
-        token_losses, enc = _lean_losses(core, kwargs, target, enc_targets, self_conditioning, cfg.loss_chunk)
+        token_losses, enc = as_wrapper_forward(
+            model, lambda: _lean_losses(core, kwargs, target, enc_targets, self_conditioning, cfg.loss_chunk)
+        )
     else:
         token_losses, enc = _reference_losses(model, core, kwargs, target, enc_targets, self_conditioning)
     diff = token_losses.mean()
@@ -151,6 +154,33 @@ def _reference_losses(model, core, kwargs, target, enc_targets, sc_mask):
     return token_losses, enc
 
 
+_NO_FORWARD = object()
+
+
+def as_wrapper_forward(model: torch.nn.Module, compute):
+    """`compute()`, run as the forward of `model` when `model` is a DistributedDataParallel wrapper.
+
+    DDP all-reduces gradients only for a forward that went through it: its forward marks which parameters the
+    step's graph reaches (`find_unused_parameters`) and arms the reducer for backward. The lean path calls the
+    encoder, decoder and head directly, so under DDP it is run as the wrapped module's forward for this one call:
+    DDP does its pre- and post-forward work around it exactly as around `model(**batch)`. Outside DDP it is just
+    `compute()`."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return compute()
+    inner = model.module
+    # An instance attribute shadows the class's forward; accelerate may already have put its own there (autocast
+    # wrapper), so whatever was there is put back.
+    saved = inner.__dict__.get("forward", _NO_FORWARD)
+    inner.forward = lambda *args, **kwargs: compute()
+    try:
+        return model()
+    finally:
+        if saved is _NO_FORWARD:
+            del inner.forward
+        else:
+            inner.forward = saved
+
+
 DECODER_KEYS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids")
 
 
@@ -160,7 +190,7 @@ def _lean_losses(core, kwargs, target, enc_targets, sc_mask, chunk: int):
     - the no-grad first decoder pass runs on the self-conditioned examples only (the others' signal is zero), and
       its soft embeddings are computed `chunk` positions at a time (`self_conditioning.py`);
     - head + cross-entropy are chunked and recomputed in backward: no (B, L, vocab) tensor exists at any point.
-    It calls the encoder and decoder directly, so it is for single-process training (DDP needs `model(...)`)."""
+    It calls the encoder and decoder directly; under DDP the caller runs it through `as_wrapper_forward`."""
     encoded = core.model.encoder(input_ids=kwargs["input_ids"], attention_mask=kwargs["attention_mask"])
     cache = encoded.past_key_values
     decoder_kwargs = {key: kwargs[key] for key in DECODER_KEYS}

@@ -1,0 +1,69 @@
+"""One DDP training step of the diffusion loss, for tests/test_multiprocess.py.
+
+usage: torchrun --nproc_per_node 2 tests/helpers/ddp_grads.py OUT_DIR LOSS_CHUNK
+Each rank builds the same tiny LoRA model, takes its own batch, runs one forward/backward through a
+DistributedDataParallel wrapper over gloo and saves its LoRA gradients to OUT_DIR/rank{R}.pt. `setup` is shared
+with the test, which computes the same step without DDP.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from ftkit.diffusion.loss import diffusion_loss
+from ftkit.layout import collate, layout_example
+from ftkit.model import attach_lora, build_tiny
+from ftkit.recipe import DiffusionSection, LoraSection, TinySpec
+from ftkit.tasks.sudoku import SudokuTask
+from ftkit.tokenizer import build_char_tokenizer
+
+CANVAS = 96
+
+
+def setup(world: int):
+    """The model and one batch per rank (disjoint examples)."""
+    tok = build_char_tokenizer()
+    spec = TinySpec(layers=2, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24, intermediate=64,
+                    experts=4, top_k=2, expert_intermediate=32, canvas_length=CANVAS)
+    torch.manual_seed(0)  # PEFT draws lora_A from the global RNG
+    model = attach_lora(build_tiny(spec, tok), LoraSection(r=4, alpha=8))
+    # lora_B starts at zero, which would leave lora_A's gradient zero: perturb every LoRA tensor so all are checked.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    examples = SudokuTask().build_dataset("test", 3 * world, 0)
+    batches = [
+        collate([layout_example(tok, SudokuTask().to_prompt_canvas(e), CANVAS, 256) for e in examples[3 * r : 3 * r + 3]],
+                tok.pad_token_id)
+        for r in range(world)
+    ]
+    return model, batches
+
+
+def config(loss_chunk: int) -> DiffusionSection:
+    return DiffusionSection(loss_chunk=loss_chunk, self_conditioning_p=0.5)
+
+
+def generator(rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(100 + rank)
+
+
+def main(out: Path, loss_chunk: int) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, batches = setup(world)
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    diffusion_loss(ddp, batches[rank], config(loss_chunk), generator(rank)).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    torch.save(grads, out / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
