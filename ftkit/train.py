@@ -85,7 +85,9 @@ def training_arguments(recipe: Recipe, run_dir: Path):
         # train(). Non-reentrant: reentrant checkpointing would replay the encoder's cache writes.
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         remove_unused_columns=False,
-        # Experts no token was routed to get no gradient in a step: DDP must be told to expect that.
+        # A safety margin, not a need today: every LoRA tensor is reached each step (an expert's LoRA is a slice of
+        # one tensor per layer, so experts no token was routed to still share a gradient tensor), but a LoRA target
+        # a step's graph skips would make DDP error at the next step without it. Costs one graph traversal a step.
         ddp_find_unused_parameters=PartialState().num_processes > 1,
         dataloader_num_workers=t.num_workers,
         report_to=[] if t.report_to == "none" else [t.report_to],
