@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-_CLASSES: dict[type, type] = {}
+from ftkit.mixins import add_mixin, remove_mixin
 
 
 class _ReplayCache:
@@ -46,12 +46,6 @@ class CheckpointedEncoderLayer:
         return checkpoint(run, hidden_states, use_reentrant=False)
 
 
-def _checkpointed_class(cls: type) -> type:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (CheckpointedEncoderLayer, cls), {})
-    return _CLASSES[cls]
-
-
 def encoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     from ftkit.diffusion.loss import core_model
 
@@ -62,8 +56,7 @@ def enable_encoder_checkpointing(model: torch.nn.Module) -> int:
     """Checkpoint every encoder text layer (in place; idempotent). Returns how many layers are checkpointed."""
     layers = encoder_layers(model)
     for layer in layers:
-        if not isinstance(layer, CheckpointedEncoderLayer):
-            layer.__class__ = _checkpointed_class(type(layer))
+        add_mixin(layer, CheckpointedEncoderLayer, "Checkpointed")
     return len(layers)
 
 
@@ -84,5 +77,4 @@ def set_gradient_checkpointing(model: torch.nn.Module, on: bool, encoder: bool =
 
 def disable_encoder_checkpointing(model: torch.nn.Module) -> None:
     for layer in encoder_layers(model):
-        if isinstance(layer, CheckpointedEncoderLayer):
-            layer.__class__ = next(original for original, swapped in _CLASSES.items() if swapped is type(layer))
+        remove_mixin(layer, CheckpointedEncoderLayer)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -99,7 +98,9 @@ def check_launch(recipe: Recipe) -> None:
     """Settings the launcher rules out, refused before anything loads. FSDP unshards parameters in hooks around
     each wrapped module's forward; the lean loss path (`diffusion.loss_chunk > 0`) calls the encoder, decoder and
     head below the root module, whose parameters (embeddings, head) would stay sharded. DDP is fine either way."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes") and recipe.diffusion.loss_chunk > 0:
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and recipe.diffusion.loss_chunk > 0:
         raise FtkitError(
             f"diffusion.loss_chunk={recipe.diffusion.loss_chunk}: FSDP needs the unchunked loss path; "
             "override with diffusion.loss_chunk=0 (see docs/multi-gpu.md)"

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ftkit.errors import FtkitError
+from ftkit.mixins import add_mixin
 from ftkit.quant.grouped import KERNELS, FrozenQuantizedGroupedLinear, grouped_linear, resolve_kernel
 from ftkit.quant.nf4 import NF4Tensor
 
@@ -105,16 +106,6 @@ class QuantizedExperts(nn.Module):
             destination.pop(prefix + name, None)
 
 
-_QUANTIZED_CLASSES: dict[type, type] = {}
-
-
-def _quantized_class(cls: type) -> type:
-    # A subclass keeps isinstance checks (and the original's gate / act_fn) working.
-    if cls not in _QUANTIZED_CLASSES:
-        _QUANTIZED_CLASSES[cls] = type(f"Quantized{cls.__name__}", (QuantizedExperts, cls), {})
-    return _QUANTIZED_CLASSES[cls]
-
-
 def is_fused_experts(module: nn.Module) -> bool:
     params = module._parameters
     return (
@@ -173,7 +164,8 @@ def quantize_experts(model: nn.Module, quant, device: torch.device | str | None 
             storage = by_param[id(param)]
             module.add_module(f"{name}_nf4", storage)
             module._parameters[name] = storage.placeholder()
-        module.__class__ = _quantized_class(type(module))
+        # A subclass keeps isinstance checks (and the original's gate / act_fn) working.
+        add_mixin(module, QuantizedExperts, "Quantized")
         module.expert_chunk = quant.expert_chunk
     stored = list(by_param.values())
     return QuantStats(

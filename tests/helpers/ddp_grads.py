@@ -18,14 +18,16 @@ from ftkit.recipe import DiffusionSection, LoraSection, TinySpec
 from ftkit.tasks.sudoku import SudokuTask
 from ftkit.tokenizer import build_char_tokenizer
 
-CANVAS = 96
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from test_train import TINY  # noqa: E402  (the tests' tiny model, shared)
+
+CANVAS = TINY["canvas_length"]
 
 
 def setup(world: int):
     """The model and one batch per rank (disjoint examples)."""
     tok = build_char_tokenizer()
-    spec = TinySpec(layers=2, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24, intermediate=64,
-                    experts=4, top_k=2, expert_intermediate=32, canvas_length=CANVAS)
+    spec = TinySpec(**TINY)
     torch.manual_seed(0)  # PEFT draws lora_A from the global RNG
     model = attach_lora(build_tiny(spec, tok), LoraSection(r=4, alpha=8))
     # lora_B starts at zero, which would leave lora_A's gradient zero: perturb every LoRA tensor so all are checked.
