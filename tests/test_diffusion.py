@@ -146,7 +146,9 @@ def test_lean_path_equals_reference_loss_and_gradients(tiny_setup, p):
     assert torch.allclose(lean.per_example, ref.per_example, rtol=1e-5)
     assert ref_grads.keys() == lean_grads.keys() and len(ref_grads) > 0
     for name, g in ref_grads.items():
-        assert torch.allclose(lean_grads[name], g, rtol=1e-4, atol=1e-7), name
+        # Float32 sums in another order differ in the last bits; an absolute floor scaled to the tensor keeps
+        # near-zero entries from failing on reordering alone (a wrong gradient is off by far more).
+        assert torch.allclose(lean_grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
 
 
 def _batch_sizes(core):
