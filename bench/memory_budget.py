@@ -627,7 +627,7 @@ def build_model(layers: int, args):
         from transformers import DiffusionGemmaForBlockDiffusion
 
         from ftkit.quant import expert_storage, quantize_experts, set_expert_kernel
-        from ftkit.quant.grouped import _grouped_mm
+        from ftkit.quant.grouped import has_native_grouped_mm
 
         with quiet():
             model = DiffusionGemmaForBlockDiffusion(cfg)  # fp32 init: bnb's CPU quantizer is fastest from fp32
@@ -637,9 +637,9 @@ def build_model(layers: int, args):
             p.requires_grad_(False)
         notes["experts_nf4_B"] = stats.bytes_after
         notes["experts_formula_B"] = sum(nf4_bytes(math.prod(s.shape)) for s in expert_storage(model))
-        if _grouped_mm is not None:
+        if has_native_grouped_mm():
             set_expert_kernel(model, "grouped")  # CUDA's kernel; the CPU loop fallback's backward is ~10x slower
-        notes["expert_kernel"] = "grouped" if _grouped_mm is not None else "loop"
+        notes["expert_kernel"] = "grouped" if has_native_grouped_mm() else "loop"
     with quiet():
         model = attach_lora(model, LoraSection(r=args.r, alpha=2 * args.r))
     return model, notes

@@ -231,27 +231,155 @@ def test_device_and_dtype_moves_keep_storage_and_placeholders(quantized):
     assert enc[0].experts.gate_up_proj.untyped_storage().nbytes() <= 4
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("expert_chunk", [0, 2])
-def test_cuda_grouped_bf16_matches_loop_and_reference(full, char_tokenizer, expert_chunk):
-    model = copy.deepcopy(full).to("cuda", torch.bfloat16)
-    quantize_experts(model, QuantSection(mode="4bit", compute_dtype="bfloat16", expert_chunk=expert_chunk))
-    peft_q = attach_lora(model, LORA)
+def _bf16_grouped_vs_loop(full, char_tokenizer, device, expert_chunk, expert_r):
+    """bf16 4-bit experts with expert LoRA of rank `expert_r`: (logits, expert LoRA grads) per kernel."""
+    model = copy.deepcopy(full).to(device, torch.bfloat16)
+    quantize_experts(model, QuantSection(mode="4bit", compute_dtype="bfloat16", blocksize=64, expert_chunk=expert_chunk))
+    torch.manual_seed(0)
+    peft_q = attach_lora(model, LoraSection(r=8, alpha=16, expert_r=expert_r))
     _randomize_lora_b(peft_q)
-    inputs = {k: v.cuda() for k, v in _inputs(char_tokenizer).items()}
+    ranks = {p.shape[0] // SPEC.experts for n, p in peft_q.named_parameters() if "lora_A" in n and ".experts." in n}
+    assert ranks == {expert_r}
+    inputs = {k: v.to(device) for k, v in _inputs(char_tokenizer).items()}
     results = {}
     for kernel in ("grouped", "loop"):
         set_expert_kernel(peft_q, kernel)
         peft_q.zero_grad(set_to_none=True)
         output = peft_q(**inputs)
-        logits = output.logits.float()
         _loss(output).backward()
-        grads = [p.grad.float() for n, p in peft_q.named_parameters() if "lora_" in n and ".experts." in n]
-        results[kernel] = (logits.detach(), grads)
-    assert _rel(results["grouped"][0], results["loop"][0]) < 2e-2
-    for a, b in zip(results["grouped"][1], results["loop"][1]):
-        assert _rel(a, b) < 5e-2
+        grads = {n: p.grad.float() for n, p in peft_q.named_parameters() if "lora_" in n and ".experts." in n}
+        results[kernel] = (output.logits.float().detach(), grads)
+    return results
+
+
+def _assert_grouped_matches_loop(results):
+    (logits, grads), (ref_logits, ref_grads) = results["grouped"], results["loop"]
+    assert _rel(logits, ref_logits) < 2e-2
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * 2 * SPEC.layers
+    for name, g in grads.items():
+        assert g.abs().sum() > 0 and _rel(g, ref_grads[name]) < 5e-2, name
+
+
+@pytest.mark.parametrize("expert_r", [1, 4, 12, 16])
+def test_bf16_grouped_kernel_takes_any_expert_rank(full, char_tokenizer, expert_r):
+    """The grouped kernel needs 16-byte row strides (a rank of 8 in bf16); CPU bf16 grouped_mm enforces the same
+    rule as CUDA's, so ranks 1, 4 and 12 crashed it. They are padded inside the kernel call only."""
+    _assert_grouped_matches_loop(_bf16_grouped_vs_loop(full, char_tokenizer, "cpu", 0, expert_r))
+
+
+def test_rank_padding_stays_inside_the_kernel_call(quantized, tmp_path):
+    """The adapter keeps its own rank: PEFT's lora_A / lora_B (and the saved file) are never padded."""
+    peft_q = attach_lora(quantized, LoraSection(r=8, alpha=16, expert_r=4))
+    peft_q.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        expert_a = [tuple(f.get_slice(k).get_shape()) for k in f.keys() if ".experts." in k and "lora_A" in k]
+    assert expert_a and {shape[0] for shape in expert_a} == {4 * SPEC.experts}
+
+
+def test_auto_kernel_follows_transformers_grouped_mm_support(monkeypatch):
+    """torch <= 2.8 has only torch._grouped_mm, on sm90 alone; `auto` asks transformers' own check instead of
+    assuming every sm80+ GPU can run it."""
+    from types import SimpleNamespace
+
+    from transformers.integrations import moe as hf_moe
+
+    from ftkit.quant.grouped import resolve_kernel
+
+    cuda = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    offsets = torch.zeros(4, dtype=torch.int32)
+    monkeypatch.setattr(hf_moe, "is_torchdynamo_compiling", lambda: False)
+    # An old torch: no F.grouped_mm, torch._grouped_mm present, version below 2.9.
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: None, raising=False)
+    monkeypatch.setattr(hf_moe, "is_torch_greater_or_equal", lambda *a, **k: False)
+    for capability, want in (((8, 0), "loop"), ((8, 9), "loop"), ((9, 0), "grouped")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_kernel("auto", cuda, cuda, offsets) == want, capability
+    # A new torch runs it from sm80 on; never on the CPU or outside bf16, and a forced kernel is kept.
+    monkeypatch.setattr(hf_moe, "is_torch_greater_or_equal", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_kernel("auto", cuda, cuda, offsets) == "grouped"
+    fp16 = SimpleNamespace(device=cuda.device, dtype=torch.float16)
+    assert resolve_kernel("auto", cuda, fp16, offsets) == "loop"
+    cpu = torch.zeros(2, 2, dtype=torch.bfloat16)
+    assert resolve_kernel("auto", cpu, cpu, offsets) == "loop"
+    assert resolve_kernel("grouped", cpu, cpu, offsets) == "grouped"
+
+
+@pytest.mark.parametrize("top_k", [2, 4])
+def test_expert_sum_is_a_reshape_sum_equal_to_the_old_index_add(quantized, monkeypatch, top_k):
+    """Each token's k expert outputs are summed by reshape + sum (deterministic on CUDA, unlike index_add_'s
+    atomics): the same values as the old index_add_ into the token rows, and no index_add anywhere in the step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    captured = {}
+    original = QuantizedExperts._project
+
+    def spy(self, name, x, *args):
+        out = original(self, name, x, *args)
+        if name == "down_proj":
+            captured["out"] = out.detach()
+        return out
+
+    monkeypatch.setattr(QuantizedExperts, "_project", spy)
+    g = torch.Generator().manual_seed(top_k)
+    x = torch.randn(48, SPEC.hidden, generator=g, requires_grad=True)
+    idx = torch.stack([torch.randperm(SPEC.experts, generator=g)[:top_k] for _ in range(48)])
+    w = torch.softmax(torch.randn(48, top_k, generator=g), -1)
+    experts = _stacks(quantized)[1][0].experts
+    with Ops() as ops:
+        got = experts(x, idx, w)
+        got.pow(2).sum().backward()
+    assert not any(name.startswith("index_add") for name in ops.names), sorted(ops.names)
+
+    _, order = torch.sort(idx.reshape(-1), stable=True)
+    old = torch.zeros(48, SPEC.hidden).index_add_(0, order // top_k, captured["out"].float())
+    if top_k == 2:
+        assert torch.equal(got.detach(), old)  # a + b in either order is the same float
+    else:
+        assert torch.allclose(got.detach(), old, rtol=1e-6, atol=1e-7)
+    again = experts(x, idx, w)
+    assert torch.equal(again, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("expert_chunk,expert_r", [(0, 4), (2, 4), (0, 12), (0, 16)])
+def test_cuda_grouped_bf16_matches_loop(full, char_tokenizer, expert_chunk, expert_r):
+    _assert_grouped_matches_loop(_bf16_grouped_vs_loop(full, char_tokenizer, "cuda", expert_chunk, expert_r))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_auto_kernel_is_grouped_on_this_gpu_and_deterministic(full, char_tokenizer):
+    model = copy.deepcopy(full).to("cuda", torch.bfloat16)
+    quantize_experts(model, QuantSection(mode="4bit", compute_dtype="bfloat16"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(512, SPEC.hidden, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    idx = torch.randint(0, SPEC.experts, (512, SPEC.top_k), device="cuda", generator=g)
+    w = torch.rand(512, SPEC.top_k, device="cuda", generator=g)
+    experts = _stacks(model)[1][0].experts
+    from ftkit.quant.grouped import resolve_kernel
+
+    if torch.cuda.get_device_capability() >= (9, 0):  # H100 / H200: every torch with grouped_mm runs it here
+        assert resolve_kernel("auto", x, experts.gate_up_proj, torch.zeros(1, device="cuda")) == "grouped"
+    runs = []
+    for _ in range(3):
+        x.grad = None
+        out = experts(x, idx, w)
+        out.float().pow(2).sum().backward()
+        runs.append((out.detach().clone(), x.grad.clone()))
+    for out, grad in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(grad, runs[0][1])
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from ftkit.errors import FtkitError
 from ftkit.mixins import add_mixin
-from ftkit.quant.grouped import KERNELS, FrozenQuantizedGroupedLinear, grouped_linear, resolve_kernel
+from ftkit.quant.grouped import KERNELS, FrozenQuantizedGroupedLinear, low_rank_grouped_linear, resolve_kernel
 from ftkit.quant.nf4 import NF4Tensor
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
@@ -46,8 +46,7 @@ class QuantizedExperts(nn.Module):
         out = FrozenQuantizedGroupedLinear.apply(x, offsets, storage, storage.compute_dtype, kernel, slices)
         for lora_a, lora_b, scaling in self.lora_factors(name):
             # Low-rank path: (x @ A_e^T) @ B_e^T per expert, same math as PEFT's W + scaling * B_e @ A_e.
-            low = grouped_linear(x, lora_a.to(x.dtype), offsets, kernel)
-            out = out + scaling * grouped_linear(low, lora_b.to(x.dtype), offsets, kernel)
+            out = out + scaling * low_rank_grouped_linear(x, lora_a.to(x.dtype), lora_b.to(x.dtype), offsets, kernel)
         return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -58,12 +57,13 @@ class QuantizedExperts(nn.Module):
             )
         num_tokens, top_k = top_k_index.shape
         compute_dtype = self.storage("gate_up_proj").compute_dtype
-        kernel = resolve_kernel(self.expert_kernel, hidden_states.device, compute_dtype)
 
         expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
         x = hidden_states[order // top_k].to(compute_dtype)
         counts = torch.bincount(expert_ids, minlength=self.num_experts)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        # The placeholder carries the experts' device and compute dtype, all transformers' check reads of a weight.
+        kernel = resolve_kernel(self.expert_kernel, x, self.gate_up_proj, offsets)
 
         slices = self._expert_slices(offsets)
         gated = self._apply_gate(self._project("gate_up_proj", x, offsets, kernel, slices))
@@ -71,9 +71,14 @@ class QuantizedExperts(nn.Module):
         # scaling its output: autograd then keeps (pairs, 704) compute-dtype values instead of (pairs, 2816) fp32.
         gated = gated * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(gated.dtype)
         out = self._project("down_proj", gated, offsets, kernel, slices)
-        # Each token's k pairs summed in fp32 (index_add_ keeps nothing for backward but the index).
-        summed = out.new_zeros(num_tokens, out.shape[-1], dtype=torch.float32)
-        return summed.index_add_(0, order // top_k, out.float()).to(hidden_states.dtype)
+        # Back to (token, k) order, then each token's k pairs summed in fp32 by a reshape + sum, as transformers'
+        # grouped_mm experts do: index_add_ into the token rows would add the k pairs with atomics on CUDA, in an
+        # order that changes from run to run. `order` is a permutation, so neither the gather nor its backward has
+        # two writers to one row.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        pairs = out[inverse].view(num_tokens, top_k, out.shape[-1])
+        return pairs.sum(dim=1, dtype=torch.float32).to(hidden_states.dtype)
 
     def _expert_slices(self, offsets: torch.Tensor):
         """(first, end expert, first, end row) per `expert_chunk` experts, or None for the whole stack at once."""

@@ -1,35 +1,46 @@
 """Grouped expert matmuls: rows of `x` are sorted by expert and `offsets` holds each expert's cumulative end row.
 
 `grouped_linear(x, w, offsets)` computes `x[rows of e] @ w[e].T` for every expert e in one call:
-- "grouped": `torch.nn.functional.grouped_mm` / `torch._grouped_mm` (one kernel; the CUDA bf16 hot path);
+- "grouped": transformers' own grouped-GEMM dispatcher (`transformers.integrations.moe._grouped_mm`:
+  `torch.nn.functional.grouped_mm`, else `torch._grouped_mm`, else its per-expert fallback), the CUDA bf16 hot path;
 - "loop": one matmul per hit expert (the CPU fallback; also the reference the grouped path is tested against).
+`low_rank_grouped_linear` is the LoRA path on top: two grouped GEMMs through a rank-r bottleneck.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from transformers.integrations import moe as hf_moe
 
 KERNELS = ("auto", "grouped", "loop")
 
-_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# The grouped kernels need every row stride of their operands to be a multiple of 16 bytes ("strides should be
+# multiple of 16 bytes"); a LoRA rank is the only expert dimension that may not be.
+_STRIDE_BYTES = 16
 
 
-def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
-    """`auto` -> grouped where the fused kernel exists for this device/dtype (CUDA sm80+, bf16), else loop."""
+def has_native_grouped_mm() -> bool:
+    """Whether this torch has a fused grouped GEMM at all (transformers falls back to a loop otherwise)."""
+    return hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
+
+
+def resolve_kernel(kernel: str, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> str:
+    """`auto` -> grouped where the fused kernel runs for this device/dtype, else loop. CUDA bf16 only (elsewhere the
+    loop is as fast and exact), and only where transformers' own check says this torch build supports the GPU
+    (torch <= 2.8 has `torch._grouped_mm` on sm90 only; later builds on sm80+). `weight`: any tensor with the
+    expert weights' device and compute dtype."""
     if kernel != "auto":
         return kernel
-    if _grouped_mm is not None and device.type == "cuda" and dtype == torch.bfloat16:
-        if torch.cuda.get_device_capability(device) >= (8, 0):
-            return "grouped"
+    if x.device.type == "cuda" and weight.dtype == torch.bfloat16 and hf_moe._can_use_grouped_mm(x, weight, offsets):
+        return "grouped"
     return "loop"
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, kernel: str) -> torch.Tensor:
     """x: (S, in) sorted by expert; weight: (E, out, in); offsets: (E,) int32 cumulative row ends -> (S, out)."""
     if kernel == "grouped":
-        if _grouped_mm is None:
-            raise RuntimeError("this torch build has no grouped_mm")
-        return _grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+        return hf_moe._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     ends = offsets.tolist()  # host sync: acceptable on the CPU fallback only
     pieces, start = [], 0
     for expert, end in enumerate(ends):
@@ -39,6 +50,23 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     if not pieces:
         return x.new_zeros(0, weight.shape[-2])
     return torch.cat(pieces)
+
+
+def low_rank_grouped_linear(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, offsets: torch.Tensor,
+                            kernel: str) -> torch.Tensor:
+    """(x @ A_e^T) @ B_e^T per expert. lora_a: (E, r, in), lora_b: (E, out, r), both in x's dtype.
+
+    The grouped kernel needs the rank to span a multiple of 16 bytes (8 in bf16): any other rank is zero-padded
+    here, for the duration of the call. The padded rank columns of A give zero activations, and the matching padded
+    columns of B multiply only those zeros, so outputs and the gradients of the real entries are unchanged; the
+    adapter itself (PEFT's lora_A / lora_B) keeps its own rank."""
+    if kernel == "grouped":
+        align = max(1, _STRIDE_BYTES // x.element_size())
+        pad = -lora_a.shape[1] % align
+        if pad:
+            lora_a = F.pad(lora_a, (0, 0, 0, pad))  # (E, r + pad, in)
+            lora_b = F.pad(lora_b, (0, pad))  # (E, out, r + pad)
+    return grouped_linear(grouped_linear(x, lora_a, offsets, kernel), lora_b, offsets, kernel)
 
 
 def frozen_grouped_linear(x, offsets, storage, dtype, kernel, slices=None, transpose: bool = False):
@@ -57,8 +85,6 @@ def frozen_grouped_linear(x, offsets, storage, dtype, kernel, slices=None, trans
             weight = weight.transpose(-2, -1) if transpose else weight
             out[row0:row1] = grouped_linear(x[row0:row1], weight, offsets[first:end] - row0, kernel)
     return out
-
-
 class FrozenQuantizedGroupedLinear(torch.autograd.Function):
     """grouped_linear against a frozen 4-bit weight that is dequantized in forward and AGAIN in backward.
 
