@@ -312,10 +312,12 @@ def attach_lora(model: torch.nn.Module, lora: LoraSection):
     )
     with expert_pattern_warning_silenced():
         peft_model = get_peft_model(model, config)
-    if params:
-        from ftkit.quant import bind_expert_lora
+    from ftkit.quant import bind_expert_lora, exclude_quantized_state_from_ddp
 
+    if params:
         bind_expert_lora(peft_model)  # no-op unless ftkit.quant made the experts 4-bit
+    # The PEFT model is what the Trainer hands to DDP: keep DDP off the 4-bit expert storage (no-op if unquantized).
+    exclude_quantized_state_from_ddp(peft_model)
     return peft_model
 
 

@@ -73,12 +73,20 @@ class DiffusionTrainer(Trainer):
                 self._noise_rows.append(json.dumps({"step": step, "t": round(t, 5), "loss": round(loss, 5)}))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._count:
-            for key, total in self._sums.items():
-                logs[key] = round(total / self._count, 6)
+        if "loss" in logs:  # every process logs the training loss at the same step (the Trainer gathers it there)
+            logs.update(self._loss_parts_over_processes())
             self._sums, self._count = {}, 0
             self._flush_noise_rows()
         super().log(logs, start_time)
+
+    def _loss_parts_over_processes(self) -> dict[str, float]:
+        """The loss parts' means over every process's micro-batches since the last log, as the Trainer averages
+        `loss` itself; under DDP each process saw its own batches, so rank 0's alone would not match the total."""
+        keys = ("diffusion_loss", "encoder_loss", "noise_level", "self_conditioned")
+        local = torch.tensor([self._sums.get(k, 0.0) for k in keys] + [self._count], dtype=torch.float64,
+                             device=self.args.device)
+        *sums, count = self.accelerator.reduce(local, reduction="sum").tolist()
+        return {k: round(total / count, 6) for k, total in zip(keys, sums)} if count else {}
 
     def _flush_noise_rows(self) -> None:
         if self._noise_rows and self.noise_log is not None:

@@ -10,6 +10,7 @@ import torch
 
 from ftkit import rundir
 from ftkit.diffusion.loss import diffusion_loss
+from ftkit.recipe import load_recipe
 
 
 def _torchrun() -> str:
@@ -29,28 +30,42 @@ def test_two_process_training_shares_one_run_dir(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [r for r in rundir.read_jsonl(out / "train_log.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # logged once (main process), not twice
+    # The Trainer logs `loss` averaged over both processes; the parts must be averaged alike (rank 0's own parts
+    # would miss the total by half the ranks' difference): loss = diffusion + weight * encoder, step by step.
+    weight = load_recipe(out / "recipe.yaml").diffusion.encoder_loss_weight
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["diffusion_loss"] + weight * r["encoder_loss"], abs=2e-5), r
     # Each optimizer step consumed 2 processes x 4 examples of the 32: an epoch is 4 steps, not 8.
     assert rows[0]["epoch"] == 0.25
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "adapter_model.safetensors").is_file() and (out / "base" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("loss_chunk", [0, 50])
-def test_ddp_gradients_are_the_mean_over_processes(tmp_path, loss_chunk):
+@pytest.mark.parametrize("loss_chunk,quant", [(0, ""), (50, ""), (50, "4bit")])
+def test_ddp_gradients_are_the_mean_over_processes(tmp_path, loss_chunk, quant):
     """Both loss paths under DDP: every rank ends the step with the same LoRA gradients, equal to the mean of the two
     ranks' gradients computed without DDP. The lean path (loss_chunk > 0) calls the encoder/decoder/head directly,
-    so this holds only because it runs as the DDP wrapper's forward."""
+    so this holds only because it runs as the DDP wrapper's forward. With 4-bit experts DDP must leave their
+    stride-0 placeholders and NF4 buffers alone (its broadcast into a placeholder crashed at wrap time) while the
+    expert LoRA gradients are still all-reduced."""
     sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
     import ddp_grads
 
     root = Path(__file__).resolve().parents[1]
     cmd = [_torchrun(), "--nproc_per_node", "2", str(root / "tests" / "helpers" / "ddp_grads.py"), str(tmp_path),
-           str(loss_chunk)]
+           str(loss_chunk), *([quant] if quant else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
-    model, batches = ddp_grads.setup(2)
+    model, batches = ddp_grads.setup(2, quantized=bool(quant))
+    if quant:
+        from ftkit.quant import QuantizedExperts
+
+        assert any(isinstance(m, QuantizedExperts) for m in model.modules())
+        assert any(".experts." in n for n in ranks[0])  # the expert LoRA is among the all-reduced gradients
+        synced = (tmp_path / "rank0-synced-buffers.txt").read_text().split()
+        assert synced and not [n for n in synced if "_nf4." in n]  # NF4 codes are not re-sent every forward
     for rank, batch in enumerate(batches):
         diffusion_loss(model, batch, ddp_grads.config(loss_chunk), ddp_grads.generator(rank)).loss.backward()
     expected = {n: p.grad / 2 for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}

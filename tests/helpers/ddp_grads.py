@@ -1,9 +1,11 @@
 """One DDP training step of the diffusion loss, for tests/test_multiprocess.py.
 
-usage: torchrun --nproc_per_node 2 tests/helpers/ddp_grads.py OUT_DIR LOSS_CHUNK
-Each rank builds the same tiny LoRA model, takes its own batch, runs one forward/backward through a
-DistributedDataParallel wrapper over gloo and saves its LoRA gradients to OUT_DIR/rank{R}.pt. `setup` is shared
-with the test, which computes the same step without DDP.
+usage: torchrun --nproc_per_node 2 tests/helpers/ddp_grads.py OUT_DIR LOSS_CHUNK [4bit]
+Each rank builds the same tiny LoRA model (with `4bit`: its experts quantized by ftkit.quant, fp32 compute), takes
+its own batch, runs the same forward/backward twice through a DistributedDataParallel wrapper over gloo and saves its LoRA
+gradients to OUT_DIR/rank{R}.pt and the names of the buffers DDP syncs before each forward to
+OUT_DIR/rank{R}-synced-buffers.txt.
+`setup` is shared with the test, which computes the same step without DDP.
 """
 
 import sys
@@ -14,7 +16,7 @@ import torch
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.layout import collate, layout_example
 from ftkit.model import attach_lora, build_tiny
-from ftkit.recipe import DiffusionSection, LoraSection, TinySpec
+from ftkit.recipe import DiffusionSection, LoraSection, QuantSection, TinySpec
 from ftkit.tasks.sudoku import SudokuTask
 from ftkit.tokenizer import build_char_tokenizer
 
@@ -24,12 +26,17 @@ from test_train import TINY  # noqa: E402  (the tests' tiny model, shared)
 CANVAS = TINY["canvas_length"]
 
 
-def setup(world: int):
+def setup(world: int, quantized: bool = False):
     """The model and one batch per rank (disjoint examples)."""
     tok = build_char_tokenizer()
     spec = TinySpec(**TINY)
+    base = build_tiny(spec, tok)
+    if quantized:
+        from ftkit.quant import quantize_experts
+
+        quantize_experts(base, QuantSection(mode="4bit", compute_dtype="float32", blocksize=64))
     torch.manual_seed(0)  # PEFT draws lora_A from the global RNG
-    model = attach_lora(build_tiny(spec, tok), LoraSection(r=4, alpha=8))
+    model = attach_lora(base, LoraSection(r=4, alpha=8))
     # lora_B starts at zero, which would leave lora_A's gradient zero: perturb every LoRA tensor so all are checked.
     with torch.no_grad():
         for p in model.parameters():
@@ -52,20 +59,24 @@ def generator(rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(100 + rank)
 
 
-def main(out: Path, loss_chunk: int) -> None:
+def main(out: Path, loss_chunk: int, quantized: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, batches = setup(world)
+    model, batches = setup(world, quantized)
+    # As the Trainer wraps it: broadcast_buffers stays at its default (True).
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
-    diffusion_loss(ddp, batches[rank], config(loss_chunk), generator(rank)).loss.backward()
+    for _ in range(2):  # the same step twice: the second forward re-syncs the buffers first
+        model.zero_grad(set_to_none=True)
+        diffusion_loss(ddp, batches[rank], config(loss_chunk), generator(rank)).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     torch.save(grads, out / f"rank{rank}.pt")
+    (out / f"rank{rank}-synced-buffers.txt").write_text("\n".join(ddp.named_module_buffers))
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), len(sys.argv) > 3 and sys.argv[3] == "4bit")
