@@ -10,9 +10,11 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +22,7 @@ from ftkit.errors import FtkitError
 from ftkit.recipe import TINY, LoraSection, ModelSection, QuantSection, TinySpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENCODER_LAYERS = r"model\.encoder\.language_model\.layers\.\d+"
 DECODER_LAYERS = r"model\.decoder\.layers\.\d+"
@@ -148,6 +151,37 @@ def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: 
         reclaim_offloaded_experts(model)
         quantize_experts(model, quant, device=device)  # one dense expert tensor on `device` at a time
     return _freeze(model)
+
+
+def load_in_turns(load: Callable[[], T]) -> T:
+    """`load()` in every process of a distributed run, one process per node at a time: the main process first and
+    alone (it may write files the others read, such as the tiny base), then each local rank in order on every node.
+
+    A 4-bit load holds the dense experts in host RAM until each is quantized (~46 GB in bf16 at full depth, see
+    `experts_on_cpu_device_map`), and load_base releases them before it returns, so in turns a node never holds more
+    than one process's dense copy; N ranks loading at once would need N times that. Every process of the process
+    group must call this (each turn ends in a barrier); without an initialized group it just calls `load`."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return load()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+    def barrier():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+    result = load() if rank == 0 else None
+    barrier()
+    for turn in range(local_world):
+        if turn == local_rank and rank != 0:
+            result = load()
+        barrier()
+    return result
 
 
 def _load(cls, source: str, what: str, **kwargs):

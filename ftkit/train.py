@@ -110,7 +110,7 @@ def check_launch(recipe: Recipe) -> None:
 def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
     from transformers import set_seed
 
-    from ftkit.model import attach_lora, load_base, load_tokenizer, parameter_groups
+    from ftkit.model import attach_lora, load_base, load_in_turns, load_tokenizer, parameter_groups
     from ftkit.plots import plot_loss_curve, plot_noise_vs_loss
     from ftkit.tasks import make_task
     from ftkit.trainer import DiffusionTrainer, JsonlLogCallback
@@ -148,13 +148,14 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
             canvas_length = int(AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision).canvas_length)
         train_layouts = build_layouts(task, tokenizer, recipe, "train", recipe.task.train_size, canvas_length)
 
-        with dist.main_process_first():
-            if dist.is_main_process:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, recipe.to_yaml())
-                rundir.atomic_write_json(run_dir / rundir.VERSIONS, rundir.library_versions())
-                tokenizer.save_pretrained(run_dir)
-            model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
+        if dist.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, recipe.to_yaml())
+            rundir.atomic_write_json(run_dir / rundir.VERSIONS, rundir.library_versions())
+            tokenizer.save_pretrained(run_dir)
+        # The main process loads first (a tiny run's base is written then), then the ranks of each node one by one:
+        # a 4-bit load holds the dense experts in host RAM until they are quantized.
+        model = load_in_turns(lambda: load_base(recipe.model, recipe.quant, tokenizer, run_dir))
         if int(model.config.canvas_length) != canvas_length:
             raise FtkitError(f"model canvas_length {model.config.canvas_length} != {canvas_length}")
         if recipe.train.gradient_checkpointing:

@@ -74,3 +74,21 @@ def test_ddp_gradients_are_the_mean_over_processes(tmp_path, loss_chunk, quant):
         assert got.keys() == expected.keys()
         for name, g in expected.items():
             assert torch.allclose(got[name], g, rtol=1e-4, atol=1e-7), name
+
+
+def test_processes_of_a_node_load_the_base_one_at_a_time(tmp_path):
+    """A 4-bit load holds the dense experts in host RAM until they are quantized: with N ranks on a node loading at
+    once, N copies (~46 GB each at full depth). `ftkit train` loads through load_in_turns: the main process first
+    (it may write the tiny base the others read), then one rank after another. Three processes, because the old
+    main-process-first scheme already serialized two."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [_torchrun(), "--nproc_per_node", "3", str(root / "tests" / "helpers" / "load_turns.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(root))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    spans = sorted((json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)), key=lambda s: s["start"])
+    assert [s["rank"] for s in spans] == [0, 1, 2]
+    for before, after in zip(spans, spans[1:]):
+        assert before["end"] <= after["start"], spans  # never two loads at once
+    assert all(s["returned"] == f"model of rank {s['rank']}" for s in spans)  # each process gets its own load
