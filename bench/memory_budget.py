@@ -984,8 +984,12 @@ def parse_args(argv):
     parser.add_argument("--goal-gb", type=float, default=18.0)
     parser.add_argument("--workdir", default="/tmp/ftkit-memory-budget")
     parser.add_argument("--skip-activations", action="store_true", help="parts 1 and 2 only")
+    parser.add_argument("--budget-layers", type=int, default=bc.REAL_LAYERS,
+                        help="depth of parts 1 and 2 (the real 30; fewer only to smoke-test the script quickly)")
     args = parser.parse_args(argv)
     args.layer_list = sorted({int(x) for x in args.layers.split(",") if x})
+    if args.budget_layers != bc.REAL_LAYERS and not args.skip_activations:
+        parser.error("--budget-layers is for --skip-activations smoke runs: the budget of part 4 is at 30 layers")
     if args.vocab != REAL_VOCAB:
         clash = vocab_clash(args)
         if clash:
@@ -1005,13 +1009,13 @@ def vocab_clash(args) -> str | None:
 
 
 def report_weights(args) -> tuple[Weights, list[dict]]:
-    section(f"1. Weights at {bc.REAL_LAYERS} layers (meta device: exact counts, no memory)")
-    weights30 = count_weights(bc.REAL_LAYERS)
+    section(f"1. Weights at {args.budget_layers} layers (meta device: exact counts, no memory)")
+    weights30 = count_weights(args.budget_layers)
     checks = verify_nf4_formula()
     tiny = tiny_load_in_4bit_check(Path(args.workdir))
     checks.append({"check": f"tiny checkpoint load_in_4bit: {tiny['tensors']} Linear4bit weights",
                    "measured_B": tiny["measured_B"], "formula_B": tiny["formula_B"]})
-    print(weights_table(weights30, bc.REAL_LAYERS))
+    print(weights_table(weights30, args.budget_layers))
     print(f"bnb NF4, blocksize {NF4_BLOCK}, double quant. Buffers (rotary tables, scalars: "
           f"{weights30.buffers_numel:,} elements) are not counted.")
     print(f"Tied encoder/decoder 4-bit linears after load_in_4bit share one tensor: {yes_no(tiny['tied_shared'])} "
@@ -1022,8 +1026,8 @@ def report_weights(args) -> tuple[Weights, list[dict]]:
 
 
 def report_lora(args, checks: list[dict]) -> list[LoraRow]:
-    section(f"2. LoRA and optimizer at {bc.REAL_LAYERS} layers (PEFT attached on the meta device)")
-    lora30 = count_lora(lora_plans(args.r), args.r, bc.REAL_LAYERS)
+    section(f"2. LoRA and optimizer at {args.budget_layers} layers (PEFT attached on the meta device)")
+    lora30 = count_lora(lora_plans(args.r), args.r, args.budget_layers)
     checks.append(verify_adam8bit())
     for key, text in OPTIMIZERS.items():
         print(f"({key}) {text}")

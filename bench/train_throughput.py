@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -129,8 +130,9 @@ def load_unsloth_4bit(path: Path, tiny: bool, r: int):
         FastDiffusionModel = getattr(unsloth, "FastDiffusionModel", None)
         if FastDiffusionModel is None:  # not re-exported at top level in every release
             from unsloth.models.diffusion import FastDiffusionModel  # type: ignore[import-not-found]
-    except Exception as e:  # ImportError, or unsloth refusing to import without a GPU
-        raise Skipped(f"unsloth FastDiffusionModel does not import ({e.__class__.__name__})") from None
+    except Exception as e:  # ImportError, unsloth refusing to import without a GPU, or its transformers pin
+        traceback.print_exc()
+        raise Skipped(f"unsloth FastDiffusionModel does not import: {_first_line(e)}") from None
     # The issue's Unsloth configuration: 4-bit, LoRA on attention + dense MLP (Unsloth does not adapt the experts).
     # return_tokenizer=False: the benchmark checkpoints carry no tokenizer/processor files. attn_implementation is
     # left at Unsloth's default ("eager"); the note below records it.
@@ -147,6 +149,12 @@ def load_unsloth_4bit(path: Path, tiny: bool, r: int):
     model = FastDiffusionModel.for_training(model, use_gradient_checkpointing=False)
     attn = getattr(model.get_base_model().config, "_attn_implementation", "?")
     return model, f"unsloth bnb nf4 attn+MLP, experts bf16; LoRA attn + dense MLP; attn={attn}"
+
+
+def _first_line(e: BaseException) -> str:
+    """`Type: first line of the message` for a table cell; the full traceback goes to the log."""
+    lines = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__
 
 
 LOADERS = {"ftkit-4bit": load_ftkit_4bit, "peft-4bit": load_peft_4bit, "peft-bf16": load_peft_bf16,
@@ -180,7 +188,9 @@ def run_method(method: str, path: Path, batch: dict, args) -> dict:
     except Skipped as e:
         return {**row, "note": f"skipped: {e}"}
     except Exception as e:  # a baseline that fails to load is reported, not fatal to the other columns
-        return {**row, "note": f"failed to load: {e.__class__.__name__}: {str(e)[:120]}"}
+        print(f"\n{method} (L={args.current_layers}) failed to load; full traceback:", flush=True)
+        traceback.print_exc()
+        return {**row, "note": f"failed to load: {_first_line(e)} (traceback in the log)"}
     row["load_s"] = time.perf_counter() - start
     ftkit = method.startswith("ftkit")
     if args.grad_ckpt:
@@ -207,8 +217,16 @@ def run_method(method: str, path: Path, batch: dict, args) -> dict:
     try:
         times = bc.timed(step, args.steps, args.warmup)
     except torch.OutOfMemoryError:
+        peak = bc.peak_gb()
         del model, optimizer
-        return {**row, "note": "out of memory"}
+        bc.free_memory()
+        return {**row, "peak_gb": peak, "note": "out of memory"}
+    except Exception as e:  # one method failing its step leaves the others' rows
+        print(f"\n{method} (L={args.current_layers}) failed in its training step; full traceback:", flush=True)
+        traceback.print_exc()
+        del model, optimizer
+        bc.free_memory()
+        return {**row, "note": f"failed in step: {_first_line(e)} (traceback in the log)"}
     step_s = bc.median(times)
     canvas_tokens = batch["canvas"].numel()
     row.update(

@@ -1,0 +1,75 @@
+"""bench/gpu_check.sh, the one device command: its smoke mode runs every step on the CPU at tiny widths (so the
+runbook cannot rot), and its runner keeps a failed step's traceback and stops a step at its time limit."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_check", module)  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "smoke", "--work", str(tmp_path / "work")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    report = (out / "gpu_report.md").read_text() if (out / "gpu_report.md").exists() else ""
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + report[-4000:]
+
+    names = ["1-pytest-gpu", "2-cli", "3-throughput", "4-memory"]
+    rows = [line for line in report.splitlines() if line.startswith("| ") and line.split(":")[0][2:] in names]
+    assert len(rows) == 4 and all("| pass |" in row for row in rows), rows
+    assert sorted(p.name for p in out.iterdir()) == sorted(["gpu_report.md", *(f"{n}.log" for n in names)])
+    # What each step must show: GPU tests collected, the user's run trained and evaluated, every throughput row
+    # (the skipped baselines with their reason), the budget tables.
+    assert "tests collected" in report and "tests collected (0" not in report
+    assert "summary.json: loss_start=" in report and "eval.json (" in report and "solve_rate=" in report
+    assert "answer" in (out / "2-cli.log").read_text()  # ftkit generate printed its grid
+    for method in ("ftkit-4bit", "peft-4bit", "unsloth-4bit"):
+        assert f"| {method}" in report
+    assert "unsloth FastDiffusionModel does not import" in report
+    assert "| attn r16 + experts r4" in report
+    assert not (tmp_path / "work").exists()  # checkpoints and runs are cleaned up
+
+
+def test_a_failed_step_keeps_its_traceback_and_the_next_steps_still_run(tmp_path):
+    gc = _gpu_check()
+    failing = gc.Step("1-bad", "fails", 60, [[sys.executable, "-c", "def f():\n    raise ValueError('boom')\nf()"],
+                                             [sys.executable, "-c", "print('never runs')"]])
+    fine = gc.Step("2-good", "passes", 60, [[sys.executable, "-c", "print('fine')"]])
+    env = dict(os.environ)
+    for step in (failing, fine):
+        gc.run_step(step, tmp_path, time.monotonic() + 120, env)
+    gc.write_report(tmp_path, "test", [], [failing, fine], time.time())
+    report = (tmp_path / "gpu_report.md").read_text()
+    assert failing.status == "fail" and fine.status == "pass"
+    assert "never runs" not in (tmp_path / "1-bad.log").read_text()
+    assert "Traceback (most recent call last)" in report and "ValueError: boom" in report and 'line 2, in f' in report
+    assert "| 2-good: passes | pass |" in report
+
+
+def test_a_step_past_its_limit_is_stopped_with_what_it_started(tmp_path):
+    gc = _gpu_check()
+    marker = tmp_path / "child-alive"
+    # The command starts a child that would write the marker after 5 s; stopping the step must end it too.
+    child = f"import time; time.sleep(5); open({str(marker)!r}, 'w')"
+    script = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(60)\n"
+    step = gc.Step("1-slow", "sleeps", 2, [[sys.executable, "-c", script]])
+    start = time.monotonic()
+    gc.run_step(step, tmp_path, time.monotonic() + 120, dict(os.environ))
+    assert step.status == "timeout" and time.monotonic() - start < 20
+    time.sleep(6)
+    assert not marker.exists()
