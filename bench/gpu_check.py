@@ -38,6 +38,7 @@ PY = sys.executable
 REPORT = "gpu_report.md"
 SMOKE_VOCAB = 1024  # larger than the char tokenizer, as the real 262144 is: the config's vocab is not the tokenizer's
 TAIL_LINES = 80  # of a failed step's log, in the report (the log keeps everything)
+LOG_LIMIT = 15 << 20  # the device returns files of at most 16 MiB: a longer log keeps its head and its tail
 
 
 @dataclass
@@ -130,6 +131,20 @@ def run_step(step: Step, out: Path, deadline: float, env: dict) -> None:
         else:
             step.status = "pass"
     step.seconds = time.monotonic() - start
+    cap_log(out / step.log)
+
+
+def cap_log(path: Path, limit: int = LOG_LIMIT) -> None:
+    """Cut the middle out of a log longer than `limit` bytes (the head shows what ran, the tail how it ended)."""
+    size = path.stat().st_size
+    if size <= limit:
+        return
+    with path.open("rb") as f:
+        head = f.read(limit // 8)
+        f.seek(size - (limit - limit // 8 - 200))
+        tail = f.read()
+    note = f"\n[... {size - len(head) - len(tail):,} bytes cut: the device returns files of at most 16 MiB ...]\n"
+    path.write_bytes(head + note.encode() + tail)
 
 
 def run_command(cmd: list[str], log, limit: float, env: dict) -> tuple[int, bool]:
