@@ -84,3 +84,26 @@ def test_a_log_too_large_to_come_back_keeps_its_head_and_tail(tmp_path):
     text = log.read_text()
     assert log.stat().st_size <= 2000 and text.startswith("FIRST LINE") and text.endswith("Traceback: the end\n")
     assert "bytes cut" in text
+
+
+def test_throughput_keeps_the_full_traceback_of_a_method_that_fails_to_load(monkeypatch, capsys):
+    """A first GPU run's failure must be explainable from the log: the row says what failed in one line, the
+    log holds the whole traceback (the script used to cut the message to 120 characters)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import train_throughput
+
+    def deep_failure():
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\n" + "detail " * 50)
+
+    def loader(path, tiny, r):
+        deep_failure()
+
+    monkeypatch.setitem(train_throughput.LOADERS, "peft-4bit", loader)
+    row = train_throughput.run_method("peft-4bit", ROOT, {}, SimpleNamespace(current_layers=2, tiny=True, r=4))
+    err = capsys.readouterr()
+    log = err.out + err.err
+    assert row["note"] == ("failed to load: RuntimeError: CUDA error: no kernel image is available for execution on "
+                           "the device (traceback in the log)")
+    assert "Traceback (most recent call last)" in log and "in deep_failure" in log and log.count("detail ") >= 50
