@@ -283,8 +283,8 @@ def write_report(out: Path, mode: str, env_lines: list[str], steps: list[Step], 
         body += [f"    {' '.join(c)}" for c in s.commands] + [""]
         if s.highlights:
             body += s.highlights + [""]
-        if s.status != "pass":
-            tail = read_log(out, s).splitlines()[-TAIL_LINES:]
+        tail = read_log(out, s).splitlines()[-TAIL_LINES:] if s.status != "pass" else []
+        if tail:
             body += [f"Last {len(tail)} lines of `{s.log}`:", "", "```", *tail, "```", ""]
     tmp = out / f".{REPORT}.tmp"
     tmp.write_text("\n".join(body), encoding="utf-8")
