@@ -343,8 +343,6 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + args.budget_s - (time.time() - started)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     smoke = args.mode == "smoke"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
@@ -355,6 +353,8 @@ def main(argv=None) -> int:
         steps[0].status, steps[0].why = "fail", "no CUDA GPU visible to torch (run `bash bench/gpu_check.sh smoke` on a CPU)"
         write_report(out, args.mode, env_lines, steps, started)
         return 2
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     try:
         for step in steps:
             print(f"== {step.name} (limit {step.limit_s}s)", flush=True)
