@@ -139,6 +139,9 @@ class EvalSection:
     stability_threshold: int = 3
     confidence_threshold: float = 0.05
     clamp: bool = True
+    # Constrained decoding: mask each canvas position's logits to the tokens the task allows there (digits on Sudoku
+    # cells, residues in a protein, no end-of-text before given content, stop tokens on the fill), every step.
+    token_masks: bool = True
     verifier_renoise: bool = False
     seed: int = 0
 
