@@ -256,13 +256,19 @@ def sample_seed(seed: int, sample: int) -> int:
     return seed if sample == 0 else (seed + 1) * 1_000_033 + sample
 
 
+def _flagged(task, example: Example, output: str) -> tuple[int, int]:
+    """How much the task's checker flags an output: (violated constraints, flagged positions)."""
+    violations = task.check(example, output)
+    return len(violations), sum(len(v.positions) for v in violations)
+
+
 def best_of_n(task, examples: list[Example], samples: list[EvalReport]) -> EvalReport:
-    """Per example, the sample the task's checker flags least (the first on ties), scored as one report; its
-    decoder forwards are those of all samples."""
+    """Per example, the sample the task's checker flags least (fewest violated constraints, then fewest flagged
+    positions; the first on ties), scored as one report; its decoder forwards are those of all samples."""
     outputs, records, steps_used = [], [], []
     for i, ex in enumerate(examples):
         candidates = [rep.outputs[i] for rep in samples]
-        counts = [len(task.check(ex, out)) for out in candidates]
+        counts = [_flagged(task, ex, out) for out in candidates]
         k = counts.index(min(counts))
         outputs.append(candidates[k])
         used = sum(rep.records[i]["steps_used"] for rep in samples)
@@ -274,7 +280,8 @@ def best_of_n(task, examples: list[Example], samples: list[EvalReport]) -> EvalR
     return EvalReport(
         metrics=metrics, outputs=outputs, records=records, steps=samples[0].steps, verifier_renoise=False,
         mean_steps_used=sum(steps_used) / n,
-        tokens_per_forward=sum(rep.tokens_per_forward for rep in samples) / len(samples),
+        # Kept tokens per decoder forward of all samples: the discarded samples' forwards count too.
+        tokens_per_forward=sum(rep.tokens_per_forward for rep in samples) / len(samples) ** 2,
         forward_passes=sum(rep.forward_passes for rep in samples), renoised_cells=0, seconds=seconds,
         examples_per_second=n / seconds if seconds > 0 else float("inf"), num_examples=n, samples=len(samples),
     )
@@ -417,6 +424,9 @@ def evaluate_run(
         raise FtkitError("--base and --checkpoint exclude each other")
     run = _load_run(run_dir, adapter=not base_only, checkpoint=checkpoint)
     recipe = run.recipe
+    from ftkit.threads import apply_threads
+
+    threads = apply_threads(recipe.train.cpu_threads)
     cfg = recipe.eval
     cfg = dataclasses.replace(
         cfg,
@@ -473,6 +483,7 @@ def evaluate_run(
         "metrics": modes[primary].metrics,
         "modes": {k: v.to_dict() for k, v in modes.items()},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu_threads": threads.threads,
     }
     if not base_only and checkpoint is None:
         from ftkit.rundir import ADAPTER_WEIGHTS
@@ -532,7 +543,7 @@ def describe_file(report: dict[str, Any]) -> str:
     if report.get("canonical"):
         return f"wrote {path}: the run's own evaluation (published by `ftkit push`)"
     return (f"wrote {path} ({', '.join(report.get('differs_from_recipe') or [])}); the run's own result "
-            f"{CANONICAL} is left as it was")
+            f"{CANONICAL} is not touched")
 
 
 def render_table(report: dict[str, Any]):

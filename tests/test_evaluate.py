@@ -227,7 +227,7 @@ def test_partial_eval_leaves_the_canonical_result_untouched(tmp_path, monkeypatc
     written = json.loads((tmp_path / "eval_train_n1_steps1.json").read_text())
     assert written["split"] == "train" and written["num_examples"] == 1
     line = ev.describe_file(report)
-    assert "eval_train_n1_steps1.json" in line and "split train" in line and "left as it was" in line
+    assert "eval_train_n1_steps1.json" in line and "split train" in line and "not touched" in line
     # A flipped sampling mode is not the recipe's evaluation either.
     assert ev.evaluate_run(tmp_path, verifier_renoise=True)["file"] == "eval_verifier.json"
     assert (tmp_path / "eval.json").read_bytes() == before
