@@ -168,6 +168,7 @@ def eval_(
     sweep_steps: Annotated[Optional[str], typer.Option("--sweep-steps", help="Comma list, e.g. 1,4,16,64.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final adapter.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate this data file (the task's format) instead of the recipe's data.")] = None,
+    token_masks: Annotated[Optional[bool], typer.Option("--token-masks/--no-token-masks", help="Mask each position to the tokens the task allows there (default: eval.token_masks).")] = None,
 ) -> None:
     """Constrained denoising on the task's test split; writes the result and prints the table.
 
@@ -180,7 +181,7 @@ def eval_(
         report = evaluate_run(run_dir, split=split, steps=steps, num_examples=num_examples, base_only=base,
                               verifier_renoise=verifier, sweep_steps=sweep, compare_verifier=compare_verifier,
                               checkpoint=checkpoint, data_path=str(data) if data is not None else None,
-                              progress=progress)
+                              progress=progress, token_masks=token_masks)
     out.print(render_table(report))
     console.print(describe_file(report), highlight=False, soft_wrap=True)
 

@@ -5,7 +5,7 @@ evaluates it, optionally with a steps sweep and a plain-vs-verifier comparison.
 
 Result files. `eval.json` is the run's canonical result: the recipe's own evaluation (its split and size, its steps
 and sampling mode, the final adapter); it is what `ftkit push` publishes. Any other evaluation (--split, -n, --steps,
---verifier/--no-verifier, --checkpoint, --base, --data) writes a file named by what differs, e.g.
+--verifier/--no-verifier, --token-masks/--no-token-masks, --checkpoint, --base, --data) writes a file named by what differs, e.g.
 `eval_train_n2.json`, `eval_base.json`, `eval_checkpoint-100.json`, so a partial run never replaces the result a
 user might publish (`result_name`).
 
@@ -348,6 +348,9 @@ def result_name(recipe, cfg: EvalSection, size: int, *, base: bool = False, chec
     if cfg.verifier_renoise != own.verifier_renoise:
         parts.append(VERIFIER if cfg.verifier_renoise else PLAIN)
         why.append("verifier-guided" if cfg.verifier_renoise else "plain sampling")
+    if cfg.token_masks != own.token_masks:
+        parts.append("masked" if cfg.token_masks else "unmasked")
+        why.append("with token masks" if cfg.token_masks else "without token masks")
     return ("eval_" + "_".join(parts) if parts else "eval"), why
 
 
@@ -380,6 +383,8 @@ def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[st
         problems.append(f"{cfg.get('steps')} steps, the recipe's are {own.steps}")
     if bool(cfg.get("verifier_renoise")) != own.verifier_renoise:
         problems.append("another sampling mode than the recipe's")
+    if bool(cfg.get("token_masks", own.token_masks)) != own.token_masks:
+        problems.append("token masks " + ("on" if cfg.get("token_masks") else "off") + ", unlike the recipe")
     if report.get("data_path"):
         problems.append(f"data {report['data_path']}")
     made_with = report.get("adapter_sha256")
@@ -400,6 +405,7 @@ def evaluate_run(
     checkpoint: str | None = None,
     data_path: str | None = None,
     progress: Progress | None = None,
+    token_masks: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run and write the result into it; return the same dict, whose "file" names the file written.
 
@@ -434,6 +440,7 @@ def evaluate_run(
         steps=steps or cfg.steps,
         num_examples=num_examples or cfg.num_examples,
         verifier_renoise=cfg.verifier_renoise if verifier_renoise is None else verifier_renoise,
+        token_masks=cfg.token_masks if token_masks is None else token_masks,
     )
     size = min(cfg.num_examples, _split_size(recipe, cfg.split))
     if size <= 0:

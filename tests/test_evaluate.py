@@ -241,10 +241,10 @@ def test_result_names():
     assert ev.result_name(recipe, own, 50, base=True)[0] == "eval_base"
     assert ev.result_name(recipe, own, 50, checkpoint="checkpoint-100")[0] == "eval_checkpoint-100"
     assert ev.result_name(recipe, own, 50, data_path="/x/my puzzles.csv")[0] == "eval_data-my-puzzles"
-    other = dataclasses.replace(own, split="train", steps=4, verifier_renoise=True)
+    other = dataclasses.replace(own, split="train", steps=4, verifier_renoise=True, token_masks=False)
     stem, why = ev.result_name(recipe, other, 2)
-    assert stem == "eval_train_n2_steps4_verifier"
-    assert why == ["split train", "2 examples", "4 steps", "verifier-guided"]
+    assert stem == "eval_train_n2_steps4_verifier_unmasked"
+    assert why == ["split train", "2 examples", "4 steps", "verifier-guided", "without token masks"]
 
 
 def test_canonical_problems(tmp_path):
