@@ -459,6 +459,7 @@ def evaluate_run(
 
     primary = VERIFIER if cfg.verifier_renoise else PLAIN
     modes = {primary: run_mode(cfg.verifier_renoise, cfg.steps)}
+    notes = []
     if compare_verifier:
         other = PLAIN if cfg.verifier_renoise else VERIFIER
         modes[other] = run_mode(not cfg.verifier_renoise, cfg.steps)
@@ -470,6 +471,8 @@ def evaluate_run(
                 for k in range(1, n)
             ]
             modes[BEST_OF_N] = best_of_n(run.task, examples, samples)
+        else:
+            notes.append("no best-of-n row: the verifier row spent about the plain row's decoder forwards (n = 1)")
 
     report: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -489,6 +492,7 @@ def evaluate_run(
         "primary": primary,
         "metrics": modes[primary].metrics,
         "modes": {k: v.to_dict() for k, v in modes.items()},
+        "notes": notes,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu_threads": threads.threads,
     }
@@ -571,7 +575,8 @@ def render_table(report: dict[str, Any]):
     title = "Evaluation"
     if "task" in report:
         title += f": {report['task']} ({report.get('split')}, {'adapter' if report.get('adapter', True) else 'base model'})"
-    table = Table(title=Text(title))
+    notes = report.get("notes") or []
+    table = Table(title=Text(title), caption=Text("; ".join(notes)) if notes else None)
     table.add_column("metric")
     for s in strata:
         table.add_column(s, justify="right")
