@@ -290,3 +290,25 @@ def test_token_masks_keep_sudoku_format_on_a_random_model(model, tokenizer, task
         assert all("length" not in r["violations"] and "alphabet" not in r["violations"] for r in report.records)
     else:  # the same model without the rules: the check above can fail
         assert not formatted and report.metrics["givens_preserved"] < 1.0
+
+
+def test_eval_of_another_data_file_is_named_by_it(tmp_path, monkeypatch, model, tokenizer, task):
+    from ftkit.tasks.sudoku import HELD_OUT_FILE
+
+    built = []
+
+    class RecordingTask(SudokuTask):
+        def build_dataset(self, split, size, seed, data_path=None):
+            built.append((split, size, data_path))
+            return super().build_dataset(split, size, seed, data_path)
+
+    monkeypatch.setattr(ev, "_load_run",
+                        lambda run_dir, adapter, checkpoint=None: fake_run(model, tokenizer, RecordingTask()))
+    data = tmp_path / "my puzzles.csv"
+    data.write_text(HELD_OUT_FILE.read_text())
+    report = ev.evaluate_run(tmp_path, data_path=str(data), steps=1)
+    assert built == [("test", 2, str(data))]  # the examples come from the file
+    assert report["file"] == "eval_data-my-puzzles_steps1.json" and report["data_path"] == str(data)
+    assert not (tmp_path / "eval.json").exists() and report["num_examples"] == 2
+    with pytest.raises(ev.FtkitError, match="--data .*missing.csv: file not found"):
+        ev.evaluate_run(tmp_path, data_path=str(tmp_path / "missing.csv"))
