@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"| batch | canvas | chunk | peak (MB) | x one fp32 (B, L, V) logits | cuda peak (MB) | s |")
+    print("| batch | canvas | chunk | peak (MB) | x one fp32 (B, L, V) logits | cuda peak (MB) | s |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for batch in args.batch:
         for chunk in args.chunk:

@@ -19,8 +19,9 @@ Memory: the decoder returns hidden states, and everything over the vocabulary (h
 masks, softmax, entropy, argmax, the draw, the self-conditioning signal) runs `chunk` canvas positions at a time,
 so no (batch, canvas, vocab) tensor exists: at Gemma's 262k vocabulary the old full-width path held about eight
 fp32 copies of it per step (~34 GB at batch 16 x 256). Self-conditioning keeps the next step's signal as soft
-embeddings (batch, canvas, hidden), computed by the model's own formula (`self_conditioning.soft_embeddings`), and
-hands them to the decoder through the same hook as the lean training step. A token is drawn by inverse CDF from one
+embeddings (batch, canvas, hidden) made from the processed probabilities by the decoder's own formula
+(softmax @ embeddings * embed_scale, as `self_conditioning.soft_embeddings` does in training), and hands them to the
+decoder through the same hook as the lean training step. A token is drawn by inverse CDF from one
 uniform per position, so a draw does not depend on the chunking.
 
 Design choices:
