@@ -302,3 +302,24 @@ def test_peak_cuda_memory_at_the_real_vocabulary_and_batch():
     extra = torch.cuda.max_memory_allocated() - base
     budget = batch * length * vocab * 2 + 5 * default_chunk(vocab) * vocab * 4
     assert extra <= budget, f"{extra / 2**30:.2f} GiB over the model, budget {budget / 2**30:.2f} GiB"
+
+
+def test_decoder_with_soft_embeddings_equals_the_models_self_conditioning_path(model, batch, tokenizer):
+    """The sampler calls the decoder with the self-conditioning signal as soft embeddings and applies the head
+    itself; that gives the logits the model computes from self_conditioning_logits (fp32)."""
+    from ftkit.diffusion.head import head_logits
+    from ftkit.diffusion.sample import _decoder_layout, _encode_prompt
+    from ftkit.diffusion.self_conditioning import injected_soft_embeddings
+
+    prompt, mask, canvas, _ = batch
+    cache = _encode_prompt(model, prompt, mask)
+    decoder_mask, positions = _decoder_layout(mask, CANVAS)
+    previous = 3 * torch.randn(3, CANVAS, len(tokenizer), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(past_key_values=cache, decoder_input_ids=canvas, decoder_attention_mask=decoder_mask,
+                  decoder_position_ids=positions)
+    reference = model(**kwargs, self_conditioning_logits=previous).logits
+    embed = model.model.decoder.embed_tokens
+    soft = previous.softmax(-1).to(embed.weight.dtype) @ embed.weight * embed.embed_scale.to(embed.weight.dtype)
+    with injected_soft_embeddings(model, soft):
+        hidden = model.model.decoder(**kwargs).last_hidden_state
+    torch.testing.assert_close(head_logits(model, hidden), reference)
