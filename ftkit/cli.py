@@ -18,15 +18,51 @@ from rich.console import Console
 
 from ftkit.errors import FtkitError
 
+class _FlagsWithoutType:
+    """A flag takes no value, so its help row shows no type (typer prints `<bool>` there)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsWithoutType, typer.core.TyperCommand):
+    pass
+
+
+class Group(_FlagsWithoutType, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="ftkit",
     help="Fine-tune DiffusionGemma (block-diffusion MoE) with LoRA on attention and experts.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Group,
 )
 console = Console(stderr=True)
 out = Console()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ftkit import __version__
+
+        out.print(f"ftkit {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print ftkit's version and exit.")] = False,
+) -> None:
+    """Fine-tune DiffusionGemma (block-diffusion MoE) with LoRA on attention and experts."""
 
 
 def friendly_errors(fn):
@@ -63,18 +99,26 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Overrides KEY.PATH=VALUE, e.g. train.max_steps=10.")]
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
-    """Check a recipe (keys, types, ranges, task options) and print it resolved."""
+    """Check a recipe and build its model on the meta device; print it resolved.
+
+    Keys, types, ranges, task options, sampler settings; the tiny preset also runs one training step on the CPU."""
     from ftkit.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides or [])
+    _quiet_libraries()
+    from ftkit.preflight import check_model
+
+    notes = check_model(resolved, str(recipe))
     out.print(resolved.to_yaml(), highlight=False, end="")
+    for note in notes:
+        console.print(f"  {note}", highlight=False, style="dim")
     console.print(f"[green]ok[/] {recipe}")
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def train(
     recipe: RecipeArg,
@@ -111,7 +155,7 @@ def _print_train_summary(summary: dict, run_dir: str) -> None:
     out.print(table)
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 @friendly_errors
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train`.")],
@@ -120,19 +164,61 @@ def eval_(
     num_examples: Annotated[Optional[int], typer.Option("--num-examples", "-n", help="How many examples.")] = None,
     base: Annotated[bool, typer.Option("--base", help="Evaluate the untuned base model instead.")] = False,
     verifier: Annotated[Optional[bool], typer.Option("--verifier/--no-verifier", help="Verifier-guided re-noising.")] = None,
-    compare_verifier: Annotated[bool, typer.Option("--compare-verifier", help="Plain vs verifier-guided, same run.")] = False,
+    compare_verifier: Annotated[bool, typer.Option("--compare-verifier", help="Plain vs verifier-guided on the same examples and seeds, plus plain best-of-n at the verifier's decoder forwards.")] = False,
     sweep_steps: Annotated[Optional[str], typer.Option("--sweep-steps", help="Comma list, e.g. 1,4,16,64.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final adapter.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate this data file (the task's format) instead of the recipe's data.")] = None,
+    token_masks: Annotated[Optional[bool], typer.Option("--token-masks/--no-token-masks", help="Mask each position to the tokens the task allows there (default: eval.token_masks).")] = None,
 ) -> None:
-    """Constrained denoising on the task's test split; writes eval.json and prints the table."""
+    """Constrained denoising on the task's test split; writes the result and prints the table.
+
+    Only the recipe's own evaluation writes eval.json (what push publishes); others write e.g. eval_train_n2.json."""
     _quiet_libraries()
-    from ftkit.evaluate import evaluate_run, render_table
+    from ftkit.evaluate import describe_file, evaluate_run, render_table
 
     sweep = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else None
-    report = evaluate_run(run_dir, split=split, steps=steps, num_examples=num_examples, base_only=base,
-                          verifier_renoise=verifier, sweep_steps=sweep, compare_verifier=compare_verifier,
-                          checkpoint=checkpoint)
+    with EvalProgress(console) as progress:
+        report = evaluate_run(run_dir, split=split, steps=steps, num_examples=num_examples, base_only=base,
+                              verifier_renoise=verifier, sweep_steps=sweep, compare_verifier=compare_verifier,
+                              checkpoint=checkpoint, data_path=str(data) if data is not None else None,
+                              progress=progress, token_masks=token_masks)
     out.print(render_table(report))
+    console.print(describe_file(report), highlight=False, soft_wrap=True)
+
+
+class EvalProgress:
+    """`evaluate_run`'s progress: rich bars on a terminal, one plain line per batch when stderr is piped."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.bars = None
+        self.tasks: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+
+    def __enter__(self) -> "EvalProgress":
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.console, transient=True)
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        import time
+
+        self.started.setdefault(label, time.perf_counter())
+        if self.bars is not None:
+            if label not in self.tasks:
+                self.tasks[label] = self.bars.add_task(label, total=total)
+            self.bars.update(self.tasks[label], completed=done)
+        elif done:  # piped: a clean line per batch
+            seconds = time.perf_counter() - self.started[label]
+            print(f"eval {label}: {done}/{total} examples, {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -145,7 +231,7 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train`.")],
@@ -165,7 +251,7 @@ def generate(
     out.print(result.render(), highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def solve(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of a Sudoku run.")],
@@ -187,7 +273,7 @@ def _read_input(text: str) -> str:
     return text
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def push(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train`.")],
@@ -195,15 +281,17 @@ def push(
     private: Annotated[Optional[bool], typer.Option("--private/--public", help="Create the repo private.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the exact upload folder locally; upload nothing.")] = False,
     dry_run_dir: Annotated[Optional[Path], typer.Option("--dry-run-dir", help="Where --dry-run writes (default RUN/hub_upload).")] = None,
+    allow_no_eval: Annotated[bool, typer.Option("--allow-no-eval", help="Push a run that has no eval.json of its own (the card then says it was not evaluated).")] = False,
 ) -> None:
-    """Upload the adapter, tokenizer, recipe, eval.json and a model card to the Hugging Face Hub."""
+    """Upload the adapter, tokenizer, recipe, the run's own eval.json and a model card to the Hugging Face Hub."""
     from ftkit.hub import push_run
 
-    url = push_run(run_dir, repo=repo, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir)
+    url = push_run(run_dir, repo=repo, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir,
+                   allow_no_eval=allow_no_eval, on_note=lambda note: console.print(f"note: {note}", highlight=False))
     out.print(url, highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def tasks() -> None:
     """List the registered tasks."""
     from ftkit.tasks import known_tasks

@@ -1,17 +1,30 @@
 """Evaluation: lay examples out, denoise them in batches, decode, check and score with the task.
 
-`evaluate_examples` works on in-memory pieces (model, tokenizer, task); `evaluate_run` loads a run directory,
-evaluates its test (or train) split and writes `eval.json` (`eval_base.json` for the base model without adapter),
-optionally a steps sweep (`eval_sweep.json` + `eval_sweep.png`) and a plain-vs-verifier comparison.
+`evaluate_examples` works on in-memory pieces (model, tokenizer, task); `evaluate_run` loads a run directory and
+evaluates it, optionally with a steps sweep and a plain-vs-verifier comparison.
+
+Result files. `eval.json` is the run's canonical result: the recipe's own evaluation (its split and size, its steps
+and sampling mode, the final adapter); it is what `ftkit push` publishes. Any other evaluation (--split, -n, --steps,
+--verifier/--no-verifier, --token-masks/--no-token-masks, --checkpoint, --base, --data) writes a file named by what differs, e.g.
+`eval_train_n2.json`, `eval_base.json`, `eval_checkpoint-100.json`, so a partial run never replaces the result a
+user might publish (`result_name`).
 
 Every example gets its own random generator seeded by (eval.seed, its index), so a result does not depend on the
 batch size and two modes compared on the same seed share their first denoising pass exactly.
+
+Compute in the comparison. A verifier-guided row may spend up to (1 + rounds) x steps decoder forwards per example,
+so `--compare-verifier` reports decoder forwards per example for each row and adds an equal-forwards baseline:
+plain sampling best-of-n, n = the verifier row's forwards / the plain row's (rounded), the sample the task's checker
+flags least kept per example. Both use the same checker and about the same decoder forwards; one re-noises the
+flagged positions, the other draws whole new samples.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,14 +34,18 @@ from typing import Any
 
 import torch
 
+from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
 from ftkit.errors import FtkitError
-from ftkit.layout import Layout, canvas_to_text, layout_example
+from ftkit.layout import Layout, allowed_tokens, canvas_to_text, layout_example
 from ftkit.recipe import EvalSection
 from ftkit.tasks.base import Example, Violation
 
 MAX_RENOISE_ROUNDS = 2  # verifier rounds per batch; each round may spend the full `steps` budget again
-PLAIN, VERIFIER = "plain", "verifier"
+PLAIN, VERIFIER, BEST_OF_N = "plain", "verifier", "plain_best_of_n"
+CANONICAL = "eval.json"
+# progress(label, examples done, examples total): called before the first batch and after each one.
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -36,19 +53,38 @@ class EvalReport:
     metrics: dict[str, float]
     outputs: list[str]
     records: list[dict[str, Any]]  # per example: id, output, violated constraints, steps used
-    steps: int
+    steps: int  # the step budget of one denoising pass
     verifier_renoise: bool
-    mean_steps_used: float
+    mean_steps_used: float  # = decoder forwards per example (one decoder pass per step of that example)
     tokens_per_forward: float
-    forward_passes: int
+    forward_passes: int  # batched decoder calls
     renoised_cells: int
     seconds: float
     examples_per_second: float
     num_examples: int = 0
+    max_renoise_rounds: int = 0  # verifier rounds allowed after the first pass (0 for plain sampling)
+    samples: int = 1  # independent samples per example (best-of-n)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def max_forwards_per_example(self) -> int:
+        """The most decoder forwards one example may spend in this mode."""
+        return self.steps * self.samples * (1 + (self.max_renoise_rounds if self.verifier_renoise else 0))
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["decoder_forwards_per_example"] = self.mean_steps_used
+        out["max_decoder_forwards_per_example"] = self.max_forwards_per_example
+        return out
+
+    def label(self) -> str:
+        """What the row ran, with its compute: a verifier row is not "16 steps" when it may spend 48."""
+        if self.samples > 1:
+            return f"plain sampling, best of {self.samples} (up to {self.steps} steps each)"
+        if self.verifier_renoise:
+            return (f"verifier-guided sampling (up to {self.steps} steps, then up to {self.max_renoise_rounds} "
+                    f"re-noising rounds of up to {self.steps})")
+        return f"plain sampling (up to {self.steps} steps)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,7 +143,7 @@ def make_verifier(tokenizer, task, examples: list[Example]) -> Callable[[torch.T
 # Batching and sampling
 
 
-def _batch_tensors(layouts: list[Layout], pad_id: int, device) -> dict[str, torch.Tensor]:
+def _batch_tensors(layouts: list[Layout], pad_id: int, device, vocab_size: int | None = None) -> dict[str, Any]:
     """Right-padded prompts; the canvas carries only the fixed positions' tokens (pad elsewhere), so nothing of the
     answer reaches the sampler."""
     width = max(len(lay.prompt_ids) for lay in layouts)
@@ -124,6 +160,8 @@ def _batch_tensors(layouts: list[Layout], pad_id: int, device) -> dict[str, torc
         "prompt_mask": prompt_mask.to(device),
         "canvas_init": canvas_init.to(device),
         "fixed_mask": fixed.to(device),
+        # The task's per-position token rules (constrained decoding); None without a vocabulary or rules.
+        "allowed": allowed_tokens(layouts, vocab_size, device) if vocab_size else None,
     }
 
 
@@ -143,14 +181,17 @@ def evaluate_examples(
     *,
     max_renoise_rounds: int = MAX_RENOISE_ROUNDS,
     sampler: Callable[..., DenoiseResult] = denoise,
+    progress: Progress | None = None,
+    label: str = "eval",
 ) -> EvalReport:
     """Denoise every example (batches of eval_cfg.batch_size), decode and score. `sampler` is `denoise` unless a
-    test swaps it."""
+    test swaps it; `progress(label, done, total)` is told after every batch."""
     if not examples:
         raise FtkitError("evaluation: no examples to evaluate")
     model.eval()
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    vocab = core_model(model).config.get_text_config().vocab_size if eval_cfg.token_masks else None
     layouts = [
         layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length, ex.id) for ex in examples
     ]
@@ -159,9 +200,11 @@ def evaluate_examples(
     steps_used: list[int] = []
     tpf_weighted, passes, renoised = 0.0, 0, 0
     started = time.perf_counter()
+    if progress is not None:
+        progress(label, 0, len(examples))
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch_examples = examples[start : start + eval_cfg.batch_size]
-        tensors = _batch_tensors(layouts[start : start + eval_cfg.batch_size], pad_id, device)
+        tensors = _batch_tensors(layouts[start : start + eval_cfg.batch_size], pad_id, device, vocab)
         result = sampler(
             model,
             tensors["prompt_ids"],
@@ -174,12 +217,15 @@ def evaluate_examples(
             clamp=eval_cfg.clamp,
             verifier=make_verifier(tokenizer, task, batch_examples) if verifier_renoise else None,
             max_renoise_rounds=max_renoise_rounds,
+            allowed=tensors["allowed"],
         )
         outputs.extend(canvas_to_text(tokenizer, row) for row in result.canvas.tolist())
         steps_used.extend(int(s) for s in result.steps_used.tolist())
         tpf_weighted += result.tokens_per_forward * len(batch_examples)
         passes += result.forward_passes
         renoised += result.renoised_cells
+        if progress is not None:
+            progress(label, len(outputs), len(examples))
 
     metrics, violations = score_outputs(task, examples, outputs)
     seconds = time.perf_counter() - started
@@ -201,6 +247,43 @@ def evaluate_examples(
         seconds=seconds,
         examples_per_second=n / seconds if seconds > 0 else float("inf"),
         num_examples=n,
+        max_renoise_rounds=max_renoise_rounds if verifier_renoise else 0,
+    )
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The eval seed of the `sample`-th independent sample (sample 0 is the seed itself)."""
+    return seed if sample == 0 else (seed + 1) * 1_000_033 + sample
+
+
+def _flagged(task, example: Example, output: str) -> tuple[int, int]:
+    """How much the task's checker flags an output: (violated constraints, flagged positions)."""
+    violations = task.check(example, output)
+    return len(violations), sum(len(v.positions) for v in violations)
+
+
+def best_of_n(task, examples: list[Example], samples: list[EvalReport]) -> EvalReport:
+    """Per example, the sample the task's checker flags least (fewest violated constraints, then fewest flagged
+    positions; the first on ties), scored as one report; its decoder forwards are those of all samples."""
+    outputs, records, steps_used = [], [], []
+    for i, ex in enumerate(examples):
+        candidates = [rep.outputs[i] for rep in samples]
+        counts = [_flagged(task, ex, out) for out in candidates]
+        k = counts.index(min(counts))
+        outputs.append(candidates[k])
+        used = sum(rep.records[i]["steps_used"] for rep in samples)
+        records.append({**samples[k].records[i], "steps_used": used, "sample": k})
+        steps_used.append(used)
+    metrics, _ = score_outputs(task, examples, outputs)
+    n = len(examples)
+    seconds = sum(rep.seconds for rep in samples)
+    return EvalReport(
+        metrics=metrics, outputs=outputs, records=records, steps=samples[0].steps, verifier_renoise=False,
+        mean_steps_used=sum(steps_used) / n,
+        # Kept tokens per decoder forward of all samples: the discarded samples' forwards count too.
+        tokens_per_forward=sum(rep.tokens_per_forward for rep in samples) / len(samples) ** 2,
+        forward_passes=sum(rep.forward_passes for rep in samples), renoised_cells=0, seconds=seconds,
+        examples_per_second=n / seconds if seconds > 0 else float("inf"), num_examples=n, samples=len(samples),
     )
 
 
@@ -230,6 +313,86 @@ def _split_size(recipe, split: str) -> int:
     raise FtkitError(f"evaluation split {split!r}: expected 'test' or 'train'")
 
 
+def canonical_size(recipe) -> int:
+    """How many examples the recipe's own evaluation asks for."""
+    return min(recipe.eval.num_examples, _split_size(recipe, recipe.eval.split))
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def result_name(recipe, cfg: EvalSection, size: int, *, base: bool = False, checkpoint: str | None = None,
+                data_path: str | None = None) -> tuple[str, list[str]]:
+    """(file stem, what differs from the recipe's own evaluation). No differences: "eval", the canonical result."""
+    own = recipe.eval
+    parts, why = [], []
+    if base:
+        parts.append("base")
+        why.append("the base model without the adapter")
+    if checkpoint is not None:
+        parts.append(_name_part(checkpoint))
+        why.append(f"adapter of {checkpoint}")
+    if data_path is not None:
+        parts.append("data-" + _name_part(Path(data_path).stem))
+        why.append(f"data {data_path}")
+    if cfg.split != own.split:
+        parts.append(_name_part(cfg.split))
+        why.append(f"split {cfg.split}")
+    if size != canonical_size(recipe):
+        parts.append(f"n{size}")
+        why.append(f"{size} examples")
+    if cfg.steps != own.steps:
+        parts.append(f"steps{cfg.steps}")
+        why.append(f"{cfg.steps} steps")
+    if cfg.verifier_renoise != own.verifier_renoise:
+        parts.append(VERIFIER if cfg.verifier_renoise else PLAIN)
+        why.append("verifier-guided" if cfg.verifier_renoise else "plain sampling")
+    if cfg.token_masks != own.token_masks:
+        parts.append("masked" if cfg.token_masks else "unmasked")
+        why.append("with token masks" if cfg.token_masks else "without token masks")
+    return ("eval_" + "_".join(parts) if parts else "eval"), why
+
+
+def file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[str]:
+    """Why `report` (a run's eval.json) is not the recipe's own evaluation of the run's final adapter; [] if it is.
+    Checked from its content, so an eval.json written by an older ftkit or copied in is judged the same way."""
+    from ftkit.rundir import ADAPTER_WEIGHTS
+
+    problems = []
+    cfg = report.get("eval") if isinstance(report.get("eval"), dict) else {}
+    own = recipe.eval
+    if report.get("adapter") is not True or report.get("checkpoint"):
+        problems.append("it evaluates " + ("the base model" if report.get("adapter") is False
+                                           else f"checkpoint {report.get('checkpoint')}"))
+    if cfg.get("split") != own.split:
+        problems.append(f"split {cfg.get('split')!r}, the recipe's is {own.split!r}")
+    if report.get("num_examples_requested", report.get("num_examples")) != canonical_size(recipe):
+        problems.append(f"{report.get('num_examples')} examples, the recipe's evaluation has {canonical_size(recipe)}")
+    if cfg.get("steps") != own.steps:
+        problems.append(f"{cfg.get('steps')} steps, the recipe's are {own.steps}")
+    if bool(cfg.get("verifier_renoise")) != own.verifier_renoise:
+        problems.append("another sampling mode than the recipe's")
+    if bool(cfg.get("token_masks", own.token_masks)) != own.token_masks:
+        problems.append("token masks " + ("on" if cfg.get("token_masks") else "off") + ", unlike the recipe")
+    if report.get("data_path"):
+        problems.append(f"data {report['data_path']}")
+    made_with = report.get("adapter_sha256")
+    if made_with is not None and made_with != file_sha256(run_dir / ADAPTER_WEIGHTS):
+        problems.append(f"it was made with another {ADAPTER_WEIGHTS} than the run holds now")
+    return problems
+
+
 def evaluate_run(
     run_dir: Path,
     split: str | None = None,
@@ -240,13 +403,17 @@ def evaluate_run(
     sweep_steps: list[int] | None = None,
     compare_verifier: bool = False,
     checkpoint: str | None = None,
+    data_path: str | None = None,
+    progress: Progress | None = None,
+    token_masks: bool | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run and write `eval.json` (or `eval_base.json`, or `eval_checkpoint-N.json` for a `checkpoint`:
-    a name under checkpoints/, a path, or `latest`) into it; return the same dict.
+    """Evaluate a run and write the result into it; return the same dict, whose "file" names the file written.
 
-    With `sweep_steps`, the primary mode is also evaluated at each step count (`eval_sweep.json`, `eval_sweep.png`,
-    `_base` in the names for the base model). With `compare_verifier`, plain and verifier-guided sampling are both
-    evaluated on the same examples and seeds, and both stored under `modes`.
+    The recipe's own evaluation writes `eval.json`; anything else a file named by what differs (`result_name`).
+    `checkpoint`: a name under checkpoints/, a path, or `latest`. `data_path`: evaluate another data file of the
+    task's format. With `sweep_steps`, the primary mode is also evaluated at each step count (`<stem>_sweep.json`,
+    `.png`). With `compare_verifier`, plain and verifier-guided sampling run on the same examples and seeds, plus
+    plain best-of-n at the verifier row's decoder forwards; all are stored under `modes`.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -256,11 +423,16 @@ def evaluate_run(
             raise FtkitError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if sweep_steps and any(s <= 0 for s in sweep_steps):
         raise FtkitError(f"sweep steps must all be > 0, got {sweep_steps}")
+    if data_path is not None and not Path(data_path).is_file():
+        raise FtkitError(f"--data {data_path}: file not found")
 
     if base_only and checkpoint is not None:
         raise FtkitError("--base and --checkpoint exclude each other")
     run = _load_run(run_dir, adapter=not base_only, checkpoint=checkpoint)
     recipe = run.recipe
+    from ftkit.threads import apply_threads
+
+    threads = apply_threads(recipe.train.cpu_threads)
     cfg = recipe.eval
     cfg = dataclasses.replace(
         cfg,
@@ -268,45 +440,72 @@ def evaluate_run(
         steps=steps or cfg.steps,
         num_examples=num_examples or cfg.num_examples,
         verifier_renoise=cfg.verifier_renoise if verifier_renoise is None else verifier_renoise,
+        token_masks=cfg.token_masks if token_masks is None else token_masks,
     )
     size = min(cfg.num_examples, _split_size(recipe, cfg.split))
     if size <= 0:
         raise FtkitError(f"{run_dir}: the recipe's {cfg.split} split is empty (task.{cfg.split}_size)")
-    examples = run.task.build_dataset(cfg.split, size, recipe.task.seed, recipe.task.data_path)
+    examples = run.task.build_dataset(cfg.split, size, recipe.task.seed, data_path or recipe.task.data_path)
+    adapter_dir = getattr(run, "adapter_dir", None)
+    checkpoint_name = Path(adapter_dir).name if checkpoint is not None and adapter_dir is not None else checkpoint
+    stem, differences = result_name(recipe, cfg, size, base=base_only, checkpoint=checkpoint_name, data_path=data_path)
 
-    def run_mode(with_verifier: bool, n_steps: int) -> EvalReport:
+    def run_mode(with_verifier: bool, n_steps: int, seed: int = cfg.seed, label: str | None = None) -> EvalReport:
         return evaluate_examples(
-            run.model, run.tokenizer, run.task, examples, dataclasses.replace(cfg, steps=n_steps),
-            run.canvas_length, recipe.train.max_prompt_length, with_verifier,
+            run.model, run.tokenizer, run.task, examples, dataclasses.replace(cfg, steps=n_steps, seed=seed),
+            run.canvas_length, recipe.train.max_prompt_length, with_verifier, progress=progress,
+            label=label or (VERIFIER if with_verifier else PLAIN),
         )
 
     primary = VERIFIER if cfg.verifier_renoise else PLAIN
     modes = {primary: run_mode(cfg.verifier_renoise, cfg.steps)}
+    notes = []
     if compare_verifier:
         other = PLAIN if cfg.verifier_renoise else VERIFIER
         modes[other] = run_mode(not cfg.verifier_renoise, cfg.steps)
         modes = {k: modes[k] for k in (PLAIN, VERIFIER)}
+        n = max(1, round(modes[VERIFIER].mean_steps_used / max(modes[PLAIN].mean_steps_used, 1e-9)))
+        if n > 1:
+            samples = [modes[PLAIN]] + [
+                run_mode(False, cfg.steps, sample_seed(cfg.seed, k), label=f"{BEST_OF_N} ({k + 1}/{n})")
+                for k in range(1, n)
+            ]
+            modes[BEST_OF_N] = best_of_n(run.task, examples, samples)
+        else:
+            notes.append("no best-of-n row: the verifier row spent about the plain row's decoder forwards (n = 1)")
 
-    stem = "eval_base" if base_only else "eval" if checkpoint is None else f"eval_{Path(run.adapter_dir).name}"
     report: dict[str, Any] = {
         "run_dir": str(run_dir),
+        "file": f"{stem}.json",
+        "canonical": stem == "eval",
+        "differs_from_recipe": differences,
         "task": recipe.task.name,
         "split": cfg.split,
         "adapter": not base_only,
+        "checkpoint": checkpoint_name,
+        "data_path": data_path,
         "base": recipe.model.base,
         "canvas_length": run.canvas_length,
         "num_examples": len(examples),
+        "num_examples_requested": size,
         "eval": dataclasses.asdict(cfg),
         "primary": primary,
         "metrics": modes[primary].metrics,
         "modes": {k: v.to_dict() for k, v in modes.items()},
+        "notes": notes,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu_threads": threads.threads,
     }
+    if not base_only and checkpoint is None:
+        from ftkit.rundir import ADAPTER_WEIGHTS
+
+        report["adapter_sha256"] = file_sha256(run_dir / ADAPTER_WEIGHTS)
 
     if sweep_steps:
         points = []
         for n_steps in sorted(set(sweep_steps)):
-            rep = modes[primary] if n_steps == cfg.steps else run_mode(cfg.verifier_renoise, n_steps)
+            rep = modes[primary] if n_steps == cfg.steps else run_mode(cfg.verifier_renoise, n_steps,
+                                                                      label=f"sweep {n_steps} steps")
             points.append({
                 "steps": n_steps, "metrics": rep.metrics, "mean_steps_used": rep.mean_steps_used,
                 "tokens_per_forward": rep.tokens_per_forward, "seconds": rep.seconds,
@@ -340,6 +539,24 @@ def _fmt(name: str, value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
+def _mode_label(mode: dict[str, Any]) -> str:
+    """EvalReport.label for a report dict (also one written by an older ftkit, without the compute fields)."""
+    fields = {f.name for f in dataclasses.fields(EvalReport)}
+    try:
+        return EvalReport(**{k: v for k, v in mode.items() if k in fields}).label()
+    except TypeError:
+        return f"{'verifier-guided' if mode.get('verifier_renoise') else 'plain'} sampling"
+
+
+def describe_file(report: dict[str, Any]) -> str:
+    """One line on what `evaluate_run` wrote: the canonical result, or a file named by how it differs."""
+    path = Path(report["run_dir"]) / report["file"]
+    if report.get("canonical"):
+        return f"wrote {path}: the run's own evaluation (published by `ftkit push`)"
+    return (f"wrote {path} ({', '.join(report.get('differs_from_recipe') or [])}); the run's own result "
+            f"{CANONICAL} is not touched")
+
+
 def render_table(report: dict[str, Any]):
     """A rich Table: metric rows, one column per stratum, a section per sampling mode, then speed rows.
     Accepts `evaluate_run`'s dict or a single `EvalReport.to_dict()`."""
@@ -358,14 +575,14 @@ def render_table(report: dict[str, Any]):
     title = "Evaluation"
     if "task" in report:
         title += f": {report['task']} ({report.get('split')}, {'adapter' if report.get('adapter', True) else 'base model'})"
-    table = Table(title=Text(title))
+    notes = report.get("notes") or []
+    table = Table(title=Text(title), caption=Text("; ".join(notes)) if notes else None)
     table.add_column("metric")
     for s in strata:
         table.add_column(s, justify="right")
 
     for mode_name, mode in modes.items():
-        sampling = "verifier-guided" if mode.get("verifier_renoise") else "plain"
-        table.add_row(Text(f"{sampling} sampling, {mode['steps']} steps", style="bold"), *[""] * len(strata))
+        table.add_row(Text(_mode_label(mode), style="bold"), *[""] * len(strata))
         names: list[str] = []
         for key in mode["metrics"]:
             n = _split_metric(key)[0]
@@ -378,7 +595,8 @@ def render_table(report: dict[str, Any]):
                 cells.append(_fmt(n, mode["metrics"][key]) if key in mode["metrics"] else "")
             table.add_row(Text(n), *cells)
         blank = [""] * (len(strata) - 1)
-        table.add_row(Text("mean steps used"), f"{mode['mean_steps_used']:.1f}", *blank)
+        table.add_row(Text("decoder forwards / example"), f"{mode['mean_steps_used']:.1f}", *blank)
+        table.add_row(Text("batched decoder calls"), str(mode["forward_passes"]), *blank)
         table.add_row(Text("tokens per forward"), f"{mode['tokens_per_forward']:.2f}", *blank)
         table.add_row(Text("examples/s"), f"{mode['examples_per_second']:.2f}", *blank)
         table.add_row(Text("seconds"), f"{mode['seconds']:.1f}", *blank)

@@ -287,7 +287,7 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
     import torch
 
     from ftkit.diffusion.sample import denoise, row_generators, schedule_kwargs
-    from ftkit.layout import canvas_to_text, layout_example
+    from ftkit.layout import allowed_tokens, canvas_to_text, layout_example
     from ftkit.rundir import load_run
 
     if steps is not None and steps <= 0:
@@ -325,6 +325,7 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
         clamp=True,
         verifier=verifier,
         record_trajectory=live or traj_path is not None,
+        allowed=allowed_tokens([lay], run.model.config.get_text_config().vocab_size, device) if cfg.token_masks else None,
     )
     row = result.canvas[0].tolist()
     output = canvas_to_text(run.tokenizer, row)

@@ -3,6 +3,12 @@
 The staged folder is the same for `--dry-run` (written to RUN/hub_upload by default) and for a real push (a
 temporary folder uploaded with one `create_commit`), so a dry run shows exactly what would be uploaded.
 The token is never printed: every message built from a hub error is scrubbed of it.
+
+Only the run's canonical result is published: `eval.json`, the recipe's own evaluation of the final adapter
+(`ftkit.evaluate.canonical_problems` says why a file is not). A run without one is refused unless
+`allow_no_eval`; other result files (`eval_train_n2.json`, `eval_base.json`...) are never uploaded or cited.
+The model card is built with huggingface_hub's `ModelCard` / `ModelCardData`: `base_model` + `library_name: peft`
+make the Hub list it as an adapter of the base model, and the canonical metrics go into `model-index`.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PLACEHOLDER_REPO = "YOUR_USER/YOUR_REPO"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
-RUN_FILES = (rundir.RECIPE_FILE, "eval.json", rundir.SUMMARY, "loss.png")  # copied when present
-CARD_TAGS = ("diffusion-gemma", "block-diffusion", "lora", "ftkit")
+EVAL_FILE = "eval.json"  # the canonical result (ftkit.evaluate.CANONICAL)
+RUN_FILES = (rundir.RECIPE_FILE, rundir.SUMMARY, "loss.png")  # copied when present
+CARD_TAGS = ("diffusion-gemma", "block-diffusion", "ftkit")
 NO_TOKEN_HELP = "no Hugging Face token found: run `hf auth login` or set HF_TOKEN"
 
 
@@ -34,13 +41,23 @@ class PushPlan:
     recipe: Any
     repo: str | None
     private: bool
+    evaluation: dict[str, Any] | None = None  # the canonical eval.json, or None (pushed with allow_no_eval)
+    # The run's weights are the whole model, not a LoRA adapter (a full fine-tune): changes the card's library,
+    # title, warning and loading code.
+    full_model: bool = False
+    notes: tuple[str, ...] = ()  # what the push left out, for the user
 
 
 def push_run(run_dir, repo: str | None = None, private: bool | None = None, dry_run: bool = False,
-             dry_run_dir=None, endpoint: str | None = None, token: str | None = None) -> str:
-    """Upload the run (adapter, tokenizer, recipe, eval, summary, loss plot, model card) in one commit and return
-    the repo URL; with `dry_run`, write the upload folder locally and return its path instead."""
-    plan = _plan(Path(run_dir), repo, private, need_repo=not dry_run)
+             dry_run_dir=None, endpoint: str | None = None, token: str | None = None,
+             allow_no_eval: bool = False, on_note=None) -> str:
+    """Upload the run (adapter, tokenizer, recipe, canonical eval, summary, loss plot, model card) in one commit and
+    return the repo URL; with `dry_run`, write the upload folder locally and return its path instead. A run without
+    a canonical eval.json is refused unless `allow_no_eval`; `on_note(text)` hears what was left out."""
+    plan = plan_push(Path(run_dir), repo, private, need_repo=not dry_run, allow_no_eval=allow_no_eval)
+    for note in plan.notes:
+        if on_note is not None:
+            on_note(note)
     if dry_run:
         target = Path(dry_run_dir) if dry_run_dir is not None else plan.run_dir / HUB_UPLOAD_DIR
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +86,9 @@ def _find_token() -> str:
     return token
 
 
-def _plan(run_dir: Path, repo: str | None, private: bool | None, need_repo: bool) -> PushPlan:
+def plan_push(run_dir: Path, repo: str | None = None, private: bool | None = None, need_repo: bool = True,
+              allow_no_eval: bool = False) -> PushPlan:
+    """Check the run and what would be pushed; every refusal is one FtkitError saying what to do."""
     from ftkit.recipe import load_recipe
 
     run_dir = rundir.require_run_dir(run_dir)
@@ -86,7 +105,28 @@ def _plan(run_dir: Path, repo: str | None, private: bool | None, need_repo: bool
         raise FtkitError(f"repo {repo!r}: expected a hub repo id of the form USER/NAME")
     if recipe.is_tiny and not (run_dir / "base" / "config.json").is_file():
         raise FtkitError(f"{run_dir}: a tiny-preset run must hold its base weights in base/; train first")
-    return PushPlan(run_dir, recipe, repo, recipe.hub.private if private is None else private)
+    evaluation, notes = _canonical_eval(run_dir, recipe, allow_no_eval)
+    return PushPlan(run_dir, recipe, repo, recipe.hub.private if private is None else private, evaluation,
+                    notes=tuple(notes))
+
+
+def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[str, Any] | None, list[str]]:
+    from ftkit.evaluate import canonical_problems
+
+    path = run_dir / EVAL_FILE
+    if not path.is_file():
+        if allow_no_eval:
+            return None, [f"no {EVAL_FILE}: the card says the model was not evaluated"]
+        raise FtkitError(f"{run_dir}: no {EVAL_FILE}, the run's own evaluation that push publishes; run "
+                         f"`ftkit eval {run_dir}` first, or pass --allow-no-eval to push without results")
+    problems = canonical_problems(_read_json(path), recipe, run_dir)
+    if not problems:
+        return _read_json(path), []
+    why = "; ".join(problems)
+    if allow_no_eval:
+        return None, [f"{EVAL_FILE} left out, it is not the run's own evaluation ({why})"]
+    raise FtkitError(f"{path}: not the run's own evaluation ({why}); rerun `ftkit eval {run_dir}` to evaluate as "
+                     "the recipe says, or pass --allow-no-eval to push without results")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,6 +139,8 @@ def upload_file_names(plan: PushPlan) -> list[str]:
     names = [rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS]
     names += [n for n in TOKENIZER_FILES if (run_dir / n).is_file()]
     names += [n for n in RUN_FILES if (run_dir / n).is_file()]
+    if plan.evaluation is not None:
+        names.append(EVAL_FILE)
     if plan.recipe.is_tiny:
         # The random-init base is part of the model: without it the adapter cannot be loaded by anyone.
         names += sorted(f"base/{p.name}" for p in (run_dir / "base").iterdir() if p.is_file())
@@ -130,26 +172,66 @@ def _read_json(path: Path) -> dict[str, Any]:
 # Model card
 
 
+def _dataset(recipe) -> tuple[str, str, str | None]:
+    """(model-index dataset type, its pretty name, a Hub dataset id when the data is one) for the run's test data."""
+    task, options = recipe.task.name, recipe.task.options
+    if recipe.task.data_path:
+        return f"{task}-custom", f"{task}: user data ({Path(recipe.task.data_path).name})", None
+    if task == "code_infill" and options.get("source") == "humaneval":
+        return "openai/openai_humaneval", "HumanEval (infill)", "openai/openai_humaneval"
+    names = {"sudoku": ("sudoku-generated", "Sudoku puzzles with unique solutions (ftkit's held-out set)"),
+             "protein": ("protein-pyhmmer", "protein sequences shipped with pyhmmer"),
+             "code_infill": ("code_infill-stdlib", "Python standard library functions (held-out modules)")}
+    kind, name = names.get(task, (task, task))
+    return kind, name, None
+
+
+def card_metadata(plan: PushPlan):
+    """The card's YAML front matter as huggingface_hub's ModelCardData (model-index from the canonical eval)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    recipe = plan.recipe
+    task = recipe.task.name
+    repo = plan.repo or PLACEHOLDER_REPO
+    dataset_type, dataset_name, hub_dataset = _dataset(recipe)
+    results = []
+    evaluation = plan.evaluation or {}
+    for key, value in (evaluation.get("metrics") or {}).items():
+        if "/" in key or key.startswith("count") or not isinstance(value, (int, float)):
+            continue  # model-index gets the overall metrics; the card's table has the strata
+        results.append(EvalResult(
+            task_type="text-generation", task_name=f"{task} (constrained denoising)",
+            dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=evaluation.get("split"),
+            metric_type=key, metric_name=f"{key} (%)", metric_value=round(100 * float(value), 2),
+        ))
+    base_model = recipe.model.base if not recipe.is_tiny and REPO_ID.fullmatch(recipe.model.base) else None
+    kind = [] if plan.full_model else ["lora", "peft"]
+    return ModelCardData(
+        base_model=base_model,
+        library_name="transformers" if plan.full_model else "peft",
+        pipeline_tag="text-generation",
+        tags=[*CARD_TAGS, *kind, task] + (["tiny-random-init"] if recipe.is_tiny else []),
+        datasets=[hub_dataset] if hub_dataset else None,
+        model_name=repo.split("/")[-1],
+        eval_results=results or None,
+    )
+
+
 def model_card(plan: PushPlan) -> str:
-    import yaml
+    """The README.md of the upload: front matter from `card_metadata`, then the body."""
+    from huggingface_hub import ModelCard
 
     from ftkit.model import TIED_NOTE
 
     recipe = plan.recipe
     summary = _read_json(plan.run_dir / rundir.SUMMARY)
-    evaluation = _read_json(plan.run_dir / "eval.json")
     repo = plan.repo or PLACEHOLDER_REPO
     task = recipe.task.name
-    front: dict[str, Any] = {}
-    if not recipe.is_tiny and REPO_ID.fullmatch(recipe.model.base):
-        front["base_model"] = recipe.model.base
-    front["library_name"] = "peft"
-    front["tags"] = [*CARD_TAGS, task] + (["tiny-random-init"] if recipe.is_tiny else [])
-    front["pipeline_tag"] = "text-generation"
+    what = "fine-tuned model" if plan.full_model else "LoRA adapter"
 
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {repo.split('/')[-1]}: DiffusionGemma LoRA adapter for `{task}`", ""]
-    lines += ["> [!WARNING]", f"> **Do not merge this adapter.** {TIED_NOTE}", ""]
+    lines = [f"# {repo.split('/')[-1]}: DiffusionGemma {what} for `{task}`", ""]
+    if not plan.full_model:
+        lines += ["> [!WARNING]", f"> **Do not merge this adapter.** {TIED_NOTE}", ""]
     if recipe.is_tiny:
         lines += ["> [!NOTE]",
                   "> **The base model is a random-init *tiny* DiffusionGemma** (ftkit's CPU test preset), not a "
@@ -162,17 +244,22 @@ def model_card(plan: PushPlan) -> str:
     lines += [f"- **Base model:** {base_desc}",
               "- **Architecture:** `DiffusionGemmaForBlockDiffusion` (block-diffusion encoder–decoder, mixture of experts)",
               f"- **Task:** `{task}`" + (f" (options: {_inline(recipe.task.options)})" if recipe.task.options else ""),
-              f"- **Quantization during training:** {_quant_text(recipe.quant)}",
-              f"- **LoRA:** r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}",
-              *[f"  - {t}" for t in lora_target_lines(recipe.lora)], ""]
+              f"- **Quantization during training:** {_quant_text(recipe.quant)}"]
+    if plan.full_model:
+        lines += ["- **Trained:** the full model (no adapter)", ""]
+    else:
+        lines += [f"- **LoRA:** r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}",
+                  *[f"  - {t}" for t in lora_target_lines(recipe.lora)], ""]
 
     lines += ["## Training", "", *_training_lines(summary, recipe), ""]
-    lines += ["## Evaluation", "", *_eval_lines(evaluation), ""]
-    lines += ["## How to load", "", "```python", *_load_snippet(recipe, repo), "```", "",
-              "Keep the adapter separate from the base model (see the warning above); "
-              "`recipe.yaml` holds the full training recipe.", ""]
+    lines += ["## Evaluation", "", *_eval_lines(plan.evaluation or {}), ""]
+    lines += ["## How to load", "", "```python", *_load_snippet(recipe, repo, plan.full_model), "```", ""]
+    if not plan.full_model:
+        lines += ["Keep the adapter separate from the base model (see the warning above); "
+                  "`recipe.yaml` holds the full training recipe.", ""]
     lines += ["Trained with ftkit (`ftkit train recipe.yaml`).", ""]
-    return "\n".join(lines)
+    card = ModelCard(f"---\n{card_metadata(plan).to_yaml()}\n---\n\n" + "\n".join(lines))
+    return str(card)
 
 
 def _inline(options: dict[str, Any]) -> str:
@@ -235,7 +322,7 @@ def _training_lines(summary: dict[str, Any], recipe) -> list[str]:
 def _eval_lines(evaluation: dict[str, Any]) -> list[str]:
     metrics = evaluation.get("metrics")
     if not isinstance(metrics, dict) or not metrics:
-        return ["Not evaluated yet (run `ftkit eval RUN` before pushing to include the table)."]
+        return ["Not evaluated: pushed without the run's own evaluation (`ftkit eval RUN` writes it)."]
     strata: list[str] = []
     names: list[str] = []
     for key in metrics:
@@ -245,9 +332,11 @@ def _eval_lines(evaluation: dict[str, Any]) -> list[str]:
         if (stratum or "all") not in strata:
             strata.append(stratum or "all")
     strata.sort(key=lambda s: s != "all")
-    head = (f"Split `{evaluation.get('split', '?')}`, {evaluation.get('num_examples', '?')} examples, "
-            f"{(evaluation.get('eval') or {}).get('steps', '?')} denoising steps, constrained (givens/fixed pieces "
-            f"clamped), mode `{evaluation.get('primary', '?')}`.")
+    cfg = evaluation.get("eval") or {}
+    constrained = "fixed pieces clamped" + (", per-position token masks" if cfg.get("token_masks") else "")
+    head = (f"The recipe's own evaluation: split `{evaluation.get('split', '?')}`, "
+            f"{evaluation.get('num_examples', '?')} examples, up to {cfg.get('steps', '?')} denoising steps, "
+            f"constrained ({constrained}), mode `{evaluation.get('primary', '?')}`.")
     out = [head, "", "| metric | " + " | ".join(strata) + " |", "|---|" + "---:|" * len(strata)]
     for name in names:
         cells = []
@@ -260,12 +349,20 @@ def _eval_lines(evaluation: dict[str, Any]) -> list[str]:
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     primary = (evaluation.get("modes") or {}).get(evaluation.get("primary"), {})
     if isinstance(primary, dict) and "tokens_per_forward" in primary:
-        out += ["", f"Mean steps used: {_fmt_number(primary.get('mean_steps_used'))}; "
+        out += ["", f"Decoder forwards per example: {_fmt_number(primary.get('mean_steps_used'))}; "
                     f"tokens per forward pass: {_fmt_number(primary.get('tokens_per_forward'))}."]
+    sandbox = evaluation.get("sandbox")
+    if isinstance(sandbox, dict) and sandbox.get("isolation"):
+        out += ["", f"Generated code was executed for the tests in ftkit's sandbox, isolation level: "
+                    f"`{sandbox['isolation']}`."]
     return out
 
 
-def _load_snippet(recipe, repo: str) -> list[str]:
+def _load_snippet(recipe, repo: str, full_model: bool = False) -> list[str]:
+    if full_model:
+        return ["from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion", "",
+                f'model = DiffusionGemmaForBlockDiffusion.from_pretrained("{repo}", dtype="auto")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
     lines = ["from peft import PeftModel",
              "from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion", ""]
     if recipe.is_tiny:

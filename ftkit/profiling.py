@@ -4,9 +4,14 @@ a CPU and measured at the real widths without a GPU.
 - `LargestTensor`: the largest tensor any op produced (e.g. "no (B, L, vocab) logits tensor ever exists").
 - `SavedActivations`: bytes autograd keeps for backward (distinct storages, model weights excluded), i.e. the
   activation memory alive at the end of the forward, which is what gradient checkpointing shrinks.
+- `PeakLiveBytes`: the peak of the bytes held by tensors created inside the block and still alive, i.e. a CPU
+  stand-in for `torch.cuda.max_memory_allocated` that works on any device (op outputs only: a kernel's private
+  scratch memory is not seen).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -66,3 +71,49 @@ class SavedActivations:
 
     def __exit__(self, *exc):
         return self._hooks.__exit__(*exc)
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """Within the `with` block, `.peak` is the largest number of bytes that tensors created inside the block held at
+    once, and `.live` what they hold now. Each storage counts once, from the op that made it until the last tensor
+    object viewing it is gone; views of tensors from outside the block (weights, inputs) are not counted.
+
+    Tensors kept alive only by C++ (none in inference code) would be missed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # storage pointer -> [live tensor objects, bytes]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t, inputs)
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if not ptr:
+            return
+        entry = self._storages.get(ptr)
+        if entry is None:
+            if ptr in inputs:
+                return  # a view of (or an in-place op on) a tensor made outside the block
+            entry = self._storages[ptr] = [0, storage.nbytes()]
+            self.live += entry[1]
+        entry[0] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    def _release(self, ptr: int) -> None:
+        entry = self._storages.get(ptr)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._storages[ptr]

@@ -114,6 +114,9 @@ class TrainSection:
     checkpoint_encoder: bool = True
     max_prompt_length: int = 512
     num_workers: int = 0
+    # Intra-op CPU threads for train and eval (0 = OMP_NUM_THREADS if set, else the CPUs this process may use that
+    # other work leaves idle; see ftkit/threads.py).
+    cpu_threads: int = 0
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
 
 
@@ -139,6 +142,9 @@ class EvalSection:
     stability_threshold: int = 3
     confidence_threshold: float = 0.05
     clamp: bool = True
+    # Constrained decoding: mask each canvas position's logits to the tokens the task allows there (digits on Sudoku
+    # cells, residues in a protein, no end-of-text before given content, stop tokens on the fill), every step.
+    token_masks: bool = True
     verifier_renoise: bool = False
     seed: int = 0
 
@@ -282,6 +288,7 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "logging_steps", "save_steps", "max_prompt_length"):
         need(getattr(recipe.train, key) > 0, f"train.{key}", "must be > 0")
     need(recipe.train.learning_rate > 0, "train.learning_rate", "must be > 0")
+    need(recipe.train.cpu_threads >= 0, "train.cpu_threads", "must be >= 0 (0 = automatic)")
     for key in ("train_size", "test_size"):
         need(getattr(recipe.task, key) >= 0, f"task.{key}", "must be >= 0")
     for key in ("num_examples", "batch_size", "steps"):
@@ -297,6 +304,51 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     if recipe.quant.mode == "4bit":
         need(recipe.quant.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096), "quant.blocksize",
              "must be a power of two in [32, 4096]")
+
+
+# The recipe's eval keys by the name DiffusionGemmaGenerationConfig gives them, for its error messages.
+_SAMPLER_KEYS = {
+    "max_denoising_steps": "eval.steps",
+    "entropy_bound": "eval.entropy_bound",
+    "t_min": "eval.temperature_min",
+    "t_max": "eval.temperature_max",
+    "stability_threshold": "eval.stability_threshold",
+    "confidence_threshold": "eval.confidence_threshold",
+}
+
+
+def _check_sampler(cfg: EvalSection, where: str) -> None:
+    """The sampler settings through transformers' own DiffusionGemmaGenerationConfig validation (not a copy of its
+    rules): what it rejects, `ftkit eval` would fail on."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig,
+        EntropyBoundSamplerConfig,
+    )
+
+    def build(**kwargs) -> Exception | None:
+        try:
+            if "entropy_bound" in kwargs:
+                kwargs["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=kwargs.pop("entropy_bound"))
+            DiffusionGemmaGenerationConfig(**kwargs)
+        except (ValueError, TypeError, AttributeError) as e:  # AttributeError: some of its messages are broken
+            return e
+        return None
+
+    values = {"max_denoising_steps": cfg.steps, "entropy_bound": cfg.entropy_bound, "t_min": cfg.temperature_min,
+              "t_max": cfg.temperature_max, "stability_threshold": cfg.stability_threshold,
+              "confidence_threshold": cfg.confidence_threshold}
+    error = build(**values)
+    if error is None:
+        return
+    # Name the keys: the first one rejected on its own, else the pair that clashes (t_min / t_max).
+    alone = [name for name in values if build(**{name: values[name]}) is not None]
+    names = alone[:1] or ["t_min", "t_max"]
+    keys = " and ".join(f"`{_SAMPLER_KEYS[n]}`={values[n]!r}" for n in names)
+    message = f"{where}: {keys}: rejected by transformers' DiffusionGemmaGenerationConfig"
+    if isinstance(error, ValueError):  # (a few of its messages raise an AttributeError themselves: no detail then)
+        pattern = re.compile(r"\b(" + "|".join(_SAMPLER_KEYS) + r")\b")
+        message += f" ({pattern.sub(lambda m: _SAMPLER_KEYS[m.group(1)], str(error))})"
+    raise RecipeError(message)
 
 
 def _validate_task(recipe: Recipe, where: str) -> Recipe:
@@ -369,6 +421,7 @@ def recipe_from_dict(data: Any, where: str = "<recipe>", overrides: list[str] | 
         data = apply_overrides(data, overrides)
     recipe = build_dataclass(Recipe, data, where)
     _check_ranges(recipe, where)
+    _check_sampler(recipe.eval, where)
     return _validate_task(recipe, where)
 
 
@@ -390,7 +443,11 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    return recipe_from_dict(read_yaml(path), where=str(path), overrides=overrides)
+    data = read_yaml(path)
+    if data is None:
+        # All defaults would mean the 26B hub model and its download: never what an empty file meant.
+        raise RecipeError(f"{path}: the recipe file is empty; start from one in recipes/ (e.g. recipes/tiny/sudoku.yaml)")
+    return recipe_from_dict(data, where=str(path), overrides=overrides)
 
 
 def schema_rows(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:

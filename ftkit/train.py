@@ -19,6 +19,7 @@ from ftkit import rundir
 from ftkit.errors import FtkitError
 from ftkit.layout import Layout, collate, layout_example
 from ftkit.recipe import Recipe
+from ftkit.threads import machine_description
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,17 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
     from ftkit.model import attach_lora, load_base, load_in_turns, load_tokenizer, parameter_groups
     from ftkit.plots import plot_loss_curve, plot_noise_vs_loss
     from ftkit.tasks import make_task
-    from ftkit.trainer import DiffusionTrainer, JsonlLogCallback
+    from ftkit.trainer import DiffusionTrainer, JsonlLogCallback, LogLineCallback
+
+    from ftkit.threads import apply_threads
 
     check_launch(recipe)
     # Under `accelerate launch` every process runs this function; the main process writes the run files and the
     # tiny base, the others wait for it and read them.
     dist = PartialState(cpu=not torch.cuda.is_available())
+    threads = apply_threads(recipe.train.cpu_threads)  # before any work: the load average must not count ours
+    if dist.is_main_process:
+        _stderr(threads.describe())
     run_dir = Path(recipe.train.output_dir)
     fresh = not run_dir.exists()
     last_ckpt = rundir.latest_checkpoint(run_dir) if run_dir.exists() else None
@@ -183,6 +189,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
             from trl.trainer.callbacks import RichProgressCallback
 
             callbacks.append(RichProgressCallback())
+        else:
+            callbacks.append(LogLineCallback())
         trainer = DiffusionTrainer(
             model=model,
             args=training_arguments(recipe, run_dir),
@@ -192,6 +200,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
             noise_log=noise_log,
             callbacks=callbacks,
         )
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # bare dicts; the callbacks above print each log
     except BaseException:
         if fresh and run_dir.exists() and dist.is_main_process:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-made is left behind
@@ -216,6 +227,12 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
             dist.wait_for_everyone()
             dist.destroy_process_group()
     return summary
+
+
+def _stderr(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False, style="dim")
 
 
 def _print_parameter_groups(groups) -> None:
@@ -276,5 +293,7 @@ def _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_st
         "parameters": {g.name: {"trainable": g.trainable, "total": g.total} for g in groups},
         "trainable_parameters": sum(g.trainable for g in groups),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "machine": machine_description(),
         "final_train_loss": None if result is None or not math.isfinite(result.training_loss) else result.training_loss,
     }

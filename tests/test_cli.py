@@ -42,9 +42,17 @@ def test_help(command):
     result = invoke(*([command] if command else []), "--help")
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+    assert "<bool>" not in result.output  # a flag takes no value
     if command is None:
         for name in COMMANDS:
             assert name in result.output
+
+
+def test_version():
+    from ftkit import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"ftkit {__version__}"
 
 
 def test_tasks_lists_sudoku():
@@ -55,7 +63,7 @@ def test_tasks_lists_sudoku():
 def test_validate_good_recipe_prints_resolved_yaml():
     result = invoke("validate", TINY, "train.max_steps=7")
     assert result.exit_code == 0, result.output
-    resolved = yaml.safe_load(result.output.split("ok ")[0])
+    resolved = yaml.safe_load(result.stdout)  # the notes and `ok` go to stderr
     assert resolved["train"]["max_steps"] == 7 and resolved["model"]["base"] == "tiny"
 
 
@@ -64,6 +72,23 @@ def test_validate_bad_recipe_names_key(tmp_path):
     bad.write_text("train:\n  max_stepz: 3\n")
     assert_clean_error(invoke("validate", bad), "`train.max_stepz`", "did you mean `train.max_steps`")
     assert_clean_error(invoke("validate", TINY, "lora.r=sixteen"), "`lora.r`", "int")
+
+
+def test_validate_catches_what_train_would_fail_on(tmp_path):
+    """Each of these once said `ok` and then failed in `ftkit train` / `ftkit eval`."""
+    # Builds, then fails in the grouped expert kernel at the first step: validate runs that step.
+    assert_clean_error(invoke("validate", TINY, "model.tiny.hidden=7"), "model.tiny", "strides")
+    # The sampler settings go through transformers' DiffusionGemmaGenerationConfig.
+    assert_clean_error(invoke("validate", TINY, "eval.entropy_bound=0", "eval.temperature_max=0"),
+                       "`eval.entropy_bound`", "DiffusionGemmaGenerationConfig")
+    assert_clean_error(invoke("validate", TINY, "eval.temperature_min=0.5", "eval.temperature_max=0.5"),
+                       "`eval.temperature_min`", "`eval.temperature_max`")
+    # An empty recipe file was all defaults: the 26B hub model and ~50 s of download retries.
+    empty = _write(tmp_path / "empty.yaml", "")
+    assert_clean_error(invoke("validate", empty), str(empty), "empty")
+    assert_clean_error(invoke("train", empty, f"train.output_dir={tmp_path / 'run'}"), str(empty), "empty")
+    ok = invoke("validate", TINY)
+    assert ok.exit_code == 0 and "meta device" in ok.output and "training step" in ok.output
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,14 +157,50 @@ def test_missing_recipe_and_missing_run_dir(tmp_path):
 # A tiny trained run: generate / solve, bad generate inputs, an adapter from another base model
 
 
+TRAIN_OUTPUT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("cli") / "run"
     result = invoke("train", TINY, "train.max_steps=2", "task.train_size=8", "train.batch_size=4",
-                    "train.logging_steps=1", "train.save_steps=2", f"train.output_dir={run}")
+                    "train.logging_steps=1", "train.save_steps=2", "eval.num_examples=2", "eval.steps=1",
+                    f"train.output_dir={run}")
     assert result.exit_code == 0, result.output
     assert (run / "adapter_model.safetensors").is_file()
+    TRAIN_OUTPUT["text"] = result.output
     return run
+
+
+def test_piped_training_output_is_one_line_per_log(tiny_run):
+    lines = TRAIN_OUTPUT["text"].splitlines()
+    assert [ln.split("  ")[0] for ln in lines if ln.startswith("step ")][:2] == ["step 1/2", "step 2/2"]
+    assert any(ln.startswith("step 1/2  loss ") for ln in lines)
+    assert not any(ln.lstrip().startswith("{") for ln in lines)  # the Trainer's bare dicts
+    assert any(ln.startswith("CPU threads: ") for ln in lines)
+
+
+def test_partial_eval_keeps_eval_json_and_push_cites_only_it(tiny_run, tmp_path):
+    """`eval RUN --split train -n 1` used to replace eval.json, and push then published "split train"."""
+    canonical = invoke("eval", tiny_run)
+    assert canonical.exit_code == 0, canonical.output
+    assert "eval plain: 2/2 examples" in canonical.output  # piped: plain progress lines
+    assert "the run's own evaluation" in canonical.output
+    before = (tiny_run / "eval.json").read_bytes()
+    partial = invoke("eval", tiny_run, "--split", "train", "-n", "1")
+    assert partial.exit_code == 0, partial.output
+    assert (tiny_run / "eval.json").read_bytes() == before
+    assert (tiny_run / "eval_train_n1.json").is_file() and "eval_train_n1.json" in partial.output
+    folder = tmp_path / "upload"
+    assert invoke("push", tiny_run, "--dry-run", "--dry-run-dir", folder).exit_code == 0
+    card = (folder / "README.md").read_text()
+    assert "split `test`, 2 examples" in card and "split `train`" not in card
+    assert not (folder / "eval_train_n1.json").exists()
+    # A run without its own evaluation is refused unless told.
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_run, bare, ignore=shutil.ignore_patterns("eval*.json", "checkpoints"))
+    assert_clean_error(invoke("push", bare, "--dry-run"), "no eval.json", "--allow-no-eval")
+    assert invoke("push", bare, "--dry-run", "--allow-no-eval").exit_code == 0
 
 
 def test_solve_prints_grid_and_writes_trajectories(tiny_run, tmp_path):

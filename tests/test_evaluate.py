@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_real_sampler_respects_givens_and_budget(model, tokenizer, task, example
         canvas_init, fixed = args[3], args[4]
         assert fixed.any() and torch.equal(result.canvas[fixed], canvas_init[fixed])  # givens clamped
         assert kwargs["clamp"] and kwargs["verifier"] is None
-    # (The decoded text may still lose givens: a random model can write EOS early and the text stops there.)
+    # (With eval.token_masks off the decoded text may still lose givens: see the token-mask test below.)
     assert plain.mean_steps_used <= 2 and plain.forward_passes == 4
     assert plain.num_examples == 3 and plain.tokens_per_forward > 0
     guided = ev.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, True, max_renoise_rounds=1)
@@ -158,15 +159,27 @@ def test_evaluate_run_writes_files_atomically(tmp_path, monkeypatch, model, toke
 
     monkeypatch.setattr(os, "replace", recording_replace)
 
-    report = ev.evaluate_run(tmp_path, sweep_steps=[1, 2], compare_verifier=True)
+    progress = []
+    report = ev.evaluate_run(tmp_path, sweep_steps=[1, 2], compare_verifier=True,
+                             progress=lambda *args: progress.append(args))
     assert adapters == [True]
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert set(on_disk["modes"]) == {"plain", "verifier"} and on_disk["primary"] == "plain"
+    assert on_disk["file"] == "eval.json" and on_disk["canonical"] and on_disk["differs_from_recipe"] == []
+    assert set(on_disk["modes"]) == {"plain", "verifier", "plain_best_of_n"} and on_disk["primary"] == "plain"
     assert on_disk["metrics"] == on_disk["modes"]["plain"]["metrics"]
-    # Both modes ran the same examples.
+    # All modes ran the same examples.
     ids = [[r["id"] for r in m["records"]] for m in on_disk["modes"].values()]
-    assert ids[0] == ids[1] and len(ids[0]) == 2
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 2
+    # Compute per row: a random model never stops early, so plain spends its 2 steps per example and the verifier
+    # row its first pass plus up to two re-noising rounds; best-of-n gets as many forwards as the verifier row.
+    plain, guided, best = (on_disk["modes"][k] for k in ("plain", "verifier", "plain_best_of_n"))
+    assert plain["decoder_forwards_per_example"] == 2 and plain["max_decoder_forwards_per_example"] == 2
+    assert guided["max_decoder_forwards_per_example"] == 6 and guided["decoder_forwards_per_example"] > 2
+    assert best["samples"] == round(guided["decoder_forwards_per_example"] / 2) > 1
+    assert best["decoder_forwards_per_example"] == 2 * best["samples"]
+    # Progress was reported per mode, from 0 to all examples.
+    assert ("plain", 0, 2) in progress and ("plain", 2, 2) in progress and ("verifier", 2, 2) in progress
 
     sweep = json.loads((tmp_path / "eval_sweep.json").read_text())
     assert [p["steps"] for p in sweep["points"]] == [1, 2]
@@ -177,13 +190,15 @@ def test_evaluate_run_writes_files_atomically(tmp_path, monkeypatch, model, toke
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
     table = render_text(ev.render_table(report))
-    assert "solve_rate" in table and "verifier-guided sampling, 2 steps" in table and "tokens per forward" in table
-    assert "plain sampling, 2 steps" in table
+    assert "solve_rate" in table and "tokens per forward" in table and "decoder forwards / example" in table
+    assert "plain sampling (up to 2 steps)" in table
+    assert "verifier-guided sampling (up to 2 steps, then up to 2 re-noising rounds of up to 2)" in table
+    assert f"plain sampling, best of {best['samples']} (up to 2 steps each)" in table
 
-    ev.evaluate_run(tmp_path, base_only=True, num_examples=1, steps=1)
+    ev.evaluate_run(tmp_path, base_only=True)
     assert adapters == [True, False]
     base = json.loads((tmp_path / "eval_base.json").read_text())
-    assert base["num_examples"] == 1 and base["adapter"] is False and base["eval"]["steps"] == 1
+    assert base["num_examples"] == 2 and base["adapter"] is False and not base["canonical"]
 
 
 def test_failed_write_keeps_previous_file(tmp_path):
@@ -199,3 +214,101 @@ def render_text(table) -> str:
     console = Console(record=True, width=160)
     console.print(table)
     return console.export_text()
+
+
+def test_partial_eval_leaves_the_canonical_result_untouched(tmp_path, monkeypatch, model, tokenizer, task):
+    """`ftkit eval RUN --split train -n 2` once replaced eval.json; now it writes its own file and says so."""
+    monkeypatch.setattr(ev, "_load_run", lambda run_dir, adapter, checkpoint=None: fake_run(model, tokenizer, task))
+    (tmp_path / "eval.json").write_text('{"published": true}\n')
+    before = (tmp_path / "eval.json").read_bytes()
+    report = ev.evaluate_run(tmp_path, split="train", num_examples=1, steps=1)
+    assert (tmp_path / "eval.json").read_bytes() == before
+    assert report["file"] == "eval_train_n1_steps1.json" and not report["canonical"]
+    written = json.loads((tmp_path / "eval_train_n1_steps1.json").read_text())
+    assert written["split"] == "train" and written["num_examples"] == 1
+    line = ev.describe_file(report)
+    assert "eval_train_n1_steps1.json" in line and "split train" in line and "not touched" in line
+    # A flipped sampling mode is not the recipe's evaluation either.
+    assert ev.evaluate_run(tmp_path, verifier_renoise=True)["file"] == "eval_verifier.json"
+    assert (tmp_path / "eval.json").read_bytes() == before
+
+
+def test_result_names():
+    recipe = Recipe(task=TaskSection(name="sudoku", test_size=50), eval=EvalSection(num_examples=100, steps=16))
+    own = recipe.eval
+    assert ev.canonical_size(recipe) == 50
+    assert ev.result_name(recipe, own, 50) == ("eval", [])
+    assert ev.result_name(recipe, own, 50, base=True)[0] == "eval_base"
+    assert ev.result_name(recipe, own, 50, checkpoint="checkpoint-100")[0] == "eval_checkpoint-100"
+    assert ev.result_name(recipe, own, 50, data_path="/x/my puzzles.csv")[0] == "eval_data-my-puzzles"
+    other = dataclasses.replace(own, split="train", steps=4, verifier_renoise=True, token_masks=False)
+    stem, why = ev.result_name(recipe, other, 2)
+    assert stem == "eval_train_n2_steps4_verifier_unmasked"
+    assert why == ["split train", "2 examples", "4 steps", "verifier-guided", "without token masks"]
+
+
+def test_canonical_problems(tmp_path):
+    recipe = Recipe(task=TaskSection(name="sudoku", test_size=50), eval=EvalSection(num_examples=100, steps=16))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    good = {"adapter": True, "checkpoint": None, "num_examples": 50, "eval": dataclasses.asdict(recipe.eval),
+            "adapter_sha256": ev.file_sha256(tmp_path / "adapter_model.safetensors")}
+    assert ev.canonical_problems(good, recipe, tmp_path) == []
+    partial = {**good, "num_examples": 2, "eval": {**good["eval"], "split": "train"}}  # what older ftkit wrote
+    problems = ev.canonical_problems(partial, recipe, tmp_path)
+    assert any("split 'train'" in p for p in problems) and any("2 examples" in p for p in problems)
+    assert ev.canonical_problems({**good, "adapter": False}, recipe, tmp_path) == ["it evaluates the base model"]
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"retrained")
+    assert "another adapter_model.safetensors" in ev.canonical_problems(good, recipe, tmp_path)[0]
+
+
+def test_best_of_n_keeps_the_least_flagged_sample(task, examples):
+    right = [ex.answer for ex in examples[:2]]
+    wrong = ["1" * 81, right[1][:-1] + ("1" if right[1][-1] != "1" else "2")]
+
+    def report(outputs, steps):
+        metrics, violations = ev.score_outputs(task, examples[:2], outputs)
+        records = [{"id": ex.id, "output": o, "violations": [], "steps_used": steps} for ex, o in zip(examples, outputs)]
+        return ev.EvalReport(metrics=metrics, outputs=outputs, records=records, steps=4, verifier_renoise=False,
+                             mean_steps_used=steps, tokens_per_forward=1.0, forward_passes=1, renoised_cells=0,
+                             seconds=1.0, examples_per_second=2.0, num_examples=2)
+
+    best = ev.best_of_n(task, examples[:2], [report([wrong[0], right[1]], 4), report([right[0], wrong[1]], 3)])
+    assert best.outputs == right and [r["sample"] for r in best.records] == [1, 0]
+    assert best.metrics["solve_rate"] == 1.0 and best.samples == 2 and best.mean_steps_used == 7
+
+
+@pytest.mark.parametrize("token_masks", [True, False])
+def test_token_masks_keep_sudoku_format_on_a_random_model(model, tokenizer, task, token_masks):
+    """The untrained model writes EOS and letters anywhere: with the task's token rules every output still has 81
+    digit cells and every given (the decoded text used to stop at the first EOS, losing later givens)."""
+    examples = task.build_dataset("test", 4, seed=0)
+    cfg = EvalSection(steps=2, batch_size=4, token_masks=token_masks)
+    report = ev.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, False)
+    formatted = all(len(o) == 81 and set(o) <= set("123456789") for o in report.outputs)
+    if token_masks:
+        assert formatted and report.metrics["givens_preserved"] == 1.0
+        assert all("length" not in r["violations"] and "alphabet" not in r["violations"] for r in report.records)
+    else:  # the same model without the rules: the check above can fail
+        assert not formatted and report.metrics["givens_preserved"] < 1.0
+
+
+def test_eval_of_another_data_file_is_named_by_it(tmp_path, monkeypatch, model, tokenizer, task):
+    from ftkit.tasks.sudoku import HELD_OUT_FILE
+
+    built = []
+
+    class RecordingTask(SudokuTask):
+        def build_dataset(self, split, size, seed, data_path=None):
+            built.append((split, size, data_path))
+            return super().build_dataset(split, size, seed, data_path)
+
+    monkeypatch.setattr(ev, "_load_run",
+                        lambda run_dir, adapter, checkpoint=None: fake_run(model, tokenizer, RecordingTask()))
+    data = tmp_path / "my puzzles.csv"
+    data.write_text(HELD_OUT_FILE.read_text())
+    report = ev.evaluate_run(tmp_path, data_path=str(data), steps=1)
+    assert built == [("test", 2, str(data))]  # the examples come from the file
+    assert report["file"] == "eval_data-my-puzzles_steps1.json" and report["data_path"] == str(data)
+    assert not (tmp_path / "eval.json").exists() and report["num_examples"] == 2
+    with pytest.raises(ev.FtkitError, match="--data .*missing.csv: file not found"):
+        ev.evaluate_run(tmp_path, data_path=str(tmp_path / "missing.csv"))

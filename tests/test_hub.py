@@ -4,6 +4,7 @@ errors for 401/403, an unreachable hub, no token and a missing adapter, and the 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import socket
 import threading
@@ -100,14 +101,17 @@ def hub_env(monkeypatch, tmp_path):
 
 
 def make_run(root: Path, tiny: bool = True, hub_repo: str | None = None, with_eval: bool = True) -> Path:
-    """A run directory with the files `push` reads (the model itself is never loaded by push)."""
+    """A run directory with the files `push` reads (the model itself is never loaded by push); its eval.json is
+    the recipe's own evaluation (50 test examples, 16 steps) of its adapter."""
     run = root / "run"
     (run / "base").mkdir(parents=True)
     data = {"model": {"base": "tiny" if tiny else "google/diffusiongemma-26B-A4B-it"},
-            "lora": {"experts": True, "attention": True}, "task": {"name": "sudoku"}}
+            "lora": {"experts": True, "attention": True}, "task": {"name": "sudoku", "test_size": 50},
+            "eval": {"num_examples": 50, "steps": 16}}
     if hub_repo:
         data["hub"] = {"repo": hub_repo}
-    (run / "recipe.yaml").write_text(recipe_from_dict(data).to_yaml())
+    recipe = recipe_from_dict(data)
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
     (run / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16}))
     (run / "adapter_model.safetensors").write_bytes(b"\x00adapter-bytes\x01")
     (run / "tokenizer.json").write_text("{}")
@@ -120,11 +124,20 @@ def make_run(root: Path, tiny: bool = True, hub_repo: str | None = None, with_ev
     (run / "base" / "config.json").write_text("{}")
     (run / "base" / "model.safetensors").write_bytes(b"base-weights")
     if with_eval:
-        (run / "eval.json").write_text(json.dumps({
-            "split": "test", "num_examples": 50, "primary": "plain", "eval": {"steps": 16},
-            "metrics": {"solve_rate": 0.42, "cell_accuracy_blanks": 0.9, "solve_rate/easy": 0.6, "count": 50.0},
-            "modes": {"plain": {"mean_steps_used": 9.5, "tokens_per_forward": 4.25}}}))
+        (run / "eval.json").write_text(json.dumps(eval_report(recipe, run)))
     return run
+
+
+def eval_report(recipe, run: Path, **changes) -> dict:
+    """An eval.json as `ftkit eval` writes it (the fields push reads)."""
+    from ftkit.evaluate import file_sha256
+
+    cfg = {**dataclasses.asdict(recipe.eval), **changes.pop("eval", {})}
+    return {"file": "eval.json", "canonical": True, "split": cfg["split"], "adapter": True, "checkpoint": None,
+            "num_examples": 50, "num_examples_requested": 50, "primary": "plain", "eval": cfg,
+            "adapter_sha256": file_sha256(run / "adapter_model.safetensors"),
+            "metrics": {"solve_rate": 0.42, "cell_accuracy_blanks": 0.9, "solve_rate/easy": 0.6, "count": 50.0},
+            "modes": {"plain": {"mean_steps_used": 9.5, "tokens_per_forward": 4.25}}, **changes}
 
 
 EXPECTED_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -164,12 +177,73 @@ def test_push_uploads_one_commit_with_files_and_card(tmp_path):
 
 def test_card_for_real_base_names_it_in_front_matter(tmp_path):
     run = make_run(tmp_path, tiny=False, with_eval=False)
-    folder = Path(push_run(run, repo="bob/sudoku-lora", dry_run=True))
+    folder = Path(push_run(run, repo="bob/sudoku-lora", dry_run=True, allow_no_eval=True))
     card = (folder / "README.md").read_text()
     assert "base_model: google/diffusiongemma-26B-A4B-it" in card
     assert "random-init" not in card and not (folder / "base").exists()
-    assert "Not evaluated yet" in card and not (folder / "eval.json").exists()
+    assert "Not evaluated" in card and not (folder / "eval.json").exists()
     assert "4-bit nf4" not in card and "none (full-precision base)" in card
+
+
+def test_card_metadata_loads_back_as_an_adapter_with_scores(tmp_path):
+    """The Hub reads the front matter: base_model + library_name peft make it an adapter of the base, model-index
+    carries the canonical eval's metrics. Loaded back with huggingface_hub's own ModelCard."""
+    from huggingface_hub import ModelCard
+
+    run = make_run(tmp_path, tiny=False)
+    folder = Path(push_run(run, repo="bob/sudoku-lora", dry_run=True))
+    card = ModelCard.load(folder / "README.md")
+    data = card.data
+    assert data.base_model == "google/diffusiongemma-26B-A4B-it" and data.library_name == "peft"
+    assert {"diffusion-gemma", "lora", "peft", "sudoku"} <= set(data.tags)
+    assert data.model_name == "sudoku-lora"
+    scores = {r.metric_type: r for r in data.eval_results}
+    assert set(scores) == {"solve_rate", "cell_accuracy_blanks"}  # overall metrics; strata and counts stay in the table
+    assert scores["solve_rate"].metric_value == 42.0 and scores["solve_rate"].dataset_split == "test"
+    assert scores["solve_rate"].dataset_type == "sudoku-generated"
+
+
+def test_card_cites_only_the_canonical_eval(tmp_path):
+    """A partial evaluation beside eval.json is neither uploaded nor cited; a partial one *as* eval.json (what an
+    older ftkit wrote for `eval --split train -n 2`) is refused, and so is a run without any."""
+    run = make_run(tmp_path)
+    recipe = recipe_from_dict(__import__("yaml").safe_load((run / "recipe.yaml").read_text()))
+    partial = eval_report(recipe, run, file="eval_train_n2.json", canonical=False, num_examples=2,
+                          num_examples_requested=2, eval={"split": "train"},
+                          metrics={"solve_rate": 0.99, "count": 2.0})
+    (run / "eval_train_n2.json").write_text(json.dumps(partial))
+    folder = Path(push_run(run, repo="alice/x", dry_run=True))
+    card = (folder / "README.md").read_text()
+    assert "| solve_rate | 42.0% | 60.0% |" in card and "99.0%" not in card and "split `test`, 50 examples" in card
+    assert not (folder / "eval_train_n2.json").exists() and (folder / "eval.json").is_file()
+
+    (run / "eval.json").write_text(json.dumps(partial))
+    with pytest.raises(FtkitError, match=r"eval\.json: not the run's own evaluation \(split 'train'.*2 examples"):
+        push_run(run, repo="alice/x", dry_run=True)
+    folder = Path(push_run(run, repo="alice/x", dry_run=True, allow_no_eval=True))
+    assert not (folder / "eval.json").exists() and "Not evaluated" in (folder / "README.md").read_text()
+
+    (run / "eval.json").unlink()
+    with pytest.raises(FtkitError, match=r"no eval\.json.*ftkit eval.*--allow-no-eval"):
+        push_run(run, repo="alice/x", dry_run=True)
+
+    # An eval.json of an adapter since retrained is stale.
+    (run / "eval.json").write_text(json.dumps(eval_report(recipe, run)))
+    (run / "adapter_model.safetensors").write_bytes(b"retrained")
+    with pytest.raises(FtkitError, match="another adapter_model.safetensors"):
+        push_run(run, repo="alice/x", dry_run=True)
+
+
+def test_card_states_sandbox_isolation_and_can_describe_a_full_model(tmp_path):
+    from ftkit.hub import model_card, plan_push
+
+    run = make_run(tmp_path)
+    report = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write_text(json.dumps({**report, "sandbox": {"isolation": "namespaces+seccomp"}}))
+    plan = plan_push(run, "alice/x")
+    assert "isolation level: `namespaces+seccomp`" in model_card(plan)
+    full = model_card(dataclasses.replace(plan, full_model=True))
+    assert "library_name: transformers" in full and "fine-tuned model" in full and "Do not merge" not in full
 
 
 def test_dry_run_writes_exact_folder_and_uploads_nothing(tmp_path):

@@ -106,3 +106,28 @@ def test_schema_rows_cover_every_key():
 def test_task_option_ranges_are_checked_at_validation():
     with pytest.raises(RecipeError, match=r"r\.yaml: task\.options: need 17 <= min_givens"):
         recipe_from_dict({"task": {"name": "sudoku", "options": {"min_givens": 90}}}, where="r.yaml")
+
+
+def test_empty_recipe_file_is_an_error_naming_it(tmp_path):
+    for text in ("", "# only a comment\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(RecipeError, match=r"empty\.yaml: the recipe file is empty"):
+            load_recipe(empty)
+
+
+def test_sampler_settings_are_checked_by_transformers_config():
+    """What DiffusionGemmaGenerationConfig rejects is rejected here, named by the recipe's keys."""
+    with pytest.raises(RecipeError, match=r"`eval\.entropy_bound`=0\.0: rejected by transformers' Diffusion"):
+        recipe_from_dict({"eval": {"entropy_bound": 0, "temperature_max": 0}}, where="r.yaml")
+    with pytest.raises(RecipeError, match=r"`eval\.temperature_min`=0\.9 and `eval\.temperature_max`=0\.7"):
+        recipe_from_dict({"eval": {"temperature_min": 0.9}})
+    with pytest.raises(RecipeError, match=r"`eval\.stability_threshold`=-1"):
+        recipe_from_dict({"eval": {"stability_threshold": -1}})
+    assert recipe_from_dict({"eval": {"temperature_min": 0.1, "temperature_max": 0.9}}).eval.temperature_max == 0.9
+
+
+def test_cpu_threads_key():
+    assert recipe_from_dict({"train": {"cpu_threads": 3}}).train.cpu_threads == 3
+    with pytest.raises(RecipeError, match=r"`train\.cpu_threads` must be >= 0"):
+        recipe_from_dict({"train": {"cpu_threads": -1}})

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ftkit.diffusion.sample import denoise, row_generators
+from ftkit.layout import AllowedTokens
 from ftkit.model import build_tiny
 from ftkit.recipe import TinySpec
 from ftkit.tokenizer import build_char_tokenizer
@@ -86,9 +87,11 @@ def test_confident_model_stops_early(model, batch, tokenizer):
     target = torch.randint(4, len(tokenizer), canvas.shape, generator=torch.Generator().manual_seed(3))
     target[:, 20:] = tokenizer.eos_token_id
     bias = 100.0 * torch.nn.functional.one_hot(target, len(tokenizer)).float()
-    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias.to(out.dtype))
+    # The sampler runs the head on flattened positions; one chunk holds them all, in (example, position) order.
+    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias.reshape(out.shape).to(out.dtype))
     try:
-        res = denoise(model, prompt, mask, canvas, fixed, steps=20, generator=row_generators(0, 3), **KNOBS)
+        res = denoise(model, prompt, mask, canvas, fixed, steps=20, generator=row_generators(0, 3), chunk=3 * CANVAS,
+                      **KNOBS)
     finally:
         handle.remove()
     assert res.steps_used.tolist() == [KNOBS["stability_threshold"] + 1] * 3
@@ -159,3 +162,164 @@ def test_single_generator_is_reproducible(model, batch):
     runs = [denoise(model, prompt, mask, canvas, fixed, steps=2, generator=torch.Generator().manual_seed(5), **KNOBS)
             for _ in range(2)]
     assert torch.equal(runs[0].canvas, runs[1].canvas)
+
+
+def test_chunking_does_not_change_results(model, batch):
+    """Everything over the vocabulary runs a chunk of positions at a time; the chunk size is invisible."""
+    prompt, mask, canvas, fixed = batch
+    runs = [denoise(model, prompt, mask, canvas, fixed, steps=4, generator=row_generators(3, 3), chunk=chunk,
+                    record_trajectory=True, **KNOBS) for chunk in (None, 1, 7)]
+    for other in runs[1:]:
+        assert torch.equal(other.canvas, runs[0].canvas)
+        assert other.steps_used.tolist() == runs[0].steps_used.tolist()
+        assert all(torch.equal(a, b) for a, b in zip(other.trajectory, runs[0].trajectory))
+
+
+def test_entropy_and_acceptance_match_transformers():
+    """ftkit computes entropies chunk by chunk and applies EntropyBoundSampler's rule to them: same selection as the
+    library's accept_canvas on the full logits, masked (-inf) tokens included."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        EntropyBoundSampler,
+        EntropyBoundSamplerConfig,
+    )
+
+    from ftkit.diffusion.sample import _entropy, accept_lowest_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 40, 50, generator=g)
+    logits[:, :10, 9:] = -torch.inf  # masked positions: only 9 tokens left
+    logits[:, 10:15] = torch.where(torch.arange(50) == 7, 0.0, -1e4)  # pinned: zero entropy
+    ours = _entropy(torch.log_softmax(logits, -1))
+    theirs = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(ours, theirs)
+    for bound in (0.05, 0.3, 2.0, 50.0):
+        sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 40, 50, 8)
+        current, proposed = torch.zeros(4, 40, dtype=torch.long), torch.ones(4, 40, dtype=torch.long)
+        sampler.accept_canvas(current, proposed, logits, 3)
+        assert torch.equal(accept_lowest_entropy(theirs, bound), sampler.accepted_token_mask), bound
+
+
+def test_inverse_cdf_draws_follow_probabilities_and_skip_masked_tokens():
+    from ftkit.diffusion.sample import _inverse_cdf
+
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.0, 0.3]]).expand(20000, 5).contiguous()
+    uniform = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    drawn = _inverse_cdf(probs, uniform)
+    counts = torch.bincount(drawn, minlength=5).float() / 20000
+    assert counts[1] == 0 and counts[3] == 0
+    torch.testing.assert_close(counts[[0, 2, 4]], torch.tensor([0.2, 0.5, 0.3]), atol=0.015, rtol=0)
+    # A uniform at (or rounded to) the total mass still lands on a possible token, never past the vocabulary.
+    edge = _inverse_cdf(torch.tensor([[0.25, 0.75, 0.0, 0.0]]), torch.tensor([1.0]))
+    assert edge.tolist() == [1]
+
+
+def _rules(batch: int, length: int, vocab: int, spans) -> AllowedTokens:
+    """Token rules over `spans` [(start, end, allowed ids)] of every row; elsewhere any token."""
+    table = torch.zeros(len(spans), vocab, dtype=torch.bool)
+    index = torch.full((batch, length), -1, dtype=torch.long)
+    for s, (a, b, ids) in enumerate(spans):
+        table[s, ids] = True
+        index[:, a:b] = s
+    return AllowedTokens(table, index)
+
+
+def test_allowed_tokens_hold_on_the_output_and_every_step(model, batch, tokenizer):
+    """A random model writes any token anywhere; with token rules every masked position of the argmax output holds
+    an allowed token (digits on 0-23, EOS on the fill), and fixed positions stay clamped."""
+    prompt, mask, canvas, fixed = batch
+    digits = tokenizer.convert_tokens_to_ids(list("123456789"))
+    eos = tokenizer.eos_token_id
+    rules = _rules(3, CANVAS, len(tokenizer), [(0, 24, digits), (24, CANVAS, [eos])])
+    free = ~fixed
+    plain = denoise(model, prompt, mask, canvas, fixed, steps=4, generator=row_generators(0, 3), **KNOBS)
+    assert not torch.isin(plain.canvas[:, :24][free[:, :24]], torch.tensor(digits)).all()  # the check can fail
+    res = denoise(model, prompt, mask, canvas, fixed, steps=4, generator=row_generators(0, 3), allowed=rules, **KNOBS)
+    assert torch.isin(res.canvas[:, :24][free[:, :24]], torch.tensor(digits)).all()
+    assert (res.canvas[:, 24:] == eos).all()
+    assert torch.equal(res.canvas[fixed], canvas[fixed])
+    # With rules the batch is still the sum of its examples.
+    alone = denoise(model, prompt[1:2, :12], mask[1:2, :12], canvas[1:2], fixed[1:2], steps=4,
+                    generator=row_generators(0, 1, offset=1),
+                    allowed=AllowedTokens(rules.table, rules.index[1:2]), **KNOBS)
+    assert torch.equal(alone.canvas[0], res.canvas[1])
+
+
+def test_peak_memory_at_the_real_vocabulary_is_chunk_sized():
+    """At Gemma's 262,144-token vocabulary (small hidden size, CPU), one denoising call never holds as much as one
+    fp32 (batch, canvas, vocab) logits tensor: only chunk-sized vocabulary tensors exist. The full-width sampler
+    this replaced peaked at 8x that tensor (ftkit.profiling.PeakLiveBytes, batch 2 x 64)."""
+    import dataclasses
+
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from ftkit.model import tiny_config
+    from ftkit.profiling import PeakLiveBytes
+
+    vocab, batch, length, chunk = 262_144, 2, 32, 4
+    spec = dataclasses.replace(TinySpec(), hidden=32, heads=2, kv_heads=1, head_dim=16, global_head_dim=32,
+                               intermediate=64, expert_intermediate=32, canvas_length=length)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        big = DiffusionGemmaForBlockDiffusion(tiny_config(spec, vocab)).eval()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(4, vocab, (batch, 10), generator=g)
+    canvas = torch.randint(4, vocab, (batch, length), generator=g)
+    fixed = torch.rand(batch, length, generator=g) < 0.3
+    with PeakLiveBytes() as peak:
+        res = denoise(big, prompt, torch.ones_like(prompt), canvas, fixed, steps=2, generator=row_generators(0, batch),
+                      chunk=chunk, **KNOBS)
+    full_logits = batch * length * vocab * 4
+    chunk_bytes = chunk * vocab * 4
+    assert peak.peak <= 5 * chunk_bytes < full_logits / 2, f"peak {peak.peak / 1e6:.0f} MB"
+    assert res.steps_used.tolist() == [2, 2]
+
+
+@pytest.mark.gpu
+def test_peak_cuda_memory_at_the_real_vocabulary_and_batch():
+    """The eval configuration of the real recipes (batch 16 x 256 canvas, 262k vocabulary, bf16) on a GPU: the
+    sampler's peak above the model stays under one bf16 (batch, canvas, vocab) tensor (2.1 GB) plus the default
+    chunks, where the full-width path needed ~30 GB."""
+    import dataclasses
+
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from ftkit.diffusion.sample import default_chunk
+    from ftkit.model import tiny_config
+
+    vocab, batch, length = 262_144, 16, 256
+    spec = dataclasses.replace(TinySpec(), hidden=64, canvas_length=length)
+    model = DiffusionGemmaForBlockDiffusion(tiny_config(spec, vocab)).to("cuda", torch.bfloat16).eval()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    prompt = torch.randint(4, vocab, (batch, 32), generator=g, device="cuda")
+    canvas = torch.randint(4, vocab, (batch, length), generator=g, device="cuda")
+    fixed = torch.zeros(batch, length, dtype=torch.bool, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    denoise(model, prompt, torch.ones_like(prompt), canvas, fixed, steps=2,
+            generator=row_generators(0, batch, device="cuda"), **KNOBS)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    budget = batch * length * vocab * 2 + 5 * default_chunk(vocab) * vocab * 4
+    assert extra <= budget, f"{extra / 2**30:.2f} GiB over the model, budget {budget / 2**30:.2f} GiB"
+
+
+def test_decoder_with_soft_embeddings_equals_the_models_self_conditioning_path(model, batch, tokenizer):
+    """The sampler calls the decoder with the self-conditioning signal as soft embeddings and applies the head
+    itself; that gives the logits the model computes from self_conditioning_logits (fp32)."""
+    from ftkit.diffusion.head import head_logits
+    from ftkit.diffusion.sample import _decoder_layout, _encode_prompt
+    from ftkit.diffusion.self_conditioning import injected_soft_embeddings
+
+    prompt, mask, canvas, _ = batch
+    cache = _encode_prompt(model, prompt, mask)
+    decoder_mask, positions = _decoder_layout(mask, CANVAS)
+    previous = 3 * torch.randn(3, CANVAS, len(tokenizer), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(past_key_values=cache, decoder_input_ids=canvas, decoder_attention_mask=decoder_mask,
+                  decoder_position_ids=positions)
+    reference = model(**kwargs, self_conditioning_logits=previous).logits
+    embed = model.model.decoder.embed_tokens
+    soft = previous.softmax(-1).to(embed.weight.dtype) @ embed.weight * embed.embed_scale.to(embed.weight.dtype)
+    with injected_soft_embeddings(model, soft):
+        hidden = model.model.decoder(**kwargs).last_hidden_state
+    torch.testing.assert_close(head_logits(model, hidden), reference)

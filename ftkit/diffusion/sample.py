@@ -1,23 +1,39 @@
-"""Constrained denoising: DiffusionGemma's entropy-bound sampler with clamped positions and verifier re-noising.
+"""Constrained denoising: DiffusionGemma's entropy-bound sampler with clamped positions, per-position token masks
+and verifier re-noising.
 
 One canvas per example, no autoregressive block loop (the task fixes the canvas length). The building blocks are
 transformers' own where they fit:
 
 - `LinearTemperatureScheduleLogitsProcessor`: the temperature schedule, called with the *remaining* step count as
   `generate` does (t_max at the first step, t_min + (t_max - t_min) / steps at the last).
-- `EntropyBoundSampler.accept_canvas`: which sampled tokens to keep (lowest-entropy tokens whose summed entropy,
-  minus the largest, stays under the bound). Its `initialize_canvas` / `renoise_canvas` are NOT used: they draw
-  from the global RNG over the whole batch, so a row's result would depend on its batch neighbours. Every random
-  draw here comes from that row's own generator instead (see `denoise`).
+- `EntropyBoundSampler.accept_canvas`'s rule (lowest-entropy tokens whose summed entropy, minus the largest, stays
+  under the bound) is applied by `accept_lowest_entropy` to entropies computed chunk by chunk: the library's method
+  takes the whole (batch, canvas, vocab) logits tensor. tests/test_sample.py checks both agree. Its
+  `initialize_canvas` / `renoise_canvas` are NOT used: they draw from the global RNG over the whole batch, so a row's
+  result would depend on its batch neighbours. Every random draw here comes from that row's own generator instead.
 - `StableAndConfidentStoppingCriteria`: the stability half (argmax canvas unchanged for `stability_threshold`
   steps) is reused as is; the confidence half is computed over the *free* positions only (`_FreeStableConfident`),
   because clamped positions have zero entropy by construction and would dilute the mean.
+
+Memory: the decoder returns hidden states, and everything over the vocabulary (head, soft-capping, temperature,
+masks, softmax, entropy, argmax, the draw, the self-conditioning signal) runs `chunk` canvas positions at a time,
+so no (batch, canvas, vocab) tensor exists: at Gemma's 262k vocabulary the old full-width path held about eight
+fp32 copies of it per step (~34 GB at batch 16 x 256). Self-conditioning keeps the next step's signal as soft
+embeddings (batch, canvas, hidden) made from the processed probabilities by the decoder's own formula
+(softmax @ embeddings * embed_scale, as `self_conditioning.soft_embeddings` does in training), and hands them to the
+decoder through the same hook as the lean training step. A token is drawn by inverse CDF from one
+uniform per position, so a draw does not depend on the chunking.
 
 Design choices:
 
 - Clamping works twice: the logits at a fixed position are pinned to a one-hot on the given token (so it costs
   nothing in the entropy budget, never blocks stopping, and self-conditioning sees the truth), and the canvas is
   written back from `canvas_init` after every step (so fixed positions never change, whatever the model says).
+- Token masks (`allowed`, built by `ftkit.layout.allowed_tokens`): every other token's logit is -inf at a masked
+  position on every step, before sampling, acceptance, stopping and self-conditioning, so the argmax canvas (the
+  output) only holds allowed tokens: Sudoku cells are digits, a protein span is residues, and no stop token comes
+  before the last fixed piece. The noise that re-fills rejected positions stays uniform over the vocabulary: it is
+  the corruption the model was trained on.
 - Verifier re-noising runs after a denoising pass has stopped (converged or out of steps), not every k steps: the
   verifier judges a finished answer, and mid-trajectory canvases are mostly noise by design. The violating free
   positions get fresh uniform tokens; every other position is pinned to its current value for the round; the round
@@ -35,16 +51,20 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-    EntropyBoundSampler,
-    EntropyBoundSamplerConfig,
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
 )
 
+from ftkit.diffusion.head import head_logits
 from ftkit.diffusion.loss import core_model
+from ftkit.diffusion.self_conditioning import injected_soft_embeddings
+from ftkit.layout import AllowedTokens
 
 # A pinned position's logits: 0 on the given token, this much lower elsewhere (exp(-1e4) is 0 in float32).
 _PINNED_GAP = 1e4
+# Vocabulary-wide work is done this many (position x vocabulary) elements at a time: 256 positions of Gemma's 262k
+# vocabulary, i.e. 256 MB per fp32 chunk tensor; a small vocabulary takes the whole batch in one chunk.
+CHUNK_ELEMENTS = 1 << 26
 
 Verifier = Callable[[torch.Tensor], list[list[int]]]
 
@@ -68,16 +88,22 @@ class _FreeStableConfident(StableAndConfidentStoppingCriteria):
         super().__init__(stability_threshold=stability_threshold, confidence_threshold=math.inf)
         self.free_confidence_threshold = confidence_threshold
 
-    def __call__(self, argmax_canvas, logits, free_mask=None, **kwargs):
-        # The parent's confidence half is disabled (threshold inf), so a (B, L, 1) slice is all it needs: it would
-        # otherwise compute a full-vocabulary entropy only to compare it with infinity.
-        stable = super().__call__(argmax_canvas, logits[..., :1])
-        entropy = torch.distributions.Categorical(logits=logits).entropy()
+    def __call__(self, argmax_canvas, entropy, free_mask=None, **kwargs):
+        # The parent's confidence half is disabled (threshold inf), so one logit per position is all it needs.
+        stable = super().__call__(argmax_canvas, entropy.new_zeros((*entropy.shape, 1)))
         if free_mask is None:
             free_mask = torch.ones_like(entropy, dtype=torch.bool)
         weights = free_mask.to(entropy.dtype)
         mean_free = (entropy * weights).sum(-1) / weights.sum(-1).clamp(min=1)
         return stable & (mean_free < self.free_confidence_threshold)
+
+
+def accept_lowest_entropy(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
+    """(B, L) bool: `EntropyBoundSampler.accept_canvas`'s selection from per-position entropies (the k
+    lowest-entropy positions with sum - max <= bound)."""
+    ordered, order = torch.sort(entropy, dim=-1)
+    chosen = torch.cumsum(ordered, dim=-1) - ordered <= entropy_bound
+    return torch.zeros_like(chosen).scatter(-1, order, chosen)
 
 
 def row_generators(seed: int, count: int, device: torch.device | str = "cpu", offset: int = 0) -> list[torch.Generator]:
@@ -114,21 +140,87 @@ def _uniform_tokens(rows: torch.Tensor, length: int, vocab: int, gens: Sequence[
     return out
 
 
-def _sample_tokens(probs: torch.Tensor, rows: torch.Tensor, gens: Sequence[torch.Generator], fallback: torch.Tensor):
-    """One multinomial draw per position for running rows (each from its own generator); others keep `fallback`."""
-    out = fallback.clone()
-    for b in torch.nonzero(rows).flatten().tolist():
-        out[b] = torch.multinomial(probs[b], 1, generator=gens[b]).squeeze(-1)
-    return out
-
-
 def _pin_logits(logits: torch.Tensor, pinned: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Pinned positions get 0 on their token and -_PINNED_GAP elsewhere. Gather/scatter rather than a one-hot: with
-    Gemma's 262k vocabulary a (B, L, V) one-hot would cost as much memory as the logits themselves."""
+    """Pinned positions get 0 on their token and -_PINNED_GAP elsewhere (gather/scatter rather than a one-hot)."""
     index = values[..., None]
     own = logits.gather(-1, index)
     out = logits.masked_fill(pinned[..., None], -_PINNED_GAP)
     return out.scatter(-1, index, torch.where(pinned[..., None], torch.zeros_like(own), own))
+
+
+def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy from log-probabilities, masked (-inf) tokens contributing 0, as torch's Categorical computes it."""
+    return -(log_probs.exp() * log_probs.clamp(min=torch.finfo(log_probs.dtype).min)).sum(-1)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` for a uniform in [0, 1): the first token whose cumulative probability exceeds
+    it. A zero-probability (masked) token is never returned."""
+    cdf = probs.cumsum(-1)
+    target = (uniform * cdf[:, -1]).unsqueeze(-1)
+    token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    overflow = token >= probs.shape[-1]  # the target rounded up to the total: take the last possible token
+    if overflow.any():
+        last = probs.shape[-1] - 1 - probs.flip(-1).gt(0).int().argmax(-1)
+        token = torch.where(overflow, last, token)
+    return token
+
+
+@dataclass
+class _StepOut:
+    sampled: torch.Tensor  # (B, L) a draw from each position's processed distribution
+    argmax: torch.Tensor  # (B, L)
+    entropy: torch.Tensor  # (B, L) fp32, of the processed distribution
+    soft: torch.Tensor  # (B, L, H) the next step's self-conditioning signal
+
+
+def _process_positions(core, hidden, remaining, temperature, pinned, values, allowed, uniform, chunk) -> _StepOut:
+    """Everything over the vocabulary for one step, `chunk` positions at a time: head, temperature, token masks,
+    pins, then the draw, argmax, entropy and soft embeddings of the processed distribution."""
+    batch, length, width = hidden.shape
+    embed = core.model.decoder.embed_tokens
+    weight = embed.weight
+    scale = embed.embed_scale.to(weight.dtype)
+    flat = hidden.reshape(-1, width)
+    pinned, values, uniform = pinned.reshape(-1), values.reshape(-1), uniform.reshape(-1)
+    rules = allowed.index.reshape(-1) if allowed is not None else None
+    n = flat.shape[0]
+    sampled = torch.empty(n, dtype=torch.long, device=hidden.device)
+    argmax = torch.empty_like(sampled)
+    entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    soft = torch.empty(n, weight.shape[1], dtype=weight.dtype, device=hidden.device)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        logits = temperature(None, head_logits(core, flat[a:b]), remaining)
+        if rules is not None:
+            rule = rules[a:b]
+            banned = ~allowed.table[rule.clamp(min=0)] & (rule >= 0)[:, None]
+            logits = logits.masked_fill_(banned, -math.inf)
+            del banned
+        logits = _pin_logits(logits, pinned[a:b], values[a:b])
+        argmax[a:b] = logits.argmax(-1)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        del logits
+        entropy[a:b] = _entropy(log_probs)
+        probs = log_probs.exp_()  # in place: the log-probabilities are no longer needed
+        sampled[a:b] = _inverse_cdf(probs, uniform[a:b])
+        soft[a:b] = torch.matmul(probs.to(weight.dtype), weight) * scale
+        del probs, log_probs
+    shape = (batch, length)
+    return _StepOut(sampled.view(shape), argmax.view(shape), entropy.view(shape), soft.view(batch, length, -1))
+
+
+def _row_uniforms(rows: torch.Tensor, length: int, gens: Sequence[torch.Generator], device) -> torch.Tensor:
+    """(B, L) uniforms for the draws; rows where `rows` is False get 0 and draw nothing from their generator."""
+    out = torch.zeros((len(gens), length), dtype=torch.float32, device=device)
+    for b in torch.nonzero(rows).flatten().tolist():
+        out[b] = torch.rand(length, generator=gens[b], device=device)
+    return out
+
+
+def default_chunk(vocab: int) -> int:
+    """Canvas positions per vocabulary-wide chunk (see CHUNK_ELEMENTS)."""
+    return max(1, CHUNK_ELEMENTS // vocab)
 
 
 def _encode_prompt(core, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> DynamicCache:
@@ -160,20 +252,19 @@ class _Round:
 def _denoise_pass(
     core, cache, decoder_mask, decoder_positions, start, pinned, pinned_values, running_rows, gens, *,
     steps, temperature_min, temperature_max, entropy_bound, stability_threshold, confidence_threshold, trajectory,
+    allowed, chunk,
 ) -> _Round:
     """One full denoising pass (at most `steps` decoder calls) for the rows in `running_rows`; others are frozen."""
     batch, length = start.shape
     vocab = core.config.text_config.vocab_size
     device = start.device
     temperature = LinearTemperatureScheduleLogitsProcessor(temperature_min, temperature_max, steps)
-    sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=float(entropy_bound)), length, vocab, steps)
     stopper = _FreeStableConfident(stability_threshold, confidence_threshold)
-    embed_dtype = core.model.decoder.embed_tokens.weight.dtype
 
     finished = ~running_rows.clone()
     current = torch.where(pinned, pinned_values, start)
     argmax = current.clone()
-    sc_logits = None
+    soft = None  # the self-conditioning signal; None on the first step: the decoder zeroes it
     steps_run = torch.zeros(batch, dtype=torch.long, device=device)
     passes = 0
     for remaining in range(steps, 0, -1):
@@ -182,28 +273,26 @@ def _denoise_pass(
             break
         steps_run += active.long()
         passes += 1
-        out = core(
-            past_key_values=cache,
-            decoder_input_ids=current,
-            decoder_attention_mask=decoder_mask,
-            decoder_position_ids=decoder_positions,
-            self_conditioning_logits=sc_logits,  # None on the first step: the decoder zeroes the signal
-        )
-        logits = temperature(None, out.logits.float(), remaining)
-        logits = _pin_logits(logits, pinned, pinned_values)
-        probs = torch.softmax(logits, dim=-1)
-        sampled = _sample_tokens(probs, active, gens, fallback=current)
-        kept = sampler.accept_canvas(current, sampled, logits, remaining)
+        with injected_soft_embeddings(core, soft):
+            hidden = core.model.decoder(
+                past_key_values=cache,
+                decoder_input_ids=current,
+                decoder_attention_mask=decoder_mask,
+                decoder_position_ids=decoder_positions,
+            ).last_hidden_state
+        uniform = _row_uniforms(active, length, gens, device)
+        step = _process_positions(core, hidden, remaining, temperature, pinned, pinned_values, allowed, uniform, chunk)
+        del hidden
+        accepted = accept_lowest_entropy(step.entropy, entropy_bound)
         noise = _uniform_tokens(active, length, vocab, gens, device)
-        proposal = torch.where(sampler.accepted_token_mask, kept, noise)
+        proposal = torch.where(accepted, step.sampled, noise)
         proposal = torch.where(pinned, pinned_values, proposal)
 
         # Rows that already stopped keep their canvas, argmax and self-conditioning signal.
         current = torch.where(active[:, None], proposal, current)
-        argmax = torch.where(active[:, None], logits.argmax(-1), argmax)
-        signal = logits.to(embed_dtype)
-        sc_logits = signal if sc_logits is None else torch.where(active[:, None, None], signal, sc_logits)
-        finished |= active & stopper(argmax, logits, free_mask=~pinned)
+        argmax = torch.where(active[:, None], step.argmax, argmax)
+        soft = step.soft if soft is None else torch.where(active[:, None, None], step.soft, soft)
+        finished |= active & stopper(argmax, step.entropy, free_mask=~pinned)
         if trajectory is not None:
             trajectory.append(current.detach().clone())
     return _Round(canvas=argmax, steps=steps_run, passes=passes)
@@ -246,13 +335,17 @@ def denoise(
     verifier: Verifier | None = None,
     max_renoise_rounds: int = 2,
     record_trajectory: bool = False,
+    allowed: AllowedTokens | None = None,
+    chunk: int | None = None,
 ) -> DenoiseResult:
     """Denoise a batch of canvases given right-padded prompts.
 
     `canvas_init` supplies the values of fixed positions (other positions are ignored: the canvas starts uniform
     random). `generator` is one generator per example (see `row_generators`; then a batch gives exactly what each
     example gives alone) or a single generator that seeds one per row. `verifier(canvas) -> positions per example`
-    enables re-noising rounds (see the module docstring).
+    enables re-noising rounds (see the module docstring). `allowed` masks each position to the tokens its rule allows
+    (`ftkit.layout.allowed_tokens`). `chunk`: canvas positions per vocabulary-wide chunk (default: `default_chunk`);
+    results do not depend on it.
     """
     if steps <= 0:
         raise ValueError(f"steps must be > 0, got {steps}")
@@ -267,9 +360,13 @@ def denoise(
     fixed_mask = fixed_mask.bool().to(device)
     canvas_init = canvas_init.to(device)
     prompt_mask = prompt_mask.to(device)
+    if allowed is not None and tuple(allowed.index.shape) != (batch, length):
+        raise ValueError(f"allowed.index has shape {tuple(allowed.index.shape)}, the canvas {(batch, length)}")
     knobs = dict(
         steps=steps, temperature_min=temperature_min, temperature_max=temperature_max, entropy_bound=entropy_bound,
         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
+        allowed=None if allowed is None else AllowedTokens(allowed.table.to(device), allowed.index.to(device)),
+        chunk=chunk or default_chunk(vocab),
     )
 
     cache = _encode_prompt(core, prompt_ids, prompt_mask)

@@ -26,6 +26,9 @@ class Example:
 class Piece:
     text: str
     fixed: bool  # fixed pieces are given: clamped during sampling, excluded from "generated" metrics
+    # Free pieces only: the characters this piece's tokens may consist of (e.g. Sudoku's digits); the sampler masks
+    # every other token at its positions. None = any text token.
+    allowed: str | None = None
 
 
 @dataclass(frozen=True)

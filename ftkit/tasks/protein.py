@@ -272,17 +272,17 @@ class ProteinTask:
         seq, motif = example.answer, example.question["motif"]
         if not motif:
             prompt = f"Generate a protein sequence of {len(seq)} residues."
-            return PromptCanvas(prompt=prompt, pieces=(Piece(seq, False),))
+            return PromptCanvas(prompt=prompt, pieces=(Piece(seq, False, allowed=CANONICAL),))
         pieces, template, cursor = [], [], 0
         for start, residues in motif:
             if start > cursor:
-                pieces.append(Piece(seq[cursor:start], False))
+                pieces.append(Piece(seq[cursor:start], False, allowed=CANONICAL))
                 template.append("_" * (start - cursor))
             pieces.append(Piece(residues, True))
             template.append(residues)
             cursor = start + len(residues)
         if cursor < len(seq):
-            pieces.append(Piece(seq[cursor:], False))
+            pieces.append(Piece(seq[cursor:], False, allowed=CANONICAL))
             template.append("_" * (len(seq) - cursor))
         prompt = f"Complete the protein of {len(seq)} residues; replace each _ with a residue.\n{''.join(template)}"
         return PromptCanvas(prompt=prompt, pieces=tuple(pieces))

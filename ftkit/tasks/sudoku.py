@@ -203,7 +203,8 @@ class SudokuTask:
         for i, (q, a) in enumerate(zip(quiz, self._cells(example.answer))):
             if self.options.rows_on_lines and i and i % 9 == 0:
                 pieces.append(Piece("\n", True))
-            pieces.append(Piece(q if q != "0" else a, q != "0"))
+            # A blank cell may only become a digit (the sampler masks every other token there).
+            pieces.append(Piece(q, True) if q != "0" else Piece(a, False, allowed=DIGITS))
         prompt = "Solve the Sudoku. Blanks are 0.\n" + self._format(quiz)
         return PromptCanvas(prompt=prompt, pieces=tuple(pieces))
 

@@ -1,0 +1,61 @@
+"""The intra-op thread count of train/eval: recipe key, then OMP_NUM_THREADS, then the idle allowed CPUs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ftkit import threads
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A machine of `cpus` CPUs, `allowed` of them in this process's affinity mask, `load` busy."""
+
+    def set_machine(cpus: int, allowed: int, load: float):
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(allowed)))
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    return set_machine
+
+
+def test_idle_machine_uses_the_allowed_cpus(machine):
+    machine(cpus=64, allowed=8, load=0.1)
+    assert threads.choose_threads() == threads.ThreadChoice(8, "8 CPU(s) allowed to this process")
+
+
+def test_busy_cores_are_left_to_the_other_work(machine):
+    """The issue's case: 2 cores, another process busy on one: 1 thread, not 2 (24-36x slower measured)."""
+    machine(cpus=2, allowed=2, load=1.2)
+    choice = threads.choose_threads()
+    assert choice.threads == 1 and "1 kept busy" in choice.reason
+    machine(cpus=2, allowed=2, load=5.0)
+    assert threads.choose_threads().threads == 1  # never below one
+
+
+def test_recipe_key_then_environment_win(machine, monkeypatch):
+    machine(cpus=2, allowed=2, load=0.0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose_threads() == threads.ThreadChoice(3, "OMP_NUM_THREADS")
+    assert threads.choose_threads(requested=5) == threads.ThreadChoice(5, "train.cpu_threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # set but empty: ignored
+    assert threads.choose_threads().threads == 2
+
+
+def test_apply_sets_torch_threads(machine):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        machine(cpus=4, allowed=1, load=0.0)
+        assert threads.apply_threads().threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_machine_description_names_the_cpus(machine):
+    machine(cpus=4, allowed=2, load=0.0)
+    assert threads.machine_description().endswith("2 of 4 CPU(s) allowed")
