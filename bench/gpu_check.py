@@ -65,11 +65,12 @@ def plan(mode: str, work: Path) -> list[Step]:
     smoke = mode == "smoke"
     ckpt, run = work / "ckpt-cli", work / "run-cli"
     pytest = [PY, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rs", "tests"]
-    # The real Sudoku recipe, shortened: 20 steps, a checkpoint every 10, 16 test puzzles.
+    # The real Sudoku recipe, shortened: 20 steps, a checkpoint every 10, 16 test puzzles. The eval settings go into
+    # the recipe, so `ftkit eval RUN` is the run's own evaluation and writes eval.json.
     overrides = {"model.base": ckpt, "train.output_dir": run, "train.max_steps": 20, "train.warmup_steps": 2,
                  "train.logging_steps": 5, "train.save_steps": 10, "task.train_size": 200, "task.test_size": 16,
                  "eval.num_examples": 16}
-    eval_n, denoise_steps = "16", []
+    denoise_steps: list[str] = []
     throughput = [PY, "bench/train_throughput.py", "--methods", "ftkit-4bit,peft-4bit,unsloth-4bit", "--grad-ckpt",
                   "--loss-chunk", "128", "--workdir", str(work / "throughput")]
     memory = [PY, "bench/memory_budget.py", "--loss-chunk", "128", "--workdir", str(work / "memory")]
@@ -77,8 +78,9 @@ def plan(mode: str, work: Path) -> list[Step]:
         pytest.append("--collect-only")
         # bitsandbytes' 4-bit load needs CUDA (ftkit refuses it on the CPU); everything else is the recipe's.
         overrides |= {"model.dtype": "float32", "quant.mode": "none", "train.max_steps": 2, "train.save_steps": 1,
-                      "train.batch_size": 2, "task.train_size": 8, "task.test_size": 2, "eval.num_examples": 2}
-        eval_n, denoise_steps = "2", ["--steps", "2"]
+                      "train.batch_size": 2, "task.train_size": 8, "task.test_size": 2, "eval.num_examples": 2,
+                      "eval.steps": 2}
+        denoise_steps = ["--steps", "2"]
         throughput += ["--tiny", "--layers", "1,2", "--steps", "1", "--warmup", "0"]
         memory += ["--skip-activations", "--budget-layers", "2"]
     else:
@@ -86,7 +88,7 @@ def plan(mode: str, work: Path) -> list[Step]:
         memory += ["--layers", "2"]
     build = [PY, "bench/gpu_check.py", "build-checkpoint", str(ckpt), "--layers", "2", *(["--tiny"] if smoke else [])]
     train = [PY, "-m", "ftkit", "train", "recipes/sudoku.yaml", *(f"{k}={v}" for k, v in overrides.items())]
-    evaluate = [PY, "-m", "ftkit", "eval", str(run), "-n", eval_n, *denoise_steps]
+    evaluate = [PY, "-m", "ftkit", "eval", str(run)]
     generate = [PY, "-m", "ftkit", "generate", str(run), "-i", first_test_puzzle(), *denoise_steps]
     return [
         Step("1-pytest-gpu", "pytest -m gpu" + (" (collect only: no GPU)" if smoke else ""), 70, [pytest]),
