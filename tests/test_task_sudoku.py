@@ -83,6 +83,15 @@ def test_partial_credit_metrics(task, example):
     assert m["givens_preserved"] == 1.0
 
 
+def test_an_output_longer_than_81_cells_is_not_an_exact_match(task, example):
+    """A right grid followed by extra digits fails `check` (length), so it must not count as an exact match."""
+    longer = SOLUTION + "1"
+    assert "length" in names(task.check(example, longer))
+    m = task.metrics([example], [longer])
+    assert m["exact_match"] == 0.0 and m["solve_rate"] == 0.0
+    assert m["cell_accuracy_blanks"] == 1.0  # the per-cell metrics still read the first 81 cells
+
+
 def test_generator_makes_unique_puzzles_by_difficulty():
     rng = random.Random(5)
     sol = random_solution(rng)

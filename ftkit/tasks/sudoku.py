@@ -239,7 +239,8 @@ class SudokuTask:
         return stratified_means(rows, ["easy", "medium", "hard"]) if rows else {}
 
     def _one(self, example: Example, output: str) -> dict[str, float]:
-        cells = (self._cells(output) + "?" * 81)[:81]
+        produced = self._cells(output)
+        cells = (produced + "?" * 81)[:81]  # per-cell metrics read the first 81 cells
         truth = self._cells(example.answer)
         quiz = example.question
         blanks = [i for i in range(81) if quiz[i] == "0"]
@@ -251,7 +252,8 @@ class SudokuTask:
                 units_ok[unit.split()[0]] += 1
         return {
             "solve_rate": float(not self.check(example, output)),
-            "exact_match": float(cells == truth),
+            # The whole output, not its first 81 cells: extra cells after a right grid are not an exact match.
+            "exact_match": float(produced == truth),
             "cell_accuracy_blanks": sum(cells[i] == truth[i] for i in blanks) / max(1, len(blanks)),
             "givens_preserved": sum(cells[i] == quiz[i] for i in givens) / max(1, len(givens)),
             "rows_valid": units_ok["row"] / 9,
