@@ -23,7 +23,7 @@ import torch
 
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
 from ftkit.errors import FtkitError
-from ftkit.layout import Layout, canvas_to_text, layout_example
+from ftkit.layout import Layout, canvas_to_text, layout_example, stop_token_ids
 from ftkit.recipe import EvalSection
 from ftkit.tasks.base import Example, Violation
 
@@ -61,12 +61,13 @@ def score_outputs(task, examples: list[Example], outputs: list[str]) -> tuple[di
     return task.metrics(examples, outputs), violations
 
 
-def _token_char_starts(tokenizer, row: list[int], eos_id: int | None) -> tuple[list[int], int, int]:
-    """(first character offset of each token before the first EOS, that EOS's index, decoded text length).
+def _token_char_starts(tokenizer, row: list[int], stop_ids) -> tuple[list[int], int, int]:
+    """(first character offset of each token before the first stop token, that stop's index, decoded text length).
 
     Built from the *output* tokens, decoded one by one as `layout` does for the reference: with a subword tokenizer
     a wrong answer may tokenize differently from the reference, so the reference's char_starts would misplace it."""
-    end = row.index(eos_id) if eos_id is not None and eos_id in row else len(row)
+    stops = set(stop_ids)
+    end = next((i for i, t in enumerate(row) if t in stops), len(row))
     starts, pos = [], 0
     for tid in row[:end]:
         starts.append(pos)
@@ -76,7 +77,7 @@ def _token_char_starts(tokenizer, row: list[int], eos_id: int | None) -> tuple[l
 
 def char_positions_to_tokens(positions, starts: list[int], end: int, text_length: int, canvas_length: int) -> list[int]:
     """Canvas token indices holding the given character offsets. Offsets past the decoded text (a checker padding a
-    short output) map to the positions from the first EOS on, one per character."""
+    short output) map to the positions from the first stop token on, one per character."""
     tokens = set()
     for c in positions:
         if c >= text_length:
@@ -91,12 +92,14 @@ def char_positions_to_tokens(positions, starts: list[int], end: int, text_length
 def make_verifier(tokenizer, task, examples: list[Example]) -> Callable[[torch.Tensor], list[list[int]]]:
     """A `denoise` verifier: decode each canvas, run task.check, map the violations' characters to tokens."""
 
+    stops = stop_token_ids(tokenizer)
+
     def verify(canvas: torch.Tensor) -> list[list[int]]:
         out = []
         for ex, row in zip(examples, canvas.tolist()):
             text = canvas_to_text(tokenizer, row)
             chars = {p for v in task.check(ex, text) for p in v.positions}
-            starts, end, length = _token_char_starts(tokenizer, row, tokenizer.eos_token_id)
+            starts, end, length = _token_char_starts(tokenizer, row, stops)
             out.append(char_positions_to_tokens(chars, starts, end, length, len(row)))
         return out
 

@@ -1,12 +1,18 @@
 """Text -> token layout: an example's prompt and canvas as ids, with the canvas's fixed-position mask.
 
+The chat format is DiffusionGemma's own: the encoder prompt is the chat template's rendering of the conversation
+up to the model's turn (`<bos><|turn>user\n...<turn|>\n<|turn>model\n`), and the canvas is the assistant content
+followed by the token the template closes the turn with (`<turn|>`), EOS-filled after it, as TRL's training
+template supervises it. The model learns to stop where it stops at generation time.
+
 Pieces are tokenized one by one and concatenated, so a fixed piece (a Sudoku given, a code prefix) maps to exact
-token positions that the sampler can clamp, whichever tokenizer is in use. The canvas is EOS-filled past its
-end, as the reference objective does; the fill is supervised.
+token positions that the sampler can clamp, whichever tokenizer is in use. The EOS fill is supervised, as in the
+reference objective.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,27 +26,58 @@ class Layout:
     prompt_ids: list[int]
     canvas_ids: list[int]  # length == canvas_length, EOS-filled
     fixed: list[bool]  # per canvas position: clamped during sampling
-    content_length: int  # canvas positions before the EOS fill
-    char_starts: list[int]  # per content token: its first character's offset in the canvas text
+    content_length: int  # canvas positions before the EOS fill (the end-of-turn token included)
+    char_starts: list[int]  # per token of the pieces: its first character's offset in the canvas text
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Chat-templated prompt for an instruction-tuned tokenizer, else BOS + text (the tiny tokenizer)."""
+_PROBE = "ftkit-probe"
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the tokenizer's chat template closes an assistant turn with (`<turn|>` for DiffusionGemma, Gemma 4):
+    the canvas ends with it and generation stops on it. Read off the template by rendering one exchange, so any
+    chat template works; None for a tokenizer without one (the canvas then ends at the EOS fill)."""
+    if tokenizer in _END_OF_TURN:
+        return _END_OF_TURN[tokenizer]
+    found = None
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        chat = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _PROBE}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        tail = _encode(tokenizer, text[text.rindex(_PROBE) + len(_PROBE) :])
+        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+        if tail and tail[0] in special:
+            found = int(tail[0])
+    _END_OF_TURN[tokenizer] = found
+    return found
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end an answer: the chat template's end-of-turn token, then EOS. Decoding, the block loop and
+    the sampler's constraints all stop at the first of them."""
+    ids = [end_of_turn_id(tokenizer), tokenizer.eos_token_id]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def encode_prompt(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...] = ()) -> list[int]:
+    """The encoder prompt: the chat template's rendering of the conversation (`messages`, else one user turn holding
+    `prompt`) up to the model's turn. A tokenizer without a chat template gets BOS + the text."""
+    chat = [{"role": role, "content": content} for role, content in messages] or [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + _encode(tokenizer, prompt)
+    return bos + _encode(tokenizer, "\n".join(turn["content"] for turn in chat))
 
 
 def layout_example(tokenizer, pc: PromptCanvas, canvas_length: int, max_prompt_length: int, example_id: str = "?") -> Layout:
-    prompt_ids = encode_prompt(tokenizer, pc.prompt)
+    prompt_ids = encode_prompt(tokenizer, pc.prompt, pc.messages)
     if len(prompt_ids) > max_prompt_length:
         raise FtkitError(
             f"example {example_id}: prompt is {len(prompt_ids)} tokens, over train.max_prompt_length={max_prompt_length}"
@@ -56,9 +93,15 @@ def layout_example(tokenizer, pc: PromptCanvas, canvas_length: int, max_prompt_l
         canvas.extend(ids)
         fixed.extend([piece.fixed] * len(ids))
         offset += len(piece.text)
+    eot = end_of_turn_id(tokenizer)
+    if eot is not None:
+        canvas.append(eot)  # generated, not given: the model learns where its answer ends
+        fixed.append(False)
     if len(canvas) > canvas_length:
+        closing = " (its end-of-turn token included)" if eot is not None else ""
         raise FtkitError(
-            f"example {example_id}: canvas is {len(canvas)} tokens, longer than the model's canvas_length={canvas_length}"
+            f"example {example_id}: canvas is {len(canvas)} tokens{closing}, longer than the model's "
+            f"canvas_length={canvas_length}"
         )
     content = len(canvas)
     pad = canvas_length - content
@@ -92,9 +135,8 @@ def collate(layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def canvas_to_text(tokenizer, canvas_ids: list[int]) -> str:
-    """Decode a canvas up to its first EOS."""
-    eos = tokenizer.eos_token_id
+    """Decode a canvas (or a multi-block answer) up to its first stop token (end of turn or EOS)."""
+    stops = set(stop_token_ids(tokenizer))
     ids = list(canvas_ids)
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return tokenizer.decode(ids[:end], skip_special_tokens=True)

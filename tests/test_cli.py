@@ -89,7 +89,7 @@ BAD_TRAIN_INPUTS = {
     "unknown_task": (["task.name=chess"], ["`task.name`", "unknown task 'chess'", "sudoku"]),
     "missing_data_file": (["task.data_path=/nonexistent/puzzles.csv"], ["/nonexistent/puzzles.csv", "not found"]),
     "canvas_too_long": (["model.tiny.canvas_length=85", "task.options.rows_on_lines=true"],
-                        ["canvas is 89 tokens", "canvas_length=85"]),
+                        ["canvas is 90 tokens", "canvas_length=85"]),
     "empty_dataset": (["task.train_size=0"], ["dataset is empty"]),
     "bad_override": (["train.max_steps"], ["KEY.PATH=VALUE"]),
     "bad_task_option": (["task.options.min_givens=5"], ["min_givens"]),
@@ -223,7 +223,7 @@ def test_protein_input_length_and_scaffold(char_tokenizer):
     ex = example_from_input(task, "MKT" + "_" * 20 + "GLL___a")
     assert ex.question == {"length": 30, "motif": [(0, "MKT"), (23, "GLL"), (29, "A")]}
     lay = layout_example(char_tokenizer, task.to_prompt_canvas(ex), 96, 512)
-    assert lay.content_length == 30 and sum(lay.fixed) == 7
+    assert lay.content_length == 31 and sum(lay.fixed) == 7  # + the end-of-turn token
     assert example_from_input(task, " 40 ").question == {"length": 40, "motif": []}
     for bad, needle in (("12", "outside"), ("MKX__" + "_" * 30, "'X' at position 3"), ("M" * 30, "no free residue")):
         with pytest.raises(FtkitError, match=needle):

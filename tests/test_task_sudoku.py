@@ -140,8 +140,8 @@ def test_csv_errors_name_file_and_line(tmp_path):
 
 def test_layout_fixes_the_givens(task, example, char_tokenizer):
     lay = layout_example(char_tokenizer, task.to_prompt_canvas(example), canvas_length=96, max_prompt_length=256)
-    assert lay.content_length == 81
-    assert [f for f in lay.fixed[:81]] == [q != "0" for q in QUIZ]
+    assert lay.content_length == 82  # 81 cells + the end-of-turn token
+    assert [f for f in lay.fixed[:82]] == [q != "0" for q in QUIZ] + [False]
     assert char_tokenizer.decode(lay.canvas_ids[:81]) == SOLUTION
 
 

@@ -34,6 +34,9 @@ class PromptCanvas:
 
     prompt: str
     pieces: tuple[Piece, ...]
+    # The conversation before the answer as (role, content) turns (system / user / assistant); when given, the
+    # encoder reads it (chat-templated) instead of `prompt`.
+    messages: tuple[tuple[str, str], ...] = ()
 
     @property
     def canvas_text(self) -> str:
