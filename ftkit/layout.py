@@ -24,10 +24,25 @@ from ftkit.tasks.base import PromptCanvas
 @dataclass(frozen=True)
 class Layout:
     prompt_ids: list[int]
-    canvas_ids: list[int]  # length == canvas_length, EOS-filled
+    # The response, EOS-filled to whole blocks of `canvas_length` (one block, i.e. the canvas, for most tasks).
+    canvas_ids: list[int]
     fixed: list[bool]  # per canvas position: clamped during sampling
-    content_length: int  # canvas positions before the EOS fill (the end-of-turn token included)
+    content_length: int  # response tokens before the EOS fill (the end-of-turn token included)
     char_starts: list[int]  # per token of the pieces: its first character's offset in the canvas text
+    canvas_length: int | None = None  # the model's canvas (block) length; None: one block of len(canvas_ids)
+
+    @property
+    def block_length(self) -> int:
+        return self.canvas_length or len(self.canvas_ids)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.canvas_ids) // self.block_length
+
+    def block(self, k: int) -> tuple[list[int], list[bool]]:
+        """Block k's canvas ids and fixed mask (block_length each)."""
+        a, b = k * self.block_length, (k + 1) * self.block_length
+        return self.canvas_ids[a:b], self.fixed[a:b]
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -76,7 +91,10 @@ def encode_prompt(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...] 
     return bos + _encode(tokenizer, "\n".join(turn["content"] for turn in chat))
 
 
-def layout_example(tokenizer, pc: PromptCanvas, canvas_length: int, max_prompt_length: int, example_id: str = "?") -> Layout:
+def layout_example(tokenizer, pc: PromptCanvas, canvas_length: int, max_prompt_length: int, example_id: str = "?",
+                   max_blocks: int | None = 1) -> Layout:
+    """Tokenize an example. A response longer than one canvas is an error unless `max_blocks` allows more blocks
+    (None: any number; a task opts in with `multi_block = True`)."""
     prompt_ids = encode_prompt(tokenizer, pc.prompt, pc.messages)
     if len(prompt_ids) > max_prompt_length:
         raise FtkitError(
@@ -97,40 +115,57 @@ def layout_example(tokenizer, pc: PromptCanvas, canvas_length: int, max_prompt_l
     if eot is not None:
         canvas.append(eot)  # generated, not given: the model learns where its answer ends
         fixed.append(False)
-    if len(canvas) > canvas_length:
+    blocks = max(1, -(-len(canvas) // canvas_length))
+    if max_blocks is not None and blocks > max_blocks:
         closing = " (its end-of-turn token included)" if eot is not None else ""
+        limit = "the model's" if max_blocks == 1 else f"{max_blocks} blocks of the model's"
         raise FtkitError(
-            f"example {example_id}: canvas is {len(canvas)} tokens{closing}, longer than the model's "
+            f"example {example_id}: canvas is {len(canvas)} tokens{closing}, longer than {limit} "
             f"canvas_length={canvas_length}"
         )
     content = len(canvas)
-    pad = canvas_length - content
+    pad = blocks * canvas_length - content
     return Layout(
         prompt_ids=prompt_ids,
         canvas_ids=canvas + [tokenizer.eos_token_id] * pad,
         fixed=fixed + [False] * pad,
         content_length=content,
         char_starts=starts,
+        canvas_length=canvas_length,
     )
 
 
 def collate(layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: `input_ids` = prompt + clean canvas (the encoder reads it all for its AR co-loss),
-    `prompt_len` marks where the canvas starts; `canvas` is the clean target."""
-    lengths = [len(lay.prompt_ids) + len(lay.canvas_ids) for lay in layouts]
-    width = max(lengths)
+    """Right-padded batch for the diffusion loss:
+
+    - `input_ids` = prompt + the response's real tokens (content and end-of-turn, no EOS fill): the encoder reads it
+      all, and its autoregressive co-loss covers exactly these tokens;
+    - `prompt_len` marks where the response starts;
+    - `canvas` (B, K, L): the clean canvas of each response block, EOS-filled past the response; K is the batch's
+      most blocks, and an example's blocks past its last hold padding (never chosen: the loss counts an example's
+      blocks from its response length);
+    - `fixed` (B, K, L): the clamped positions, block by block."""
+    length = layouts[0].block_length
+    if any(lay.block_length != length for lay in layouts):
+        raise ValueError("collate: layouts of different canvas lengths")
+    seqs = [lay.prompt_ids + lay.canvas_ids[: lay.content_length] for lay in layouts]
+    width = max(len(seq) for seq in seqs)
     input_ids = torch.full((len(layouts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(layouts), width), dtype=torch.long)
-    for i, lay in enumerate(layouts):
-        seq = lay.prompt_ids + lay.canvas_ids
-        input_ids[i, : len(seq)] = torch.tensor(seq)
+    blocks = max(lay.num_blocks for lay in layouts)
+    canvas = torch.full((len(layouts), blocks * length), pad_id, dtype=torch.long)
+    fixed = torch.zeros((len(layouts), blocks * length), dtype=torch.bool)
+    for i, (lay, seq) in enumerate(zip(layouts, seqs)):
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, : len(seq)] = 1
+        canvas[i, : len(lay.canvas_ids)] = torch.tensor(lay.canvas_ids, dtype=torch.long)
+        fixed[i, : len(lay.fixed)] = torch.tensor(lay.fixed, dtype=torch.bool)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "prompt_len": torch.tensor([len(lay.prompt_ids) for lay in layouts], dtype=torch.long),
-        "canvas": torch.tensor([lay.canvas_ids for lay in layouts], dtype=torch.long),
-        "fixed": torch.tensor([lay.fixed for lay in layouts], dtype=torch.bool),
+        "canvas": canvas.view(len(layouts), blocks, length),
+        "fixed": fixed.view(len(layouts), blocks, length),
     }
 
 

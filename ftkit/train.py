@@ -47,8 +47,10 @@ def build_layouts(task, tokenizer, recipe: Recipe, split: str, size: int, canvas
     if not examples:
         where = recipe.task.data_path or f"the {recipe.task.name} builder"
         raise FtkitError(f"{where}: the {split} dataset is empty")
+    max_blocks = None if getattr(task, "multi_block", False) else 1
     return [
-        layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, recipe.train.max_prompt_length, ex.id)
+        layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, recipe.train.max_prompt_length, ex.id,
+                       max_blocks=max_blocks)
         for ex in examples
     ]
 

@@ -56,6 +56,9 @@ class Violation:
 class Task(Protocol):
     name: ClassVar[str]
     Options: ClassVar[type]  # a frozen dataclass validated from `task.options` in the recipe
+    # Optional (read with getattr, default False): answers may be longer than one canvas. Training then draws one
+    # response block per example and generation denoises block after block; otherwise a longer canvas is an error.
+    # multi_block: ClassVar[bool]
 
     def build_dataset(self, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
         """The examples of `split` ("train" or "test"). Raise FtkitError naming file and line on bad data."""
