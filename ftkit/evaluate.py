@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
+from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
 from ftkit.errors import FtkitError
-from ftkit.layout import Layout, canvas_to_text, layout_example, stop_token_ids
+from ftkit.layout import canvas_to_text, layout_example, stop_token_ids
 from ftkit.recipe import EvalSection
 from ftkit.tasks.base import Example, Violation
 
@@ -110,26 +111,6 @@ def make_verifier(tokenizer, task, examples: list[Example]) -> Callable[[torch.T
 # Batching and sampling
 
 
-def _batch_tensors(layouts: list[Layout], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded prompts; the canvas carries only the fixed positions' tokens (pad elsewhere), so nothing of the
-    answer reaches the sampler."""
-    width = max(len(lay.prompt_ids) for lay in layouts)
-    prompt_ids = torch.full((len(layouts), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(layouts), width), dtype=torch.long)
-    for i, lay in enumerate(layouts):
-        prompt_ids[i, : len(lay.prompt_ids)] = torch.tensor(lay.prompt_ids)
-        prompt_mask[i, : len(lay.prompt_ids)] = 1
-    fixed = torch.tensor([lay.fixed for lay in layouts], dtype=torch.bool)
-    canvas = torch.tensor([lay.canvas_ids for lay in layouts], dtype=torch.long)
-    canvas_init = torch.where(fixed, canvas, torch.full_like(canvas, pad_id))
-    return {
-        "prompt_ids": prompt_ids.to(device),
-        "prompt_mask": prompt_mask.to(device),
-        "canvas_init": canvas_init.to(device),
-        "fixed_mask": fixed.to(device),
-    }
-
-
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -147,39 +128,47 @@ def evaluate_examples(
     max_renoise_rounds: int = MAX_RENOISE_ROUNDS,
     sampler: Callable[..., DenoiseResult] = denoise,
 ) -> EvalReport:
-    """Denoise every example (batches of eval_cfg.batch_size), decode and score. `sampler` is `denoise` unless a
-    test swaps it."""
+    """Denoise every example (batches of eval_cfg.batch_size, block after block for answers longer than one canvas),
+    decode and score. `sampler` is `denoise` unless a test swaps it."""
     if not examples:
         raise FtkitError("evaluation: no examples to evaluate")
     model.eval()
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    max_blocks = None if getattr(task, "multi_block", False) else 1
     layouts = [
-        layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length, ex.id) for ex in examples
+        layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length, ex.id, max_blocks)
+        for ex in examples
     ]
 
     outputs: list[str] = []
     steps_used: list[int] = []
+    blocks: list[int] = []
     tpf_weighted, passes, renoised = 0.0, 0, 0
     started = time.perf_counter()
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch_examples = examples[start : start + eval_cfg.batch_size]
-        tensors = _batch_tensors(layouts[start : start + eval_cfg.batch_size], pad_id, device)
-        result = sampler(
+        verify = None
+        if verifier_renoise:
+            def verify(rows, answers, batch_examples=batch_examples):
+                return make_verifier(tokenizer, task, [batch_examples[r] for r in rows])(answers)
+        result = denoise_blocks(
             model,
-            tensors["prompt_ids"],
-            tensors["prompt_mask"],
-            tensors["canvas_init"],
-            tensors["fixed_mask"],
+            layouts[start : start + eval_cfg.batch_size],
+            generators=row_generators(eval_cfg.seed, len(batch_examples), device, offset=start),
+            max_new_tokens=eval_cfg.max_new_tokens or canvas_length,
+            stop_ids=stop_token_ids(tokenizer),
+            pad_id=pad_id,
+            verifier=verify,
+            sampler=sampler,
             steps=eval_cfg.steps,
             **schedule_kwargs(eval_cfg),
-            generator=row_generators(eval_cfg.seed, len(batch_examples), device, offset=start),
             clamp=eval_cfg.clamp,
-            verifier=make_verifier(tokenizer, task, batch_examples) if verifier_renoise else None,
             max_renoise_rounds=max_renoise_rounds,
         )
-        outputs.extend(canvas_to_text(tokenizer, row) for row in result.canvas.tolist())
-        steps_used.extend(int(s) for s in result.steps_used.tolist())
+        outputs.extend(canvas_to_text(tokenizer, row) for row in result.tokens)
+        steps_used.extend(result.steps_used)
+        blocks.extend(result.blocks)
         tpf_weighted += result.tokens_per_forward * len(batch_examples)
         passes += result.forward_passes
         renoised += result.renoised_cells
@@ -187,8 +176,9 @@ def evaluate_examples(
     metrics, violations = score_outputs(task, examples, outputs)
     seconds = time.perf_counter() - started
     records = [
-        {"id": ex.id, "output": out, "violations": sorted({v.constraint for v in vs}), "steps_used": used}
-        for ex, out, vs, used in zip(examples, outputs, violations, steps_used)
+        {"id": ex.id, "output": out, "violations": sorted({v.constraint for v in vs}), "steps_used": used,
+         "blocks": n_blocks}
+        for ex, out, vs, used, n_blocks in zip(examples, outputs, violations, steps_used, blocks)
     ]
     n = len(examples)
     return EvalReport(
@@ -243,6 +233,7 @@ def evaluate_run(
     sweep_steps: list[int] | None = None,
     compare_verifier: bool = False,
     checkpoint: str | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run and write `eval.json` (or `eval_base.json`, or `eval_checkpoint-N.json` for a `checkpoint`:
     a name under checkpoints/, a path, or `latest`) into it; return the same dict.
@@ -254,7 +245,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FtkitError(f"{run_dir}: run directory not found")
-    for name, value in (("steps", steps), ("num_examples", num_examples)):
+    for name, value in (("steps", steps), ("num_examples", num_examples), ("max_new_tokens", max_new_tokens)):
         if value is not None and value <= 0:
             raise FtkitError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if sweep_steps and any(s <= 0 for s in sweep_steps):
@@ -271,6 +262,7 @@ def evaluate_run(
         steps=steps or cfg.steps,
         num_examples=num_examples or cfg.num_examples,
         verifier_renoise=cfg.verifier_renoise if verifier_renoise is None else verifier_renoise,
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens,
     )
     size = min(cfg.num_examples, _split_size(recipe, cfg.split))
     if size <= 0:

@@ -141,6 +141,8 @@ class EvalSection:
     clamp: bool = True
     verifier_renoise: bool = False
     seed: int = 0
+    # Answer length in tokens, generated block after block until a stop token (end of turn / EOS); null: one canvas.
+    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,8 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         need(getattr(recipe.task, key) >= 0, f"task.{key}", "must be >= 0")
     for key in ("num_examples", "batch_size", "steps"):
         need(getattr(recipe.eval, key) > 0, f"eval.{key}", "must be > 0")
+    need(recipe.eval.max_new_tokens is None or recipe.eval.max_new_tokens > 0, "eval.max_new_tokens",
+         "must be > 0 (or null for one canvas)")
     t = recipe.model.tiny
     need(t.top_k <= t.experts, "model.tiny.top_k", "must be <= model.tiny.experts")
     for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "global_head_dim", "intermediate", "experts",

@@ -123,7 +123,7 @@ def test_real_sampler_respects_givens_and_budget(model, tokenizer, task, example
     plain = ev.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, False, sampler=recording_denoise)
     assert len(calls) == 2
     for args, kwargs, result in calls:
-        canvas_init, fixed = args[3], args[4]
+        canvas_init, fixed = kwargs["canvas_init"], kwargs["fixed_mask"]
         assert fixed.any() and torch.equal(result.canvas[fixed], canvas_init[fixed])  # givens clamped
         assert kwargs["clamp"] and kwargs["verifier"] is None
     # (The decoded text may still lose givens: a random model can write EOS early and the text stops there.)
