@@ -111,7 +111,7 @@ def denoise_blocks(
     stop_ids: Sequence[int],
     pad_id: int,
     verifier: RowsVerifier | None = None,
-    on_block: Callable[[int, list[int], torch.Tensor], None] | None = None,
+    on_block: Callable[[int, list[int], torch.Tensor, list[bool]], None] | None = None,
     sampler: Callable = denoise,
     **sampling,
 ) -> BlocksResult:
@@ -119,8 +119,8 @@ def denoise_blocks(
 
     `generators`: one per row (see `row_generators`), carried from block to block. `sampling`: `denoise`'s keyword
     arguments (steps, schedule, clamp, max_renoise_rounds, record_trajectory...), passed through unchanged.
-    `verifier(rows, answers)` judges whole answers (see `_block_verifier`). `on_block(k, rows, canvas)` is called as
-    each block lands. A row stops after a block that holds a stop token (unless fixed pieces lie beyond it) or at
+    `verifier(rows, answers)` judges whole answers (see `_block_verifier`). `on_block(k, rows, canvas, last)` is called
+    as each block lands (`last`: per row, whether this block ends its answer). A row stops after a block that holds a stop token (unless fixed pieces lie beyond it) or at
     its budget (`block_budget`)."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
@@ -159,7 +159,7 @@ def denoise_blocks(
         result.block_rows.append(rows)
         result.trajectories.append(list(out.trajectory))
         if on_block is not None:
-            on_block(k, rows, out.canvas)
+            on_block(k, rows, out.canvas, [done[r] or k + 1 >= budgets[r] for r in rows])
         k += 1
     result.tokens = [tokens[: max(max_new_tokens, _fixed_end(lay))] for tokens, lay in zip(answers, layouts)]
     result.tokens_per_forward = _tokens_per_forward(layouts, result.tokens, steps_used, stops)

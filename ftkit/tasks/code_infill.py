@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import json
 import random
+import re
 import string
 import sysconfig
 from dataclasses import dataclass
@@ -32,9 +33,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ftkit.errors import FtkitError
-from ftkit.tasks.base import Example, Piece, PromptCanvas, Violation, register, stratified_means
+from ftkit.tasks.base import PLACEHOLDER, Example, Piece, PromptCanvas, Violation, register, stratified_means
 
 HOLE = "<HOLE>"
+HOLE_MARK = re.compile(r"<HOLE(?::(\d+))?>")  # in `ftkit generate` input: where the middle goes, N tokens long
+DEFAULT_HOLE_CHARS = 32
 PRINTABLE = set(string.printable) - set("\x0b\x0c\r")  # the tiny character tokenizer's alphabet
 USER_KEYS = {"prefix", "middle", "suffix", "test", "entry_point", "head", "id"}
 
@@ -273,6 +276,25 @@ class CodeInfillTask:
         if q["suffix"]:
             pieces.append(Piece(q["suffix"], True))
         return PromptCanvas(prompt=prompt, pieces=tuple(pieces))
+
+    def example_from_input(self, text: str) -> Example:
+        """Python code with one `<HOLE>` (or `<HOLE:N>`: N characters/tokens to generate, default 32) where the
+        middle goes. A hole alone on its line generates whole lines (the middle ends with a newline)."""
+        holes = list(HOLE_MARK.finditer(text))
+        if len(holes) != 1:
+            raise FtkitError(f"code_infill input: expected exactly one <HOLE> (or <HOLE:N>) marker, found {len(holes)}")
+        hole = holes[0]
+        n = int(hole.group(1)) if hole.group(1) else DEFAULT_HOLE_CHARS
+        if n <= 0:
+            raise FtkitError("code_infill input: <HOLE:N> needs N > 0")
+        prefix, suffix = text[: hole.start()], text[hole.end() :]
+        whole_lines = suffix.startswith("\n") and (not prefix or prefix.endswith("\n"))
+        if whole_lines:
+            suffix = suffix[1:]
+        middle = PLACEHOLDER * (n - 1) + "\n" if whole_lines and n > 1 else PLACEHOLDER * n
+        return Example(id="input", question={"head": "", "prefix": prefix, "suffix": suffix, "test": None,
+                                             "entry_point": None},
+                       answer=prefix + middle + suffix, meta={"origin": "input"})
 
     # -- checking
     def check(self, example: Example, output: str) -> list[Violation]:
