@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +27,10 @@ from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, sched
 from ftkit.errors import FtkitError
 from ftkit.layout import canvas_to_text, layout_example, stop_token_ids
 from ftkit.recipe import EvalSection
+from ftkit.task_data import load_examples
 from ftkit.tasks.base import Example, Violation
 
+log = logging.getLogger(__name__)
 MAX_RENOISE_ROUNDS = 2  # verifier rounds per batch; each round may spend the full `steps` budget again
 PLAIN, VERIFIER = "plain", "verifier"
 
@@ -111,6 +114,28 @@ def make_verifier(tokenizer, task, examples: list[Example]) -> Callable[[torch.T
 # Batching and sampling
 
 
+def _lay_out(task, tokenizer, examples: list[Example], canvas_length: int, max_prompt_length: int):
+    """(examples, layouts); an example that does not fit is an error, or skipped and counted for a task whose
+    `skip_bad_rows` is true (as in training)."""
+    max_blocks = None if getattr(task, "multi_block", False) else 1
+    kept, layouts, skipped = [], [], []
+    for ex in examples:
+        try:
+            layouts.append(layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length,
+                                          ex.id, max_blocks))
+            kept.append(ex)
+        except FtkitError as e:
+            if not getattr(task, "skip_bad_rows", False):
+                raise
+            skipped.append(str(e))
+    if skipped:
+        log.warning("evaluation: skipped %d of %d example(s) that do not fit the model (first: %s)", len(skipped),
+                    len(examples), skipped[0])
+    if not kept:
+        raise FtkitError("evaluation: no example fits the model (see the warning above)")
+    return kept, layouts
+
+
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -135,11 +160,7 @@ def evaluate_examples(
     model.eval()
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    max_blocks = None if getattr(task, "multi_block", False) else 1
-    layouts = [
-        layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length, ex.id, max_blocks)
-        for ex in examples
-    ]
+    examples, layouts = _lay_out(task, tokenizer, examples, canvas_length, max_prompt_length)
 
     outputs: list[str] = []
     steps_used: list[int] = []
@@ -215,6 +236,13 @@ def _load_run(run_dir: Path, adapter: bool, checkpoint: str | None = None):
     return load_run(run_dir, adapter=adapter, checkpoint=checkpoint)
 
 
+DATA_FILE_LIMIT = 1_000_000  # --data without -n: every example of the file
+
+
+def _safe_name(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text) or "data"
+
+
 def _split_size(recipe, split: str) -> int:
     if split == "test":
         return recipe.task.test_size
@@ -234,6 +262,7 @@ def evaluate_run(
     compare_verifier: bool = False,
     checkpoint: str | None = None,
     max_new_tokens: int | None = None,
+    data: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run and write `eval.json` (or `eval_base.json`, or `eval_checkpoint-N.json` for a `checkpoint`:
     a name under checkpoints/, a path, or `latest`) into it; return the same dict.
@@ -241,6 +270,9 @@ def evaluate_run(
     With `sweep_steps`, the primary mode is also evaluated at each step count (`eval_sweep.json`, `eval_sweep.png`,
     `_base` in the names for the base model). With `compare_verifier`, plain and verifier-guided sampling are both
     evaluated on the same examples and seeds, and both stored under `modes`.
+
+    With `data` (a data file the run's task reads, as `task.data_path` would be), every example of that file is
+    evaluated (up to `num_examples`) instead of a split of the recipe's data, into `eval_data_<file stem>.json`.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -253,6 +285,11 @@ def evaluate_run(
 
     if base_only and checkpoint is not None:
         raise FtkitError("--base and --checkpoint exclude each other")
+    if data is not None:
+        if split is not None:
+            raise FtkitError("--data and --split exclude each other: --data evaluates the whole file")
+        if not Path(data).exists():
+            raise FtkitError(f"--data {data}: file not found")
     run = _load_run(run_dir, adapter=not base_only, checkpoint=checkpoint)
     recipe = run.recipe
     cfg = recipe.eval
@@ -264,10 +301,17 @@ def evaluate_run(
         verifier_renoise=cfg.verifier_renoise if verifier_renoise is None else verifier_renoise,
         max_new_tokens=max_new_tokens or cfg.max_new_tokens,
     )
-    size = min(cfg.num_examples, _split_size(recipe, cfg.split))
-    if size <= 0:
-        raise FtkitError(f"{run_dir}: the recipe's {cfg.split} split is empty (task.{cfg.split}_size)")
-    examples = run.task.build_dataset(cfg.split, size, recipe.task.seed, recipe.task.data_path)
+    if data is not None:
+        cfg = dataclasses.replace(cfg, split="all")
+        size = num_examples or DATA_FILE_LIMIT
+        examples = load_examples(run.task, "all", size, recipe.task.seed, str(data))
+        if not examples:
+            raise FtkitError(f"--data {data}: no examples in it")
+    else:
+        size = min(cfg.num_examples, _split_size(recipe, cfg.split))
+        if size <= 0:
+            raise FtkitError(f"{run_dir}: the recipe's {cfg.split} split is empty (task.{cfg.split}_size)")
+        examples = load_examples(run.task, cfg.split, size, recipe.task.seed, recipe.task.data_path)
 
     def run_mode(with_verifier: bool, n_steps: int) -> EvalReport:
         return evaluate_examples(
@@ -283,10 +327,13 @@ def evaluate_run(
         modes = {k: modes[k] for k in (PLAIN, VERIFIER)}
 
     stem = "eval_base" if base_only else "eval" if checkpoint is None else f"eval_{Path(run.adapter_dir).name}"
+    if data is not None:  # never the recipe's own evaluation: a file of its own
+        stem = f"{stem}_data_{_safe_name(Path(data).stem)}"
     report: dict[str, Any] = {
         "run_dir": str(run_dir),
         "task": recipe.task.name,
         "split": cfg.split,
+        "data": str(data) if data is not None else None,
         "adapter": not base_only,
         "base": recipe.model.base,
         "canvas_length": run.canvas_length,
