@@ -125,15 +125,16 @@ def eval_(
     sweep_steps: Annotated[Optional[str], typer.Option("--sweep-steps", help="Comma list, e.g. 1,4,16,64.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final adapter.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Answer length budget in tokens, block after block (default: eval.max_new_tokens, else one canvas).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate on every example of this data file (read as task.data_path) instead of the recipe's split; writes eval_data_<name>.json.")] = None,
 ) -> None:
-    """Constrained denoising on the task's test split; writes eval.json and prints the table."""
+    """Constrained denoising on the task's test split (or a data file); writes eval.json and prints the table."""
     _quiet_libraries()
     from ftkit.evaluate import evaluate_run, render_table
 
     sweep = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else None
     report = evaluate_run(run_dir, split=split, steps=steps, num_examples=num_examples, base_only=base,
                           verifier_renoise=verifier, sweep_steps=sweep, compare_verifier=compare_verifier,
-                          checkpoint=checkpoint, max_new_tokens=max_new_tokens)
+                          checkpoint=checkpoint, max_new_tokens=max_new_tokens, data=data)
     out.print(render_table(report))
 
 

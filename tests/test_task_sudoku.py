@@ -38,7 +38,7 @@ def swap(s: str, i: int, j: int) -> str:
 
 def test_registered_and_unknown_name():
     assert "sudoku" in known_tasks() and get_task("sudoku") is SudokuTask
-    with pytest.raises(KeyError, match="unknown task 'chess'; known tasks: code_infill, protein, sudoku"):
+    with pytest.raises(KeyError, match="unknown task 'chess'; known tasks: chat, code_infill, protein, sudoku"):
         get_task("chess")
 
 

@@ -144,7 +144,7 @@ def make_task(name: str, options: dict[str, Any] | None = None) -> Any:
 
 def _load_builtin() -> None:
     # Importing registers them; each module imports its optional heavy deps lazily.
-    from ftkit.tasks import code_infill, protein, sudoku  # noqa: F401
+    from ftkit.tasks import chat, code_infill, protein, sudoku  # noqa: F401
 
     global _PLUGINS_LOADED
     if not _PLUGINS_LOADED:

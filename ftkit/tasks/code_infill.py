@@ -195,8 +195,11 @@ class CodeInfillTask:
 
     # -- data
     def build_dataset(self, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
-        if split not in ("train", "test"):
-            raise FtkitError(f"code_infill: unknown split {split!r} (train or test)")
+        """`train` / `test`, or `all`: every record of `data_path` (`ftkit eval --data`)."""
+        if split not in ("train", "test", "all"):
+            raise FtkitError(f"code_infill: unknown split {split!r} (train, test or all)")
+        if split == "all" and not data_path:
+            raise FtkitError("code_infill: split 'all' reads a data file (--data FILE)")
         if data_path:
             pool = self._user_examples(split, data_path)
         elif self.options.source == "humaneval" and split == "test":
@@ -258,8 +261,8 @@ class CodeInfillTask:
         out = []
         for where, r in load_jsonl(data_path):
             id_ = r.get("id") or where
-            if (_hash_fraction(f"user/{id_}/{r['prefix']}{r['middle']}{r['suffix']}") < self.options.test_fraction) \
-                    != (split == "test"):
+            held_out = _hash_fraction(f"user/{id_}/{r['prefix']}{r['middle']}{r['suffix']}") < self.options.test_fraction
+            if split != "all" and held_out != (split == "test"):
                 continue
             out.append(self._example(id_, "user", r["prefix"], r["middle"], r["suffix"], head=r.get("head") or "",
                                      test=r.get("test") or None, entry_point=r.get("entry_point") or None))

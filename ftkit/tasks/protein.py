@@ -233,10 +233,11 @@ class ProteinTask:
                                o.test_fraction, o.homopolymer_run, o.entropy_window, o.min_entropy_bits)
 
     def build_dataset(self, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
-        if split not in ("train", "test"):
-            raise FtkitError(f"protein: unknown split {split!r} (train or test)")
+        """`train` / `test` (held out by record id), or `all` (every window, e.g. of an `ftkit eval --data` FASTA)."""
+        if split not in ("train", "test", "all"):
+            raise FtkitError(f"protein: unknown split {split!r} (train, test or all)")
         train, test = self._windows(data_path)
-        pool = list(train if split == "train" else test)
+        pool = list(train + test if split == "all" else train if split == "train" else test)
         random.Random(f"protein/{split}/{seed}").shuffle(pool)
         if not pool and size:
             raise FtkitError(f"protein: no {split} sequences of {self.options.min_length}-{self.options.max_length} "

@@ -256,10 +256,14 @@ class SudokuTask:
 
     # -- data
     def build_dataset(self, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
+        """`train` / `test`, or `all`: every puzzle of `data_path` (`ftkit eval --data`)."""
+        if split == "all" and not data_path:
+            raise FtkitError("sudoku: split 'all' reads a data file (--data FILE)")
         if data_path:
             pairs = load_csv(data_path)
             # A deterministic split of user data: every 10th row is test.
-            pairs = [p for i, p in enumerate(pairs) if (i % 10 == 9) == (split == "test")]
+            if split != "all":
+                pairs = [p for i, p in enumerate(pairs) if (i % 10 == 9) == (split == "test")]
             pairs = pairs[:size]
         elif split == "test" and seed == 0 and size <= len(_held_out()):
             pairs = _held_out()[:size]
