@@ -36,6 +36,13 @@ def training_arguments(recipe: Recipe, run_dir: Path):
     t = recipe.train
     cuda = torch.cuda.is_available()
     bf16 = cuda and recipe.model.dtype == "bfloat16" and not recipe.is_tiny
+    try:
+        return _training_arguments(TrainingArguments, recipe, run_dir, t, cuda, bf16)
+    except (TypeError, ValueError) as e:  # a value TrainingArguments itself rejects (the recipe checked the types)
+        raise FtkitError(f"training_args: transformers.TrainingArguments rejects the recipe's settings: {e}") from None
+
+
+def _training_arguments(TrainingArguments, recipe: Recipe, run_dir: Path, t, cuda: bool, bf16: bool):
     return TrainingArguments(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
         max_steps=t.max_steps,
@@ -68,6 +75,7 @@ def training_arguments(recipe: Recipe, run_dir: Path):
         dataloader_num_workers=t.num_workers,
         report_to=[] if t.report_to == "none" else [t.report_to],
         disable_tqdm=True,  # the rich progress bar replaces tqdm
+        **recipe.training_args,  # every other TrainingArguments field, validated by the recipe
     )
 
 
