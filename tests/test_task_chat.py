@@ -83,6 +83,22 @@ def test_prompt_completion_columns_from_other_formats(tmp_path, kind):
     assert every[0].question["messages"][0] == ("system", "Answer.")
 
 
+def test_a_test_split_of_its_own(tmp_path):
+    """With test_split, train reads all of its split and test all of the other (as for GSM8K on the Hub)."""
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list([{"q": f"q{i}", "a": f"#### {i}"} for i in range(20)]),
+                 "test": Dataset.from_list([{"q": f"t{i}", "a": f"#### {i}"} for i in range(5)])}
+                ).save_to_disk(str(tmp_path / "dd"))
+    task = make_task("chat", {"dataset": str(tmp_path / "dd"), "test_split": "test", "prompt_column": "q",
+                              "completion_column": "a", "answer_regex": r"####\s*(.+)"})
+    assert len(task.build_dataset("train", 100, 0)) == 20
+    assert sorted(e.question["messages"][-1][1] for e in task.build_dataset("test", 100, 0)) == [f"t{i}" for i in range(5)]
+    with pytest.raises(FtkitError, match="no split 'dev'"):
+        make_task("chat", {"dataset": str(tmp_path / "dd"), "train_split": "dev", "prompt_column": "q",
+                           "completion_column": "a"}).build_dataset("train", 5, 0)
+
+
 BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "hi"}]}, "the last turn must be the assistant's answer"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "the answer (completion) is empty"),
@@ -163,3 +179,74 @@ def test_recipe_validation_catches_verifier_options():
         recipe_from_dict({"task": {"name": "chat", "options": {"on_bad_row": "ignore"}}})
     ok = recipe_from_dict({"task": {"name": "chat", "options": {"verifier": "json_schema", "schema": {"type": "object"}}}})
     assert ok.task.options["schema"] == {"type": "object"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The three commands on a tiny chat run
+
+
+TINY = {"layers": 1, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
+        "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32, "canvas_length": 16}
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    import yaml
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+
+    root = tmp_path_factory.mktemp("chat")
+    data = write_jsonl(root / "train.jsonl", chats(24, long_every=4))
+    recipe = {"model": {"base": "tiny", "dtype": "float32", "tiny": TINY},
+              "lora": {"r": 4, "alpha": 8, "dense_mlp": True},
+              "train": {"output_dir": str(root / "run"), "max_steps": 2, "batch_size": 4, "logging_steps": 1,
+                        "save_steps": 2, "max_prompt_length": 128},
+              "task": {"name": "chat", "train_size": 24, "test_size": 4,
+                       "options": {"dataset": str(data), "answer_regex": GSM}},
+              "eval": {"num_examples": 2, "batch_size": 2, "steps": 2, "max_new_tokens": 48}}
+    (root / "chat.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["train", str(root / "chat.yaml")])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_eval_on_a_data_file_without_editing_the_recipe(chat_run):
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+
+    other = write_jsonl(chat_run / "held.jsonl", chats(5, long_every=2))
+    result = CliRunner().invoke(app, ["eval", str(chat_run / "run"), "--data", str(other), "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((chat_run / "run" / "eval_data_held.json").read_text())
+    assert report["num_examples"] == 5 and report["split"] == "all" and report["data"] == str(other)
+    assert not (chat_run / "run" / "eval.json").exists()  # the recipe's own evaluation is not replaced
+    records = report["modes"]["plain"]["records"]
+    assert {r["id"] for r in records} == {f"held.jsonl row {i}" for i in range(1, 6)}
+    assert all(1 <= r["blocks"] <= 3 for r in records)  # max_new_tokens 48 = three 16-token canvases
+    assert "verified" in report["metrics"] and "answer_found" in report["metrics"]
+
+
+def test_generate_goes_block_after_block_and_prints_blocks(chat_run, monkeypatch):
+    from ftkit.generate import generate_one
+
+    landed = []
+    res = generate_one(chat_run / "run", "What is 2 + 1?", steps=1, max_new_tokens=48,
+                       on_block=lambda k, text, last: landed.append((k, last)))
+    assert 1 <= res.blocks <= 3 and [k for k, _ in landed] == list(range(res.blocks))
+    assert landed[-1][1] and not any(last for _, last in landed[:-1])
+    # The CLI prints the blocks of a multi-block answer as they land (and nothing extra for a one-block one).
+    import ftkit.generate as gen
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+
+    def scripted(*args, on_block=None, **kwargs):
+        on_block(0, "first part", False)
+        on_block(1, "#### 3", True)
+        return res
+
+    monkeypatch.setattr(gen, "generate_one", scripted)
+    out = CliRunner().invoke(app, ["generate", str(chat_run / "run"), "-i", "What is 2 + 1?"]).output
+    assert "block 1: first part" in out and "block 2: #### 3" in out

@@ -111,7 +111,8 @@ class ChatTask:
                     raise FtkitError(f"{where}: {e}") from None
                 skipped.append(f"{where}: {e}")
                 continue
-            held_out = _hash_fraction(f"chat/{turns}/{answer}") < o.test_fraction
+            # With a test split of its own, the train split is all training data; else rows are held out by hash.
+            held_out = o.test_split is None and _hash_fraction(f"chat/{turns}/{answer}") < o.test_fraction
             if split == "all" or own_test_split or held_out == (split == "test"):
                 examples.append(Example(id=where, question={"messages": turns}, answer=answer,
                                         meta={"source": name, "row": i + 1}))
@@ -197,7 +198,7 @@ def load_table(source: str, config: str | None, split: str, revision: str | None
 
     path = Path(source)
     try:
-        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
+        if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
             loaded = datasets.load_from_disk(str(path))  # written by save_to_disk
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
