@@ -230,3 +230,21 @@ def test_metrics_of_examples_from_elsewhere():
     ex = Example(id="input", question={"length": 60, "motif": []}, answer=REAL[:60], meta={"source": "input"})
     m = task.metrics([ex], [ex.answer])
     assert m["count"] == 1.0 and m["validity"] == 1.0 and "novelty" in m
+
+
+def test_the_quickstart_protein_inputs_fit_the_tiny_recipe():
+    """docs/quickstart.md's `ftkit generate` protein examples must parse under recipes/tiny/protein.yaml's limits
+    (before: a 17-residue template against min_length 24)."""
+    import re
+    from pathlib import Path
+
+    from ftkit.recipe import load_recipe
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = load_recipe(root / "recipes" / "tiny" / "protein.yaml")
+    task = make_task("protein", recipe.task.options)
+    section = (root / "docs" / "quickstart.md").read_text().split("- protein:", 1)[1].split("\n- ", 1)[0]
+    inputs = re.findall(r"-i ([A-Z_0-9]+)", section)
+    assert len(inputs) >= 2
+    for text in inputs:
+        task.example_from_input(text)
