@@ -164,10 +164,15 @@ def load_examples(task, split: str, size: int, seed: int, data_path: str | None 
         return []
     dataset = examples_dataset(task, split, size, seed, data_path, cache_dir)
     examples = [row_to_example(row) for row in dataset]
-    if 0 < len(examples) < size:
-        log.warning("%s: %d %s example(s) asked, %d built (all the data there is)", data_path or f"task {task.name}",
-                    size, split, len(examples))
+    _say_if_fewer(task, data_path, split, size, len(examples))
     return examples
+
+
+def _say_if_fewer(task, data_path: str | None, split: str, asked: int, built: int) -> None:
+    """A task may have less data than asked for (code_infill's stdlib functions that fit the canvas): say so."""
+    if 0 < built < asked:
+        log.warning("%s: %d %s example(s) asked, %d built (all the data there is)", data_path or f"task {task.name}",
+                    asked, split, built)
 
 
 def load_layouts(task, examples_ds, tokenizer, canvas_length: int, max_prompt_length: int):
@@ -239,9 +244,7 @@ def build_training_data(task, tokenizer, recipe, canvas_length: int) -> LayoutDa
     if examples is None or len(examples) == 0:
         where = t.data_path or f"the {t.name} builder"
         raise FtkitError(f"{where}: the train dataset is empty")
-    if len(examples) < t.train_size:
-        log.warning("%s: task.train_size=%d asked, %d train example(s) built (all the data there is)",
-                    t.data_path or f"task {t.name}", t.train_size, len(examples))
+    _say_if_fewer(task, t.data_path, "train", t.train_size, len(examples))
     layouts = load_layouts(task, examples, tokenizer, canvas_length, recipe.train.max_prompt_length)
     if len(layouts) == 0:
         raise FtkitError(f"{t.data_path or t.name}: every train example was skipped (see the warning above)")

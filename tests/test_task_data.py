@@ -118,3 +118,17 @@ def test_bad_rows_are_skipped_and_counted_or_an_error(char_tokenizer, caplog):
     strict.skip_bad_rows = False
     with pytest.raises(FtkitError, match="example data.jsonl row 1: canvas is 41 tokens"):
         load_layouts(strict, ds, char_tokenizer, 16, 64)
+
+
+def test_training_data_says_when_the_task_builds_fewer_than_asked(char_tokenizer, caplog):
+    """Before: recipes/tiny/code_infill.yaml asked for 2,000 examples and silently trained on ~480."""
+    from ftkit.recipe import recipe_from_dict
+    from ftkit.task_data import build_training_data
+
+    recipe = recipe_from_dict({"model": {"base": "tiny"}, "task": {"name": "protein", "train_size": 10_000,
+                                                                   "options": {"family": "LuxC", "min_length": 90}}})
+    task = make_task("protein", recipe.task.options)
+    with caplog.at_level(logging.WARNING, logger="ftkit.task_data"):
+        data = build_training_data(task, char_tokenizer, recipe, 112)
+    assert 0 < len(data) < 10_000
+    assert f"10000 train example(s) asked, {len(data)} built" in caplog.text
