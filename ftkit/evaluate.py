@@ -25,7 +25,7 @@ import torch
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
 from ftkit.errors import FtkitError
-from ftkit.layout import canvas_to_text, layout_example, stop_token_ids
+from ftkit.layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
 from ftkit.recipe import EvalSection
 from ftkit.task_data import load_examples
 from ftkit.tasks.base import Example, Violation
@@ -110,6 +110,15 @@ def make_verifier(tokenizer, task, examples: list[Example]) -> Callable[[torch.T
     return verify
 
 
+def rows_verifier(tokenizer, task, examples: list[Example]) -> Callable[[list[int], torch.Tensor], list[list[int]]]:
+    """`make_verifier` for `denoise_blocks`, which names the rows (indices into `examples`) it asks about."""
+
+    def verify(rows: list[int], answers: torch.Tensor) -> list[list[int]]:
+        return make_verifier(tokenizer, task, [examples[r] for r in rows])(answers)
+
+    return verify
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Batching and sampling
 
@@ -117,7 +126,7 @@ def make_verifier(tokenizer, task, examples: list[Example]) -> Callable[[torch.T
 def _lay_out(task, tokenizer, examples: list[Example], canvas_length: int, max_prompt_length: int):
     """(examples, layouts); an example that does not fit is an error, or skipped and counted for a task whose
     `skip_bad_rows` is true (as in training)."""
-    max_blocks = None if getattr(task, "multi_block", False) else 1
+    max_blocks = task_max_blocks(task)
     kept, layouts, skipped = [], [], []
     for ex in examples:
         try:
@@ -169,10 +178,6 @@ def evaluate_examples(
     started = time.perf_counter()
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch_examples = examples[start : start + eval_cfg.batch_size]
-        verify = None
-        if verifier_renoise:
-            def verify(rows, answers, batch_examples=batch_examples):
-                return make_verifier(tokenizer, task, [batch_examples[r] for r in rows])(answers)
         result = denoise_blocks(
             model,
             layouts[start : start + eval_cfg.batch_size],
@@ -180,7 +185,7 @@ def evaluate_examples(
             max_new_tokens=eval_cfg.max_new_tokens or canvas_length,
             stop_ids=stop_token_ids(tokenizer),
             pad_id=pad_id,
-            verifier=verify,
+            verifier=rows_verifier(tokenizer, task, batch_examples) if verifier_renoise else None,
             sampler=sampler,
             steps=eval_cfg.steps,
             **schedule_kwargs(eval_cfg),

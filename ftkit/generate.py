@@ -178,11 +178,9 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
     """Denoise one raw input with the run's model (clamped fixed pieces, block after block); check it; optionally
     show/save the steps. `task_name`: refuse a run of another task before loading anything (`ftkit solve`).
     `on_block(k, text, last)` gets each block's text as it lands."""
-    import torch
-
     from ftkit.diffusion.blocks import denoise_blocks
     from ftkit.diffusion.sample import row_generators, schedule_kwargs
-    from ftkit.layout import canvas_to_text, layout_example, stop_token_ids
+    from ftkit.layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
     from ftkit.rundir import load_run
 
     for flag, value in (("--steps", steps), ("--max-new-tokens", max_new_tokens)):
@@ -201,8 +199,8 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
     cfg = run.recipe.eval
     example = example_from_input(run.task, text)
     pc = run.task.to_prompt_canvas(example)
-    max_blocks = None if getattr(run.task, "multi_block", False) else 1
-    lay = layout_example(run.tokenizer, pc, run.canvas_length, run.recipe.train.max_prompt_length, "input", max_blocks)
+    lay = layout_example(run.tokenizer, pc, run.canvas_length, run.recipe.train.max_prompt_length, "input",
+                         task_max_blocks(run.task))
     cmap = _canvas_map(pc.pieces, lay.char_starts)
     stops = stop_token_ids(run.tokenizer)
     device = next(run.model.parameters()).device
@@ -210,17 +208,11 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
 
     verifier = None
     if cfg.verifier_renoise:
-        from ftkit.evaluate import make_verifier
+        from ftkit.evaluate import rows_verifier
 
-        one = make_verifier(run.tokenizer, run.task, [example])
-
-        def verifier(rows, answers):
-            return one(answers)
-
-    finished: list[int] = []
+        verifier = rows_verifier(run.tokenizer, run.task, [example])
 
     def landed(k, rows, canvas, last):
-        finished.extend(canvas[0].tolist())
         if on_block is not None:
             on_block(k, canvas_to_text(run.tokenizer, canvas[0].tolist()), last[0])
 
@@ -241,7 +233,7 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
             prefix = f"block {k + 1} · " if result.blocks[0] > 1 else ""
             for i, canvas in enumerate(steps_of_block):
                 label = prefix + ("start (noise)" if i == 0 else f"step {i}")
-                frames.append(_frame(run.tokenizer, finished[: k * length] + canvas[0].tolist(), cmap, label))
+                frames.append(_frame(run.tokenizer, tokens[: k * length] + canvas[0].tolist(), cmap, label))
         frames.append(answer)
     out = GenerateResult(
         task_name=run.task.name, run_dir=Path(run_dir), example=example, output=output,

@@ -91,6 +91,11 @@ def encode_prompt(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...] 
     return bos + _encode(tokenizer, "\n".join(turn["content"] for turn in chat))
 
 
+def task_max_blocks(task) -> int | None:
+    """How many canvases a task's answer may span: any number (None) for a task with `multi_block = True`, else 1."""
+    return None if getattr(task, "multi_block", False) else 1
+
+
 def layout_example(tokenizer, pc: PromptCanvas, canvas_length: int, max_prompt_length: int, example_id: str = "?",
                    max_blocks: int | None = 1) -> Layout:
     """Tokenize an example. A response longer than one canvas is an error unless `max_blocks` allows more blocks

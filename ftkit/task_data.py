@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import FtkitError
-from ftkit.layout import Layout, layout_example
+from ftkit.layout import Layout, layout_example, task_max_blocks
 from ftkit.tasks.base import Example
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def load_layouts(task, examples_ds, tokenizer, canvas_length: int, max_prompt_le
 
     An example that does not fit (prompt over `max_prompt_length`, a canvas longer than the model's) is an error
     naming it, or, for a task whose `skip_bad_rows` is true, left out and counted in a warning."""
-    max_blocks = None if getattr(task, "multi_block", False) else 1
+    max_blocks = task_max_blocks(task)
     skip = bool(getattr(task, "skip_bad_rows", False))
     fingerprint = _digest("layouts", FORMAT_VERSION, examples_ds._fingerprint, _tokenizer_digest(tokenizer),
                           canvas_length, max_prompt_length, max_blocks, skip, _source_digest(layout_example))
