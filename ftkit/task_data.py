@@ -82,7 +82,7 @@ def _source_digest(obj: Any) -> str:
         return "?"
 
 
-def _file_state(data_path: str | None) -> Any:
+def file_state(data_path: str | None) -> Any:
     """A local data file's (size, mtime); for a directory, its files'. None for no file (a Hub id, a generator)."""
     if not data_path or not Path(data_path).exists():
         return None
@@ -98,7 +98,7 @@ def _options(task) -> Any:
 
 def examples_fingerprint(task, split: str, size: int, seed: int, data_path: str | None) -> str:
     return _digest("examples", FORMAT_VERSION, task.name, _options(task), _source_digest(type(task)), split, size, seed,
-                   data_path, _file_state(data_path), _extra_state(task))
+                   data_path, file_state(data_path), _extra_state(task))
 
 
 def _extra_state(task) -> Any:
@@ -126,7 +126,7 @@ def _generate(task_name: str, options: dict[str, Any], split: str, size: int, se
         yield example_to_row(example)
 
 
-def examples_dataset(task, split: str, size: int, seed: int, data_path: str | None = None, cache_dir: str | None = None):
+def examples_dataset(task, split: str, size: int, seed: int, data_path: str | None = None):
     """The examples as a `datasets.Dataset` (columns id, question, answer, meta), built once per fingerprint."""
     from datasets import Dataset, Features, Value
 
@@ -134,7 +134,7 @@ def examples_dataset(task, split: str, size: int, seed: int, data_path: str | No
     options = _options(task)
     return _ftkit_errors_unwrapped(
         Dataset.from_generator,
-        _generate, features=features, cache_dir=cache_dir,
+        _generate, features=features,
         gen_kwargs={"task_name": task.name, "options": options, "split": split, "size": size, "seed": seed,
                     "data_path": data_path},
         fingerprint=examples_fingerprint(task, split, size, seed, data_path),
@@ -157,12 +157,11 @@ def _ftkit_errors_unwrapped(call, *args, **kwargs):
         raise
 
 
-def load_examples(task, split: str, size: int, seed: int, data_path: str | None = None,
-                  cache_dir: str | None = None) -> list[Example]:
+def load_examples(task, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
     """`task.build_dataset(split, size, seed, data_path)`, through the cache. Fewer examples than asked is said."""
     if size <= 0:
         return []
-    dataset = examples_dataset(task, split, size, seed, data_path, cache_dir)
+    dataset = examples_dataset(task, split, size, seed, data_path)
     examples = [row_to_example(row) for row in dataset]
     _say_if_fewer(task, data_path, split, size, len(examples))
     return examples

@@ -250,3 +250,14 @@ def test_generate_goes_block_after_block_and_prints_blocks(chat_run, monkeypatch
     monkeypatch.setattr(gen, "generate_one", scripted)
     out = CliRunner().invoke(app, ["generate", str(chat_run / "run"), "-i", "What is 2 + 1?"]).output
     assert "block 1: first part" in out and "block 2: #### 3" in out
+
+
+def test_an_edited_data_file_is_read_again(tmp_path):
+    """The chat task's own data file (task.options.dataset) is part of the cache fingerprint (`data_state`)."""
+    from ftkit.task_data import load_examples
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chats(4))
+    task = make_task("chat", {"dataset": str(data), "answer_regex": GSM})
+    assert len(load_examples(task, "all", 100, 0)) == 4
+    write_jsonl(data, chats(7))
+    assert len(load_examples(make_task("chat", {"dataset": str(data), "answer_regex": GSM}), "all", 100, 0)) == 7

@@ -80,11 +80,9 @@ class ChatTask:
     # -- data
     def data_state(self) -> Any:
         """The local data file's (size, mtime), so an edited file is read again (see ftkit.task_data)."""
-        path = Path(self.options.dataset) if self.options.dataset else None
-        if path is None or not path.exists():
-            return None
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        from ftkit.task_data import file_state
+
+        return file_state(self.options.dataset)
 
     def build_dataset(self, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
         """`train`, `test` (the test split, or the held-out rows) or `all` (every row of the train split)."""
