@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ftkit.errors import FtkitError
 
@@ -167,10 +168,11 @@ def eval_(
     compare_verifier: Annotated[bool, typer.Option("--compare-verifier", help="Plain vs verifier-guided on the same examples and seeds, plus plain best-of-n at the verifier's decoder forwards.")] = False,
     sweep_steps: Annotated[Optional[str], typer.Option("--sweep-steps", help="Comma list, e.g. 1,4,16,64.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final adapter.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate this data file (the task's format) instead of the recipe's data.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Answer length budget in tokens, block after block (default: eval.max_new_tokens, else one canvas).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate every example of this data file (the task's format, read as task.data_path) instead of the recipe's split; writes eval_data-<name>.json.")] = None,
     token_masks: Annotated[Optional[bool], typer.Option("--token-masks/--no-token-masks", help="Mask each position to the tokens the task allows there (default: eval.token_masks).")] = None,
 ) -> None:
-    """Constrained denoising on the task's test split; writes the result and prints the table.
+    """Constrained denoising on the task's test split (or a data file); writes the result and prints the table.
 
     Only the recipe's own evaluation writes eval.json (what push publishes); others write e.g. eval_train_n2.json."""
     _quiet_libraries()
@@ -181,7 +183,7 @@ def eval_(
         report = evaluate_run(run_dir, split=split, steps=steps, num_examples=num_examples, base_only=base,
                               verifier_renoise=verifier, sweep_steps=sweep, compare_verifier=compare_verifier,
                               checkpoint=checkpoint, data_path=str(data) if data is not None else None,
-                              progress=progress, token_masks=token_masks)
+                              progress=progress, token_masks=token_masks, max_new_tokens=max_new_tokens)
     out.print(render_table(report))
     console.print(describe_file(report), highlight=False, soft_wrap=True)
 
@@ -235,20 +237,36 @@ def _int_list(text: str, flag: str) -> list[int]:
 @friendly_errors
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train`.")],
-    input: Annotated[str, typer.Option("--input", "-i", help="The task input: a puzzle, a motif spec, a code snippet, or @FILE.")],
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: eval.steps).")] = None,
+    input: Annotated[str, typer.Option("--input", "-i", help="The task input: a puzzle, a motif spec, a code snippet, a question, or @FILE.")],
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps per block (default: eval.steps).")] = None,
     live: Annotated[bool, typer.Option("--live", help="Show the canvas being denoised.")] = False,
     save_trajectory: Annotated[Optional[Path], typer.Option("--save-trajectory", help="Write the denoising steps as PNG or GIF.")] = None,
     base: Annotated[bool, typer.Option("--base", help="Use the untuned base model.")] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Answer length budget in tokens, block after block (default: eval.max_new_tokens, else one canvas).")] = None,
 ) -> None:
-    """Denoise one input with the fine-tuned model and print the answer with its constraint check."""
+    """Denoise one input with the fine-tuned model and print the answer with its constraint check.
+
+    An answer longer than one canvas is generated block after block; each block is printed as it lands. An empty
+    answer exits with code 1."""
+    _generate(run_dir, input, steps=steps, live=live, save_trajectory=save_trajectory, base=base, seed=seed,
+              max_new_tokens=max_new_tokens)
+
+
+def _generate(run_dir: Path, input: str, task_name: str | None = None, **options) -> None:
     _quiet_libraries()
     from ftkit.generate import generate_one
 
+    def show_block(k: int, text: str, last: bool) -> None:
+        if k or not last:  # a one-block answer prints once, below
+            console.print(f"[dim]block {k + 1}:[/] {escape(text)}", highlight=False)
+
     text = _read_input(input)
-    result = generate_one(run_dir, text, steps=steps, live=live, save_trajectory=save_trajectory, base_only=base, seed=seed)
+    base = options.pop("base")
+    result = generate_one(run_dir, text, base_only=base, task_name=task_name, on_block=show_block, **options)
     out.print(result.render(), highlight=False)
+    if result.empty:
+        raise typer.Exit(1)
 
 
 @app.command(cls=Command)
@@ -261,7 +279,8 @@ def solve(
     save_trajectory: Annotated[Optional[Path], typer.Option("--save-trajectory", help="PNG or GIF of the steps.")] = None,
 ) -> None:
     """Solve one Sudoku (shorthand for `generate` on a Sudoku run)."""
-    generate(run_dir, input=puzzle, steps=steps, live=live, save_trajectory=save_trajectory)
+    _generate(run_dir, puzzle, task_name="sudoku", steps=steps, live=live, save_trajectory=save_trajectory, base=False,
+              seed=0)
 
 
 def _read_input(text: str) -> str:

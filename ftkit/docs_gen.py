@@ -20,9 +20,15 @@ SECTION_NOTES = {
     "lora": "Which modules get LoRA adapters. Expert LoRA goes through PEFT `target_parameters`.",
     "diffusion": "The masked-diffusion training objective. `loss_chunk` must be 0 under FSDP (see docs/multi-gpu.md).",
     "train": "Optimisation and the run directory (`output_dir`).",
-    "task": "The task plugin and its data; `options` is validated by the task's own options (below).",
+    "task": "The task plugin and its data; `options` is validated by the task's own options (below). `name: chat` "
+            "trains on your own data (docs/tasks.md).",
     "eval": "Constrained denoising used by `ftkit eval`, `ftkit generate` and `ftkit solve`.",
     "hub": "Defaults for `ftkit push`.",
+    "training_args": "Any other `transformers.TrainingArguments` field, passed through: e.g. `adam_beta1: 0.95`, "
+                     "`adam_beta2: 0.99`, `lr_scheduler_kwargs: {min_lr: 1.5e-5}` (with `train.lr_scheduler: "
+                     "cosine_with_min_lr`). Keys are checked against TrainingArguments' own fields and types; a field "
+                     "that has a recipe key (`learning_rate` is `train.learning_rate`) or that ftkit sets itself "
+                     "(`bf16`, `save_strategy`, ...) is an error naming where it goes.",
 }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -34,12 +35,16 @@ from typing import Any
 
 import torch
 
+from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
 from ftkit.errors import FtkitError
-from ftkit.layout import Layout, allowed_tokens, canvas_to_text, layout_example
+from ftkit.layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
 from ftkit.recipe import EvalSection
+from ftkit.task_data import load_examples
 from ftkit.tasks.base import Example, Violation
+
+log = logging.getLogger(__name__)
 
 MAX_RENOISE_ROUNDS = 2  # verifier rounds per batch; each round may spend the full `steps` budget again
 PLAIN, VERIFIER, BEST_OF_N = "plain", "verifier", "plain_best_of_n"
@@ -97,12 +102,13 @@ def score_outputs(task, examples: list[Example], outputs: list[str]) -> tuple[di
     return task.metrics(examples, outputs), violations
 
 
-def _token_char_starts(tokenizer, row: list[int], eos_id: int | None) -> tuple[list[int], int, int]:
-    """(first character offset of each token before the first EOS, that EOS's index, decoded text length).
+def _token_char_starts(tokenizer, row: list[int], stop_ids) -> tuple[list[int], int, int]:
+    """(first character offset of each token before the first stop token, that stop's index, decoded text length).
 
     Built from the *output* tokens, decoded one by one as `layout` does for the reference: with a subword tokenizer
     a wrong answer may tokenize differently from the reference, so the reference's char_starts would misplace it."""
-    end = row.index(eos_id) if eos_id is not None and eos_id in row else len(row)
+    stops = set(stop_ids)
+    end = next((i for i, t in enumerate(row) if t in stops), len(row))
     starts, pos = [], 0
     for tid in row[:end]:
         starts.append(pos)
@@ -112,7 +118,7 @@ def _token_char_starts(tokenizer, row: list[int], eos_id: int | None) -> tuple[l
 
 def char_positions_to_tokens(positions, starts: list[int], end: int, text_length: int, canvas_length: int) -> list[int]:
     """Canvas token indices holding the given character offsets. Offsets past the decoded text (a checker padding a
-    short output) map to the positions from the first EOS on, one per character."""
+    short output) map to the positions from the first stop token on, one per character."""
     tokens = set()
     for c in positions:
         if c >= text_length:
@@ -127,14 +133,25 @@ def char_positions_to_tokens(positions, starts: list[int], end: int, text_length
 def make_verifier(tokenizer, task, examples: list[Example]) -> Callable[[torch.Tensor], list[list[int]]]:
     """A `denoise` verifier: decode each canvas, run task.check, map the violations' characters to tokens."""
 
+    stops = stop_token_ids(tokenizer)
+
     def verify(canvas: torch.Tensor) -> list[list[int]]:
         out = []
         for ex, row in zip(examples, canvas.tolist()):
             text = canvas_to_text(tokenizer, row)
             chars = {p for v in task.check(ex, text) for p in v.positions}
-            starts, end, length = _token_char_starts(tokenizer, row, tokenizer.eos_token_id)
+            starts, end, length = _token_char_starts(tokenizer, row, stops)
             out.append(char_positions_to_tokens(chars, starts, end, length, len(row)))
         return out
+
+    return verify
+
+
+def rows_verifier(tokenizer, task, examples: list[Example]) -> Callable[[list[int], torch.Tensor], list[list[int]]]:
+    """`make_verifier` for `denoise_blocks`, which names the rows (indices into `examples`) it asks about."""
+
+    def verify(rows: list[int], answers: torch.Tensor) -> list[list[int]]:
+        return make_verifier(tokenizer, task, [examples[r] for r in rows])(answers)
 
     return verify
 
@@ -143,26 +160,26 @@ def make_verifier(tokenizer, task, examples: list[Example]) -> Callable[[torch.T
 # Batching and sampling
 
 
-def _batch_tensors(layouts: list[Layout], pad_id: int, device, vocab_size: int | None = None) -> dict[str, Any]:
-    """Right-padded prompts; the canvas carries only the fixed positions' tokens (pad elsewhere), so nothing of the
-    answer reaches the sampler."""
-    width = max(len(lay.prompt_ids) for lay in layouts)
-    prompt_ids = torch.full((len(layouts), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(layouts), width), dtype=torch.long)
-    for i, lay in enumerate(layouts):
-        prompt_ids[i, : len(lay.prompt_ids)] = torch.tensor(lay.prompt_ids)
-        prompt_mask[i, : len(lay.prompt_ids)] = 1
-    fixed = torch.tensor([lay.fixed for lay in layouts], dtype=torch.bool)
-    canvas = torch.tensor([lay.canvas_ids for lay in layouts], dtype=torch.long)
-    canvas_init = torch.where(fixed, canvas, torch.full_like(canvas, pad_id))
-    return {
-        "prompt_ids": prompt_ids.to(device),
-        "prompt_mask": prompt_mask.to(device),
-        "canvas_init": canvas_init.to(device),
-        "fixed_mask": fixed.to(device),
-        # The task's per-position token rules (constrained decoding); None without a vocabulary or rules.
-        "allowed": allowed_tokens(layouts, vocab_size, device) if vocab_size else None,
-    }
+def _lay_out(task, tokenizer, examples: list[Example], canvas_length: int, max_prompt_length: int):
+    """(examples, layouts); an example that does not fit is an error, or skipped and counted for a task whose
+    `skip_bad_rows` is true (as in training)."""
+    max_blocks = task_max_blocks(task)
+    kept, layouts, skipped = [], [], []
+    for ex in examples:
+        try:
+            layouts.append(layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length,
+                                          ex.id, max_blocks))
+            kept.append(ex)
+        except FtkitError as e:
+            if not getattr(task, "skip_bad_rows", False):
+                raise
+            skipped.append(str(e))
+    if skipped:
+        log.warning("evaluation: skipped %d of %d example(s) that do not fit the model (first: %s)", len(skipped),
+                    len(examples), skipped[0])
+    if not kept:
+        raise FtkitError("evaluation: no example fits the model (see the warning above)")
+    return kept, layouts
 
 
 def _model_device(model) -> torch.device:
@@ -184,43 +201,44 @@ def evaluate_examples(
     progress: Progress | None = None,
     label: str = "eval",
 ) -> EvalReport:
-    """Denoise every example (batches of eval_cfg.batch_size), decode and score. `sampler` is `denoise` unless a
-    test swaps it; `progress(label, done, total)` is told after every batch."""
+    """Denoise every example (batches of eval_cfg.batch_size, block after block for answers longer than one canvas),
+    decode and score. `sampler` is `denoise` unless a test swaps it; `progress(label, done, total)` is told after
+    every batch."""
     if not examples:
         raise FtkitError("evaluation: no examples to evaluate")
     model.eval()
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab = core_model(model).config.get_text_config().vocab_size if eval_cfg.token_masks else None
-    layouts = [
-        layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length, ex.id) for ex in examples
-    ]
+    examples, layouts = _lay_out(task, tokenizer, examples, canvas_length, max_prompt_length)
 
     outputs: list[str] = []
     steps_used: list[int] = []
+    blocks: list[int] = []
     tpf_weighted, passes, renoised = 0.0, 0, 0
     started = time.perf_counter()
     if progress is not None:
         progress(label, 0, len(examples))
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch_examples = examples[start : start + eval_cfg.batch_size]
-        tensors = _batch_tensors(layouts[start : start + eval_cfg.batch_size], pad_id, device, vocab)
-        result = sampler(
+        result = denoise_blocks(
             model,
-            tensors["prompt_ids"],
-            tensors["prompt_mask"],
-            tensors["canvas_init"],
-            tensors["fixed_mask"],
+            layouts[start : start + eval_cfg.batch_size],
+            generators=row_generators(eval_cfg.seed, len(batch_examples), device, offset=start),
+            max_new_tokens=eval_cfg.max_new_tokens or canvas_length,
+            stop_ids=stop_token_ids(tokenizer),
+            pad_id=pad_id,
+            verifier=rows_verifier(tokenizer, task, batch_examples) if verifier_renoise else None,
+            vocab_size=vocab,
+            sampler=sampler,
             steps=eval_cfg.steps,
             **schedule_kwargs(eval_cfg),
-            generator=row_generators(eval_cfg.seed, len(batch_examples), device, offset=start),
             clamp=eval_cfg.clamp,
-            verifier=make_verifier(tokenizer, task, batch_examples) if verifier_renoise else None,
             max_renoise_rounds=max_renoise_rounds,
-            allowed=tensors["allowed"],
         )
-        outputs.extend(canvas_to_text(tokenizer, row) for row in result.canvas.tolist())
-        steps_used.extend(int(s) for s in result.steps_used.tolist())
+        outputs.extend(canvas_to_text(tokenizer, row) for row in result.tokens)
+        steps_used.extend(result.steps_used)
+        blocks.extend(result.blocks)
         tpf_weighted += result.tokens_per_forward * len(batch_examples)
         passes += result.forward_passes
         renoised += result.renoised_cells
@@ -230,8 +248,9 @@ def evaluate_examples(
     metrics, violations = score_outputs(task, examples, outputs)
     seconds = time.perf_counter() - started
     records = [
-        {"id": ex.id, "output": out, "violations": sorted({v.constraint for v in vs}), "steps_used": used}
-        for ex, out, vs, used in zip(examples, outputs, violations, steps_used)
+        {"id": ex.id, "output": out, "violations": sorted({v.constraint for v in vs}), "steps_used": used,
+         "blocks": n_blocks}
+        for ex, out, vs, used, n_blocks in zip(examples, outputs, violations, steps_used, blocks)
     ]
     n = len(examples)
     return EvalReport(
@@ -305,6 +324,9 @@ def _load_run(run_dir: Path, adapter: bool, checkpoint: str | None = None):
     return load_run(run_dir, adapter=adapter, checkpoint=checkpoint)
 
 
+DATA_FILE_LIMIT = 1_000_000  # --data without -n: every example of the file
+
+
 def _split_size(recipe, split: str) -> int:
     if split == "test":
         return recipe.task.test_size
@@ -322,9 +344,10 @@ def _name_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
-def result_name(recipe, cfg: EvalSection, size: int, *, base: bool = False, checkpoint: str | None = None,
+def result_name(recipe, cfg: EvalSection, size: int | None, *, base: bool = False, checkpoint: str | None = None,
                 data_path: str | None = None) -> tuple[str, list[str]]:
-    """(file stem, what differs from the recipe's own evaluation). No differences: "eval", the canonical result."""
+    """(file stem, what differs from the recipe's own evaluation). No differences: "eval", the canonical result.
+    `size` None: every example of `data_path` (no size in the name)."""
     own = recipe.eval
     parts, why = [], []
     if base:
@@ -336,10 +359,10 @@ def result_name(recipe, cfg: EvalSection, size: int, *, base: bool = False, chec
     if data_path is not None:
         parts.append("data-" + _name_part(Path(data_path).stem))
         why.append(f"data {data_path}")
-    if cfg.split != own.split:
+    if data_path is None and cfg.split != own.split:
         parts.append(_name_part(cfg.split))
         why.append(f"split {cfg.split}")
-    if size != canonical_size(recipe):
+    if size is not None and (data_path is not None or size != canonical_size(recipe)):
         parts.append(f"n{size}")
         why.append(f"{size} examples")
     if cfg.steps != own.steps:
@@ -351,6 +374,9 @@ def result_name(recipe, cfg: EvalSection, size: int, *, base: bool = False, chec
     if cfg.token_masks != own.token_masks:
         parts.append("masked" if cfg.token_masks else "unmasked")
         why.append("with token masks" if cfg.token_masks else "without token masks")
+    if cfg.max_new_tokens != own.max_new_tokens:
+        parts.append(f"tokens{cfg.max_new_tokens}")
+        why.append(f"an answer budget of {cfg.max_new_tokens} tokens")
     return ("eval_" + "_".join(parts) if parts else "eval"), why
 
 
@@ -383,6 +409,8 @@ def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[st
         problems.append(f"{cfg.get('steps')} steps, the recipe's are {own.steps}")
     if bool(cfg.get("verifier_renoise")) != own.verifier_renoise:
         problems.append("another sampling mode than the recipe's")
+    if cfg.get("max_new_tokens", own.max_new_tokens) != own.max_new_tokens:
+        problems.append(f"an answer budget of {cfg.get('max_new_tokens')} tokens, the recipe's is {own.max_new_tokens}")
     if bool(cfg.get("token_masks", own.token_masks)) != own.token_masks:
         problems.append("token masks " + ("on" if cfg.get("token_masks") else "off") + ", unlike the recipe")
     if report.get("data_path"):
@@ -406,25 +434,29 @@ def evaluate_run(
     data_path: str | None = None,
     progress: Progress | None = None,
     token_masks: bool | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run and write the result into it; return the same dict, whose "file" names the file written.
 
     The recipe's own evaluation writes `eval.json`; anything else a file named by what differs (`result_name`).
-    `checkpoint`: a name under checkpoints/, a path, or `latest`. `data_path`: evaluate another data file of the
-    task's format. With `sweep_steps`, the primary mode is also evaluated at each step count (`<stem>_sweep.json`,
+    `checkpoint`: a name under checkpoints/, a path, or `latest`. `data_path`: every example of another data file of
+    the task's format (up to `num_examples`), read as `task.data_path` would be, instead of a split of the recipe's. With `sweep_steps`, the primary mode is also evaluated at each step count (`<stem>_sweep.json`,
     `.png`). With `compare_verifier`, plain and verifier-guided sampling run on the same examples and seeds, plus
     plain best-of-n at the verifier row's decoder forwards; all are stored under `modes`.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FtkitError(f"{run_dir}: run directory not found")
-    for name, value in (("steps", steps), ("num_examples", num_examples)):
+    for name, value in (("steps", steps), ("num_examples", num_examples), ("max_new_tokens", max_new_tokens)):
         if value is not None and value <= 0:
             raise FtkitError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if sweep_steps and any(s <= 0 for s in sweep_steps):
         raise FtkitError(f"sweep steps must all be > 0, got {sweep_steps}")
-    if data_path is not None and not Path(data_path).is_file():
-        raise FtkitError(f"--data {data_path}: file not found")
+    if data_path is not None:
+        if split is not None:
+            raise FtkitError("--data and --split exclude each other: --data evaluates the whole file")
+        if not Path(data_path).exists():
+            raise FtkitError(f"--data {data_path}: file not found")
 
     if base_only and checkpoint is not None:
         raise FtkitError("--base and --checkpoint exclude each other")
@@ -441,11 +473,20 @@ def evaluate_run(
         num_examples=num_examples or cfg.num_examples,
         verifier_renoise=cfg.verifier_renoise if verifier_renoise is None else verifier_renoise,
         token_masks=cfg.token_masks if token_masks is None else token_masks,
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens,
     )
-    size = min(cfg.num_examples, _split_size(recipe, cfg.split))
-    if size <= 0:
-        raise FtkitError(f"{run_dir}: the recipe's {cfg.split} split is empty (task.{cfg.split}_size)")
-    examples = run.task.build_dataset(cfg.split, size, recipe.task.seed, data_path or recipe.task.data_path)
+    if data_path is not None:
+        cfg = dataclasses.replace(cfg, split="all")
+        size = num_examples or DATA_FILE_LIMIT
+        examples = load_examples(run.task, "all", size, recipe.task.seed, data_path, say_fewer=num_examples is not None)
+        if not examples:
+            raise FtkitError(f"--data {data_path}: no examples in it")
+        size = num_examples  # the name says a size only when one was asked for
+    else:
+        size = min(cfg.num_examples, _split_size(recipe, cfg.split))
+        if size <= 0:
+            raise FtkitError(f"{run_dir}: the recipe's {cfg.split} split is empty (task.{cfg.split}_size)")
+        examples = load_examples(run.task, cfg.split, size, recipe.task.seed, recipe.task.data_path)
     adapter_dir = getattr(run, "adapter_dir", None)
     checkpoint_name = Path(adapter_dir).name if checkpoint is not None and adapter_dir is not None else checkpoint
     stem, differences = result_name(recipe, cfg, size, base=base_only, checkpoint=checkpoint_name, data_path=data_path)
@@ -487,7 +528,7 @@ def evaluate_run(
         "base": recipe.model.base,
         "canvas_length": run.canvas_length,
         "num_examples": len(examples),
-        "num_examples_requested": size,
+        "num_examples_requested": size if size is not None else len(examples),
         "eval": dataclasses.asdict(cfg),
         "primary": primary,
         "metrics": modes[primary].metrics,

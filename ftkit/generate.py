@@ -1,15 +1,14 @@
 """`ftkit generate` / `ftkit solve`: denoise one user input with a run's model and show the answer.
 
-Raw text becomes an `Example` through an input parser looked up by task name: a task may define
-`example_from_input(text) -> Example` itself, or a parser may be registered here with `register_input_parser`
-(Sudoku's is below). The example is laid out exactly as in evaluation, denoised with its fixed pieces clamped, and
-checked with the task's constraints. The denoising trajectory can be replayed live in the terminal (`live`) or
-written as a PNG contact sheet / GIF (`save_trajectory`).
+The run's task turns the raw text into an `Example` (`task.example_from_input`), which is laid out exactly as in
+evaluation and generated block after block (`ftkit.diffusion.blocks`: one block for an answer that fits the canvas)
+with its fixed pieces clamped, then checked with the task's constraints. How answers and denoising frames look is
+the task's view (`ftkit.tasks.view`: Sudoku draws grids, the other tasks text). The trajectory can be replayed live
+in the terminal (`live`) or written as a PNG contact sheet / GIF (`save_trajectory`).
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,129 +18,19 @@ from typing import Any
 from ftkit.errors import FtkitError
 from ftkit.rundir import atomic_write
 from ftkit.tasks.base import Example, Violation
+from ftkit.tasks.view import INK, UNKNOWN_CELL, WHITE, Frame, font, view_of
 
-InputParser = Callable[[Any, str], Example]
-_INPUT_PARSERS: dict[str, InputParser] = {}
 TRAJECTORY_SUFFIXES = (".png", ".gif")
-UNKNOWN_CELL = "·"  # shown for a canvas position whose token is not a single printable character
-# Free pieces of a user input have no ground truth; the sampler ignores their tokens, only their number matters.
-# Digits are one token each in both the character tokenizer and Gemma's, so a run of "0"s has a known length.
-PLACEHOLDER = "0"
-
-
-def register_input_parser(task_name: str) -> Callable[[InputParser], InputParser]:
-    """Decorator: `parser(task, text) -> Example` turns a user's raw input for `task_name` into an example."""
-
-    def wrap(fn: InputParser) -> InputParser:
-        _INPUT_PARSERS[task_name] = fn
-        return fn
-
-    return wrap
+SHEET_MAX_WIDTH = 1600  # pixels: a contact sheet wraps its frames into rows no wider than a screen
 
 
 def example_from_input(task, text: str) -> Example:
-    own = getattr(task, "example_from_input", None)
-    if callable(own):
-        return own(text)
-    parser = _INPUT_PARSERS.get(task.name)
-    if parser is None:
-        raise FtkitError(
-            f"generate: task {task.name!r} does not read raw input yet (it needs an `example_from_input` method or "
-            f"a parser registered with ftkit.generate.register_input_parser); supported: "
-            f"{', '.join(sorted(_INPUT_PARSERS)) or 'none'}"
-        )
-    return parser(task, text)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Input parsers
-
-
-SUDOKU_SEPARATORS = set(" \t\r\n|+-_,;")
-
-
-@register_input_parser("sudoku")
-def sudoku_example(task, text: str) -> Example:
-    """81 cells, digits 1-9 with 0 or . for blanks; whitespace and grid-drawing characters (| + - _ , ;) ignored."""
-    from ftkit.tasks.sudoku import UNITS, difficulty, parse_grid
-
-    cells = "".join(ch for ch in text if ch not in SUDOKU_SEPARATORS)
-    grid = parse_grid(cells, "sudoku input", blanks=True)
-    for unit, idx in UNITS:
-        seen: dict[int, int] = {}
-        for i in idx:
-            if grid[i] and grid[i] in seen:
-                raise FtkitError(f"sudoku input: the givens repeat {grid[i]} in {unit} (cells {seen[grid[i]] + 1} and "
-                                 f"{i + 1}, counting row by row): no solution exists")
-            seen.setdefault(grid[i], i)
-    givens = sum(1 for d in grid if d)
-    quiz = "".join(str(d) for d in grid)
-    # The answer is unknown: blanks keep the placeholder "0" (one token, like a digit); the sampler ignores it.
-    answer = "\n".join(quiz[r * 9 : r * 9 + 9] for r in range(9)) if task.options.rows_on_lines else quiz
-    return Example(id="input", question=quiz, answer=answer, meta={"givens": givens, "difficulty": difficulty(givens)})
-
-
-@register_input_parser("protein")
-def protein_example(task, text: str) -> Example:
-    """A length (`64`: unconditional) or a scaffold template (`MKT____GLL___A`: letters fixed, `_` free)."""
-    from ftkit.tasks.protein import CANONICAL
-
-    spec = "".join(text.split())
-    o = task.options
-    if spec.isdigit():
-        length, motif = int(spec), []
-    else:
-        bad = [(i, ch) for i, ch in enumerate(spec) if ch != "_" and ch.upper() not in CANONICAL]
-        if bad:
-            i, ch = bad[0]
-            raise FtkitError(f"protein input: {ch!r} at position {i + 1} is neither a canonical residue "
-                             f"({CANONICAL}) nor _ (a free residue); or give just a length, e.g. 64")
-        spec = spec.upper()
-        length, motif, i = len(spec), [], 0
-        while i < len(spec):
-            if spec[i] == "_":
-                i += 1
-                continue
-            j = i
-            while j < len(spec) and spec[j] != "_":
-                j += 1
-            motif.append((i, spec[i:j]))
-            i = j
-        if "_" not in spec:
-            raise FtkitError("protein input: the template has no free residue (_) to generate")
-    if not o.min_length <= length <= o.max_length:
-        raise FtkitError(f"protein input: length {length} is outside this run's [{o.min_length}, {o.max_length}] "
-                         "(task.options.min_length/max_length)")
-    answer = list(PLACEHOLDER * length)
-    for start, residues in motif:
-        answer[start : start + len(residues)] = residues
-    return Example(id="input", question={"length": length, "motif": motif}, answer="".join(answer),
-                   meta={"mode": "scaffold" if motif else "unconditional", "source": "input"})
-
-
-HOLE_MARK = re.compile(r"<HOLE(?::(\d+))?>")
-DEFAULT_HOLE_CHARS = 32
-
-
-@register_input_parser("code_infill")
-def code_infill_example(task, text: str) -> Example:
-    """Python code with one `<HOLE>` (or `<HOLE:N>`: N characters/tokens to generate, default 32) where the
-    middle goes. A hole alone on its line generates whole lines (the middle ends with a newline)."""
-    holes = list(HOLE_MARK.finditer(text))
-    if len(holes) != 1:
-        raise FtkitError(f"code_infill input: expected exactly one <HOLE> (or <HOLE:N>) marker, found {len(holes)}")
-    hole = holes[0]
-    n = int(hole.group(1)) if hole.group(1) else DEFAULT_HOLE_CHARS
-    if n <= 0:
-        raise FtkitError("code_infill input: <HOLE:N> needs N > 0")
-    prefix, suffix = text[: hole.start()], text[hole.end() :]
-    whole_lines = suffix.startswith("\n") and (not prefix or prefix.endswith("\n"))
-    if whole_lines:
-        suffix = suffix[1:]
-    middle = PLACEHOLDER * (n - 1) + "\n" if whole_lines and n > 1 else PLACEHOLDER * n
-    return Example(id="input", question={"head": "", "prefix": prefix, "suffix": suffix, "test": None,
-                                         "entry_point": None},
-                   answer=prefix + middle + suffix, meta={"origin": "input"})
+    """The task's `example_from_input(text)`: raw user input -> an example (free pieces hold placeholders)."""
+    parse = getattr(task, "example_from_input", None)
+    if not callable(parse):
+        raise FtkitError(f"generate: task {task.name!r} does not read raw input (it has no `example_from_input` "
+                         "method; see docs/tasks.md)")
+    return parse(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,6 +45,11 @@ class CanvasMap:
     char_offsets: list[int]
     fixed: list[bool]
     texts: list[str]
+
+    @property
+    def end(self) -> int:
+        """The token index after the last piece (where an open-ended answer's text continues)."""
+        return self.token_spans[-1][1] if self.token_spans else 0
 
 
 @dataclass
@@ -172,76 +66,53 @@ class GenerateResult:
     renoised_cells: int
     adapter: bool
     canvas_map: CanvasMap
-    answer_pieces: list[str] = field(default_factory=list)  # the final canvas, piece by piece (EOS etc. shown as ·)
-    frames: list[list[str]] = field(default_factory=list)  # per trajectory step: the text of each piece
+    answer: Frame  # the final canvas, piece by piece
+    view: Any  # the task's view (ftkit.tasks.view)
+    blocks: int = 1
+    frames: list[Frame] = field(default_factory=list)  # the trajectory: start, each step (block after block), answer
     trajectory_file: Path | None = None
 
     @property
-    def is_sudoku(self) -> bool:
-        return self.task_name == "sudoku"
+    def empty(self) -> bool:
+        """No answer at all (the model ended its turn at once): a failed generation."""
+        return not self.output.strip()
 
-    def sudoku_cells(self) -> list[str]:
-        """The 81 cells of the final canvas (a cell holding EOS or another non-digit token shows as ·)."""
-        return _cells(self.answer_pieces)
-
-    def violating_cells(self) -> set[int]:
-        cell_of_offset = {}
-        cell = 0
-        for off, text in zip(self.canvas_map.char_offsets, self.canvas_map.texts):
-            if text != "\n":
-                cell_of_offset[off] = cell
-                cell += 1
-        return {cell_of_offset[p] for v in self.violations for p in v.positions if p in cell_of_offset}
+    def bad_pieces(self) -> set[int]:
+        """The answer's pieces holding a violation's character position."""
+        offsets = list(self.canvas_map.char_offsets)
+        cursor = sum(len(t) for t in self.canvas_map.texts)
+        for text in self.answer.pieces[len(offsets) :]:  # tokens past the pieces: offsets continue
+            offsets.append(cursor)
+            cursor += len(text)
+        positions = {p for v in self.violations for p in v.positions}
+        return {i for i, (start, text) in enumerate(zip(offsets, self.answer.pieces))
+                if any(start <= p < start + max(1, len(text)) for p in positions)}
 
     def render(self):
         from rich.console import Group
-        from rich.panel import Panel
         from rich.text import Text
 
-        parts: list[Any] = []
         source = "fine-tuned adapter" if self.adapter else "base model (no adapter)"
-        parts.append(Text.assemble((f"{self.task_name}", "bold"), f" — {self.run_dir} ({source})"))
-        if self.is_sudoku:
-            givens = [q != "0" for q in self.example.question]
-            body = sudoku_grid_text(self.sudoku_cells(), givens, bad=self.violating_cells())
-            parts.append(Panel.fit(body, title="answer"))
-            parts.append(Text.from_markup("[bold cyan]givens[/] · generated · [red]violating[/]", style="dim"))
-        else:
-            parts.append(Panel(Text(self.output or "(empty)"), title="answer"))
+        parts: list[Any] = [Text.assemble((f"{self.task_name}", "bold"), f" — {self.run_dir} ({source})")]
+        parts.append(self.view.answer(self.example, self.output, self.answer, self.bad_pieces()))
+        if self.empty:
+            parts.append(Text("✗ empty answer: the model ended its turn without writing anything", style="bold red"))
         if self.violations:
             parts.append(Text(f"✗ {len(self.violations)} constraint violation(s):", style="bold red"))
             for v in self.violations:
                 parts.append(Text(f"  - {v.constraint}: {v.detail}", style="red"))
-        else:
+        elif not self.empty:
             parts.append(Text("✓ all constraints satisfied", style="bold green"))
-        stats = (f"steps used {self.steps_used} / {self.steps_budget} · forward passes {self.forward_passes} · "
-                 f"tokens per forward {self.tokens_per_forward:.2f}")
+        stats = (f"steps used {self.steps_used} / {self.steps_budget * self.blocks} · forward passes "
+                 f"{self.forward_passes} · tokens per forward {self.tokens_per_forward:.2f}")
+        if self.blocks > 1:
+            stats += f" · blocks {self.blocks}"
         if self.renoised_cells:
             stats += f" · re-noised positions {self.renoised_cells}"
         parts.append(Text(stats, style="dim"))
         if self.trajectory_file is not None:
             parts.append(Text(f"trajectory: {self.trajectory_file}", style="dim"))
         return Group(*parts)
-
-
-def sudoku_grid_text(cells: list[str], givens: list[bool], changed: set[int] | None = None, bad: set[int] | None = None):
-    """A 9×9 rich Text grid with box rules: givens bold cyan, changed cells yellow, violating cells red."""
-    from rich.text import Text
-
-    changed, bad = changed or set(), bad or set()
-    text = Text()
-    for r in range(9):
-        if r and r % 3 == 0:
-            text.append("──────┼───────┼──────\n", style="dim")
-        for c in range(9):
-            i = r * 9 + c
-            if c and c % 3 == 0:
-                text.append("│ ", style="dim")
-            style = "bold cyan" if givens[i] else "red" if i in bad else "bold yellow" if i in changed else ""
-            text.append(cells[i] if cells[i] else UNKNOWN_CELL, style=style)
-            text.append(" " if c < 8 else "")
-        text.append("\n" if r < 8 else "")
-    return text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,17 +132,28 @@ def _canvas_map(pieces, char_starts: list[int]) -> CanvasMap:
     return CanvasMap(spans, offsets, [p.fixed for p in pieces], [p.text for p in pieces])
 
 
-def _piece_texts(tokenizer, row: list[int], cmap: CanvasMap) -> list[str]:
-    """Each piece's text in a (possibly noisy) canvas; a piece that is not printable text shows as UNKNOWN_CELL."""
-    out = []
-    for (a, b), fixed_text in zip(cmap.token_spans, cmap.texts):
-        if fixed_text == "\n":
-            out.append("\n")
+def _shown(text: str, width: int | None = None) -> str:
+    """Text as a frame shows it: printable (newlines and tabs kept) and, for a piece, no wider than the reference
+    (`width`); anything else shows as UNKNOWN_CELL."""
+    ok = text and all(ch.isprintable() or ch in "\n\t" for ch in text) and (width is None or len(text) <= max(1, width))
+    return text if ok else UNKNOWN_CELL * max(1, width or 1)
+
+
+def _frame(tokenizer, tokens: list[int], cmap: CanvasMap, label: str) -> Frame:
+    """A frame: each piece's text (a layout newline stays a newline), then each token past the pieces."""
+    pieces = []
+    for (a, b), reference in zip(cmap.token_spans, cmap.texts):
+        if reference == "\n" or a == b:
+            pieces.append(reference if reference == "\n" else "")
             continue
-        text = tokenizer.decode(row[a:b], skip_special_tokens=True)
-        ok = text and text.isprintable() and len(text) <= max(1, len(fixed_text))
-        out.append(text if ok else UNKNOWN_CELL * max(1, len(fixed_text)))
-    return out
+        pieces.append(_shown(tokenizer.decode(tokens[a:b], skip_special_tokens=True), len(reference)))
+    tail = [_shown(tokenizer.decode([t], skip_special_tokens=True)) for t in tokens[cmap.end :]]
+    return Frame(pieces + tail, list(cmap.fixed) + [False] * len(tail), label)
+
+
+def _until_stop(tokens: list[int], stops) -> list[int]:
+    end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+    return tokens[:end]
 
 
 def check_trajectory_path(path) -> Path:
@@ -281,64 +163,85 @@ def check_trajectory_path(path) -> Path:
     return path
 
 
-def generate_one(run_dir, text: str, steps: int | None = None, live: bool = False, save_trajectory=None,
-                 base_only: bool = False, seed: int = 0, console=None) -> GenerateResult:
-    """Denoise one raw input with the run's model (clamped fixed pieces); check it; optionally show/save the steps."""
-    import torch
+def run_task_name(run_dir) -> str:
+    """The task a run was trained on, from its recipe alone (no model loaded)."""
+    from ftkit.recipe import load_recipe
+    from ftkit.rundir import RECIPE_FILE, require_run_dir
 
-    from ftkit.diffusion.sample import denoise, row_generators, schedule_kwargs
-    from ftkit.layout import allowed_tokens, canvas_to_text, layout_example
+    return load_recipe(require_run_dir(run_dir) / RECIPE_FILE).task.name
+
+
+def generate_one(run_dir, text: str, steps: int | None = None, live: bool = False, save_trajectory=None,
+                 base_only: bool = False, seed: int = 0, console=None, max_new_tokens: int | None = None,
+                 task_name: str | None = None,
+                 on_block: Callable[[int, str, bool], None] | None = None) -> GenerateResult:
+    """Denoise one raw input with the run's model (clamped fixed pieces, block after block); check it; optionally
+    show/save the steps. `task_name`: refuse a run of another task before loading anything (`ftkit solve`).
+    `on_block(k, text, last)` gets each block's text as it lands."""
+    from ftkit.diffusion.blocks import denoise_blocks
+    from ftkit.diffusion.sample import row_generators, schedule_kwargs
+    from ftkit.layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
     from ftkit.rundir import load_run
 
-    if steps is not None and steps <= 0:
-        raise FtkitError(f"--steps must be > 0, got {steps}")
+    for flag, value in (("--steps", steps), ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value <= 0:
+            raise FtkitError(f"{flag} must be > 0, got {value}")
     traj_path = check_trajectory_path(save_trajectory) if save_trajectory is not None else None
     if not text or not text.strip():
         raise FtkitError("generate: the input is empty")
+    if task_name is not None:
+        trained = run_task_name(run_dir)
+        if trained != task_name:
+            raise FtkitError(f"{run_dir}: a {trained} run, not a {task_name} run; use "
+                             f"`ftkit generate {run_dir} -i INPUT` for it")
 
     run = load_run(run_dir, adapter=not base_only)
     cfg = run.recipe.eval
     example = example_from_input(run.task, text)
     pc = run.task.to_prompt_canvas(example)
-    lay = layout_example(run.tokenizer, pc, run.canvas_length, run.recipe.train.max_prompt_length, "input")
+    lay = layout_example(run.tokenizer, pc, run.canvas_length, run.recipe.train.max_prompt_length, "input",
+                         task_max_blocks(run.task))
     cmap = _canvas_map(pc.pieces, lay.char_starts)
-
+    stops = stop_token_ids(run.tokenizer)
     device = next(run.model.parameters()).device
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-    fixed = torch.tensor([lay.fixed], dtype=torch.bool, device=device)
-    canvas = torch.tensor([lay.canvas_ids], dtype=torch.long, device=device)
+
     verifier = None
     if cfg.verifier_renoise:
-        from ftkit.evaluate import make_verifier
+        from ftkit.evaluate import rows_verifier
 
-        verifier = make_verifier(run.tokenizer, run.task, [example])
+        verifier = rows_verifier(run.tokenizer, run.task, [example])
+
+    def landed(k, rows, canvas, last):
+        if on_block is not None:
+            on_block(k, canvas_to_text(run.tokenizer, canvas[0].tolist()), last[0])
+
     n_steps = steps or cfg.steps
-    result = denoise(
-        run.model,
-        torch.tensor([lay.prompt_ids], dtype=torch.long, device=device),
-        torch.ones((1, len(lay.prompt_ids)), dtype=torch.long, device=device),
-        torch.where(fixed, canvas, torch.full_like(canvas, pad_id)),  # only the fixed pieces reach the sampler
-        fixed,
-        steps=n_steps,
-        **schedule_kwargs(cfg),
-        generator=row_generators(seed, 1, device),
-        clamp=True,
-        verifier=verifier,
+    result = denoise_blocks(
+        run.model, [lay], generators=row_generators(seed, 1, device),
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens or run.canvas_length, stop_ids=stops, pad_id=pad_id,
+        verifier=verifier, on_block=landed, steps=n_steps, **schedule_kwargs(cfg), clamp=True,
         record_trajectory=live or traj_path is not None,
-        allowed=allowed_tokens([lay], run.model.config.get_text_config().vocab_size, device) if cfg.token_masks else None,
+        vocab_size=run.model.config.get_text_config().vocab_size if cfg.token_masks else None,
     )
-    row = result.canvas[0].tolist()
-    output = canvas_to_text(run.tokenizer, row)
-    answer_pieces = _piece_texts(run.tokenizer, row, cmap)
-    frames = [_piece_texts(run.tokenizer, step[0].tolist(), cmap) for step in result.trajectory]
-    if frames:
-        frames.append(answer_pieces)  # the answer (argmax of the last step)
+    tokens = result.tokens[0]
+    output = canvas_to_text(run.tokenizer, tokens)
+    answer = _frame(run.tokenizer, _until_stop(tokens, set(stops)), cmap, "answer")
+    frames = []
+    if live or traj_path is not None:
+        length = run.canvas_length
+        for k, steps_of_block in enumerate(result.trajectories):
+            prefix = f"block {k + 1} · " if result.blocks[0] > 1 else ""
+            for i, canvas in enumerate(steps_of_block):
+                label = prefix + ("start (noise)" if i == 0 else f"step {i}")
+                frames.append(_frame(run.tokenizer, tokens[: k * length] + canvas[0].tolist(), cmap, label))
+        frames.append(answer)
     out = GenerateResult(
         task_name=run.task.name, run_dir=Path(run_dir), example=example, output=output,
         violations=run.task.check(example, output), steps_used=int(result.steps_used[0]), steps_budget=n_steps,
         forward_passes=result.forward_passes, tokens_per_forward=float(result.tokens_per_forward),
-        renoised_cells=result.renoised_cells, adapter=not base_only, canvas_map=cmap, answer_pieces=answer_pieces,
-        frames=frames,
+        renoised_cells=result.renoised_cells, adapter=not base_only, canvas_map=cmap, answer=answer,
+        view=view_of(run.task), blocks=result.blocks[0], frames=frames,
     )
     if live:
         replay_live(out, console=console)
@@ -351,27 +254,8 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
 # Live view and trajectory images
 
 
-def _changed(prev: list[str] | None, cur: list[str]) -> set[int]:
-    return set() if prev is None else {i for i, (a, b) in enumerate(zip(prev, cur)) if a != b}
-
-
-def _cells(frame: list[str]) -> list[str]:
-    return [t for t in frame if t != "\n"]
-
-
 def frame_renderable(result: GenerateResult, k: int):
-    from rich.panel import Panel
-    from rich.text import Text
-
-    frame = result.frames[k]
-    last = k == len(result.frames) - 1
-    title = "answer" if last else f"step {k} / {len(result.frames) - 2}" if k else "start (noise)"
-    if result.is_sudoku:
-        cells = _cells(frame)
-        prev = _cells(result.frames[k - 1]) if k else None
-        givens = [q != "0" for q in result.example.question]
-        return Panel.fit(sudoku_grid_text(cells, givens, changed=_changed(prev, cells)), title=title)
-    return Panel(Text("".join(frame)), title=title)
+    return result.view.frame(result.example, result.frames[k], result.frames[k - 1] if k else None)
 
 
 def replay_live(result: GenerateResult, console=None, seconds_per_frame: float = 0.08) -> None:
@@ -389,93 +273,75 @@ def replay_live(result: GenerateResult, console=None, seconds_per_frame: float =
             view.update(frame_renderable(result, k))
 
 
-GIVEN_FILL, CHANGED_FILL, VIOLATION_FILL = (210, 228, 255), (255, 221, 140), (255, 190, 190)
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return ImageFont.load_default()
-
-
-def _draw_sudoku(draw, x0: int, y0: int, cells: list[str], givens: list[bool], changed: set[int], bad: set[int],
-                 cell: int, font) -> None:
-    for i, value in enumerate(cells[:81]):
-        r, c = divmod(i, 9)
-        box = (x0 + c * cell, y0 + r * cell, x0 + (c + 1) * cell, y0 + (r + 1) * cell)
-        fill = GIVEN_FILL if givens[i] else VIOLATION_FILL if i in bad else CHANGED_FILL if i in changed else (255, 255, 255)
-        draw.rectangle(box, fill=fill, outline=(200, 200, 200))
-        draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), value, fill=(0, 0, 0), font=font, anchor="mm")
-    for k in range(0, 10, 3):
-        draw.line((x0 + k * cell, y0, x0 + k * cell, y0 + 9 * cell), fill=(0, 0, 0), width=2)
-        draw.line((x0, y0 + k * cell, x0 + 9 * cell, y0 + k * cell), fill=(0, 0, 0), width=2)
-
-
 def trajectory_images(result: GenerateResult) -> list:
-    """One Pillow image per frame: a Sudoku grid (changed cells highlighted), or the canvas text wrapped in rows."""
-    from PIL import Image, ImageDraw
-
+    """One Pillow image per frame, drawn by the task's view; the answer frame marks violating pieces."""
     images = []
-    font = _font(14)
-    givens = [q != "0" for q in result.example.question] if result.is_sudoku else []
+    last = len(result.frames) - 1
     for k, frame in enumerate(result.frames):
-        last = k == len(result.frames) - 1
-        label = "answer" if last else f"step {k}" if k else "start"
-        if result.is_sudoku:
-            cell, pad = 22, 8
-            img = Image.new("RGB", (9 * cell + 2 * pad, 9 * cell + 2 * pad + 18), "white")
-            draw = ImageDraw.Draw(img)
-            cells = _cells(frame)
-            prev = _cells(result.frames[k - 1]) if k else None
-            bad = result.violating_cells() if last else set()
-            _draw_sudoku(draw, pad, pad + 18, cells, givens, _changed(prev, cells), bad, cell, font)
-            draw.text((pad, 2), label, fill=(0, 0, 0), font=font)
-        else:
-            text = "".join(frame).replace("\t", "    ")
-            rows = [line[i : i + 60] for line in text.split("\n") for i in range(0, max(1, len(line)), 60)]
-            img = Image.new("RGB", (60 * 9 + 16, 18 * (len(rows) + 1) + 12), "white")
-            draw = ImageDraw.Draw(img)
-            draw.text((8, 4), label, fill=(0, 0, 0), font=font)
-            prev = result.frames[k - 1] if k else None
-            changed = _changed(prev, frame)
-            # Changed pieces get a highlight behind their characters: walk the pieces in canvas order.
-            x, y = 8, 22
-            for i, piece in enumerate(frame):
-                for ch in piece.replace("\t", "    "):
-                    if ch == "\n" or x > 8 + 60 * 9 - 9:
-                        x, y = 8, y + 18
-                        if ch == "\n":
-                            continue
-                    if i in changed:
-                        draw.rectangle((x, y, x + 9, y + 17), fill=CHANGED_FILL)
-                    draw.text((x, y), ch, fill=(0, 0, 0), font=font)
-                    x += 9
-        images.append(img)
+        previous = result.frames[k - 1] if k else None
+        images.append(result.view.image(result.example, frame, previous, result.bad_pieces() if k == last else set()))
     return images
 
 
+def legend_strip(legend, width: int):
+    """A white strip with the view's colour key: a swatch and its meaning per entry, wrapped to `width`."""
+    from PIL import Image, ImageDraw
+
+    face, pad, swatch, line_h = font(12), 8, 12, 18
+    entries, x, rows = [], pad, 1
+    for colour, label in legend:
+        w = swatch + 6 + int(face.getlength(label)) + 16
+        if x + w > width - pad and x > pad:
+            x, rows = pad, rows + 1
+        entries.append((x, rows - 1, colour, label))
+        x += w
+    img = Image.new("RGB", (width, rows * line_h + 2 * pad), WHITE)
+    draw = ImageDraw.Draw(img)
+    for x, row, colour, label in entries:
+        y = pad + row * line_h
+        draw.rectangle((x, y, x + swatch, y + swatch), fill=colour, outline=INK)
+        draw.text((x + swatch + 6, y - 1), label, fill=INK, font=face)
+    return img
+
+
+def contact_sheet(images: list, legend):
+    """The frames in a grid as wide as fits SHEET_MAX_WIDTH (one frame per cell, in order), the colour key below."""
+    from PIL import Image
+
+    w, h = max(i.width for i in images), max(i.height for i in images)
+    cols = max(1, min(len(images), SHEET_MAX_WIDTH // w))
+    rows = (len(images) + cols - 1) // cols
+    key = legend_strip(legend, cols * w)
+    sheet = Image.new("RGB", (cols * w, rows * h + key.height), WHITE)
+    for n, img in enumerate(images):
+        sheet.paste(img, ((n % cols) * w, (n // cols) * h))
+    sheet.paste(key, (0, rows * h))
+    return sheet
+
+
 def save_trajectory_image(result: GenerateResult, path: Path) -> Path:
-    """A GIF with one frame per step, or a PNG contact sheet of all steps; written atomically."""
+    """A GIF with one frame per step, or a PNG contact sheet of all steps; both with the view's colour key;
+    written atomically."""
     from PIL import Image
 
     if not result.frames:
         raise FtkitError("no trajectory was recorded")
     images = trajectory_images(result)
+    legend = result.view.legend
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: str) -> None:
         if path.suffix.lower() == ".gif":
-            images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=250, loop=0)
+            w, h = max(i.width for i in images), max(i.height for i in images)
+            key = legend_strip(legend, w)
+            frames = []
+            for img in images:
+                frame = Image.new("RGB", (w, h + key.height), WHITE)
+                frame.paste(img, (0, 0))
+                frame.paste(key, (0, h))
+                frames.append(frame)
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=250, loop=0)
             return
-        cols = min(8, len(images))
-        w, h = max(i.width for i in images), max(i.height for i in images)
-        rows = (len(images) + cols - 1) // cols
-        sheet = Image.new("RGB", (cols * w, rows * h), "white")
-        for n, img in enumerate(images):
-            sheet.paste(img, ((n % cols) * w, (n // cols) * h))
-        sheet.save(tmp, format="PNG")
+        contact_sheet(images, legend).save(tmp, format="PNG")
 
     return atomic_write(path, write)

@@ -102,7 +102,9 @@ class TrainSection:
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    # transformers' scheduler names; arguments (e.g. cosine_with_min_lr's min_lr) go in training_args.lr_scheduler_kwargs
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr",
+                          "cosine_with_restarts", "polynomial", "inverse_sqrt", "warmup_stable_decay"] = "cosine"
     max_grad_norm: float = 1.0
     # transformers' optimizer names; the 8-bit ones (bitsandbytes) keep AdamW's two states in 1 byte each.
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"] = "adamw_torch"
@@ -147,6 +149,8 @@ class EvalSection:
     token_masks: bool = True
     verifier_renoise: bool = False
     seed: int = 0
+    # Answer length in tokens, generated block after block until a stop token (end of turn / EOS); null: one canvas.
+    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,9 @@ class Recipe:
     task: TaskSection = field(default_factory=TaskSection)
     eval: EvalSection = field(default_factory=EvalSection)
     hub: HubSection = field(default_factory=HubSection)
+    # Any other transformers.TrainingArguments field (adam_beta1, lr_scheduler_kwargs, ...), passed through unchanged;
+    # checked against TrainingArguments' own fields and types (`_validate_training_args`).
+    training_args: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -293,6 +300,8 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         need(getattr(recipe.task, key) >= 0, f"task.{key}", "must be >= 0")
     for key in ("num_examples", "batch_size", "steps"):
         need(getattr(recipe.eval, key) > 0, f"eval.{key}", "must be > 0")
+    need(recipe.eval.max_new_tokens is None or recipe.eval.max_new_tokens > 0, "eval.max_new_tokens",
+         "must be > 0 (or null for one canvas)")
     t = recipe.model.tiny
     need(t.top_k <= t.experts, "model.tiny.top_k", "must be <= model.tiny.experts")
     for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "global_head_dim", "intermediate", "experts",
@@ -366,6 +375,104 @@ def _validate_task(recipe: Recipe, where: str) -> Recipe:
     return dataclasses.replace(recipe, task=dataclasses.replace(recipe.task, options=dataclasses.asdict(options)))
 
 
+# TrainingArguments fields a recipe sets through its own keys (one place per setting) ...
+TRAINING_ARGS_FROM_KEYS = {
+    "output_dir": "train.output_dir", "max_steps": "train.max_steps", "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "learning_rate": "train.learning_rate",
+    "weight_decay": "train.weight_decay", "warmup_steps": "train.warmup_steps", "lr_scheduler_type": "train.lr_scheduler",
+    "max_grad_norm": "train.max_grad_norm", "optim": "train.optim", "logging_steps": "train.logging_steps",
+    "save_steps": "train.save_steps", "save_total_limit": "train.save_total_limit", "seed": "train.seed",
+    "data_seed": "train.seed", "activation_checkpointing": "train.gradient_checkpointing",
+    "gradient_checkpointing": "train.gradient_checkpointing", "dataloader_num_workers": "train.num_workers",
+    "report_to": "train.report_to",
+}
+# ... and the ones ftkit decides itself (the device and precision, the checkpoint layout, the batch columns).
+TRAINING_ARGS_OWNED = {
+    "use_cpu": "it follows the device", "bf16": "it follows model.dtype and the device", "fp16": "it follows model.dtype",
+    "save_strategy": "checkpoints are written every train.save_steps", "remove_unused_columns": "the collator needs every column",
+    "disable_tqdm": "ftkit shows its own progress", "ddp_find_unused_parameters": "ftkit sets it for DDP",
+    "activation_checkpointing_kwargs": "ftkit checkpoints without reentrancy", "gradient_checkpointing_kwargs":
+    "ftkit checkpoints without reentrancy", "push_to_hub": "use `ftkit push`", "resume_from_checkpoint": "use --resume",
+}
+
+
+def _accepts(value: Any, tp: Any) -> bool:
+    """Does `value` (from YAML) fit the TrainingArguments annotation `tp`? Unknown kinds of annotation are left to
+    TrainingArguments itself; an enum (even `Enum | str`) must be one of its values."""
+    import enum
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is None and value is None:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):
+            return any(value in {m.value for m in e} for e in enums)
+        return any(_accepts(value, a) for a in args)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return value in {m.value for m in tp}
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is list or origin is list:
+        return isinstance(value, list) and (not args or all(_accepts(v, args[0]) for v in value))
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _enum_values(tp: Any) -> list[Any]:
+    import enum
+
+    kinds = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return [m.value for k in kinds if isinstance(k, type) and issubclass(k, enum.Enum) for m in k]
+
+
+def _floats(value: Any) -> Any:
+    """PyYAML reads `1e-5` as a string; in training_args a plain scientific number is meant as a float."""
+    if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    return value
+
+
+def _validate_training_args(recipe: Recipe, where: str) -> Recipe:
+    if not recipe.training_args:
+        return recipe
+    from transformers import TrainingArguments  # late: a second or more to import
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    hints = typing.get_type_hints(TrainingArguments)
+    values = _floats(recipe.training_args)
+    for key, value in values.items():
+        path = f"training_args.{_shown(str(key))}"
+        if key in TRAINING_ARGS_FROM_KEYS:
+            raise RecipeError(f"{where}: `{path}` is set by `{TRAINING_ARGS_FROM_KEYS[key]}`; set it there")
+        if key in TRAINING_ARGS_OWNED:
+            raise RecipeError(f"{where}: `{path}` is not configurable here: {TRAINING_ARGS_OWNED[key]}")
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f"; did you mean `training_args.{close[0]}`?" if close else ""
+            raise RecipeError(f"{where}: unknown key `{path}`: not a transformers.TrainingArguments field{hint}")
+        if hints.get(key) is None:
+            raise RecipeError(f"{where}: `{path}` is deprecated in this transformers version")
+        if not _accepts(value, hints[key]):
+            choices = _enum_values(hints[key])
+            expected = f"one of {', '.join(map(repr, choices))}" if choices else _type_name(hints[key])
+            raise RecipeError(f"{where}: `{path}` expects {expected}, got {value!r}")
+    return dataclasses.replace(recipe, training_args=values)
+
+
 def _shown(text: str) -> str:
     """User text as it goes into a one-line error message."""
     return text if text.isprintable() else repr(text)
@@ -422,7 +529,7 @@ def recipe_from_dict(data: Any, where: str = "<recipe>", overrides: list[str] | 
     recipe = build_dataclass(Recipe, data, where)
     _check_ranges(recipe, where)
     _check_sampler(recipe.eval, where)
-    return _validate_task(recipe, where)
+    return _validate_training_args(_validate_task(recipe, where), where)
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -13,26 +13,14 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from torch.utils.data import Dataset
 
 from ftkit import rundir
 from ftkit.errors import FtkitError
-from ftkit.layout import Layout, collate, layout_example
+from ftkit.layout import Layout, collate
 from ftkit.recipe import Recipe
 from ftkit.threads import machine_description
 
 log = logging.getLogger(__name__)
-
-
-class LayoutDataset(Dataset):
-    def __init__(self, layouts: list[Layout]):
-        self.layouts = layouts
-
-    def __len__(self) -> int:
-        return len(self.layouts)
-
-    def __getitem__(self, i: int) -> Layout:
-        return self.layouts[i]
 
 
 @dataclass
@@ -43,23 +31,19 @@ class Collator:
         return collate(layouts, self.pad_id)
 
 
-def build_layouts(task, tokenizer, recipe: Recipe, split: str, size: int, canvas_length: int) -> list[Layout]:
-    examples = task.build_dataset(split, size, recipe.task.seed, recipe.task.data_path)
-    if not examples:
-        where = recipe.task.data_path or f"the {recipe.task.name} builder"
-        raise FtkitError(f"{where}: the {split} dataset is empty")
-    return [
-        layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, recipe.train.max_prompt_length, ex.id)
-        for ex in examples
-    ]
-
-
 def training_arguments(recipe: Recipe, run_dir: Path):
     from transformers import TrainingArguments
 
     t = recipe.train
     cuda = torch.cuda.is_available()
     bf16 = cuda and recipe.model.dtype == "bfloat16" and not recipe.is_tiny
+    try:
+        return _training_arguments(TrainingArguments, recipe, run_dir, t, cuda, bf16)
+    except (TypeError, ValueError) as e:  # a value TrainingArguments itself rejects (the recipe checked the types)
+        raise FtkitError(f"training_args: transformers.TrainingArguments rejects the recipe's settings: {e}") from None
+
+
+def _training_arguments(TrainingArguments, recipe: Recipe, run_dir: Path, t, cuda: bool, bf16: bool):
     return TrainingArguments(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
         max_steps=t.max_steps,
@@ -92,6 +76,7 @@ def training_arguments(recipe: Recipe, run_dir: Path):
         dataloader_num_workers=t.num_workers,
         report_to=[] if t.report_to == "none" else [t.report_to],
         disable_tqdm=True,  # the rich progress bar replaces tqdm
+        **recipe.training_args,  # every other TrainingArguments field, validated by the recipe
     )
 
 
@@ -113,6 +98,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
 
     from ftkit.model import attach_lora, load_base, load_in_turns, load_tokenizer, parameter_groups
     from ftkit.plots import plot_loss_curve, plot_noise_vs_loss
+    from ftkit.task_data import build_training_data
     from ftkit.tasks import make_task
     from ftkit.trainer import DiffusionTrainer, JsonlLogCallback, LogLineCallback
 
@@ -152,7 +138,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
             from transformers import AutoConfig
 
             canvas_length = int(AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision).canvas_length)
-        train_layouts = build_layouts(task, tokenizer, recipe, "train", recipe.task.train_size, canvas_length)
+        # Built once per fingerprint and cached (ftkit.task_data); other processes read what the main one made.
+        with dist.main_process_first():
+            train_data = build_training_data(task, tokenizer, recipe, canvas_length)
 
         if dist.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +182,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
         trainer = DiffusionTrainer(
             model=model,
             args=training_arguments(recipe, run_dir),
-            train_dataset=LayoutDataset(train_layouts),
+            train_dataset=train_data,
             data_collator=Collator(tokenizer.pad_token_id),
             diffusion=recipe.diffusion,
             noise_log=noise_log,
@@ -215,7 +203,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
     try:
         if trainer.is_world_process_zero():
             _save_adapter(model, run_dir)
-            summary = _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_step)
+            summary = _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_step, len(train_data))
             rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
             plot_loss_curve(rundir.read_jsonl(run_dir / rundir.TRAIN_LOG), run_dir / "loss.png")
             plot_noise_vs_loss(rundir.read_jsonl(noise_log), run_dir / "noise_loss.png")
@@ -272,7 +260,7 @@ def _save_adapter(model, run_dir: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_step) -> dict[str, Any]:
+def _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_step, train_examples) -> dict[str, Any]:
     rows = [r for r in rundir.read_jsonl(run_dir / rundir.TRAIN_LOG) if "loss" in r]
     steps_run = recipe.train.max_steps - resumed_step
     canvas_tokens = steps_run * recipe.train.batch_size * recipe.train.grad_accum * canvas_length
@@ -281,6 +269,7 @@ def _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_st
         "base_model": recipe.model.base,
         "task": recipe.task.name,
         "steps": recipe.train.max_steps,
+        "train_examples": train_examples,  # what was built (a task may have less data than task.train_size asks)
         "resumed_from_step": resumed_step,
         "loss_start": first.get("loss"),
         "loss_end": last.get("loss"),

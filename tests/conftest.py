@@ -1,10 +1,17 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+if "HF_DATASETS_CACHE" not in os.environ:  # ftkit.task_data's Arrow caches: one throwaway dir per session
+    _cache = tempfile.mkdtemp(prefix="ftkit-tests-datasets-")
+    os.environ["HF_DATASETS_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

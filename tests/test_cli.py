@@ -114,7 +114,7 @@ BAD_TRAIN_INPUTS = {
     "unknown_task": (["task.name=chess"], ["`task.name`", "unknown task 'chess'", "sudoku"]),
     "missing_data_file": (["task.data_path=/nonexistent/puzzles.csv"], ["/nonexistent/puzzles.csv", "not found"]),
     "canvas_too_long": (["model.tiny.canvas_length=85", "task.options.rows_on_lines=true"],
-                        ["canvas is 89 tokens", "canvas_length=85"]),
+                        ["canvas is 90 tokens", "canvas_length=85"]),
     "empty_dataset": (["task.train_size=0"], ["dataset is empty"]),
     "bad_override": (["train.max_steps"], ["KEY.PATH=VALUE"]),
     "bad_task_option": (["task.options.min_givens=5"], ["min_givens"]),
@@ -222,9 +222,11 @@ def test_solve_prints_grid_and_writes_trajectories(tiny_run, tmp_path):
 def test_generate_one_result(tiny_run):
     from ftkit.generate import generate_one
 
+    from ftkit.tasks.sudoku import grid_cells
+
     res = generate_one(tiny_run, PUZZLE.replace("0", "."), steps=2, seed=1, save_trajectory=None)
-    assert res.steps_used <= 2 and res.forward_passes >= 1 and res.frames == []
-    cells = res.sudoku_cells()
+    assert res.steps_used <= 2 and res.forward_passes >= 1 and res.frames == [] and res.blocks == 1
+    cells = grid_cells(res.answer)
     assert len(cells) == 81
     # Clamping: every given sits in the final canvas whatever the model says.
     assert all(cells[i] == q for i, q in enumerate(PUZZLE) if q != "0")
@@ -234,6 +236,33 @@ def test_generate_one_result(tiny_run):
     console.print(res.render())
     text = console.export_text()
     assert "5 1" in text and ("constraint" in text)
+
+
+def test_solve_on_a_run_of_another_task_says_so(tiny_run, tmp_path):
+    """Before: `ftkit solve` on a protein run parsed the puzzle as a protein and complained about its length."""
+    protein = tmp_path / "protein-run"
+    protein.mkdir()
+    recipe = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
+    recipe["task"] = {"name": "protein", "options": {}}
+    (protein / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert_clean_error(invoke("solve", protein, PUZZLE), "a protein run, not a sudoku run", "ftkit generate")
+
+
+def test_an_empty_answer_is_a_failure(tiny_run, monkeypatch):
+    """Before: an empty answer printed "(empty)" and exited 0."""
+    import ftkit.generate as gen
+
+    real = gen.generate_one
+
+    def ends_at_once(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.output = ""
+        return result
+
+    monkeypatch.setattr(gen, "generate_one", ends_at_once)
+    result = invoke("generate", tiny_run, "-i", PUZZLE, "--steps", "1")
+    assert result.exit_code == 1, result.output
+    assert "empty answer" in result.output and "all constraints satisfied" not in result.output
 
 
 @pytest.mark.parametrize("bad_input,needles", [
@@ -275,16 +304,16 @@ def test_push_without_adapter_says_train_first(tiny_run, tmp_path):
 
 
 def test_protein_input_length_and_scaffold(char_tokenizer):
+    from ftkit.errors import FtkitError
     from ftkit.generate import example_from_input
     from ftkit.layout import layout_example
     from ftkit.tasks import make_task
-    from ftkit.errors import FtkitError
 
     task = make_task("protein", {"mode": "scaffold"})
     ex = example_from_input(task, "MKT" + "_" * 20 + "GLL___a")
     assert ex.question == {"length": 30, "motif": [(0, "MKT"), (23, "GLL"), (29, "A")]}
     lay = layout_example(char_tokenizer, task.to_prompt_canvas(ex), 96, 512)
-    assert lay.content_length == 30 and sum(lay.fixed) == 7
+    assert lay.content_length == 31 and sum(lay.fixed) == 7  # + the end-of-turn token
     assert example_from_input(task, " 40 ").question == {"length": 40, "motif": []}
     for bad, needle in (("12", "outside"), ("MKX__" + "_" * 30, "'X' at position 3"), ("M" * 30, "no free residue")):
         with pytest.raises(FtkitError, match=needle):

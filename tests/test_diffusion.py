@@ -105,24 +105,117 @@ def test_loss_matches_reference_steps(tiny_setup):
     out = diffusion_loss(model, batch, cfg, gen(7))
 
     g = gen(7)
+    torch.rand(3, generator=g)  # the block draw: every Sudoku response is one block
     t = 0.1 + 0.9 * torch.rand(3, generator=g)
     corrupt = torch.rand(3, 96, generator=g) < t[:, None]
-    noisy = torch.where(corrupt, torch.randint(model.config.text_config.vocab_size, (3, 96), generator=g), batch["canvas"])
+    canvas = batch["canvas"][:, 0]
+    noisy = torch.where(corrupt, torch.randint(model.config.text_config.vocab_size, (3, 96), generator=g), canvas)
     seq = batch["input_ids"].shape[1]
     cache = (torch.arange(seq)[None] < batch["prompt_len"][:, None]).long()
     ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=noisy,
                 decoder_attention_mask=torch.cat([cache, torch.ones(3, 96, dtype=torch.long)], 1),
                 decoder_position_ids=batch["prompt_len"][:, None] + torch.arange(96)[None])
-    diff = F.cross_entropy(ref.logits.reshape(-1, ref.logits.shape[-1]), batch["canvas"].reshape(-1))
+    diff = F.cross_entropy(ref.logits.reshape(-1, ref.logits.shape[-1]), canvas.reshape(-1))
     core = model.get_base_model()
     enc_logits = torch.tanh(core.lm_head(ref.encoder_last_hidden_state).float() / 30.0) * 30.0
     pairs = batch["attention_mask"][:, :-1].bool() & batch["attention_mask"][:, 1:].bool()
     enc = F.cross_entropy(enc_logits[:, :-1].reshape(-1, enc_logits.shape[-1]),
                           torch.where(pairs, batch["input_ids"][:, 1:], -100).reshape(-1), ignore_index=-100)
-    assert out.t.tolist() == pytest.approx(t.tolist())
+    assert out.t.tolist() == pytest.approx(t.tolist()) and out.block.tolist() == [0, 0, 0]
     assert out.diffusion.item() == pytest.approx(diff.item(), rel=1e-5)
     assert out.encoder.item() == pytest.approx(enc.item(), rel=1e-5)
     assert out.loss.item() == pytest.approx(diff.item() + 0.5 * enc.item(), rel=1e-5)
+
+
+LONG = "".join(chr(ord("a") + (7 * i) % 26) for i in range(200))  # 200 characters + <turn|>: blocks of 96, 96, 9
+
+
+@pytest.fixture(scope="module")
+def long_batch():
+    """A three-block response (201 tokens in 96-token canvases) beside a one-block Sudoku example."""
+    from ftkit.tasks.base import Piece, PromptCanvas
+    from ftkit.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    long = layout_example(tok, PromptCanvas(prompt="Write.", pieces=(Piece(LONG, False),)), 96, 256, max_blocks=None)
+    sudoku = layout_example(tok, SudokuTask().to_prompt_canvas(SudokuTask().build_dataset("test", 1, 0)[0]), 96, 256)
+    return tok, [long, sudoku], collate([long, sudoku], tok.pad_token_id)
+
+
+def test_collate_lays_out_blocks_and_reads_only_real_tokens(long_batch):
+    tok, (long, sudoku), batch = long_batch
+    assert (long.num_blocks, long.content_length, sudoku.num_blocks) == (3, 201, 1)
+    assert batch["canvas"].shape == (2, 3, 96) and batch["fixed"].shape == (2, 3, 96)
+    eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids("<turn|>")
+    ids = tok(LONG, add_special_tokens=False).input_ids + [eot]
+    assert batch["canvas"][0].flatten().tolist() == ids + [eos] * (288 - 201)  # the last block is EOS-filled
+    assert batch["canvas"][1, 0].tolist() == sudoku.canvas_ids
+    # The encoder reads prompt + response, never the EOS fill: its AR co-loss covers real tokens only.
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths == [len(long.prompt_ids) + 201, len(sudoku.prompt_ids) + 82]
+    assert batch["input_ids"][0, lengths[0] - 1].item() == eot
+    assert (encoder_targets(batch["input_ids"], batch["attention_mask"]) != -100).sum(1).tolist() == [n - 1 for n in lengths]
+
+
+def test_long_example_loss_matches_hand_computation_for_each_block(tiny_setup, long_batch):
+    """For each block the long example can draw, the loss equals: that block's clean canvas (EOS-filled for the
+    last), the decoder's cache cut at the block's start, positions continuing from there, flat CE over the canvas,
+    plus the encoder's AR CE over the real tokens of both examples."""
+    model, _ = tiny_setup
+    _, (long, _), batch = long_batch
+    vocab = model.config.text_config.vocab_size
+    cfg = DiffusionSection(eps=0.1, self_conditioning_p=0.0, encoder_loss_weight=0.5)
+    seen = set()
+    for seed in range(40):
+        g = gen(seed)
+        block = (torch.rand(2, generator=g) * torch.tensor([3, 1])).long()
+        if block[0].item() in seen:
+            continue
+        seen.add(block[0].item())
+        out = diffusion_loss(model, batch, cfg, gen(seed))
+        b = block[0].item()
+        assert out.block.tolist() == [b, 0]
+        target = torch.stack([batch["canvas"][0, b], batch["canvas"][1, 0]])
+        assert target[0].tolist() == long.canvas_ids[96 * b : 96 * (b + 1)]
+        t = 0.1 + 0.9 * torch.rand(2, generator=g)
+        corrupt = torch.rand(2, 96, generator=g) < t[:, None]
+        noisy = torch.where(corrupt, torch.randint(vocab, (2, 96), generator=g), target)
+        start = batch["prompt_len"] + torch.tensor([96 * b, 0])
+        seq = batch["input_ids"].shape[1]
+        cache = (torch.arange(seq)[None] < start[:, None]).long()
+        with torch.no_grad():
+            ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=noisy,
+                        decoder_attention_mask=torch.cat([cache, torch.ones(2, 96, dtype=torch.long)], 1),
+                        decoder_position_ids=start[:, None] + torch.arange(96)[None])
+        diff = F.cross_entropy(ref.logits.reshape(-1, vocab), target.reshape(-1))
+        enc_logits = torch.tanh(model.get_base_model().lm_head(ref.encoder_last_hidden_state).float() / 30.0) * 30.0
+        mask = batch["attention_mask"]
+        pairs = mask[:, :-1].bool() & mask[:, 1:].bool()
+        enc = F.cross_entropy(enc_logits[:, :-1].reshape(-1, vocab),
+                              torch.where(pairs, batch["input_ids"][:, 1:], -100).reshape(-1), ignore_index=-100)
+        assert out.diffusion.item() == pytest.approx(diff.item(), rel=1e-5), b
+        assert out.encoder.item() == pytest.approx(enc.item(), rel=1e-5), b
+        assert out.loss.item() == pytest.approx(diff.item() + 0.5 * enc.item(), rel=1e-5), b
+    assert seen == {0, 1, 2}
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_lean_path_equals_reference_on_a_multi_block_batch(tiny_setup, long_batch, p):
+    model, _ = tiny_setup
+    _, _, batch = long_batch
+    outs = []
+    for chunk in (0, 50):
+        model.zero_grad()
+        out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=p), gen(4))
+        out.loss.backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad and q.grad is not None}
+        outs.append((out, grads))
+    (ref, ref_grads), (lean, lean_grads) = outs
+    assert ref.block.tolist() == lean.block.tolist() and ref.block[0].item() > 0  # a later block, not block 0
+    for part in ("loss", "diffusion", "encoder"):
+        assert getattr(lean, part).item() == pytest.approx(getattr(ref, part).item(), rel=1e-5), part
+    for name, g in ref_grads.items():
+        assert torch.allclose(lean_grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0])

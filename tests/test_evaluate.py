@@ -124,7 +124,7 @@ def test_real_sampler_respects_givens_and_budget(model, tokenizer, task, example
     plain = ev.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, False, sampler=recording_denoise)
     assert len(calls) == 2
     for args, kwargs, result in calls:
-        canvas_init, fixed = args[3], args[4]
+        canvas_init, fixed = kwargs["canvas_init"], kwargs["fixed_mask"]
         assert fixed.any() and torch.equal(result.canvas[fixed], canvas_init[fixed])  # givens clamped
         assert kwargs["clamp"] and kwargs["verifier"] is None
     # (With eval.token_masks off the decoded text may still lose givens: see the token-mask test below.)
@@ -240,7 +240,9 @@ def test_result_names():
     assert ev.result_name(recipe, own, 50) == ("eval", [])
     assert ev.result_name(recipe, own, 50, base=True)[0] == "eval_base"
     assert ev.result_name(recipe, own, 50, checkpoint="checkpoint-100")[0] == "eval_checkpoint-100"
-    assert ev.result_name(recipe, own, 50, data_path="/x/my puzzles.csv")[0] == "eval_data-my-puzzles"
+    # --data evaluates the whole file; a size is named only when one was asked for (-n).
+    assert ev.result_name(recipe, own, None, data_path="/x/my puzzles.csv")[0] == "eval_data-my-puzzles"
+    assert ev.result_name(recipe, own, 50, data_path="/x/my puzzles.csv")[0] == "eval_data-my-puzzles_n50"
     other = dataclasses.replace(own, split="train", steps=4, verifier_renoise=True, token_masks=False)
     stem, why = ev.result_name(recipe, other, 2)
     assert stem == "eval_train_n2_steps4_verifier_unmasked"
@@ -295,20 +297,13 @@ def test_token_masks_keep_sudoku_format_on_a_random_model(model, tokenizer, task
 def test_eval_of_another_data_file_is_named_by_it(tmp_path, monkeypatch, model, tokenizer, task):
     from ftkit.tasks.sudoku import HELD_OUT_FILE
 
-    built = []
-
-    class RecordingTask(SudokuTask):
-        def build_dataset(self, split, size, seed, data_path=None):
-            built.append((split, size, data_path))
-            return super().build_dataset(split, size, seed, data_path)
-
-    monkeypatch.setattr(ev, "_load_run",
-                        lambda run_dir, adapter, checkpoint=None: fake_run(model, tokenizer, RecordingTask()))
+    monkeypatch.setattr(ev, "_load_run", lambda run_dir, adapter, checkpoint=None: fake_run(model, tokenizer, task))
     data = tmp_path / "my puzzles.csv"
     data.write_text(HELD_OUT_FILE.read_text())
-    report = ev.evaluate_run(tmp_path, data_path=str(data), steps=1)
-    assert built == [("test", 2, str(data))]  # the examples come from the file
-    assert report["file"] == "eval_data-my-puzzles_steps1.json" and report["data_path"] == str(data)
+    report = ev.evaluate_run(tmp_path, data_path=str(data), steps=1, num_examples=2)
+    # The examples come from the whole file (split "all"), not from a 90/10 split of it.
+    assert [r["id"] for r in report["modes"]["plain"]["records"]] == ["all-0", "all-1"]
+    assert report["file"] == "eval_data-my-puzzles_n2_steps1.json" and report["data_path"] == str(data)
     assert not (tmp_path / "eval.json").exists() and report["num_examples"] == 2
     with pytest.raises(ev.FtkitError, match="--data .*missing.csv: file not found"):
         ev.evaluate_run(tmp_path, data_path=str(tmp_path / "missing.csv"))

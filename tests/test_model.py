@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from ftkit.layout import canvas_to_text, layout_example
+from ftkit.layout import canvas_to_text, end_of_turn_id, layout_example, stop_token_ids
 from ftkit.model import attach_lora, build_tiny, lora_targets, parameter_groups
 from ftkit.recipe import LoraSection, TinySpec
 from ftkit.tasks import Piece, PromptCanvas
@@ -60,22 +60,60 @@ def test_tiny_build_is_deterministic(char_tokenizer):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_layout_pieces_fixed_mask_and_eos_fill(char_tokenizer):
+def test_layout_pieces_fixed_mask_end_of_turn_and_eos_fill(char_tokenizer):
     pc = PromptCanvas(prompt="hi", pieces=(Piece("ab", True), Piece("cd", False), Piece("\n", True)))
-    lay = layout_example(char_tokenizer, pc, canvas_length=8, max_prompt_length=10)
-    assert lay.prompt_ids[0] == char_tokenizer.bos_token_id and len(lay.prompt_ids) == 3
+    lay = layout_example(char_tokenizer, pc, canvas_length=8, max_prompt_length=32)
+    # The prompt is DiffusionGemma's chat template up to the model's turn, each marker one token.
+    assert char_tokenizer.decode(lay.prompt_ids) == "<bos><|turn>user\nhi<turn|>\n<|turn>model\n"
+    assert len(lay.prompt_ids) == 1 + 1 + 5 + 2 + 1 + 1 + 1 + 6
+    eot = char_tokenizer.convert_tokens_to_ids("<turn|>")
+    assert end_of_turn_id(char_tokenizer) == eot and stop_token_ids(char_tokenizer) == (eot, char_tokenizer.eos_token_id)
+    # The canvas: the pieces, the end-of-turn token (free: the model writes it), then the EOS fill.
+    assert lay.canvas_ids[:6] == char_tokenizer("abcd\n", add_special_tokens=False).input_ids + [eot]
     assert lay.fixed == [True, True, False, False, True, False, False, False]
-    assert lay.canvas_ids[5:] == [char_tokenizer.eos_token_id] * 3
+    assert lay.canvas_ids[6:] == [char_tokenizer.eos_token_id] * 2 and lay.content_length == 6
     assert lay.char_starts == [0, 1, 2, 3, 4]
     assert canvas_to_text(char_tokenizer, lay.canvas_ids) == "abcd\n"
+
+
+def test_layout_canvas_is_what_the_training_template_supervises(char_tokenizer):
+    """TRL's DiffusionGemma training template marks what the model emits in its turn; the canvas is that span up to
+    the end-of-turn token, and the encoder prompt is everything before it."""
+    import importlib.resources
+
+    template = (importlib.resources.files("trl") / "chat_templates" / "diffusion_gemma_training.jinja").read_text()
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4, as\nshown"}]
+    rendered = char_tokenizer.apply_chat_template(chat, chat_template=template, tokenize=True, return_dict=True,
+                                                  return_assistant_tokens_mask=True)
+    ids, mask = rendered["input_ids"], rendered["assistant_masks"]
+    start = mask.index(1)
+    pc = PromptCanvas(prompt="", pieces=(Piece("4, as\nshown", False),), messages=(("system", "Be brief."), ("user", "2+2?")))
+    lay = layout_example(char_tokenizer, pc, canvas_length=32, max_prompt_length=64)
+    assert lay.prompt_ids == ids[:start]
+    assert lay.canvas_ids[: lay.content_length] == ids[start : start + lay.content_length]
+    assert lay.canvas_ids[lay.content_length - 1] == end_of_turn_id(char_tokenizer)
+
+
+def test_tokenizer_without_chat_template_keeps_bos_text_and_eos_fill(char_tokenizer):
+    import copy
+
+    plain = copy.deepcopy(char_tokenizer)
+    plain.chat_template = None
+    lay = layout_example(plain, PromptCanvas(prompt="hi", pieces=(Piece("ab", False),)), canvas_length=4,
+                         max_prompt_length=8)
+    assert lay.prompt_ids == [plain.bos_token_id] + plain("hi", add_special_tokens=False).input_ids
+    assert lay.canvas_ids[2:] == [plain.eos_token_id] * 2 and lay.content_length == 2
+    assert stop_token_ids(plain) == (plain.eos_token_id,)
 
 
 def test_layout_rejects_a_canvas_longer_than_the_model(char_tokenizer):
     from ftkit.errors import FtkitError
 
-    pc = PromptCanvas(prompt="", pieces=(Piece("x" * 9, False),))
-    with pytest.raises(FtkitError, match=r"example e7: canvas is 9 tokens, longer than the model's canvas_length=8"):
-        layout_example(char_tokenizer, pc, canvas_length=8, max_prompt_length=10, example_id="e7")
+    pc = PromptCanvas(prompt="", pieces=(Piece("x" * 8, False),))
+    with pytest.raises(FtkitError, match=r"example e7: canvas is 9 tokens \(its end-of-turn token included\), "
+                                         r"longer than the model's canvas_length=8"):
+        layout_example(char_tokenizer, pc, canvas_length=8, max_prompt_length=32, example_id="e7")
 
 
 def test_expert_rank_is_its_own_and_keeps_alpha_over_r(char_tokenizer, tmp_path):

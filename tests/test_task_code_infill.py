@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ftkit.errors import FtkitError
-from ftkit.layout import layout_example
+from ftkit.layout import canvas_to_text, layout_example
 from ftkit.tasks import make_task
 from ftkit.tasks.code_infill import HOLE, load_jsonl
 from ftkit.tokenizer import build_char_tokenizer
@@ -210,10 +210,11 @@ def test_layout_round_trip(source):
         pc = task.to_prompt_canvas(ex)
         assert pc.canvas_text == ex.answer
         assert HOLE in pc.prompt and ex.question["prefix"] + HOLE in pc.prompt
-        lay = layout_example(tok, pc, canvas_length=160, max_prompt_length=2048, example_id=ex.id)
-        assert tok.decode(lay.canvas_ids[: lay.content_length]) == ex.answer
+        lay = layout_example(tok, pc, canvas_length=161, max_prompt_length=2048, example_id=ex.id)
+        assert canvas_to_text(tok, lay.canvas_ids) == ex.answer
+        assert lay.content_length == len(ex.answer) + 1  # + the end-of-turn token, free
         n_prefix, n_suffix = len(ex.question["prefix"]), len(ex.question["suffix"])
-        fixed = lay.fixed[: lay.content_length]
+        fixed = lay.fixed[: lay.content_length - 1]
         assert all(fixed[:n_prefix]) and all(fixed[len(fixed) - n_suffix :])
         assert not any(fixed[n_prefix : len(fixed) - n_suffix])  # the middle: free, oracle length
 
@@ -224,4 +225,4 @@ def test_recipes_validate():
     for path in ["recipes/code_infill.yaml", "recipes/tiny/code_infill.yaml"]:
         assert load_recipe(path).task.name == "code_infill"
     tiny = load_recipe("recipes/tiny/code_infill.yaml")
-    assert tiny.task.options["max_canvas_chars"] <= tiny.model.tiny.canvas_length
+    assert tiny.task.options["max_canvas_chars"] < tiny.model.tiny.canvas_length  # + the end-of-turn token

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ftkit.errors import FtkitError
-from ftkit.layout import layout_example
+from ftkit.layout import canvas_to_text, layout_example
 from ftkit.tasks import make_task
 from ftkit.tasks.base import Example
 from ftkit.tasks.protein import CANONICAL, IdentityIndex, js_divergence, composition, parse_fasta
@@ -206,7 +206,8 @@ def test_layout_round_trip(mode):
         pc = task.to_prompt_canvas(ex)
         assert pc.canvas_text == ex.answer
         lay = layout_example(tok, pc, canvas_length=128, max_prompt_length=512, example_id=ex.id)
-        assert tok.decode(lay.canvas_ids[: lay.content_length]) == ex.answer
+        assert canvas_to_text(tok, lay.canvas_ids) == ex.answer
+        assert lay.content_length == len(ex.answer) + 1  # + the end-of-turn token
         fixed_positions = {s + k for s, r in ex.question["motif"] for k in range(len(r))}
         assert {i for i, f in enumerate(lay.fixed) if f} == fixed_positions
         assert (mode == "scaffold") == bool(fixed_positions)
@@ -220,7 +221,7 @@ def test_recipes_validate():
         recipe = load_recipe(path)
         assert recipe.task.name == "protein"
     tiny = load_recipe("recipes/tiny/protein.yaml")
-    assert tiny.model.tiny.canvas_length >= tiny.task.options["max_length"]
+    assert tiny.model.tiny.canvas_length > tiny.task.options["max_length"]  # room for the end-of-turn token
 
 
 def test_metrics_of_examples_from_elsewhere():
@@ -229,3 +230,21 @@ def test_metrics_of_examples_from_elsewhere():
     ex = Example(id="input", question={"length": 60, "motif": []}, answer=REAL[:60], meta={"source": "input"})
     m = task.metrics([ex], [ex.answer])
     assert m["count"] == 1.0 and m["validity"] == 1.0 and "novelty" in m
+
+
+def test_the_quickstart_protein_inputs_fit_the_tiny_recipe():
+    """docs/quickstart.md's `ftkit generate` protein examples must parse under recipes/tiny/protein.yaml's limits
+    (before: a 17-residue template against min_length 24)."""
+    import re
+    from pathlib import Path
+
+    from ftkit.recipe import load_recipe
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = load_recipe(root / "recipes" / "tiny" / "protein.yaml")
+    task = make_task("protein", recipe.task.options)
+    section = (root / "docs" / "quickstart.md").read_text().split("- protein:", 1)[1].split("\n- ", 1)[0]
+    inputs = re.findall(r"-i ([A-Z_0-9]+)", section)
+    assert len(inputs) >= 2
+    for text in inputs:
+        task.example_from_input(text)

@@ -38,7 +38,7 @@ def swap(s: str, i: int, j: int) -> str:
 
 def test_registered_and_unknown_name():
     assert "sudoku" in known_tasks() and get_task("sudoku") is SudokuTask
-    with pytest.raises(KeyError, match="unknown task 'chess'; known tasks: code_infill, protein, sudoku"):
+    with pytest.raises(KeyError, match="unknown task 'chess'; known tasks: chat, code_infill, protein, sudoku"):
         get_task("chess")
 
 
@@ -81,6 +81,15 @@ def test_partial_credit_metrics(task, example):
     assert m["cell_accuracy_blanks"] == pytest.approx((blanks - 2) / blanks)
     assert m["rows_valid"] == 1.0 and m["columns_valid"] == pytest.approx(7 / 9)
     assert m["givens_preserved"] == 1.0
+
+
+def test_an_output_longer_than_81_cells_is_not_an_exact_match(task, example):
+    """A right grid followed by extra digits fails `check` (length), so it must not count as an exact match."""
+    longer = SOLUTION + "1"
+    assert "length" in names(task.check(example, longer))
+    m = task.metrics([example], [longer])
+    assert m["exact_match"] == 0.0 and m["solve_rate"] == 0.0
+    assert m["cell_accuracy_blanks"] == 1.0  # the per-cell metrics still read the first 81 cells
 
 
 def test_generator_makes_unique_puzzles_by_difficulty():
@@ -131,8 +140,8 @@ def test_csv_errors_name_file_and_line(tmp_path):
 
 def test_layout_fixes_the_givens(task, example, char_tokenizer):
     lay = layout_example(char_tokenizer, task.to_prompt_canvas(example), canvas_length=96, max_prompt_length=256)
-    assert lay.content_length == 81
-    assert [f for f in lay.fixed[:81]] == [q != "0" for q in QUIZ]
+    assert lay.content_length == 82  # 81 cells + the end-of-turn token
+    assert [f for f in lay.fixed[:82]] == [q != "0" for q in QUIZ] + [False]
     assert char_tokenizer.decode(lay.canvas_ids[:81]) == SOLUTION
 
 

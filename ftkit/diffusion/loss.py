@@ -1,15 +1,18 @@
 """The reference DiffusionGemma training objective (TRL, NeMo and Google agree), as one function.
 
-Per example: t ~ U(eps, 1); each canvas token replaced by a uniform random token with prob. t; with prob.
-`self_conditioning_p` the decoder is conditioned on its own logits from a first, no-grad pass; flat cross-entropy
-over every canvas position (the EOS fill included: the uniform kernel has a flat ELBO, so no 1/t weighting); plus an
-autoregressive cross-entropy on the encoder, which reads the whole clean sequence (prompt + canvas) while the
-decoder's attention mask cuts the cache off at the prompt.
+Per example: one response block is chosen uniformly (a response longer than one canvas has several; block
+diffusion trains one per step); t ~ U(eps, 1); each token of that block's clean canvas (EOS-filled past the
+response) replaced by a uniform random token with prob. t; with prob. `self_conditioning_p` the decoder is
+conditioned on its own logits from a first, no-grad pass; flat cross-entropy over every canvas position (the EOS fill
+included: the uniform kernel has a flat ELBO, so no 1/t weighting); plus an autoregressive cross-entropy on the
+encoder, which reads the whole clean sequence (prompt + response, real tokens only) while the decoder's attention
+mask cuts the cache off at the chosen block's start and the canvas positions continue from there.
 
 Two paths compute the same values: `_reference_losses` (one `model(...)` call per pass, as TRL runs it) and, when
 `diffusion.loss_chunk > 0`, `_lean_losses` (encoder once, first pass only where needed, everything over the
-vocabulary chunked). Both draw the same noise from the generator in the same order, and both run inside the DDP
-wrapper's forward when there is one (`as_wrapper_forward`), so gradients are all-reduced either way.
+vocabulary chunked). Both draw the same randomness from the generator in the same order (block, noise level,
+corruption, self-conditioning gate), and both run inside the DDP wrapper's forward when there is one
+(`as_wrapper_forward`), so gradients are all-reduced either way.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class LossOutput:
     self_conditioned: torch.Tensor  # fraction of examples that were self-conditioned
     t: torch.Tensor  # (B,) noise level per example, detached
     per_example: torch.Tensor  # (B,) canvas CE per example, detached: the noise-level vs loss curve
+    block: torch.Tensor | None = None  # (B,) the response block each example trained on
 
 
 def core_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -84,35 +88,54 @@ def encoder_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> to
     return torch.where(pair_ok, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
 
 
-def decoder_inputs(batch: dict[str, torch.Tensor], canvas_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Model kwargs for a training forward: the encoder reads the whole clean sequence, the decoder sees only the
-    prompt part of the cache, and canvas positions continue right after each example's prompt."""
-    input_ids, attention_mask, prompt_len = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+def decoder_inputs(batch: dict[str, torch.Tensor], canvas_ids: torch.Tensor,
+                   block_start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Model kwargs for a training forward: the encoder reads the whole clean sequence, the decoder sees the cache
+    up to the canvas's block start (default: the prompt's end, i.e. block 0), and canvas positions continue from
+    there."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    start = batch["prompt_len"] if block_start is None else block_start
     seq_len, canvas_len = input_ids.shape[1], canvas_ids.shape[1]
     device = input_ids.device
-    cache_mask = (torch.arange(seq_len, device=device)[None, :] < prompt_len[:, None]).long()
+    cache_mask = (torch.arange(seq_len, device=device)[None, :] < start[:, None]).long()
     canvas_mask = torch.ones_like(canvas_ids)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "decoder_input_ids": canvas_ids,
         "decoder_attention_mask": torch.cat([cache_mask, canvas_mask], dim=1),
-        "decoder_position_ids": prompt_len[:, None] + torch.arange(canvas_len, device=device)[None, :],
+        "decoder_position_ids": start[:, None] + torch.arange(canvas_len, device=device)[None, :],
     }
+
+
+def choose_blocks(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One response block per example, uniformly among its blocks, as the reference draws it: (the clean canvas of
+    that block (B, L), its start in the sequence (B,), its index (B,)).
+
+    An example's block count comes from its response length (`attention_mask` past `prompt_len`); `canvas` is
+    (B, K, L) from `ftkit.layout.collate`, or (B, L) for single-block batches. The draw comes from the loss's
+    generator, so a resumed run picks the blocks an uninterrupted one would."""
+    blocks = batch["canvas"] if batch["canvas"].dim() == 3 else batch["canvas"][:, None]
+    bsz, count, length = blocks.shape
+    response_len = batch["attention_mask"].sum(dim=1) - batch["prompt_len"]
+    num_blocks = ((response_len - 1).clamp(min=0) // length + 1).clamp(max=count)
+    index = (torch.rand(bsz, generator=generator, device=blocks.device) * num_blocks).long()
+    target = blocks[torch.arange(bsz, device=blocks.device), index]
+    return target, batch["prompt_len"] + index * length, index
 
 
 def diffusion_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: DiffusionSection, generator: torch.Generator
 ) -> LossOutput:
     core = core_model(model)
-    target = batch["canvas"]
+    target, block_start, block = choose_blocks(batch, generator)
     bsz = target.shape[0]
     device = target.device
     vocab = core.config.text_config.vocab_size
 
     t = sample_noise_level(bsz, cfg.eps, generator, device)
     noisy, _ = corrupt_canvas(target, t, vocab, generator)
-    kwargs = decoder_inputs(batch, noisy)
+    kwargs = decoder_inputs(batch, noisy, block_start)
     # Self-conditioning is gated per example; the gate is drawn after the corruption on both paths.
     sc_mask = torch.rand(bsz, generator=generator, device=device) < cfg.self_conditioning_p
     self_conditioning = sc_mask if cfg.self_conditioning_p > 0 else None
@@ -136,6 +159,7 @@ def diffusion_loss(
         self_conditioned=sc_mask.float().mean() if self_conditioning is not None else torch.zeros((), device=device),
         t=t.detach(),
         per_example=token_losses.detach().mean(dim=1),
+        block=block,
     )
 
 

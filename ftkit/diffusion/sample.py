@@ -1,7 +1,7 @@
 """Constrained denoising: DiffusionGemma's entropy-bound sampler with clamped positions, per-position token masks
 and verifier re-noising.
 
-One canvas per example, no autoregressive block loop (the task fixes the canvas length). The building blocks are
+One canvas per call (answers longer than one canvas go block after block through `ftkit/diffusion/blocks.py`). The building blocks are
 transformers' own where they fit:
 
 - `LinearTemperatureScheduleLogitsProcessor`: the temperature schedule, called with the *remaining* step count as

@@ -1,15 +1,23 @@
-"""The Task interface: one small class per task, registered by name.
+"""The Task interface: one small class per task, registered by name; a task is one module.
 
 A task turns its data into `Example`s, lays an example out as an encoder prompt plus a canvas made of pieces (each
 piece fixed — the sampler clamps it — or free), checks a model output against the task's constraints, and aggregates
-metrics. Everything is text: the tokenizer (the tiny character tokenizer or Gemma's) is applied by
-`ftkit.layout`, so a task never sees token ids.
+metrics. It also reads a user's raw input for `ftkit generate` (`example_from_input`) and may bring its own look
+(`view`, see `ftkit.tasks.view`). Everything is text: the tokenizer (the tiny character tokenizer or Gemma's) is
+applied by `ftkit.layout`, so a task never sees token ids. Tasks of other packages register through the entry point
+group `ftkit.tasks`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
+
+
+# Free pieces of a user input (`example_from_input`) have no ground truth; the sampler ignores their tokens, only
+# their number matters. Digits are one token each in both the character tokenizer and Gemma's, so a run of "0"s has a
+# known length.
+PLACEHOLDER = "0"
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,9 @@ class PromptCanvas:
 
     prompt: str
     pieces: tuple[Piece, ...]
+    # The conversation before the answer as (role, content) turns (system / user / assistant); when given, the
+    # encoder reads it (chat-templated) instead of `prompt`.
+    messages: tuple[tuple[str, str], ...] = ()
 
     @property
     def canvas_text(self) -> str:
@@ -56,6 +67,9 @@ class Violation:
 class Task(Protocol):
     name: ClassVar[str]
     Options: ClassVar[type]  # a frozen dataclass validated from `task.options` in the recipe
+    # Optional (read with getattr, default False): answers may be longer than one canvas. Training then draws one
+    # response block per example and generation denoises block after block; otherwise a longer canvas is an error.
+    # multi_block: ClassVar[bool]
 
     def build_dataset(self, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
         """The examples of `split` ("train" or "test"). Raise FtkitError naming file and line on bad data."""
@@ -68,6 +82,13 @@ class Task(Protocol):
 
     def metrics(self, examples: list[Example], outputs: list[str]) -> dict[str, float]:
         """Aggregate metrics (fractions in [0, 1], named `metric` or `metric/stratum`)."""
+
+    def example_from_input(self, text: str) -> Example:
+        """`ftkit generate -i TEXT`: a user's raw input as an example. Free pieces have no ground truth: fill them with
+        PLACEHOLDER characters of the right token length (the sampler ignores them). Bad input: FtkitError."""
+
+    # Optional (read with getattr): `view`, an object drawing answers and denoising frames (ftkit.tasks.view.TextView
+    # is the default; ftkit.tasks.sudoku.SudokuView draws grids).
 
 
 def stratified_means(rows: list[tuple[dict[str, float | None], str | None]], strata: list[str]) -> dict[str, float]:
@@ -94,6 +115,9 @@ def stratified_means(rows: list[tuple[dict[str, float | None], str | None]], str
 
 
 _REGISTRY: dict[str, type] = {}
+ENTRY_POINT_GROUP = "ftkit.tasks"
+_PLUGIN_ERRORS: dict[str, str] = {}  # entry point name -> why it did not load
+_PLUGINS_LOADED = False
 
 
 def register(cls: type) -> type:
@@ -110,6 +134,8 @@ def known_tasks() -> list[str]:
 def get_task(name: str) -> type:
     _load_builtin()
     if name not in _REGISTRY:
+        if name in _PLUGIN_ERRORS:
+            raise KeyError(f"task {name!r} is installed but its plugin failed to load: {_PLUGIN_ERRORS[name]}")
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
@@ -121,4 +147,37 @@ def make_task(name: str, options: dict[str, Any] | None = None) -> Any:
 
 def _load_builtin() -> None:
     # Importing registers them; each module imports its optional heavy deps lazily.
-    from ftkit.tasks import code_infill, protein, sudoku  # noqa: F401
+    from ftkit.tasks import chat, code_infill, protein, sudoku  # noqa: F401
+
+    global _PLUGINS_LOADED
+    if not _PLUGINS_LOADED:
+        _PLUGINS_LOADED = True
+        _load_plugins()
+
+
+def _load_plugins() -> None:
+    """Tasks other packages install: an entry point in the group `ftkit.tasks` naming the task class
+    (`[project.entry-points."ftkit.tasks"] mytask = "mypkg.tasks:MyTask"`) or a module that registers its tasks with
+    `@register` when imported. A plugin that fails to import is reported when its task is asked for, and never
+    breaks the other tasks; a plugin cannot replace a built-in task."""
+    from importlib.metadata import entry_points
+
+    builtin = set(_REGISTRY)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = ep.load()
+        except Exception as e:  # a third-party import error of any kind
+            _PLUGIN_ERRORS[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+            continue
+        if isinstance(loaded, type):
+            name = getattr(loaded, "name", None)
+            if not isinstance(name, str) or not hasattr(loaded, "Options"):
+                _PLUGIN_ERRORS[ep.name] = f"{ep.value}: a task class needs `name` and `Options` (see docs/tasks.md)"
+                continue
+            if name != ep.name:
+                _PLUGIN_ERRORS[ep.name] = f"{ep.value}: the entry point {ep.name!r} names the task {name!r}"
+                continue
+            if name in builtin and _REGISTRY[name] is not loaded:
+                _PLUGIN_ERRORS[ep.name] = f"{ep.value}: the name {name!r} is a built-in task"
+                continue
+            register(loaded)

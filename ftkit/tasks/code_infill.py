@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import json
 import random
+import re
 import string
 import sysconfig
 from dataclasses import dataclass
@@ -32,9 +33,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ftkit.errors import FtkitError
-from ftkit.tasks.base import Example, Piece, PromptCanvas, Violation, register, stratified_means
+from ftkit.tasks.base import PLACEHOLDER, Example, Piece, PromptCanvas, Violation, register, stratified_means
 
 HOLE = "<HOLE>"
+HOLE_MARK = re.compile(r"<HOLE(?::(\d+))?>")  # in `ftkit generate` input: where the middle goes, N tokens long
+DEFAULT_HOLE_CHARS = 32
 PRINTABLE = set(string.printable) - set("\x0b\x0c\r")  # the tiny character tokenizer's alphabet
 USER_KEYS = {"prefix", "middle", "suffix", "test", "entry_point", "head", "id"}
 
@@ -192,8 +195,11 @@ class CodeInfillTask:
 
     # -- data
     def build_dataset(self, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
-        if split not in ("train", "test"):
-            raise FtkitError(f"code_infill: unknown split {split!r} (train or test)")
+        """`train` / `test`, or `all`: every record of `data_path` (`ftkit eval --data`)."""
+        if split not in ("train", "test", "all"):
+            raise FtkitError(f"code_infill: unknown split {split!r} (train, test or all)")
+        if split == "all" and not data_path:
+            raise FtkitError("code_infill: split 'all' reads a data file (--data FILE)")
         if data_path:
             pool = self._user_examples(split, data_path)
         elif self.options.source == "humaneval" and split == "test":
@@ -255,8 +261,8 @@ class CodeInfillTask:
         out = []
         for where, r in load_jsonl(data_path):
             id_ = r.get("id") or where
-            if (_hash_fraction(f"user/{id_}/{r['prefix']}{r['middle']}{r['suffix']}") < self.options.test_fraction) \
-                    != (split == "test"):
+            held_out = _hash_fraction(f"user/{id_}/{r['prefix']}{r['middle']}{r['suffix']}") < self.options.test_fraction
+            if split != "all" and held_out != (split == "test"):
                 continue
             out.append(self._example(id_, "user", r["prefix"], r["middle"], r["suffix"], head=r.get("head") or "",
                                      test=r.get("test") or None, entry_point=r.get("entry_point") or None))
@@ -273,6 +279,25 @@ class CodeInfillTask:
         if q["suffix"]:
             pieces.append(Piece(q["suffix"], True))
         return PromptCanvas(prompt=prompt, pieces=tuple(pieces))
+
+    def example_from_input(self, text: str) -> Example:
+        """Python code with one `<HOLE>` (or `<HOLE:N>`: N characters/tokens to generate, default 32) where the
+        middle goes. A hole alone on its line generates whole lines (the middle ends with a newline)."""
+        holes = list(HOLE_MARK.finditer(text))
+        if len(holes) != 1:
+            raise FtkitError(f"code_infill input: expected exactly one <HOLE> (or <HOLE:N>) marker, found {len(holes)}")
+        hole = holes[0]
+        n = int(hole.group(1)) if hole.group(1) else DEFAULT_HOLE_CHARS
+        if n <= 0:
+            raise FtkitError("code_infill input: <HOLE:N> needs N > 0")
+        prefix, suffix = text[: hole.start()], text[hole.end() :]
+        whole_lines = suffix.startswith("\n") and (not prefix or prefix.endswith("\n"))
+        if whole_lines:
+            suffix = suffix[1:]
+        middle = PLACEHOLDER * (n - 1) + "\n" if whole_lines and n > 1 else PLACEHOLDER * n
+        return Example(id="input", question={"head": "", "prefix": prefix, "suffix": suffix, "test": None,
+                                             "entry_point": None},
+                       answer=prefix + middle + suffix, meta={"origin": "input"})
 
     # -- checking
     def check(self, example: Example, output: str) -> list[Violation]:

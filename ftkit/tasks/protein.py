@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from ftkit.errors import FtkitError
-from ftkit.tasks.base import Example, Piece, PromptCanvas, Violation, register, stratified_means
+from ftkit.tasks.base import PLACEHOLDER, Example, Piece, PromptCanvas, Violation, register, stratified_means
 
 CANONICAL = "ACDEFGHIKLMNPQRSTVWY"
 FASTA_LETTERS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -233,10 +233,11 @@ class ProteinTask:
                                o.test_fraction, o.homopolymer_run, o.entropy_window, o.min_entropy_bits)
 
     def build_dataset(self, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
-        if split not in ("train", "test"):
-            raise FtkitError(f"protein: unknown split {split!r} (train or test)")
+        """`train` / `test` (held out by record id), or `all` (every window, e.g. of an `ftkit eval --data` FASTA)."""
+        if split not in ("train", "test", "all"):
+            raise FtkitError(f"protein: unknown split {split!r} (train, test or all)")
         train, test = self._windows(data_path)
-        pool = list(train if split == "train" else test)
+        pool = list(train + test if split == "all" else train if split == "train" else test)
         random.Random(f"protein/{split}/{seed}").shuffle(pool)
         if not pool and size:
             raise FtkitError(f"protein: no {split} sequences of {self.options.min_length}-{self.options.max_length} "
@@ -286,6 +287,40 @@ class ProteinTask:
             template.append("_" * (len(seq) - cursor))
         prompt = f"Complete the protein of {len(seq)} residues; replace each _ with a residue.\n{''.join(template)}"
         return PromptCanvas(prompt=prompt, pieces=tuple(pieces))
+
+    def example_from_input(self, text: str) -> Example:
+        """A length (`64`: unconditional) or a scaffold template (`MKT____GLL___A`: letters fixed, `_` free)."""
+        spec = "".join(text.split())
+        o = self.options
+        if spec.isdigit():
+            length, motif = int(spec), []
+        else:
+            bad = [(i, ch) for i, ch in enumerate(spec) if ch != "_" and ch.upper() not in CANONICAL]
+            if bad:
+                i, ch = bad[0]
+                raise FtkitError(f"protein input: {ch!r} at position {i + 1} is neither a canonical residue "
+                                 f"({CANONICAL}) nor _ (a free residue); or give just a length, e.g. 64")
+            spec = spec.upper()
+            length, motif, i = len(spec), [], 0
+            while i < len(spec):
+                if spec[i] == "_":
+                    i += 1
+                    continue
+                j = i
+                while j < len(spec) and spec[j] != "_":
+                    j += 1
+                motif.append((i, spec[i:j]))
+                i = j
+            if "_" not in spec:
+                raise FtkitError("protein input: the template has no free residue (_) to generate")
+        if not o.min_length <= length <= o.max_length:
+            raise FtkitError(f"protein input: length {length} is outside this run's [{o.min_length}, {o.max_length}] "
+                             "(task.options.min_length/max_length)")
+        answer = list(PLACEHOLDER * length)
+        for start, residues in motif:
+            answer[start : start + len(residues)] = residues
+        return Example(id="input", question={"length": length, "motif": motif}, answer="".join(answer),
+                       meta={"mode": "scaffold" if motif else "unconditional", "source": "input"})
 
     # -- checking
     def check(self, example: Example, output: str) -> list[Violation]:

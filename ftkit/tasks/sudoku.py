@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftkit.errors import FtkitError
-from ftkit.tasks.base import Example, Piece, PromptCanvas, Violation, register, stratified_means
+from ftkit.tasks.base import PLACEHOLDER, Example, Piece, PromptCanvas, Violation, register, stratified_means
+from ftkit.tasks.view import CHANGED_FILL, GIVEN_FILL, INK, RULE, UNKNOWN_CELL, VIOLATION_FILL, WHITE, Frame, changed, font
 
 DIGITS = "123456789"
 UNITS: list[tuple[str, list[int]]] = (
@@ -146,6 +147,94 @@ def write_csv(path: str | Path, pairs: list[tuple[list[int], list[int]]]) -> Non
             writer.writerow([grid_to_str(quiz), grid_to_str(sol)])
 
 
+INPUT_SEPARATORS = set(" \t\r\n|+-_,;")  # ignored in a typed puzzle: whitespace and grid-drawing characters
+
+
+def grid_cells(frame: Frame) -> list[str]:
+    """The 81 cells of a frame (its first 81 pieces that are not the layout's newlines)."""
+    return [p for p in frame.pieces if p != "\n"][:81]
+
+
+def _cell_indices(frame: Frame, pieces: set[int]) -> set[int]:
+    """Piece indices -> cell indices."""
+    out, cell = set(), 0
+    for i, p in enumerate(frame.pieces):
+        if p == "\n":
+            continue
+        if i in pieces:
+            out.add(cell)
+        cell += 1
+    return out
+
+
+def sudoku_grid_text(cells: list[str], givens: list[bool], changed: set[int] | None = None, bad: set[int] | None = None):
+    """A 9×9 rich Text grid with box rules: givens bold cyan, changed cells yellow, violating cells red."""
+    from rich.text import Text
+
+    changed, bad = changed or set(), bad or set()
+    text = Text()
+    for r in range(9):
+        if r and r % 3 == 0:
+            text.append("──────┼───────┼──────\n", style="dim")
+        for c in range(9):
+            i = r * 9 + c
+            if c and c % 3 == 0:
+                text.append("│ ", style="dim")
+            style = "bold cyan" if givens[i] else "red" if i in bad else "bold yellow" if i in changed else ""
+            text.append(cells[i] if i < len(cells) and cells[i] else UNKNOWN_CELL, style=style)
+            text.append(" " if c < 8 else "")
+        text.append("\n" if r < 8 else "")
+    return text
+
+
+class SudokuView:
+    """Sudoku answers and frames as 9×9 grids (terminal and images), givens, changes and violations coloured."""
+
+    legend = ((GIVEN_FILL, "given (clamped)"), (CHANGED_FILL, "changed this step"),
+              (VIOLATION_FILL, "violates a constraint (answer)"))
+
+    @staticmethod
+    def _givens(example: Example) -> list[bool]:
+        return [q != "0" for q in example.question]
+
+    def answer(self, example: Example, output: str, frame: Frame, bad: set[int]):
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.text import Text
+
+        grid = sudoku_grid_text(grid_cells(frame), self._givens(example), bad=_cell_indices(frame, bad))
+        key = Text.from_markup("[bold cyan]givens[/] · generated · [red]violating[/]", style="dim")
+        return Group(Panel.fit(grid, title="answer"), key)
+
+    def frame(self, example: Example, frame: Frame, previous: Frame | None):
+        from rich.panel import Panel
+
+        moved = _cell_indices(frame, changed(previous, frame))
+        return Panel.fit(sudoku_grid_text(grid_cells(frame), self._givens(example), changed=moved), title=frame.label)
+
+    def image(self, example: Example, frame: Frame, previous: Frame | None, bad: set[int]):
+        from PIL import Image, ImageDraw
+
+        cell, pad, header = 22, 8, 18
+        img = Image.new("RGB", (9 * cell + 2 * pad, 9 * cell + 2 * pad + header), WHITE)
+        draw = ImageDraw.Draw(img)
+        face = font(14)
+        draw.text((pad, 2), frame.label, fill=INK, font=face)
+        cells, givens = grid_cells(frame), self._givens(example)
+        moved, wrong = _cell_indices(frame, changed(previous, frame)), _cell_indices(frame, bad)
+        x0, y0 = pad, pad + header
+        for i, value in enumerate(cells):
+            r, c = divmod(i, 9)
+            box = (x0 + c * cell, y0 + r * cell, x0 + (c + 1) * cell, y0 + (r + 1) * cell)
+            fill = GIVEN_FILL if givens[i] else VIOLATION_FILL if i in wrong else CHANGED_FILL if i in moved else WHITE
+            draw.rectangle(box, fill=fill, outline=RULE)
+            draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), value, fill=INK, font=face, anchor="mm")
+        for k in range(0, 10, 3):
+            draw.line((x0 + k * cell, y0, x0 + k * cell, y0 + 9 * cell), fill=INK, width=2)
+            draw.line((x0, y0 + k * cell, x0 + 9 * cell, y0 + k * cell), fill=INK, width=2)
+        return img
+
+
 @dataclass(frozen=True)
 class SudokuOptions:
     min_givens: int = 28
@@ -158,6 +247,7 @@ class SudokuOptions:
 class SudokuTask:
     name = "sudoku"
     Options = SudokuOptions
+    view = SudokuView()
 
     def __init__(self, options: SudokuOptions | None = None):
         self.options = options or SudokuOptions()
@@ -166,10 +256,14 @@ class SudokuTask:
 
     # -- data
     def build_dataset(self, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
+        """`train` / `test`, or `all`: every puzzle of `data_path` (`ftkit eval --data`)."""
+        if split == "all" and not data_path:
+            raise FtkitError("sudoku: split 'all' reads a data file (--data FILE)")
         if data_path:
             pairs = load_csv(data_path)
             # A deterministic split of user data: every 10th row is test.
-            pairs = [p for i, p in enumerate(pairs) if (i % 10 == 9) == (split == "test")]
+            if split != "all":
+                pairs = [p for i, p in enumerate(pairs) if (i % 10 == 9) == (split == "test")]
             pairs = pairs[:size]
         elif split == "test" and seed == 0 and size <= len(_held_out()):
             pairs = _held_out()[:size]
@@ -208,6 +302,24 @@ class SudokuTask:
         prompt = "Solve the Sudoku. Blanks are 0.\n" + self._format(quiz)
         return PromptCanvas(prompt=prompt, pieces=tuple(pieces))
 
+    def example_from_input(self, text: str) -> Example:
+        """81 cells, digits 1-9 with 0 or . for blanks; whitespace and grid-drawing characters (| + - _ , ;) are
+        ignored, so a drawn grid works."""
+        cells = "".join(ch for ch in text if ch not in INPUT_SEPARATORS)
+        grid = parse_grid(cells, "sudoku input", blanks=True)
+        for unit, idx in UNITS:
+            seen: dict[int, int] = {}
+            for i in idx:
+                if grid[i] and grid[i] in seen:
+                    raise FtkitError(f"sudoku input: the givens repeat {grid[i]} in {unit} (cells {seen[grid[i]] + 1} "
+                                     f"and {i + 1}, counting row by row): no solution exists")
+                seen.setdefault(grid[i], i)
+        givens = sum(1 for d in grid if d)
+        quiz = grid_to_str(grid)
+        # The answer is unknown: blanks keep the placeholder (one token, like a digit); the sampler ignores it.
+        answer = self._format(quiz.replace("0", PLACEHOLDER))
+        return Example(id="input", question=quiz, answer=answer, meta={"givens": givens, "difficulty": difficulty(givens)})
+
     # -- checking
     def check(self, example: Example, output: str) -> list[Violation]:
         cells = self._cells(output)
@@ -240,7 +352,8 @@ class SudokuTask:
         return stratified_means(rows, ["easy", "medium", "hard"]) if rows else {}
 
     def _one(self, example: Example, output: str) -> dict[str, float]:
-        cells = (self._cells(output) + "?" * 81)[:81]
+        produced = self._cells(output)
+        cells = (produced + "?" * 81)[:81]  # per-cell metrics read the first 81 cells
         truth = self._cells(example.answer)
         quiz = example.question
         blanks = [i for i in range(81) if quiz[i] == "0"]
@@ -252,7 +365,8 @@ class SudokuTask:
                 units_ok[unit.split()[0]] += 1
         return {
             "solve_rate": float(not self.check(example, output)),
-            "exact_match": float(cells == truth),
+            # The whole output, not its first 81 cells: extra cells after a right grid are not an exact match.
+            "exact_match": float(produced == truth),
             "cell_accuracy_blanks": sum(cells[i] == truth[i] for i in blanks) / max(1, len(blanks)),
             "givens_preserved": sum(cells[i] == quiz[i] for i in givens) / max(1, len(givens)),
             "rows_valid": units_ok["row"] / 9,
