@@ -1,8 +1,8 @@
 """Constrained denoising: DiffusionGemma's entropy-bound sampler with clamped positions, per-position token masks
 and verifier re-noising.
 
-One canvas per call (answers longer than one canvas go block after block through `ftkit/diffusion/blocks.py`). The building blocks are
-transformers' own where they fit:
+One canvas per call (answers longer than one canvas go block after block through `ftkit/diffusion/blocks.py`).
+The building blocks are transformers' own where they fit:
 
 - `LinearTemperatureScheduleLogitsProcessor`: the temperature schedule, called with the *remaining* step count as
   `generate` does (t_max at the first step, t_min + (t_max - t_min) / steps at the last).
