@@ -76,7 +76,7 @@ def test_layouts_match_layout_example_and_are_cached(char_tokenizer):
     task = make_task("sudoku")
     ds = examples_dataset(task, "test", 4, 0)
     layouts = load_layouts(task, ds, char_tokenizer, 96, 256)
-    direct = [layout_example(char_tokenizer, task.to_prompt_canvas(ex), 96, 256, ex.id)
+    direct = [layout_example(char_tokenizer, task.to_prompt_canvas(ex), 96, 256, ex.id, token_rules=False)
               for ex in task.build_dataset("test", 4, 0)]
     assert [LayoutDataset(layouts)[i] for i in range(4)] == direct
     again = load_layouts(task, ds, char_tokenizer, 96, 256)
