@@ -95,9 +95,31 @@ def train(
     _quiet_libraries()
     from ftkit.train import train as run_training
 
-    summary = run_training(resolved, resume=resume, progress=sys.stderr.isatty())
+    try:
+        summary = run_training(resolved, resume=resume, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        console.print(_interrupted_line(Path(resolved.train.output_dir), resolved.train.save_steps), highlight=False,
+                      soft_wrap=True, markup=False)
+        raise typer.Exit(130) from None
     if summary:
         _print_train_summary(summary, resolved.train.output_dir)
+
+
+def _interrupted_line(run_dir: Path, save_steps: int) -> str:
+    """Where a Ctrl-C'd training run stands and the exact command that continues it."""
+    import shlex
+
+    from ftkit import rundir
+
+    argv = ["ftkit", *sys.argv[1:]]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    command = shlex.join(argv)
+    saved = rundir.checkpoints(run_dir)
+    if saved:
+        return f"interrupted; last saved checkpoint: {saved[0]} (step {rundir.checkpoint_step(saved[0])}); " \
+               f"resume with: {command}"
+    return f"interrupted before the first checkpoint (every {save_steps} steps); start again with: {command}"
 
 
 def _print_train_summary(summary: dict, run_dir: str) -> None:

@@ -25,6 +25,7 @@ from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, sched
 from ftkit.errors import FtkitError
 from ftkit.layout import Layout, canvas_to_text, layout_example
 from ftkit.recipe import EvalSection
+from ftkit.runlock import holds_run_lock
 from ftkit.tasks.base import Example, Violation
 
 MAX_RENOISE_ROUNDS = 2  # verifier rounds per batch; each round may spend the full `steps` budget again
@@ -230,6 +231,7 @@ def _split_size(recipe, split: str) -> int:
     raise FtkitError(f"evaluation split {split!r}: expected 'test' or 'train'")
 
 
+@holds_run_lock("eval")
 def evaluate_run(
     run_dir: Path,
     split: str | None = None,

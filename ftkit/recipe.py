@@ -279,6 +279,7 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     need(recipe.lora.encoder or recipe.lora.decoder, "lora.encoder", "and `lora.decoder` cannot both be false")
     need(recipe.lora.attention or recipe.lora.experts or recipe.lora.dense_mlp, "lora.attention",
          "`lora.experts` and `lora.dense_mlp` cannot all be false: nothing would train")
+    need(recipe.train.output_dir.strip() != "", "train.output_dir", "must not be empty (a run is a directory of its own)")
     for key in ("max_steps", "batch_size", "grad_accum", "logging_steps", "save_steps", "max_prompt_length"):
         need(getattr(recipe.train, key) > 0, f"train.{key}", "must be > 0")
     need(recipe.train.learning_rate > 0, "train.learning_rate", "must be > 0")
