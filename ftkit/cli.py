@@ -60,6 +60,10 @@ def _quiet_libraries() -> None:
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
+AllowWeakSandbox = Annotated[bool, typer.Option(
+    "--allow-weak-sandbox",
+    help="Run model-written code (code_infill tests) even where only the weak sandbox (an audit hook, no namespaces) "
+         "is available; same as eval.allow_weak_sandbox: true.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Overrides KEY.PATH=VALUE, e.g. train.max_steps=10.")]
 
 
@@ -145,15 +149,18 @@ def eval_(
     compare_verifier: Annotated[bool, typer.Option("--compare-verifier", help="Plain vs verifier-guided, same run.")] = False,
     sweep_steps: Annotated[Optional[str], typer.Option("--sweep-steps", help="Comma list, e.g. 1,4,16,64.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final adapter.")] = None,
+    allow_weak_sandbox: AllowWeakSandbox = False,
 ) -> None:
     """Constrained denoising on the task's test split; writes eval.json and prints the table."""
     _quiet_libraries()
     from ftkit.evaluate import evaluate_run, render_table
+    from ftkit.sandbox import SandboxPolicy
 
     sweep = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else None
-    report = evaluate_run(run_dir, split=split, steps=steps, num_examples=num_examples, base_only=base,
-                          verifier_renoise=verifier, sweep_steps=sweep, compare_verifier=compare_verifier,
-                          checkpoint=checkpoint)
+    with SandboxPolicy(allow_weak=allow_weak_sandbox):
+        report = evaluate_run(run_dir, split=split, steps=steps, num_examples=num_examples, base_only=base,
+                              verifier_renoise=verifier, sweep_steps=sweep, compare_verifier=compare_verifier,
+                              checkpoint=checkpoint)
     out.print(render_table(report))
 
 
@@ -177,14 +184,28 @@ def generate(
     save_trajectory: Annotated[Optional[Path], typer.Option("--save-trajectory", help="Write the denoising steps as PNG or GIF.")] = None,
     base: Annotated[bool, typer.Option("--base", help="Use the untuned base model.")] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    allow_weak_sandbox: AllowWeakSandbox = False,
 ) -> None:
     """Denoise one input with the fine-tuned model and print the answer with its constraint check."""
     _quiet_libraries()
     from ftkit.generate import generate_one
+    from ftkit.sandbox import SandboxPolicy
 
     text = _read_input(input)
-    result = generate_one(run_dir, text, steps=steps, live=live, save_trajectory=save_trajectory, base_only=base, seed=seed)
+    with SandboxPolicy(allow_weak=allow_weak_sandbox or _run_allows_weak_sandbox(run_dir)):
+        result = generate_one(run_dir, text, steps=steps, live=live, save_trajectory=save_trajectory, base_only=base,
+                              seed=seed)
     out.print(result.render(), highlight=False)
+
+
+def _run_allows_weak_sandbox(run_dir: Path) -> bool:
+    """The run's own `eval.allow_weak_sandbox` (generate reads no other eval setting from this command)."""
+    from ftkit.recipe import load_recipe
+
+    try:
+        return load_recipe(run_dir / "recipe.yaml").eval.allow_weak_sandbox
+    except FtkitError:
+        return False  # generate reports the run directory's problem itself
 
 
 @app.command()

@@ -26,6 +26,7 @@ from ftkit.errors import FtkitError
 from ftkit.layout import Layout, canvas_to_text, layout_example
 from ftkit.recipe import EvalSection
 from ftkit.runlock import holds_run_lock
+from ftkit.sandbox import SandboxPolicy
 from ftkit.tasks.base import Example, Violation
 
 MAX_RENOISE_ROUNDS = 2  # verifier rounds per batch; each round may spend the full `steps` budget again
@@ -276,11 +277,14 @@ def evaluate_run(
         raise FtkitError(f"{run_dir}: the recipe's {cfg.split} split is empty (task.{cfg.split}_size)")
     examples = run.task.build_dataset(cfg.split, size, recipe.task.seed, recipe.task.data_path)
 
+    sandbox = SandboxPolicy(allow_weak=cfg.allow_weak_sandbox)  # and records the isolation model code ran in
+
     def run_mode(with_verifier: bool, n_steps: int) -> EvalReport:
-        return evaluate_examples(
-            run.model, run.tokenizer, run.task, examples, dataclasses.replace(cfg, steps=n_steps),
-            run.canvas_length, recipe.train.max_prompt_length, with_verifier,
-        )
+        with sandbox:
+            return evaluate_examples(
+                run.model, run.tokenizer, run.task, examples, dataclasses.replace(cfg, steps=n_steps),
+                run.canvas_length, recipe.train.max_prompt_length, with_verifier,
+            )
 
     primary = VERIFIER if cfg.verifier_renoise else PLAIN
     modes = {primary: run_mode(cfg.verifier_renoise, cfg.steps)}
@@ -323,6 +327,8 @@ def evaluate_run(
         report["sweep"] = points
         report["sweep_files"] = [f"{stem}_sweep.json", f"{stem}_sweep.png"]
 
+    if sandbox.record():
+        report["sandbox"] = sandbox.record()
     write_json_atomic(run_dir / f"{stem}.json", report)
     return report
 

@@ -141,6 +141,9 @@ class EvalSection:
     clamp: bool = True
     verifier_renoise: bool = False
     seed: int = 0
+    # Run model-written code (code_infill tests) in the weak sandbox (a Python audit hook, not a security boundary)
+    # where the kernel refuses the namespaces of the real one; off: such an evaluation stops with an error instead.
+    allow_weak_sandbox: bool = False
 
 
 @dataclass(frozen=True)
