@@ -192,6 +192,16 @@ def verified_adapter_checkpoint(ckpt: Path) -> Path:
     return ckpt
 
 
+def foreign_entries(run_dir: Path) -> list[str]:
+    """What a directory holds if it is not one ftkit made (no lock file, no versions.json): a run must not be
+    written among unrelated files, nor clear files of theirs that happen to have a run file's name."""
+    from ftkit.runlock import LOCK_FILE
+
+    if not run_dir.is_dir() or any((run_dir / n).exists() for n in (LOCK_FILE, VERSIONS)):
+        return []
+    return sorted(p.name for p in run_dir.iterdir())
+
+
 def kept_results(run_dir: Path) -> list[str]:
     """What a run directory holds that a new attempt must not replace silently: checkpoints, the final adapter, the
     summary and evaluations."""

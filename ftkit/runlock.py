@@ -80,8 +80,12 @@ class RunLock:
         self.taken_over: dict[str, Any] | None = None  # the dead holder whose lock this one replaced
 
     def acquire(self) -> RunLock:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FtkitError(f"{self.run_dir}: cannot {self.purpose} here: {e.strerror} (ftkit needs to write into "
+                             "a run directory it uses; copy the run somewhere writable)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -163,7 +163,12 @@ def _main_decides(dist: PartialState, decide):
 def _plan_start(lock: RunLock, run_dir: Path, recipe: Recipe, resume: bool) -> Start:
     """Take the lock, then decide from what the run directory holds: a fresh start (clearing what an attempt that
     saved nothing left), a resume from the newest intact checkpoint, or nothing to do. Nothing is replaced that a
-    user might want to keep (checkpoints, the final adapter, summary, evaluations)."""
+    user might want to keep (checkpoints, the final adapter, summary, evaluations), and a directory ftkit did not
+    make is not written into."""
+    foreign = rundir.foreign_entries(run_dir)
+    if foreign:
+        raise FtkitError(f"{run_dir}: exists and is not an ftkit run directory (it holds {', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); choose another train.output_dir (a new or empty one)")
     lock.acquire()
     ckpt = rundir.newest_intact_checkpoint(run_dir) if resume else None
     if ckpt is None:

@@ -241,3 +241,34 @@ def test_empty_output_dir_is_refused(tmp_path, monkeypatch):
     line = one_error_line(invoke("train", root / "recipes" / "tiny" / "sudoku.yaml", "train.output_dir="))
     assert "`train.output_dir` must not be empty" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_ftkit_did_not_make_is_not_written_into(tmp_path):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "recipe.yaml").write_text("my own recipe\n")
+    (mine / "tokenizer.json").write_text("{}")  # a name a run file also has: must not be cleared
+    before = {p.name: p.read_text() for p in mine.iterdir()}
+    with pytest.raises(FtkitError, match=r"project: exists and is not an ftkit run directory \(it holds recipe.yaml, "
+                                         r"tokenizer.json\); choose another train.output_dir"):
+        train(tiny_recipe(mine), progress=False)
+    assert {p.name: p.read_text() for p in mine.iterdir()} == before  # untouched, no lock file either
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    train(tiny_recipe(empty, max_steps=1), progress=False)  # an empty directory is fine
+    assert (empty / "adapter_model.safetensors").is_file()
+
+
+def test_an_unwritable_run_is_a_clear_error(run, monkeypatch):
+    import os
+
+    real_open = os.open
+
+    def read_only(path, flags, *a, **kw):
+        if str(path).endswith(".ftkit.lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", read_only)
+    line = one_error_line(invoke("eval", run, "-n", "1"))
+    assert "cannot eval here: Permission denied" in line and "copy the run somewhere writable" in line
