@@ -97,6 +97,10 @@ def _quiet_libraries() -> None:
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
+AllowWeakSandbox = Annotated[bool, typer.Option(
+    "--allow-weak-sandbox",
+    help="Run model-written code (code_infill tests) even where only the weak sandbox (an audit hook, no namespaces) "
+         "is available; same as eval.allow_weak_sandbox: true.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Overrides KEY.PATH=VALUE, e.g. train.max_steps=10.")]
 
 
@@ -140,9 +144,31 @@ def train(
     _quiet_libraries()
     from ftkit.train import train as run_training
 
-    summary = run_training(resolved, resume=resume, progress=sys.stderr.isatty())
+    try:
+        summary = run_training(resolved, resume=resume, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        console.print(_interrupted_line(Path(resolved.train.output_dir), resolved.train.save_steps), highlight=False,
+                      soft_wrap=True, markup=False)
+        raise typer.Exit(130) from None
     if summary:
         _print_train_summary(summary, resolved.train.output_dir)
+
+
+def _interrupted_line(run_dir: Path, save_steps: int) -> str:
+    """Where a Ctrl-C'd training run stands and the exact command that continues it."""
+    import shlex
+
+    from ftkit import rundir
+
+    argv = ["ftkit", *sys.argv[1:]]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    command = shlex.join(argv)
+    saved = rundir.checkpoints(run_dir)
+    if saved:
+        return f"interrupted; last saved checkpoint: {saved[0]} (step {rundir.checkpoint_step(saved[0])}); " \
+               f"resume with: {command}"
+    return f"interrupted before the first checkpoint (every {save_steps} steps); start again with: {command}"
 
 
 def _print_train_summary(summary: dict, run_dir: str) -> None:
@@ -171,15 +197,17 @@ def eval_(
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Answer length budget in tokens, block after block (default: eval.max_new_tokens, else one canvas).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate every example of this data file (the task's format, read as task.data_path) instead of the recipe's split; writes eval_data-<name>.json.")] = None,
     token_masks: Annotated[Optional[bool], typer.Option("--token-masks/--no-token-masks", help="Mask each position to the tokens the task allows there (default: eval.token_masks).")] = None,
+    allow_weak_sandbox: AllowWeakSandbox = False,
 ) -> None:
     """Constrained denoising on the task's test split (or a data file); writes the result and prints the table.
 
     Only the recipe's own evaluation writes eval.json (what push publishes); others write e.g. eval_train_n2.json."""
     _quiet_libraries()
     from ftkit.evaluate import describe_file, evaluate_run, render_table
+    from ftkit.sandbox import SandboxPolicy
 
     sweep = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else None
-    with EvalProgress(console) as progress:
+    with SandboxPolicy(allow_weak=allow_weak_sandbox), EvalProgress(console) as progress:
         report = evaluate_run(run_dir, split=split, steps=steps, num_examples=num_examples, base_only=base,
                               verifier_renoise=verifier, sweep_steps=sweep, compare_verifier=compare_verifier,
                               checkpoint=checkpoint, data_path=str(data) if data is not None else None,
@@ -244,18 +272,20 @@ def generate(
     base: Annotated[bool, typer.Option("--base", help="Use the untuned base model.")] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Answer length budget in tokens, block after block (default: eval.max_new_tokens, else one canvas).")] = None,
+    allow_weak_sandbox: AllowWeakSandbox = False,
 ) -> None:
     """Denoise one input with the fine-tuned model and print the answer with its constraint check.
 
     An answer longer than one canvas is generated block after block; each block is printed as it lands. An empty
     answer exits with code 1."""
     _generate(run_dir, input, steps=steps, live=live, save_trajectory=save_trajectory, base=base, seed=seed,
-              max_new_tokens=max_new_tokens)
+              max_new_tokens=max_new_tokens, allow_weak_sandbox=allow_weak_sandbox)
 
 
 def _generate(run_dir: Path, input: str, task_name: str | None = None, **options) -> None:
     _quiet_libraries()
     from ftkit.generate import generate_one
+    from ftkit.sandbox import SandboxPolicy
 
     def show_block(k: int, text: str, last: bool) -> None:
         if k or not last:  # a one-block answer prints once, below
@@ -263,10 +293,22 @@ def _generate(run_dir: Path, input: str, task_name: str | None = None, **options
 
     text = _read_input(input)
     base = options.pop("base")
-    result = generate_one(run_dir, text, base_only=base, task_name=task_name, on_block=show_block, **options)
+    allow_weak = options.pop("allow_weak_sandbox", False)
+    with SandboxPolicy(allow_weak=allow_weak or _run_allows_weak_sandbox(run_dir)):
+        result = generate_one(run_dir, text, base_only=base, task_name=task_name, on_block=show_block, **options)
     out.print(result.render(), highlight=False)
     if result.empty:
         raise typer.Exit(1)
+
+
+def _run_allows_weak_sandbox(run_dir: Path) -> bool:
+    """The run's own `eval.allow_weak_sandbox` (generate reads no other eval setting from this command)."""
+    from ftkit.recipe import load_recipe
+
+    try:
+        return load_recipe(run_dir / "recipe.yaml").eval.allow_weak_sandbox
+    except FtkitError:
+        return False  # generate reports the run directory's problem itself
 
 
 @app.command(cls=Command)

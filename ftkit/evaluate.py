@@ -41,6 +41,8 @@ from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, sched
 from ftkit.errors import FtkitError
 from ftkit.layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
 from ftkit.recipe import EvalSection
+from ftkit.runlock import holds_run_lock
+from ftkit.sandbox import SandboxPolicy
 from ftkit.task_data import load_examples
 from ftkit.tasks.base import Example, Violation
 
@@ -421,6 +423,7 @@ def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[st
     return problems
 
 
+@holds_run_lock("eval")
 def evaluate_run(
     run_dir: Path,
     split: str | None = None,
@@ -491,12 +494,15 @@ def evaluate_run(
     checkpoint_name = Path(adapter_dir).name if checkpoint is not None and adapter_dir is not None else checkpoint
     stem, differences = result_name(recipe, cfg, size, base=base_only, checkpoint=checkpoint_name, data_path=data_path)
 
+    sandbox = SandboxPolicy(allow_weak=cfg.allow_weak_sandbox)  # and records the isolation model code ran in
+
     def run_mode(with_verifier: bool, n_steps: int, seed: int = cfg.seed, label: str | None = None) -> EvalReport:
-        return evaluate_examples(
-            run.model, run.tokenizer, run.task, examples, dataclasses.replace(cfg, steps=n_steps, seed=seed),
-            run.canvas_length, recipe.train.max_prompt_length, with_verifier, progress=progress,
-            label=label or (VERIFIER if with_verifier else PLAIN),
-        )
+        with sandbox:
+            return evaluate_examples(
+                run.model, run.tokenizer, run.task, examples, dataclasses.replace(cfg, steps=n_steps, seed=seed),
+                run.canvas_length, recipe.train.max_prompt_length, with_verifier, progress=progress,
+                label=label or (VERIFIER if with_verifier else PLAIN),
+            )
 
     primary = VERIFIER if cfg.verifier_renoise else PLAIN
     modes = {primary: run_mode(cfg.verifier_renoise, cfg.steps)}
@@ -561,6 +567,8 @@ def evaluate_run(
         report["sweep"] = points
         report["sweep_files"] = [f"{stem}_sweep.json", f"{stem}_sweep.png"]
 
+    if sandbox.record():
+        report["sandbox"] = sandbox.record()
     write_json_atomic(run_dir / f"{stem}.json", report)
     return report
 

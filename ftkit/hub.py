@@ -23,6 +23,7 @@ from typing import Any
 
 from ftkit import rundir
 from ftkit.errors import FtkitError
+from ftkit.runlock import holds_run_lock
 
 HUB_UPLOAD_DIR = "hub_upload"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -48,6 +49,7 @@ class PushPlan:
     notes: tuple[str, ...] = ()  # what the push left out, for the user
 
 
+@holds_run_lock("push")
 def push_run(run_dir, repo: str | None = None, private: bool | None = None, dry_run: bool = False,
              dry_run_dir=None, endpoint: str | None = None, token: str | None = None,
              allow_no_eval: bool = False, on_note=None) -> str:

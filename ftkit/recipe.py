@@ -151,6 +151,9 @@ class EvalSection:
     seed: int = 0
     # Answer length in tokens, generated block after block until a stop token (end of turn / EOS); null: one canvas.
     max_new_tokens: int | None = None
+    # Run model-written code (code_infill tests) in the weak sandbox (a Python audit hook, not a security boundary)
+    # where the kernel refuses the namespaces of the real one; off: such an evaluation stops with an error instead.
+    allow_weak_sandbox: bool = False
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,7 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     need(recipe.lora.encoder or recipe.lora.decoder, "lora.encoder", "and `lora.decoder` cannot both be false")
     need(recipe.lora.attention or recipe.lora.experts or recipe.lora.dense_mlp, "lora.attention",
          "`lora.experts` and `lora.dense_mlp` cannot all be false: nothing would train")
+    need(recipe.train.output_dir.strip() != "", "train.output_dir", "must not be empty (a run is a directory of its own)")
     for key in ("max_steps", "batch_size", "grad_accum", "logging_steps", "save_steps", "max_prompt_length"):
         need(getattr(recipe.train, key) > 0, f"train.{key}", "must be > 0")
     need(recipe.train.learning_rate > 0, "train.learning_rate", "must be > 0")

@@ -6,7 +6,10 @@
       adapter_model.safetensors
       tokenizer*.json                 the tokenizer used
       base/                           tiny preset only: its random-init base weights
-      checkpoints/checkpoint-N/       Trainer checkpoints (adapter, optimizer, RNG, state), written atomically
+      checkpoints/checkpoint-N/       Trainer checkpoints (adapter, optimizer, RNG, state, manifest.json), written
+                                      atomically
+      checkpoints/damaged-checkpoint-N/  a checkpoint `--resume` found damaged, moved aside (never deleted)
+      .ftkit.lock                     the one-writer lock (ftkit.runlock)
       train_log.jsonl                 one JSON object per logging step
       noise_loss.jsonl                (noise level t, canvas loss) per training example
       loss.png, noise_loss.png        plots
@@ -18,12 +21,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ftkit import filecheck, manifest
 from ftkit.errors import FtkitError
 
 RECIPE_FILE = "recipe.yaml"
@@ -34,6 +40,22 @@ TRAIN_LOG = "train_log.jsonl"
 NOISE_LOG = "noise_loss.jsonl"
 SUMMARY = "summary.json"
 VERSIONS = "versions.json"
+BASE_DIR = "base"
+TOKENIZER_REQUIRED = ("tokenizer_config.json", "tokenizer.json")
+TOKENIZER_OPTIONAL = ("special_tokens_map.json", "added_tokens.json", "tokenizer.model", "chat_template.jinja",
+                      "chat_template.json")
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' own pattern (trainer_utils._re_checkpoint)
+DAMAGED_PREFIX = "damaged-"
+# What `ftkit train` writes before it has anything worth keeping: an attempt that died before its first checkpoint
+# leaves only these, and the next attempt may clear them (ftkit.train).
+ATTEMPT_FILES = (RECIPE_FILE, VERSIONS, TRAIN_LOG, NOISE_LOG, "loss.png", "noise_loss.png", ".staging-adapter",
+                 BASE_DIR, *TOKENIZER_REQUIRED, *TOKENIZER_OPTIONAL, f"{CHECKPOINTS}/.staging")
+
+
+def say(message: str) -> None:
+    """A one-line notice for the user (stderr, so it never mixes with a command's result on stdout)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -120,6 +142,100 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return Path(last) if last else None
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_NAME.match(path.name).group(1))
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's `checkpoint-N` folders, newest first."""
+    return _checkpoints_in(run_dir / CHECKPOINTS)
+
+
+def _checkpoints_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_dir()]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def move_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (Trainer's pattern no longer matches it); never delete it."""
+    target = ckpt.with_name(DAMAGED_PREFIX + ckpt.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}.{n}")
+    os.replace(ckpt, target)
+    return target
+
+
+def newest_intact_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `--resume` continues from: the newest one whose files match its manifest. Each damaged one
+    met on the way is moved aside and reported, naming the file."""
+    for ckpt in checkpoints(run_dir):
+        damage = manifest.verify(ckpt)
+        if damage is None:
+            return ckpt
+        aside = move_aside(ckpt)
+        say(f"warning: {ckpt} is damaged ({damage}); moved it aside to {aside.name} and trying the one before")
+    return None
+
+
+def verified_adapter_checkpoint(ckpt: Path) -> Path:
+    """A checkpoint about to be evaluated: its adapter files must match its manifest (`--resume` makes the same
+    check on every file)."""
+    damage = manifest.verify(ckpt, only=ADAPTER_FILES)
+    if damage is not None:
+        older = [c.name for c in _checkpoints_in(ckpt.parent) if c != ckpt]
+        hint = f"evaluate an earlier one (--checkpoint {older[0]})" if older else "no other checkpoint is left"
+        raise FtkitError(f"{ckpt}: damaged ({damage}); {hint}; `ftkit train RECIPE --resume` moves it aside")
+    return ckpt
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """What a directory holds if it is not one ftkit made (no lock file, no versions.json): a run must not be
+    written among unrelated files, nor clear files of theirs that happen to have a run file's name."""
+    from ftkit.runlock import LOCK_FILE
+
+    if not run_dir.is_dir() or any((run_dir / n).exists() for n in (LOCK_FILE, VERSIONS)):
+        return []
+    return sorted(p.name for p in run_dir.iterdir())
+
+
+def kept_results(run_dir: Path) -> list[str]:
+    """What a run directory holds that a new attempt must not replace silently: checkpoints, the final adapter, the
+    summary and evaluations."""
+    names = [p.relative_to(run_dir).as_posix() for p in checkpoints(run_dir)]
+    names += [n for n in (*ADAPTER_FILES, SUMMARY) if (run_dir / n).exists()]
+    names += sorted(p.name for p in run_dir.glob("eval*.json"))
+    return names
+
+
+def clear_attempt(run_dir: Path) -> list[str]:
+    """Remove what an attempt that saved nothing worth keeping left behind (only files train writes; anything else
+    in the directory, damaged checkpoints included, stays). Returns the names removed."""
+    removed = []
+    for name in ATTEMPT_FILES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def final_adapter_problem(run_dir: Path) -> str | None:
+    """What is wrong with the run's final adapter files, or None when both are intact."""
+    for name in ADAPTER_FILES:
+        what = filecheck.problem(run_dir / name)
+        if what:
+            return f"{name}: {what}"
+    return None
+
+
 @dataclass
 class LoadedRun:
     run_dir: Path
@@ -132,42 +248,98 @@ class LoadedRun:
 
 
 def adapter_location(run_dir: Path, checkpoint: str | None = None) -> Path:
-    """The final adapter, or a named/`latest` checkpoint's."""
+    """The final adapter, or a named/`latest` checkpoint's; verified (FtkitError naming the damaged file)."""
     if checkpoint is None:
-        if (run_dir / ADAPTER_CONFIG).is_file():
+        if any((run_dir / n).exists() for n in (*ADAPTER_FILES, SUMMARY)):
+            what = final_adapter_problem(run_dir)
+            if what:
+                raise FtkitError(f"{run_dir}/{what}; evaluate a checkpoint instead (--checkpoint latest), or run "
+                                 "`ftkit train RECIPE --resume` to write the final adapter again from the last one")
             return run_dir
         last = latest_checkpoint(run_dir)
         if last is None:
             raise FtkitError(f"{run_dir}: no adapter and no checkpoint yet")
-        return last
+        return verified_adapter_checkpoint(last)
     if checkpoint == "latest":
         last = latest_checkpoint(run_dir)
         if last is None:
             raise FtkitError(f"{run_dir}: no checkpoint yet")
-        return last
+        return verified_adapter_checkpoint(last)
     path = Path(checkpoint)
     if not path.is_absolute() and not path.exists():
         path = run_dir / CHECKPOINTS / checkpoint
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise FtkitError(f"{path}: not an adapter checkpoint (no {ADAPTER_CONFIG})")
-    return path
+    if not path.is_dir():
+        raise FtkitError(f"{path}: no such checkpoint")
+    return verified_adapter_checkpoint(path)
+
+
+# Sections every recipe.yaml train has written holds. Keys inside a section may be missing (a run made by an older
+# ftkit, before a key existed, gets its default), whole sections may not.
+RECIPE_SECTIONS = ("model", "quant", "lora", "diffusion", "train", "task", "eval", "hub")
+
+
+def load_run_recipe(run_dir: Path):
+    """The run's recipe.yaml, checked for being cut short: train writes every section and ends the file with a
+    newline (a cut inside a line loses it; a cut between lines loses the last section's keys at most)."""
+    from ftkit.recipe import load_recipe, read_yaml
+
+    path = run_dir / RECIPE_FILE
+    fix = f"rewrite it with `ftkit validate RECIPE [OVERRIDES] > {path}` (the recipe and overrides of the run)"
+    data = read_yaml(path)
+    missing = [name for name in RECIPE_SECTIONS if not isinstance(data, dict) or name not in data]
+    if missing or not path.read_bytes().endswith(b"\n"):
+        what = f"no `{missing[0]}` section" if missing else "its last line is cut"
+        raise FtkitError(f"{path}: incomplete ({what}; cut short?); {fix}")
+    try:
+        return load_recipe(path)
+    except FtkitError as e:
+        raise FtkitError(f"{e}; {fix}") from None
+
+
+def check_run_inputs(run_dir: Path, recipe) -> None:
+    """The run's tokenizer and (tiny preset) base weights are there and whole, so that loading them never fails
+    half-way or goes looking for them on the Hub."""
+    for name in (*TOKENIZER_REQUIRED, *(n for n in TOKENIZER_OPTIONAL if (run_dir / n).exists())):
+        what = filecheck.problem(run_dir / name)
+        if what:
+            raise FtkitError(f"{run_dir / name}: {what}; it is the run's copy of the base model's tokenizer: restore "
+                             "it from the base model (or a copy of the run)")
+    if recipe.is_tiny:
+        base = run_dir / BASE_DIR
+        weights = sorted(base.glob("*.safetensors")) or [base / "model.safetensors"]
+        for path in (base / "config.json", *weights):
+            what = filecheck.problem(path)
+            if what:
+                raise FtkitError(f"{path}: {what}; these are the random-init base weights the adapter was trained "
+                                 "on: restore them from a copy of the run (`ftkit push` uploads them), or train again")
+
+
+def load_run_tokenizer(run_dir: Path):
+    """The tokenizer train saved into the run (never the Hub's)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(run_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FtkitError(f"{run_dir}: cannot load the run's tokenizer ({e.__class__.__name__}: "
+                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
 
 
 def load_run(run_dir: str | Path, adapter: bool = True, checkpoint: str | None = None, device: str | None = None) -> LoadedRun:
-    """Recipe, tokenizer, base model (+ the run's LoRA adapter unless `adapter=False`), task instance."""
+    """Recipe, tokenizer, base model (+ the run's LoRA adapter unless `adapter=False`), task instance. Every run
+    file is checked before it is read: a damaged or missing one is an FtkitError naming it and what to do."""
     import torch
 
-    from ftkit.model import load_base, load_tokenizer
-    from ftkit.recipe import load_recipe
+    from ftkit.model import load_base
     from ftkit.tasks import make_task
 
     run_dir = require_run_dir(run_dir)
-    recipe = load_recipe(run_dir / RECIPE_FILE)
-    tokenizer = load_tokenizer(recipe.model, run_dir)
+    recipe = load_run_recipe(run_dir)
+    check_run_inputs(run_dir, recipe)
+    adapter_dir = adapter_location(run_dir, checkpoint) if adapter else None
+    tokenizer = load_run_tokenizer(run_dir)
     model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
-    adapter_dir = None
-    if adapter:
-        adapter_dir = adapter_location(run_dir, checkpoint)
+    if adapter_dir is not None:
         model = load_adapter(model, adapter_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if recipe.quant.mode != "4bit":

@@ -13,9 +13,12 @@ Two isolation levels; `isolation="auto"` picks the strongest that works on this 
   * a new session (`start_new_session`) and PID namespace; on timeout the whole process group is SIGKILLed, and
     `unshare --kill-child` takes every process of the namespace down with it, including ones that called setsid;
   * a new network namespace with no interfaces up: any connect fails (ENETUNREACH);
-  * a new mount namespace in which every mount is bind-remounted read-only except the work dir (the bind-remount
-    changes per-mount flags only, never the filesystem itself); the setup refuses to run the code if any visible
-    mount is still writable. So deleting or writing a file outside the work dir fails with EROFS;
+  * a new mount namespace whose root is a fresh, read-only tmpfs holding only what the interpreter needs: its
+    installation (sys.prefix and base prefix) and the system library directories (/usr, /lib*, /bin), read-only
+    bind mounts; /dev/null, /dev/zero, /dev/random, /dev/urandom; a read-only /proc of the sandbox's own PID
+    namespace; and the work dir, the only writable place. The old root is detached (pivot_root + lazy unmount),
+    so the home directory, token files (~/.cache/huggingface/token), the project tree and /etc do not exist for
+    the code. The setup refuses to run the code if any mount but the work dir is still writable;
   * no capabilities: all are dropped (bounding set cleared, no_new_privs) before the code starts, so it cannot
     remount anything;
   * when we run as root, the code runs as a throwaway unprivileged uid (fresh per call): root ignores RLIMIT_NPROC
@@ -23,15 +26,23 @@ Two isolation levels; `isolation="auto"` picks the strongest that works on this 
     interpreter is not reachable by other users (e.g. under /root), the system python3 is used (stdlib only).
     As non-root we use a user namespace (`unshare --map-root-user`) instead and keep our own uid.
 
-"prelude" (best effort, NOT a security boundary) — the fallback where namespaces are unavailable:
+"prelude" (best effort, NOT a security boundary) — where namespaces are unavailable, and only when the caller
+opts in (see below):
   * the same rlimits, session and process-group kill (so timeouts, memory hogs and fork bombs are still contained
     by the kernel; as root the code is still moved to an unprivileged uid when the interpreter allows it);
-  * a Python audit hook installed before the code runs refuses sockets, writes/deletes/renames outside the work
-    dir, subprocesses and ctypes. Audit hooks cannot be removed from Python, but native code could bypass them.
+  * a Python audit hook installed before the code runs refuses sockets, reads outside the interpreter's
+    installation and the work dir, writes/deletes/renames outside the work dir, subprocesses and ctypes. Audit
+    hooks cannot be removed from Python, but native code could bypass them.
+
+No silent fallback: `isolation="auto"` on a machine without namespaces raises WeakSandboxRefused (an FtkitError
+saying why and how to enable them) unless a `SandboxPolicy(allow_weak=True)` scope is active (the recipe key
+`eval.allow_weak_sandbox`, the CLI flag `--allow-weak-sandbox`). A SandboxPolicy scope also counts the programs run
+in it per isolation level, which is how a report records the isolation it used.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import random
@@ -42,9 +53,12 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from ftkit.errors import FtkitError
 
 Isolation = Literal["auto", "namespace", "prelude"]
 
@@ -57,6 +71,53 @@ class SandboxUnavailable(RuntimeError):
     """The requested isolation level cannot be set up on this machine."""
 
 
+class WeakSandboxRefused(FtkitError):
+    """Only the prelude is available and nobody opted in to it."""
+
+
+ENABLE_NAMESPACES = (
+    "enable unprivileged user namespaces (Ubuntu 23.10+: `sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`;"
+    " Debian and older kernels: `sudo sysctl -w kernel.unprivileged_userns_clone=1`; needs `unshare` and `setpriv` "
+    "from util-linux)"
+)
+
+_SCOPES: contextvars.ContextVar[tuple[SandboxPolicy, ...]] = contextvars.ContextVar("ftkit_sandbox_scopes", default=())
+
+
+class SandboxPolicy:
+    """`with SandboxPolicy(allow_weak=...) as policy:` — whether code may run in the prelude sandbox inside the
+    scope (any enclosing scope allowing it is enough), and what ran: `policy.record()` is None when no program ran,
+    else {"isolation": the weakest level used, "programs": how many, "by_level": {level: count}}. A policy can be
+    entered several times; its counts add up."""
+
+    def __init__(self, allow_weak: bool = False):
+        self.allow_weak = allow_weak
+        self.runs: Counter[str] = Counter()
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self) -> SandboxPolicy:
+        self._tokens.append(_SCOPES.set((*_SCOPES.get(), self)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _SCOPES.reset(self._tokens.pop())
+
+    def record(self) -> dict[str, Any] | None:
+        if not self.runs:
+            return None
+        weakest = "prelude" if self.runs["prelude"] else "namespace"
+        return {"isolation": weakest, "programs": sum(self.runs.values()), "by_level": dict(self.runs)}
+
+
+def weak_allowed() -> bool:
+    return any(scope.allow_weak for scope in _SCOPES.get())
+
+
+def _count(level: str) -> None:
+    for scope in _SCOPES.get():
+        scope.runs[level] += 1
+
+
 @dataclass(frozen=True)
 class SandboxResult:
     ok: bool  # exited 0 within the time limit
@@ -67,27 +128,51 @@ class SandboxResult:
     isolation: str = ""  # the level that was used
 
 
-# Runs inside the new namespaces, still privileged there: make everything but the work dir read-only, verify,
-# then drop every capability (and, as root, the uid) and exec the interpreter.
+# Runs inside the new namespaces, still privileged there: build a read-only root on a tmpfs holding the read-only
+# binds (argument list up to "--"), the devices and the work dir; pivot into it and detach the old root; verify that
+# only the work dir is writable; then drop every capability (and, as root, the uid) and exec the interpreter.
 _NAMESPACE_SETUP = r"""
 set -e
-work="$1"; shift
-mount --bind "$work" "$work"
-awk '{print $5}' /proc/self/mountinfo | while read -r mp; do
-  [ "$mp" = "$work" ] && continue
-  mount -o remount,bind,ro "$mp" 2>/dev/null || true
+root="$1"; work="$2"; shift 2
+mount -t tmpfs -o mode=755,size=1m ftkit-sandbox "$root"
+while [ "$1" != "--" ]; do
+  src="$1"; dst="$root$1"; shift
+  mkdir -p "$(dirname "$dst")"
+  if [ -L "$src" ]; then ln -s "$(readlink "$src")" "$dst"; continue; fi
+  if [ -d "$src" ]; then mkdir -p "$dst"; else : > "$dst"; fi
+  mount --bind "$src" "$dst"
+  mount -o remount,bind,ro "$dst"
 done
-# Only the top mount at a mount point is reachable; every one of those must be read-only now.
-awk -v w="$work" '{opts[$5] = $6} END {for (m in opts) if (m != w && opts[m] !~ /^ro/) bad = 1; exit bad}' \
-  /proc/self/mountinfo || { echo '@MARK@' >&2; exit 97; }
+shift
+mkdir -p "$root$work" "$root/proc" "$root/.old"
+mount --bind "$work" "$root$work"
+mount -t proc -o ro,nosuid,nodev,noexec proc "$root/proc"
+cd "$root"
+pivot_root . .old
+cd /
+umount -l /.old
+rmdir /.old
+mount -o remount,bind,ro /
+# Every mount but the work dir must be read-only now (plain sh: awk may be a link into /etc, which is gone).
+while read -r _ _ _ _ mp opts _; do
+  [ "$mp" = "$work" ] && continue
+  case "$opts" in ro|ro,*) ;; *) echo '@MARK@' >&2; exit 97 ;; esac
+done < /proc/self/mountinfo
 cd "$work"
 exec setpriv "$@"
 """.replace("@MARK@", SETUP_REFUSED_MARK)
+
+_TOOL_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"  # unshare, setpriv, pivot_root, mount (sbin on some systems)
+DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
+SYSTEM_DIRS = ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/libx32")
+
 
 # Installed before the sample in "prelude" mode. Audit events: https://docs.python.org/3/library/audit_events.html
 _PRELUDE = r"""
 import os as _os, sys as _sys
 _ROOT = _os.path.realpath(_os.getcwd())
+_READABLE = tuple({_os.path.realpath(p) for p in (_sys.prefix, _sys.base_prefix, _sys.exec_prefix,
+                                                  _sys.base_exec_prefix)}) + ("/dev",)
 _WRITE_FLAGS = _os.O_WRONLY | _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC | _os.O_APPEND
 _PATH_EVENTS = {"os.remove", "os.rmdir", "os.rename", "os.truncate", "os.chmod", "os.chown", "os.mkdir",
                 "os.symlink", "os.link", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"}
@@ -103,6 +188,15 @@ def _inside(path):
         return False
     return real == _ROOT or real.startswith(_ROOT + _os.sep)
 
+def _readable(path):
+    if _inside(path):
+        return True
+    try:
+        real = _os.path.realpath(_os.fsdecode(path))
+    except Exception:
+        return False
+    return any(real == r or real.startswith(r + _os.sep) for r in _READABLE)
+
 def _hook(event, args):
     if event in _DENIED:
         raise PermissionError(f"sandbox: {event} is not allowed")
@@ -111,6 +205,10 @@ def _hook(event, args):
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & _WRITE_FLAGS
         if writing and path is not None and not _inside(path):
             raise PermissionError(f"sandbox: writing {path!r} outside the work dir")
+        if path is not None and not _readable(path):
+            raise PermissionError(f"sandbox: reading {path!r} outside the interpreter and the work dir")
+    elif event in ("os.listdir", "os.scandir") and args and args[0] is not None and not _readable(args[0]):
+        raise PermissionError(f"sandbox: listing {args[0]!r} outside the interpreter and the work dir")
     elif event in _PATH_EVENTS:
         for arg in args[:2]:
             if isinstance(arg, (str, bytes, _os.PathLike)) and not _inside(arg):
@@ -168,30 +266,72 @@ def _limits(memory_mb: int, cpu_s: int, max_processes: int, max_file_mb: int, ma
     return apply
 
 
-def _namespace_command(work: str, python: str, argv: list[str], uid: int | None) -> list[str]:
+@functools.lru_cache(maxsize=4)
+def _prefixes(python: str) -> tuple[str, ...]:
+    """The installation directories of `python` (a venv's and the one it was made from)."""
+    if python == sys.executable:
+        found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    else:
+        code = "import sys; print(sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, sep=chr(10))"
+        out = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=30, env={},
+                             stdin=subprocess.DEVNULL)
+        found = set(out.stdout.split("\n")) - {""}
+    found |= {os.path.realpath(p) for p in found}
+    return tuple(sorted(found))
+
+
+def visible_paths(python: str) -> list[str]:
+    """What the sandboxed code sees besides its work dir (read-only): the interpreter's installation, the system
+    library directories it links against, and a few devices. Paths inside another listed directory are left out."""
+    wanted = [*_prefixes(python), os.path.dirname(python), *SYSTEM_DIRS]
+    dirs: list[str] = []
+    for path in sorted({os.path.abspath(p) for p in wanted if os.path.lexists(p)}, key=len):
+        if not any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs if not os.path.islink(d)):
+            dirs.append(path)
+    return [*dirs, *(d for d in DEVICES if os.path.exists(d))]
+
+
+def _namespace_command(root: str, work: str, python: str, argv: list[str], uid: int | None) -> list[str]:
     cmd = ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
     if os.geteuid() != 0:
         cmd.append("--map-root-user")  # a user namespace gives us the right to mount in it
     drop = ["--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
     if uid is not None:
         drop = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *drop]
-    return [*cmd, "--", "/bin/sh", "-c", _NAMESPACE_SETUP, "sh", work, *drop, "--", python, *argv]
+    return [*cmd, "--", "/bin/sh", "-c", _NAMESPACE_SETUP, "sh", root, work, *visible_paths(python), "--", *drop,
+            "--", python, *argv]
 
 
 @functools.lru_cache(maxsize=1)
-def namespaces_available() -> bool:
-    """Whether the namespace setup works here (probed once with a trivial program)."""
-    if not (shutil.which("unshare") and shutil.which("setpriv") and os.path.exists("/bin/sh")):
-        return False
+def _namespace_probe() -> tuple[bool, str]:
+    """(whether the namespace setup works here, why not), probed once with a trivial program."""
+    missing = [tool for tool in ("unshare", "setpriv", "pivot_root") if not shutil.which(tool, path=_TOOL_PATH)]
+    if missing or not os.path.exists("/bin/sh"):
+        return False, f"missing {', '.join(missing) or '/bin/sh'}"
     try:
         result = _run("pass", 10.0, 256, 5, 16, 1, 64, 4096, "namespace")
-    except (OSError, SandboxUnavailable):
-        return False
-    return result.ok
+    except (OSError, SandboxUnavailable) as e:
+        return False, str(e)
+    if result.ok:
+        return True, ""
+    lines = result.stderr.strip().splitlines()
+    return False, lines[-1][:200] if lines else f"setup exited with {result.returncode}"
+
+
+def namespaces_available() -> bool:
+    """Whether the namespace setup works here (probed once with a trivial program)."""
+    return _namespace_probe()[0]
 
 
 def isolation_level() -> str:
     return "namespace" if namespaces_available() else "prelude"
+
+
+def weak_sandbox_message() -> str:
+    return (f"model-written code would run in the weak sandbox (a Python audit hook, not a security boundary): this "
+            f"machine cannot create the namespaces of the real one ({_namespace_probe()[1]}). Either "
+            f"{ENABLE_NAMESPACES}, or accept the weak sandbox with --allow-weak-sandbox (recipe: "
+            "`eval.allow_weak_sandbox: true`), or do not run the tests (`task.options.run_tests=false`)")
 
 
 def run_python(
@@ -205,14 +345,21 @@ def run_python(
     max_output_bytes: int = 1 << 16,
     isolation: Isolation = "auto",
 ) -> SandboxResult:
-    """Run `code` as a script in the sandbox. `cpu_s` defaults to the wall-clock timeout rounded up, plus one."""
+    """Run `code` as a script in the sandbox. `cpu_s` defaults to the wall-clock timeout rounded up, plus one.
+    `isolation="auto"` uses namespaces, or the prelude inside a SandboxPolicy that allows it (else
+    WeakSandboxRefused); naming a level explicitly is the caller's own choice."""
     if isolation == "auto":
         isolation = isolation_level()  # type: ignore[assignment]
+        if isolation == "prelude" and not weak_allowed():
+            raise WeakSandboxRefused(weak_sandbox_message())
     elif isolation == "namespace" and not namespaces_available():
-        raise SandboxUnavailable("namespaces (unshare + setpriv) are not usable on this machine")
+        raise SandboxUnavailable(f"namespaces are not usable on this machine ({_namespace_probe()[1]})")
     if cpu_s is None:
         cpu_s = int(timeout_s) + 1
-    return _run(code, timeout_s, memory_mb, cpu_s, max_processes, max_file_mb, max_files, max_output_bytes, isolation)
+    result = _run(code, timeout_s, memory_mb, cpu_s, max_processes, max_file_mb, max_files, max_output_bytes,
+                  isolation)
+    _count(isolation)
+    return result
 
 
 def _run(code: str, timeout_s: float, memory_mb: int, cpu_s: int, max_processes: int, max_file_mb: int,
@@ -220,17 +367,18 @@ def _run(code: str, timeout_s: float, memory_mb: int, cpu_s: int, max_processes:
     python, drop_uid = _interpreter()
     uid = _unprivileged_uid() if drop_uid else None
     with tempfile.TemporaryDirectory(prefix="ftkit-sandbox-") as tmp:
-        work = os.path.join(tmp, "work")
+        work, root = os.path.join(tmp, "work"), os.path.join(tmp, "root")
         os.mkdir(work, 0o700)
+        os.mkdir(root, 0o700)
         Path(work, "main.py").write_text(code, encoding="utf-8")
         if uid is not None:
             os.chown(work, uid, uid)
             os.chmod(tmp, 0o711)  # the sandbox uid must be able to reach its work dir
         if isolation == "namespace":
-            cmd = _namespace_command(work, python, ["-I", "main.py"], uid)
+            cmd = _namespace_command(root, work, python, ["-I", "main.py"], uid)
         else:
             cmd = [python, "-I", "-c", _PRELUDE]
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
+        env = {"PATH": _TOOL_PATH, "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
         limits = _limits(memory_mb, cpu_s, max_processes, max_file_mb, max_files)
 
         def preexec() -> None:

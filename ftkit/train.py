@@ -19,6 +19,7 @@ from ftkit.errors import FtkitError
 from ftkit.layout import Layout, collate
 from ftkit.recipe import Recipe
 from ftkit.threads import machine_description
+from ftkit.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -93,46 +94,131 @@ def check_launch(recipe: Recipe) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where a `train` call starts, as decided by the main process."""
+
+    checkpoint: str | None = None  # the checkpoint to resume from
+    step: int = 0  # its global step
+    done: bool = False  # the checkpoint is at max_steps: nothing to train, only the final files to write
+    complete_summary: dict[str, Any] | None = None  # the run had finished: its summary, nothing to do at all
+
+
 def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
+    check_launch(recipe)
+    # Under `accelerate launch` every process runs this function; the main process holds the run's lock, decides
+    # where to start, writes the run files and the tiny base; the others wait for it and read them.
+    dist = PartialState(cpu=not torch.cuda.is_available())
+    run_dir = Path(recipe.train.output_dir)
+    fresh = not run_dir.exists()
+    lock = RunLock(run_dir, "train", processes=dist.num_processes)
+    try:
+        start = _main_decides(dist, lambda: _plan_start(lock, run_dir, recipe, resume))
+        if start.complete_summary is not None:
+            _teardown(dist)
+            return start.complete_summary
+        return _train(recipe, dist, run_dir, start, fresh and dist.is_main_process, progress, extra_callbacks)
+    finally:
+        lock.release()
+
+
+def _main_decides(dist: PartialState, decide):
+    """`decide()` on the main process only; every process gets its result, or raises its FtkitError."""
+    if dist.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    crash: BaseException | None = None
+    if dist.is_main_process:
+        try:
+            box[0] = ("ok", decide())
+        except FtkitError as e:
+            box[0] = ("error", str(e))
+        except BaseException as e:  # a bug: the main process shows its traceback, the others stop with it
+            box[0], crash = ("error", f"the main process failed: {e.__class__.__name__}: {e}"), e
+    broadcast_object_list(box, from_process=0)
+    if crash is not None:
+        raise crash
+    kind, value = box[0]
+    if kind == "error":
+        raise FtkitError(value)
+    return value
+
+
+def _plan_start(lock: RunLock, run_dir: Path, recipe: Recipe, resume: bool) -> Start:
+    """Take the lock, then decide from what the run directory holds: a fresh start (clearing what an attempt that
+    saved nothing left), a resume from the newest intact checkpoint, or nothing to do. Nothing is replaced that a
+    user might want to keep (checkpoints, the final adapter, summary, evaluations), and a directory ftkit did not
+    make is not written into."""
+    foreign = rundir.foreign_entries(run_dir)
+    if foreign:
+        raise FtkitError(f"{run_dir}: exists and is not an ftkit run directory (it holds {', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); choose another train.output_dir (a new or empty one)")
+    lock.acquire()
+    ckpt = rundir.newest_intact_checkpoint(run_dir) if resume else None
+    if ckpt is None:
+        kept = rundir.kept_results(run_dir)
+        if kept and not resume:
+            raise FtkitError(f"{run_dir}: already holds a run ({', '.join(kept[:3])}); pass --resume to continue it "
+                             "or choose another train.output_dir")
+        if kept:
+            raise FtkitError(f"{run_dir}: --resume: no intact checkpoint to continue from, and the run holds results "
+                             f"a new run would replace ({', '.join(kept[:3])}); choose another train.output_dir")
+        if rundir.clear_attempt(run_dir):
+            rundir.say(f"{run_dir}: an earlier attempt saved no checkpoint; starting over")
+        elif resume:
+            rundir.say(f"{run_dir}: --resume: no checkpoint yet; starting from scratch")
+        return Start()
+
+    if (run_dir / rundir.RECIPE_FILE).exists():
+        previous = rundir.load_run_recipe(run_dir)
+        if previous.model != recipe.model or previous.lora != recipe.lora or previous.quant != recipe.quant:
+            raise FtkitError(f"{run_dir}: --resume with a different model/lora/quant section than the run was started with")
+    rundir.check_run_inputs(run_dir, recipe)
+    step, max_steps = rundir.checkpoint_step(ckpt), recipe.train.max_steps
+    if step > max_steps:
+        raise FtkitError(f"{ckpt}: step {step} is past train.max_steps={max_steps}; raise train.max_steps to "
+                         "continue the run")
+    if step == max_steps:
+        summary = run_dir / rundir.SUMMARY
+        if summary.is_file() and rundir.final_adapter_problem(run_dir) is None:
+            rundir.say(f"{run_dir}: the run is complete (step {step} of {max_steps}); nothing to resume")
+            return Start(str(ckpt), step, done=True, complete_summary=json.loads(summary.read_text()))
+        rundir.say(f"resuming from {ckpt.name}: training is done; writing the final adapter")
+        return Start(str(ckpt), step, done=True)
+    rundir.say(f"resuming from {ckpt.name} (step {step} of {max_steps})")
+    return Start(str(ckpt), step)
+
+
+def _teardown(dist: PartialState) -> None:
+    """The other processes wait for the main one's files, then every process tears the process group down itself:
+    a process that exits with gloo's threads still running aborts ("terminate called without an active
+    exception", SIGABRT) and torchrun reports the whole run as failed."""
+    if dist.num_processes > 1:
+        dist.wait_for_everyone()
+        dist.destroy_process_group()
+
+
+def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, created: bool, progress: bool,
+           extra_callbacks: list | None) -> dict[str, Any]:
     from transformers import set_seed
 
     from ftkit.model import attach_lora, load_base, load_in_turns, load_tokenizer, parameter_groups
     from ftkit.plots import plot_loss_curve, plot_noise_vs_loss
     from ftkit.task_data import build_training_data
     from ftkit.tasks import make_task
+    from ftkit.threads import apply_threads
     from ftkit.trainer import DiffusionTrainer, JsonlLogCallback, LogLineCallback
 
-    from ftkit.threads import apply_threads
-
-    check_launch(recipe)
-    # Under `accelerate launch` every process runs this function; the main process writes the run files and the
-    # tiny base, the others wait for it and read them.
-    dist = PartialState(cpu=not torch.cuda.is_available())
     threads = apply_threads(recipe.train.cpu_threads)  # before any work: the load average must not count ours
     if dist.is_main_process:
         _stderr(threads.describe())
-    run_dir = Path(recipe.train.output_dir)
-    fresh = not run_dir.exists()
-    last_ckpt = rundir.latest_checkpoint(run_dir) if run_dir.exists() else None
-    if resume and last_ckpt is None:
-        log.warning("--resume: no checkpoint in %s; starting from scratch", run_dir)
-    if not resume and (run_dir / rundir.RECIPE_FILE).exists():
-        raise FtkitError(
-            f"{run_dir}: already holds a run; pass --resume to continue it or choose another train.output_dir"
-        )
-    if resume and (run_dir / rundir.RECIPE_FILE).exists():
-        from ftkit.recipe import load_recipe
-
-        previous = load_recipe(run_dir / rundir.RECIPE_FILE)
-        if previous.model != recipe.model or previous.lora != recipe.lora or previous.quant != recipe.quant:
-            raise FtkitError(f"{run_dir}: --resume with a different model/lora/quant section than the run was started with")
-
     task = make_task(recipe.task.name, recipe.task.options)
-    dist.wait_for_everyone()  # every process has checked the run dir before the main one writes to it
     try:
-        # Data and tokenizer problems surface before the run directory is created; anything failing later
+        # Data and tokenizer problems surface before the run directory holds anything; anything failing later
         # (before training starts) removes a run directory this call created.
-        tokenizer = load_tokenizer(recipe.model, run_dir if not fresh else None)
+        tokenizer = load_tokenizer(recipe.model, run_dir if start.checkpoint else None)
         canvas_length = recipe.model.tiny.canvas_length if recipe.is_tiny else None
         if canvas_length is None:
             from transformers import AutoConfig
@@ -164,13 +250,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
         if dist.is_main_process:
             _print_parameter_groups(groups)
 
-        resumed_step = 0
-        if resume and last_ckpt is not None:
-            trainer_state = json.loads((last_ckpt / "trainer_state.json").read_text())
-            resumed_step = int(trainer_state.get("global_step", 0))
         noise_log = run_dir / rundir.NOISE_LOG
         if dist.is_main_process:
-            _reset_logs(run_dir, resumed_step)
+            _reset_logs(run_dir, start.step)
 
         callbacks = [JsonlLogCallback(run_dir / rundir.TRAIN_LOG), *(extra_callbacks or [])]
         if progress:
@@ -192,28 +274,28 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
 
         trainer.remove_callback(PrinterCallback)  # bare dicts; the callbacks above print each log
     except BaseException:
-        if fresh and run_dir.exists() and dist.is_main_process:
+        if created and run_dir.exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-made is left behind
         raise
-    start = time.time()
-    result = trainer.train(resume_from_checkpoint=str(last_ckpt) if (resume and last_ckpt) else None)
-    elapsed = time.time() - start
+    began = time.time()
+    # A checkpoint at max_steps needs no training (the Trainer would run one step past it and rotate a checkpoint
+    # out); its adapter is the final one.
+    result = None if start.done else trainer.train(resume_from_checkpoint=start.checkpoint)
+    elapsed = time.time() - began
 
     summary: dict[str, Any] = {}
     try:
         if trainer.is_world_process_zero():
-            _save_adapter(model, run_dir)
-            summary = _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_step, len(train_data))
+            if start.done:
+                _copy_adapter(Path(start.checkpoint), run_dir)
+            else:
+                _save_adapter(model, run_dir)
+            summary = _summary(recipe, run_dir, groups, canvas_length, result, elapsed, start.step, len(train_data))
             rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
             plot_loss_curve(rundir.read_jsonl(run_dir / rundir.TRAIN_LOG), run_dir / "loss.png")
             plot_noise_vs_loss(rundir.read_jsonl(noise_log), run_dir / "noise_loss.png")
     finally:
-        # The other processes wait for the main one's files, then every process tears the process group down
-        # itself: a process that exits with gloo's threads still running aborts ("terminate called without an
-        # active exception", SIGABRT) and torchrun reports the whole run as failed.
-        if dist.num_processes > 1:
-            dist.wait_for_everyone()
-            dist.destroy_process_group()
+        _teardown(dist)
     return summary
 
 
@@ -247,6 +329,13 @@ def _reset_logs(run_dir: Path, resumed_step: int) -> None:
         elif path.exists():
             kept = [r for r in rundir.read_jsonl(path) if keep(r.get("step", 0))]
             rundir.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _copy_adapter(ckpt: Path, run_dir: Path) -> None:
+    """The final adapter from a checkpoint (the Trainer saved it with the same save_pretrained), each file atomic."""
+    for name in (rundir.ADAPTER_WEIGHTS, rundir.ADAPTER_CONFIG, "README.md"):
+        if (ckpt / name).exists():
+            rundir.atomic_write(run_dir / name, lambda tmp, src=ckpt / name: shutil.copyfile(src, tmp))
 
 
 def _save_adapter(model, run_dir: Path) -> None:

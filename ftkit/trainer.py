@@ -4,7 +4,8 @@
 `model_accepts_loss_kwargs = False` makes the Trainer divide by the accumulation steps itself, so gradient
 accumulation matches a large batch. Noise is drawn from a generator seeded by (seed, optimizer step, micro-batch,
 process): a resumed run draws exactly the noise an uninterrupted one would. Checkpoints are written to a staging
-directory and renamed into place, so a kill during a save never leaves a half-written `checkpoint-N`.
+directory and renamed into place, so a kill during a save never leaves a half-written `checkpoint-N`; each carries a
+manifest (ftkit.manifest) that `--resume` and `eval --checkpoint` verify.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from ftkit import manifest
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.errors import FtkitError
 from ftkit.recipe import DiffusionSection
@@ -96,31 +98,59 @@ class DiffusionTrainer(Trainer):
             self._noise_rows = []
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into `.staging/` first, then rename it into place (atomic on one filesystem)."""
+        """Write the checkpoint into `.staging/` first, then rename it into place (atomic on one filesystem), with a
+        manifest of its files (sizes, sha256) written last.
+
+        Under several processes every rank writes its part (its RNG state; rank 0 the rest) into the same staging
+        folder: rank 0 clears leftovers before anyone writes, and renames only after every rank has written. Both
+        points are collectives that also carry each rank's success, so a rank that fails (a full disk) makes all of
+        them stop with the previous checkpoint intact instead of leaving the others waiting forever."""
         root = Path(self.args.output_dir)
         staging_root = root / STAGING
-        shutil.rmtree(staging_root, ignore_errors=True)  # leftovers of a run killed mid-save
-        original = self.args.output_dir
-        limit = self.args.save_total_limit
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # leftovers of a run killed mid-save
+        self._everyone_ok(True)  # nobody writes into the staging folder before it is cleared
+        original, limit = self.args.output_dir, self.args.save_total_limit
         self.args.output_dir, self.args.save_total_limit = str(staging_root), None
+        failure: BaseException | None = None
         try:
             super()._save_checkpoint(model, trial)
         except OSError as e:
-            shutil.rmtree(staging_root, ignore_errors=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise FtkitError(
-                    f"{root}: disk full while writing checkpoint-{self.state.global_step}; the previous checkpoint is "
-                    "intact — free some space and rerun with --resume"
-                ) from None
-            raise
+            failure = e
         finally:
             self.args.output_dir, self.args.save_total_limit = original, limit
-        if self.args.should_save:
-            name = f"checkpoint-{self.state.global_step}"
-            _fsync_tree(staging_root / name)
-            replace_dir(staging_root / name, root / name)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(output_dir=original, save_total_limit=limit, use_mtime=False)
+        if self._everyone_ok(failure is None) and self.args.should_save:
+            try:
+                _fsync_tree(staging_root / name)
+                manifest.write_manifest(staging_root / name)
+                replace_dir(staging_root / name, root / name)
+                shutil.rmtree(staging_root, ignore_errors=True)
+                rotate_checkpoints(output_dir=original, save_total_limit=limit, use_mtime=False)
+            except OSError as e:
+                failure = e
+        if not self._everyone_ok(failure is None):
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            if failure is None:
+                raise FtkitError(f"{root}: another process failed while writing {name}; the previous checkpoint is "
+                                 "intact — rerun with --resume")
+            if isinstance(failure, OSError) and failure.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise FtkitError(
+                    f"{root}: disk full while writing {name}; the previous checkpoint is intact — free some space "
+                    "and rerun with --resume"
+                ) from None
+            raise failure
+
+    def _everyone_ok(self, ok: bool) -> bool:
+        """Whether every process reports `ok`; a barrier as well when there are several."""
+        if self.args.world_size <= 1:
+            return ok
+        import torch.distributed as dist
+
+        failed = torch.tensor([0 if ok else 1], device=self.args.device)
+        dist.all_reduce(failed)
+        return int(failed.item()) == 0
 
 
 def _fsync_tree(path: Path) -> None:

@@ -289,6 +289,12 @@ def test_adapter_from_another_base_is_a_clean_error(tiny_run, tmp_path):
     recipe = yaml.safe_load((other / "recipe.yaml").read_text())
     recipe["model"]["tiny"]["hidden"] = 64  # another tiny base: every LoRA shape differs
     (other / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    from ftkit.model import load_base
+    from ftkit.recipe import load_recipe
+    from ftkit.rundir import load_run_tokenizer
+
+    changed = load_recipe(other / "recipe.yaml")
+    load_base(changed.model, changed.quant, load_run_tokenizer(other), other)  # builds and saves the other base/
     assert_clean_error(invoke("generate", other, "-i", PUZZLE, "--steps", "1"), "does not fit this base model")
     assert_clean_error(invoke("eval", other, "-n", "1", "--steps", "1"), "does not fit this base model")
 

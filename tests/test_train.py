@@ -121,9 +121,41 @@ def test_resume_after_crash_reproduces_the_uninterrupted_run(trained, tmp_path):
         assert a["noise_level"] == pytest.approx(b["noise_level"], rel=1e-6)
 
 
+def test_resume_past_a_damaged_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_path, capsys):
+    """The newest checkpoint is damaged: --resume names the file, moves the checkpoint aside (never deletes it),
+    continues from the one before, and still ends exactly where the uninterrupted run ended."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    full_dir, _, _ = trained
+    out = tmp_path / "damaged"
+    shutil.copytree(full_dir, out)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "summary.json"):
+        (out / name).unlink()  # as if killed after checkpoint-6, before the final save
+    weights = out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    summary = train(tiny_recipe(out), resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "checkpoint-6 is damaged (adapter_model.safetensors: 100 bytes, the manifest says" in err
+    assert "moved it aside to damaged-checkpoint-6" in err and "resuming from checkpoint-3 (step 3 of 6)" in err
+    assert summary["resumed_from_step"] == 3
+    assert (out / "checkpoints" / "damaged-checkpoint-6" / "adapter_model.safetensors").stat().st_size == 100
+    full = [r for r in rundir.read_jsonl(full_dir / "train_log.jsonl") if "loss" in r]
+    resumed = [r for r in rundir.read_jsonl(out / "train_log.jsonl") if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    got, want = load_file(out / "adapter_model.safetensors"), load_file(full_dir / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-5, atol=1e-7), name
+
+
 def test_existing_run_needs_resume(trained):
     out, _, _ = trained
-    with pytest.raises(FtkitError, match="already holds a run; pass --resume"):
+    with pytest.raises(FtkitError, match=r"already holds a run \(.*checkpoint-6.*\); pass --resume"):
         train(tiny_recipe(out), progress=False)
 
 
