@@ -35,6 +35,8 @@ class LossOutput:
     self_conditioned: torch.Tensor  # fraction of examples that were self-conditioned
     t: torch.Tensor  # (B,) noise level per example, detached
     per_example: torch.Tensor  # (B,) canvas CE per example, detached: the noise-level vs loss curve
+    # (B, L) canvas CE per position with its graph: per-example likelihood (ELBO) estimates are built from it (ftkit rl).
+    token_losses: torch.Tensor | None = None
 
 
 def core_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -136,6 +138,7 @@ def diffusion_loss(
         self_conditioned=sc_mask.float().mean() if self_conditioning is not None else torch.zeros((), device=device),
         t=t.detach(),
         per_example=token_losses.detach().mean(dim=1),
+        token_losses=token_losses,
     )
 
 
