@@ -306,7 +306,9 @@ def test_protein_reward_parts():
     n_fixed = sum(len(r) for _, r in ex.question["motif"])
     canonical = 1 - len(residues) / len(broken)
     assert parts.success == 0.0
-    assert parts.satisfied == pytest.approx((canonical + 1.0 + (1 - len(residues) / n_fixed) + 1.0) / 4)
+    assert parts.satisfied == pytest.approx((canonical + 1.0 + 1.0 + (1 - len(residues) / n_fixed) + 1.0) / 5)
+    short = task.reward(ex, ex.answer[: len(ex.answer) // 2])  # half the asked length: the length part is 0.5
+    assert short.success == 0.0 and 0.5 < short.satisfied < 1.0
 
 
 def test_code_infill_reward_stages():

@@ -159,3 +159,26 @@ def test_reference_policy_swaps_in_the_frozen_adapter_and_back(tiny_policy, char
     with torch.no_grad():
         for p, value in zip(frozen.params, frozen.frozen):
             p.copy_(value)
+
+
+def test_canonical_canvas_fills_free_positions_after_the_first_eos():
+    from ftkit.rl.rollout import canonical_canvas
+
+    eos = 1
+    canvas = torch.tensor([[5, eos, 6, 7, 8], [5, 6, 7, 8, 9]])
+    free = torch.tensor([[True, True, True, False, True], [True] * 5])
+    assert canonical_canvas(canvas, free, eos).tolist() == [[5, eos, eos, 7, eos], [5, 6, 7, 8, 9]]
+
+
+def test_round_prompts_cover_the_split_once_per_pass_and_are_reproducible(char_tokenizer):
+    from ftkit.recipe import EvalSection, RLSection
+    from ftkit.rl.rollout import Rollout, derived_seed
+
+    examples = list(range(10))
+    rollout = Rollout(None, char_tokenizer, examples, [], RLSection(prompts_per_step=5), EvalSection(), seed=3)
+    first_pass = rollout.prompts_for(0) + rollout.prompts_for(1)
+    assert sorted(first_pass) == examples and first_pass != examples
+    assert rollout.prompts_for(1) == Rollout(None, char_tokenizer, examples, [], RLSection(prompts_per_step=5),
+                                             EvalSection(), seed=3).prompts_for(1)
+    assert sorted(rollout.prompts_for(2) + rollout.prompts_for(3)) == examples
+    assert len({derived_seed(3, "sample", r, i) for r in range(4) for i in range(8)}) == 32

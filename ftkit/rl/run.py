@@ -77,20 +77,19 @@ def init_adapter(recipe: Recipe) -> Path | None:
 
 
 def _copy_reference(init_dir: Path, run_dir: Path) -> None:
-    """The init adapter into run_dir/reference_adapter (staged, then renamed), and the tiny base it was made on."""
-    target = run_dir / REFERENCE_DIR
-    if not (target / rundir.ADAPTER_CONFIG).is_file():
-        staging = run_dir / f".staging-{REFERENCE_DIR}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for name in (rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS):
-            shutil.copy2(init_dir / name, staging / name)
-        rundir.replace_dir(staging, target)
+    """The tiny base the init adapter was made on (if any), then the adapter into run_dir/reference_adapter; each
+    staged and renamed into place, so a present reference_adapter/ means both are complete."""
     if (init_dir / "base").is_dir() and not (run_dir / "base").exists():
         staging = run_dir / ".staging-base"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(init_dir / "base", staging)
         rundir.replace_dir(staging, run_dir / "base")
+    staging = run_dir / f".staging-{REFERENCE_DIR}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in (rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS):
+        shutil.copy2(init_dir / name, staging / name)
+    rundir.replace_dir(staging, run_dir / REFERENCE_DIR)
 
 
 def _evaluate(model, tokenizer, task, examples, recipe: Recipe, canvas_length: int) -> dict[str, Any]:
@@ -132,7 +131,10 @@ def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callba
         changed = [s for s in ("model", "lora", "quant", "rl") if getattr(previous, s) != getattr(recipe, s)]
         if changed:
             raise FtkitError(f"{run_dir}: --resume with a different {'/'.join(changed)} section than the run was started with")
-    init_dir = init_adapter(recipe)
+    # A run that already copied its reference adapter no longer needs the init_from run (it may be gone by now).
+    from_adapter = recipe.rl.init_from is not None
+    copied = (run_dir / REFERENCE_DIR / rundir.ADAPTER_CONFIG).is_file()
+    init_dir = init_adapter(recipe) if from_adapter and not copied else None
     task = make_task(recipe.task.name, recipe.task.options)
     try:
         tokenizer = load_tokenizer(recipe.model, run_dir if not fresh else init_dir)
@@ -168,13 +170,13 @@ def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callba
             set_gradient_checkpointing(model, True, encoder=recipe.train.checkpoint_encoder)
             model.enable_input_require_grads()
         set_seed(recipe.train.seed)
-        if init_dir is not None:
+        if from_adapter:
             model = rundir.load_adapter(model, run_dir / REFERENCE_DIR, trainable=True)
         else:
             model = attach_lora(model, recipe.lora)
         if recipe.quant.mode != "4bit":  # a 4-bit base is already on its GPU (and cannot be moved)
             model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-        reference = ReferencePolicy(model, frozen_adapter=init_dir is not None)
+        reference = ReferencePolicy(model, frozen_adapter=from_adapter)
         groups = parameter_groups(model)
         _print_parameter_groups(groups)
 

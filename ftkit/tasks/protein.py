@@ -310,16 +310,19 @@ class ProteinTask:
         return out
 
     def reward(self, example: Example, output: str) -> RewardParts:
-        """`satisfied`: the mean of the per-constraint scores — canonical fraction, length in range (0/1), fixed
+        """`satisfied`: the mean of the per-constraint scores — canonical fraction, length in range (0/1), length as
+        the prompt asks (1 - relative error; the range alone lets RL drift to the longest valid output), fixed
         residues kept (fraction), residues outside low-complexity spans (fraction) — and, with a `family`, the family
-        HMM's bit score as a fifth part, clipped to [0, HMM_REWARD_BITS] and scaled to [0, 1]. `success` is
-        validity (no violation), as in `metrics`."""
+        HMM's bit score clipped to [0, HMM_REWARD_BITS] and scaled to [0, 1]. `success` is validity (no violation),
+        as in `metrics`."""
         violations = {v.constraint: v for v in self.check(example, output)}
         n = max(1, len(output))
+        asked = example.question["length"]
         n_fixed = sum(len(r) for _, r in example.question["motif"])
         parts = [
             sum(ch in CANONICAL for ch in output) / n,
             float("length" not in violations),
+            max(0.0, 1.0 - abs(len(output) - asked) / asked),
             1.0 - len(violations["fixed"].positions) / n_fixed if "fixed" in violations else 1.0,
             1.0 - len(violations["low_complexity"].positions) / n if "low_complexity" in violations else 1.0,
         ]
