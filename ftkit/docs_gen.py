@@ -23,6 +23,7 @@ SECTION_NOTES = {
     "task": "The task plugin and its data; `options` is validated by the task's own options (below).",
     "eval": "Constrained denoising used by `ftkit eval`, `ftkit generate` and `ftkit solve`.",
     "hub": "Defaults for `ftkit push`.",
+    "rl": "`ftkit rl`: GRPO with the task's verifier as reward and the diffusion ELBO as likelihood (docs/rl.md).",
 }
 
 
