@@ -320,3 +320,21 @@ def test_code_infill_reward_stages():
     q = ex.question
     unparsable = q["prefix"] + "    return (\n" + q["suffix"]
     assert task.reward(ex, unparsable) == RewardParts(1 / 3, 0.0)  # context intact; neither parses nor compiles
+
+
+@pytest.mark.gpu
+def test_rl_on_cuda_with_the_memory_lean_settings(tmp_path):
+    """The CUDA path: model, generators and likelihoods on the GPU, with `ftkit train`'s memory settings (both stacks
+    checkpointed, chunked loss, 8-bit AdamW)."""
+    from ftkit.rl.run import rl
+
+    out = tmp_path / "cuda"
+    recipe = toy_recipe(out, train={"max_steps": 4, "save_steps": 2, "gradient_checkpointing": True,
+                                    "optim": "adamw_bnb_8bit"}, rl={"evaluate": True},
+                        diffusion={"self_conditioning_p": 0.5, "loss_chunk": 2})
+    summary = rl(recipe, progress=False)
+    rows = rl_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and summary["device"] == "cuda"
+    first = next((r for r in rows if "kl" in r), None)
+    assert first is None or first["kl"] == 0.0
+    assert (out / "rl_eval.json").is_file()

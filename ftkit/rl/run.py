@@ -100,23 +100,9 @@ def _evaluate(model, tokenizer, task, examples, recipe: Recipe, canvas_length: i
     return report.to_dict()
 
 
-def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
-    from accelerate import PartialState
-    from transformers import set_seed
-
-    from ftkit.layout import layout_example
-    from ftkit.model import attach_lora, load_base, load_tokenizer, parameter_groups
-    from ftkit.plots import plot_reward_curve
-    from ftkit.rl.likelihood import ReferencePolicy
-    from ftkit.rl.rollout import Rollout
-    from ftkit.rl.trainer import RLTrainer, StepItems, collate_items
-    from ftkit.tasks import make_task
-    from ftkit.train import _print_parameter_groups, _reset_logs, _save_adapter, check_launch, training_arguments
-
-    check_rl_recipe(recipe)
-    check_launch(recipe)
-    if PartialState(cpu=not torch.cuda.is_available()).num_processes > 1:
-        raise FtkitError("ftkit rl runs in one process; launch it without `accelerate launch` / torchrun")
+def _run_dir_state(recipe: Recipe, resume: bool) -> tuple[Path, bool, Path | None]:
+    """(run dir, whether this call creates it, its last checkpoint), refusing to overwrite a run or to resume one
+    with other model/lora/quant/rl sections (its samples and reference would differ)."""
     run_dir = Path(recipe.train.output_dir)
     fresh = not run_dir.exists()
     last_ckpt = rundir.latest_checkpoint(run_dir) if run_dir.exists() else None
@@ -131,6 +117,51 @@ def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callba
         changed = [s for s in ("model", "lora", "quant", "rl") if getattr(previous, s) != getattr(recipe, s)]
         if changed:
             raise FtkitError(f"{run_dir}: --resume with a different {'/'.join(changed)} section than the run was started with")
+    return run_dir, fresh, last_ckpt
+
+
+def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_adapter: bool):
+    """The base (as `ftkit train` loads it: 4-bit, checkpointing) with the trainable adapter — the copied init adapter
+    or a fresh LoRA — and the reference policy."""
+    from transformers import set_seed
+
+    from ftkit.model import attach_lora, load_base
+    from ftkit.rl.likelihood import ReferencePolicy
+
+    model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
+    if int(model.config.canvas_length) != canvas_length:
+        raise FtkitError(f"model canvas_length {model.config.canvas_length} != {canvas_length}")
+    if recipe.train.gradient_checkpointing:
+        from ftkit.checkpointing import set_gradient_checkpointing
+
+        set_gradient_checkpointing(model, True, encoder=recipe.train.checkpoint_encoder)
+        model.enable_input_require_grads()
+    set_seed(recipe.train.seed)  # PEFT draws a fresh lora_A from the global RNG
+    if from_adapter:
+        model = rundir.load_adapter(model, run_dir / REFERENCE_DIR, trainable=True)
+    else:
+        model = attach_lora(model, recipe.lora)
+    if recipe.quant.mode != "4bit":  # a 4-bit base is already on its GPU (and cannot be moved)
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model, ReferencePolicy(model, frozen_adapter=from_adapter)
+
+
+def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
+    from accelerate import PartialState
+
+    from ftkit.layout import layout_example
+    from ftkit.model import load_tokenizer, parameter_groups
+    from ftkit.plots import plot_reward_curve
+    from ftkit.rl.rollout import Rollout
+    from ftkit.rl.trainer import RLTrainer, StepItems, collate_items
+    from ftkit.tasks import make_task
+    from ftkit.train import _print_parameter_groups, _reset_logs, _save_adapter, check_launch, training_arguments
+
+    check_rl_recipe(recipe)
+    check_launch(recipe)
+    if PartialState(cpu=not torch.cuda.is_available()).num_processes > 1:
+        raise FtkitError("ftkit rl runs in one process; launch it without `accelerate launch` / torchrun")
+    run_dir, fresh, last_ckpt = _run_dir_state(recipe, resume)
     # A run that already copied its reference adapter no longer needs the init_from run (it may be gone by now).
     from_adapter = recipe.rl.init_from is not None
     copied = (run_dir / REFERENCE_DIR / rundir.ADAPTER_CONFIG).is_file()
@@ -161,24 +192,8 @@ def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callba
         tokenizer.save_pretrained(run_dir)
         if init_dir is not None:
             _copy_reference(init_dir, run_dir)
-        model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
-        if int(model.config.canvas_length) != canvas_length:
-            raise FtkitError(f"model canvas_length {model.config.canvas_length} != {canvas_length}")
-        if recipe.train.gradient_checkpointing:
-            from ftkit.checkpointing import set_gradient_checkpointing
-
-            set_gradient_checkpointing(model, True, encoder=recipe.train.checkpoint_encoder)
-            model.enable_input_require_grads()
-        set_seed(recipe.train.seed)
-        if from_adapter:
-            model = rundir.load_adapter(model, run_dir / REFERENCE_DIR, trainable=True)
-        else:
-            model = attach_lora(model, recipe.lora)
-        if recipe.quant.mode != "4bit":  # a 4-bit base is already on its GPU (and cannot be moved)
-            model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-        reference = ReferencePolicy(model, frozen_adapter=from_adapter)
-        groups = parameter_groups(model)
-        _print_parameter_groups(groups)
+        model, reference = _policy(recipe, tokenizer, run_dir, canvas_length, from_adapter)
+        _print_parameter_groups(parameter_groups(model))
 
         resumed_step = 0
         if resume and last_ckpt is not None:
@@ -225,7 +240,8 @@ def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callba
         before = json.loads((run_dir / EVAL_BEFORE).read_text())
         comparison = _comparison(recipe, before, after)
         rundir.atomic_write_json(run_dir / RL_EVAL, comparison)
-    summary = _summary(recipe, rows, trainer.totals, elapsed, resumed_step, comparison)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary = _summary(recipe, rows, trainer.totals, elapsed, resumed_step, comparison, trainable)
     rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
     return summary
 
@@ -254,7 +270,7 @@ def _comparison(recipe: Recipe, before: dict[str, Any], after: dict[str, Any]) -
 
 
 def _summary(recipe: Recipe, rows, totals: dict[str, Any], elapsed: float, resumed_step: int,
-             comparison: dict[str, Any] | None) -> dict[str, Any]:
+             comparison: dict[str, Any] | None, trainable: int) -> dict[str, Any]:
     logged = [r for r in rows if "reward" in r]
     first, last = (logged[0], logged[-1]) if logged else ({}, {})
     return {
@@ -269,6 +285,7 @@ def _summary(recipe: Recipe, rows, totals: dict[str, Any], elapsed: float, resum
         "success_end": last.get("success"),
         "kl_end": last.get("kl"),
         "train_seconds": round(elapsed, 2),
+        "trainable_parameters": trainable,
         # This invocation only (a resumed run counts from its checkpoint on).
         "cost": {k: round(v, 2) if isinstance(v, float) else v for k, v in totals.items()},
         "before": comparison["before"] if comparison else None,
