@@ -84,21 +84,21 @@ def rl_rows(run_dir: Path) -> list[dict]:
 
 def test_rl_alone_teaches_the_toy_task(tmp_path):
     """No SFT data: a fresh LoRA on the random-init base. The reward (the default from check(): the fraction of
-    cells holding 7, half, plus all-7, half) starts near 0 and ends near 1 within 40 steps."""
+    cells holding 7, half, plus all-7, half) starts near 0 and ends near 1 within 60 steps."""
     from ftkit.rl.run import rl
 
     out = tmp_path / "toy"
-    summary = rl(toy_recipe(out, train={"max_steps": 40, "save_steps": 40}), progress=False)
+    summary = rl(toy_recipe(out, train={"max_steps": 60, "save_steps": 60}), progress=False)
     rewards = [r["reward"] for r in rl_rows(out)]
-    assert len(rewards) == 40
+    assert len(rewards) == 60
     assert max(rewards[:4]) < 0.1, rewards
-    assert min(rewards[-6:]) > 0.85 and sum(rewards[-6:]) / 6 > 0.9, rewards
+    assert min(rewards[-6:]) > 0.9, rewards
     # From the base, the reference is the base with the adapter disabled: the KL is 0 at the first step with a
     # gradient (steps before it had no group with a reward spread, so nothing moved).
     rows = rl_rows(out)
     first = next(i for i, r in enumerate(rows) if "kl" in r)
     assert rows[first]["kl"] == 0.0 and all(r["grad_norm"] == 0.0 for r in rows[:first])
-    assert summary["reward_end"] > 0.85 and summary["cost"]["rounds"] == 20
+    assert summary["reward_end"] > 0.9 and summary["cost"]["rounds"] == 30
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -142,7 +142,9 @@ class RLTrainer(DiffusionTrainer):
                 old = new.detach() if buf.old[iteration] is None else buf.old[iteration][span]
                 ref = buf.ref[iteration][span] if buf.ref[iteration] is not None else None
                 terms = policy_terms(new, old, advantages, self.rl.clip_eps, self.rl.kl_coef, ref)
-                loss = terms.loss.sum() / len(kept)
+                # Over all N samples of the round, as GRPO averages (a skipped group's advantages are 0): a round
+                # where few groups carry signal moves the policy less, instead of amplifying those few samples.
+                loss = terms.loss.sum() / len(round_.samples)
             self.accelerator.backward(loss)
             total += loss.detach()
             sums["kl"] += float(terms.kl.sum())
