@@ -82,6 +82,7 @@ def rl_rows(run_dir: Path) -> list[dict]:
     return [r for r in rundir.read_jsonl(run_dir / rundir.TRAIN_LOG) if "reward" in r]
 
 
+@pytest.mark.slow  # 60 RL steps: the longest test of the suite (~35 s alone on a busy 2-core machine)
 def test_rl_alone_teaches_the_toy_task(tmp_path):
     """No SFT data: a fresh LoRA on the random-init base. The reward (the default from check(): the fraction of
     cells holding 7, half, plus all-7, half) starts near 0 and ends near 1 within 60 steps."""
