@@ -1,4 +1,4 @@
-"""The `ftkit` command line: train / eval / generate / solve / push / validate / tasks.
+"""The `ftkit` command line: train / rl / eval / generate / solve / push / validate / tasks.
 
 Bad input (an FtkitError) prints one line `error: ...` and exits with code 2; nothing else is caught, so a bug
 still shows its traceback.
@@ -180,6 +180,57 @@ def _print_train_summary(summary: dict, run_dir: str) -> None:
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     out.print(table)
+
+
+@app.command(cls=Command)
+@friendly_errors
+def rl(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Overrides train.output_dir.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Overrides rl.init_from (a finished `ftkit train` run).")] = None,
+) -> None:
+    """Reinforcement learning from the task's verifier (GRPO on the diffusion ELBO); writes the run directory."""
+    from ftkit.recipe import load_recipe
+
+    extra = list(overrides or [])
+    if output_dir is not None:
+        extra.append(f"train.output_dir={output_dir}")
+    if init_from is not None:
+        extra.append(f"rl.init_from={init_from}")
+    resolved = load_recipe(recipe, extra)
+    from ftkit.rl.run import check_rl_recipe
+
+    check_rl_recipe(resolved, where=str(recipe))
+    _quiet_libraries()
+    from ftkit.rl.run import rl as run_rl
+
+    summary = run_rl(resolved, resume=resume, progress=sys.stderr.isatty())
+    _print_rl_summary(summary, resolved.train.output_dir)
+
+
+def _print_rl_summary(summary: dict, run_dir: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"ftkit rl — {run_dir}", show_header=False)
+    for key in ("base_model", "task", "init_from", "steps", "reward_start", "reward_end", "success_start",
+                "success_end", "kl_end", "train_seconds"):
+        value = summary.get(key)
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for key, value in summary.get("cost", {}).items():
+        table.add_row(f"cost: {key}", f"{value:.1f}" if isinstance(value, float) else str(value))
+    out.print(table)
+    before, after = summary.get("before"), summary.get("after")
+    if before and after:
+        held_out = Table(title="held-out split: before RL -> after RL (same sampler, same seeds)")
+        for col in ("metric", "before", "after"):
+            held_out.add_column(col, justify="left" if col == "metric" else "right")
+        for key, value in after.items():
+            if "/" in key or key.startswith("count") or key not in before:
+                continue
+            held_out.add_row(key, f"{before[key]:.4f}", f"{value:.4f}")
+        out.print(held_out)
 
 
 @app.command("eval", cls=Command)

@@ -29,6 +29,7 @@ SECTION_NOTES = {
                      "cosine_with_min_lr`). Keys are checked against TrainingArguments' own fields and types; a field "
                      "that has a recipe key (`learning_rate` is `train.learning_rate`) or that ftkit sets itself "
                      "(`bf16`, `save_strategy`, ...) is an error naming where it goes.",
+    "rl": "`ftkit rl`: GRPO with the task's verifier as reward and the diffusion ELBO as likelihood (docs/rl.md).",
 }
 
 

@@ -1,5 +1,5 @@
 """Plots as PNG (matplotlib, Agg backend: no display needed), written atomically: metric vs denoising steps,
-the training loss curve, and loss vs noise level."""
+the training loss curve, loss vs noise level, and the RL reward curve."""
 
 from __future__ import annotations
 
@@ -101,4 +101,25 @@ def plot_noise_vs_loss(rows: list[dict[str, Any]], path: Path, bins: int = 10) -
         ys = [sums[b] / counts[b] for b in range(bins) if counts[b]]
         ax.plot(xs, ys, marker="o", label=label)
     _finish(fig, ax, path, "noise level t (fraction of canvas corrupted)", "canvas cross-entropy", "loss vs noise level")
+    return True
+
+
+def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> bool:
+    """`ftkit rl`: the rounds' mean reward, constraint fraction and success rate per optimizer step; the KL to the
+    reference on a second axis."""
+    plt = _pyplot()
+    rows = [r for r in rows if "reward" in r]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    steps = [r["step"] for r in rows]
+    marker = "." if len(rows) < 40 else None
+    for key, label in (("reward", "reward"), ("satisfied", "constraints satisfied"), ("success", "success rate")):
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=label, marker=marker)
+    if any("kl" in r for r in rows):
+        kl_ax = ax.twinx()
+        kl_ax.plot(steps, [r.get("kl", float("nan")) for r in rows], color="gray", linestyle="--", label="KL to reference")
+        kl_ax.set_ylabel("KL (k2, per token)")
+        kl_ax.legend(loc="lower right", fontsize="small")
+    _finish(fig, ax, path, "optimizer step", "mean over the round's samples", "ftkit rl: verifier reward")
     return True

@@ -157,6 +157,34 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class RewardWeights:
+    """reward = satisfied * (fraction of the task's constraints the output satisfies) + success * (1 if it
+    satisfies them all: solved / valid / tests pass). Defined per task by `Task.reward` or derived from `check()`."""
+
+    satisfied: float = 0.5
+    success: float = 0.5
+
+
+@dataclass(frozen=True)
+class RLSection:
+    """`ftkit rl`: group-relative policy optimization with the task's verifier as reward (docs/rl.md)."""
+
+    # A finished `ftkit train` run whose adapter RL continues (its model/quant/lora sections must equal this
+    # recipe's); null = a fresh LoRA on model.base.
+    init_from: str | None = None
+    group_size: int = 8  # canvases sampled per prompt; advantages are normalized within each group
+    prompts_per_step: int = 4  # prompts per round of sampling
+    num_iterations: int = 2  # optimizer steps per round of samples (the ratio is taken against the sampling policy)
+    clip_eps: float = 0.2  # the importance ratio is clipped to [1 - clip_eps, 1 + clip_eps]
+    # Weight of the k2 KL penalty to the reference policy, on the per-token likelihood difference (ESPO's beta=0.01
+    # on the sequence-level difference of a 256-token answer is about 2.5 here).
+    kl_coef: float = 1.0
+    elbo_samples: int = 2  # corruption draws averaged per likelihood (ELBO) estimate
+    reward: RewardWeights = field(default_factory=RewardWeights)
+    evaluate: bool = True  # evaluate the held-out split before and after RL (same sampler, same seeds): rl_eval.json
+
+
+@dataclass(frozen=True)
 class HubSection:
     repo: str | None = None
     private: bool = False
@@ -175,6 +203,7 @@ class Recipe:
     # Any other transformers.TrainingArguments field (adam_beta1, lr_scheduler_kwargs, ...), passed through unchanged;
     # checked against TrainingArguments' own fields and types (`_validate_training_args`).
     training_args: dict[str, Any] = field(default_factory=dict)
+    rl: RLSection = field(default_factory=RLSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -306,6 +335,14 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         need(getattr(recipe.eval, key) > 0, f"eval.{key}", "must be > 0")
     need(recipe.eval.max_new_tokens is None or recipe.eval.max_new_tokens > 0, "eval.max_new_tokens",
          "must be > 0 (or null for one canvas)")
+    rl = recipe.rl
+    need(rl.group_size >= 2, "rl.group_size", "must be >= 2 (advantages compare samples within a group)")
+    for key in ("prompts_per_step", "num_iterations", "elbo_samples"):
+        need(getattr(rl, key) > 0, f"rl.{key}", "must be > 0")
+    need(0.0 < rl.clip_eps < 1.0, "rl.clip_eps", "must be in (0, 1)")
+    need(rl.kl_coef >= 0.0, "rl.kl_coef", "must be >= 0")
+    need(rl.reward.satisfied >= 0.0 and rl.reward.success >= 0.0, "rl.reward", "weights must be >= 0")
+    need(rl.reward.satisfied + rl.reward.success > 0.0, "rl.reward", "weights cannot both be 0")
     t = recipe.model.tiny
     need(t.top_k <= t.experts, "model.tiny.top_k", "must be <= model.tiny.experts")
     for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "global_head_dim", "intermediate", "experts",

@@ -349,9 +349,10 @@ def load_run(run_dir: str | Path, adapter: bool = True, checkpoint: str | None =
     return LoadedRun(run_dir, recipe, model, tokenizer, task, int(model.config.canvas_length), adapter_dir)
 
 
-def load_adapter(base, adapter_dir: Path):
+def load_adapter(base, adapter_dir: Path, trainable: bool = False):
     """PeftModel.from_pretrained with a clear error for an adapter made on another base model; on a base with 4-bit
-    experts, PEFT's expert wrappers are bound to the quantized forward (plain ones would refuse to run)."""
+    experts, PEFT's expert wrappers are bound to the quantized forward (plain ones would refuse to run).
+    `trainable`: the adapter's tensors require grad (`ftkit rl` continues training it)."""
     from peft import PeftModel
 
     from ftkit.model import expert_pattern_warning_silenced
@@ -359,7 +360,7 @@ def load_adapter(base, adapter_dir: Path):
 
     try:
         with expert_pattern_warning_silenced():
-            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise FtkitError(

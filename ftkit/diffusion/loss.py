@@ -39,6 +39,8 @@ class LossOutput:
     t: torch.Tensor  # (B,) noise level per example, detached
     per_example: torch.Tensor  # (B,) canvas CE per example, detached: the noise-level vs loss curve
     block: torch.Tensor | None = None  # (B,) the response block each example trained on
+    # (B, L) canvas CE per position with its graph: per-example likelihood (ELBO) estimates are built from it (ftkit rl).
+    token_losses: torch.Tensor | None = None
 
 
 def core_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -160,6 +162,7 @@ def diffusion_loss(
         t=t.detach(),
         per_example=token_losses.detach().mean(dim=1),
         block=block,
+        token_losses=token_losses,
     )
 
 

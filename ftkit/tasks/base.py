@@ -2,10 +2,11 @@
 
 A task turns its data into `Example`s, lays an example out as an encoder prompt plus a canvas made of pieces (each
 piece fixed — the sampler clamps it — or free), checks a model output against the task's constraints, and aggregates
-metrics. It also reads a user's raw input for `ftkit generate` (`example_from_input`) and may bring its own look
-(`view`, see `ftkit.tasks.view`). Everything is text: the tokenizer (the tiny character tokenizer or Gemma's) is
-applied by `ftkit.layout`, so a task never sees token ids. Tasks of other packages register through the entry point
-group `ftkit.tasks`.
+metrics. It also reads a user's raw input for `ftkit generate` (`example_from_input`), may bring its own look
+(`view`, see `ftkit.tasks.view`) and may score an output for reinforcement learning (`reward`, optional: the default
+is derived from `check`). Everything is text: the tokenizer (the tiny character tokenizer or Gemma's) is applied by
+`ftkit.layout`, so a task never sees token ids. Tasks of other packages register through the entry point group
+`ftkit.tasks`.
 """
 
 from __future__ import annotations
@@ -89,6 +90,44 @@ class Task(Protocol):
 
     # Optional (read with getattr): `view`, an object drawing answers and denoising frames (ftkit.tasks.view.TextView
     # is the default; ftkit.tasks.sudoku.SudokuView draws grids).
+
+
+@dataclass(frozen=True)
+class RewardParts:
+    """A verifier's score of one output: what `ftkit rl` turns into a reward (weights in the recipe's `rl.reward`).
+    Neither part may use the ground-truth answer: the reward must come from the task's own verifier."""
+
+    satisfied: float  # fraction of the task's constraints the output satisfies, in [0, 1]
+    success: float  # 1.0 when it satisfies all of them (solved / valid / tests pass), else 0.0
+
+
+@runtime_checkable
+class Rewarding(Protocol):
+    """Optional for a task: a reward finer than the default derived from `check()` (see `reward_parts`)."""
+
+    def reward(self, example: Example, output: str) -> RewardParts: ...
+
+
+def reward_from_violations(violations: list[Violation], length: int) -> RewardParts:
+    """The default reward of any task, from its `check()` alone: success is "no violation"; `satisfied` counts every
+    character position of the output (at least `length` of them) as one constraint and gives the fraction no
+    violation flags. A violation without positions (a global one: unparsable, wrong length) flags everything."""
+    if not violations:
+        return RewardParts(1.0, 1.0)
+    if any(not v.positions for v in violations):
+        return RewardParts(0.0, 0.0)
+    length = max(1, length)
+    flagged = {p for v in violations for p in v.positions if 0 <= p < length}
+    return RewardParts(1.0 - len(flagged) / length, 0.0)
+
+
+def reward_parts(task: Any, example: Example, output: str) -> RewardParts:
+    """`task.reward(example, output)` when the task defines it, else the default from its `check()`; the length
+    counted is that of the output or of the expected canvas, whichever is longer (a truncated output loses)."""
+    if isinstance(task, Rewarding):
+        return task.reward(example, output)
+    expected = len(task.to_prompt_canvas(example).canvas_text)
+    return reward_from_violations(task.check(example, output), max(len(output), expected))
 
 
 def stratified_means(rows: list[tuple[dict[str, float | None], str | None]], strata: list[str]) -> dict[str, float]:

@@ -33,7 +33,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ftkit.errors import FtkitError
-from ftkit.tasks.base import PLACEHOLDER, Example, Piece, PromptCanvas, Violation, register, stratified_means
+from ftkit.tasks.base import (
+    PLACEHOLDER,
+    Example,
+    Piece,
+    PromptCanvas,
+    RewardParts,
+    Violation,
+    register,
+    stratified_means,
+)
 
 HOLE = "<HOLE>"
 HOLE_MARK = re.compile(r"<HOLE(?::(\d+))?>")  # in `ftkit generate` input: where the middle goes, N tokens long
@@ -361,6 +370,16 @@ class CodeInfillTask:
                 start = sum(len(line) for line in lines[:k])
                 return tuple(range(start, start + len(lines[k])))
         return self._middle_span(example, output)
+
+    def reward(self, example: Example, output: str) -> RewardParts:
+        """`satisfied`: the fraction of the staged checks passed (context intact, parses, compiles, and the tests
+        pass where the example has tests); a stage after a failed one counts as failed."""
+        violated = {v.constraint for v in self.check(example, output)}
+        stages = [not violated & {"prefix", "suffix"}, "parse" not in violated,
+                  not violated & {"parse", "compile"}]
+        if example.question["test"] and example.question["entry_point"] and self.options.run_tests:
+            stages.append(not violated & {"parse", "compile", "tests"})
+        return RewardParts(sum(stages) / len(stages), float(not violated))
 
     def metrics(self, examples: list[Example], outputs: list[str]) -> dict[str, float]:
         rows = [(self._one(ex, out), ex.meta.get("lines_bin")) for ex, out in zip(examples, outputs)]

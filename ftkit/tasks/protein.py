@@ -25,12 +25,23 @@ from pathlib import Path
 from typing import Literal
 
 from ftkit.errors import FtkitError
-from ftkit.tasks.base import PLACEHOLDER, Example, Piece, PromptCanvas, Violation, register, stratified_means
+from ftkit.tasks.base import (
+    PLACEHOLDER,
+    Example,
+    Piece,
+    PromptCanvas,
+    RewardParts,
+    Violation,
+    register,
+    stratified_means,
+)
 
 CANONICAL = "ACDEFGHIKLMNPQRSTVWY"
 FASTA_LETTERS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 GAPS = set("-.")
 BUILTIN = "pyhmmer"  # the `source` of examples built from pyhmmer's shipped sequences
+# `reward`: a family HMM bit score at or above this counts fully (about a confident hit for a 24-96 residue window).
+HMM_REWARD_BITS = 20.0
 
 
 @dataclass(frozen=True)
@@ -341,6 +352,28 @@ class ProteinTask:
             positions = tuple(sorted({p for _, span in spans for p in span}))
             out.append(Violation("low_complexity", "; ".join(d for d, _ in spans), positions))
         return out
+
+    def reward(self, example: Example, output: str) -> RewardParts:
+        """`satisfied`: the mean of the per-constraint scores — canonical fraction, length in range (0/1), length as
+        the prompt asks (1 - relative error; the range alone lets RL drift to the longest valid output), fixed
+        residues kept (fraction), residues outside low-complexity spans (fraction) — and, with a `family`, the family
+        HMM's bit score clipped to [0, HMM_REWARD_BITS] and scaled to [0, 1]. `success` is validity (no violation),
+        as in `metrics`."""
+        violations = {v.constraint: v for v in self.check(example, output)}
+        n = max(1, len(output))
+        asked = example.question["length"]
+        n_fixed = sum(len(r) for _, r in example.question["motif"])
+        parts = [
+            sum(ch in CANONICAL for ch in output) / n,
+            float("length" not in violations),
+            max(0.0, 1.0 - abs(len(output) - asked) / asked),
+            1.0 - len(violations["fixed"].positions) / n_fixed if "fixed" in violations else 1.0,
+            1.0 - len(violations["low_complexity"].positions) / n if "low_complexity" in violations else 1.0,
+        ]
+        if self.options.family:
+            bits, _ = hmm_scores(self.options.family, ["".join(ch for ch in output if ch in CANONICAL)])
+            parts.append(min(max(bits[0], 0.0), HMM_REWARD_BITS) / HMM_REWARD_BITS)
+        return RewardParts(sum(parts) / len(parts), float(not violations))
 
     def metrics(self, examples: list[Example], outputs: list[str]) -> dict[str, float]:
         if not examples:

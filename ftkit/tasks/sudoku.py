@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftkit.errors import FtkitError
-from ftkit.tasks.base import PLACEHOLDER, Example, Piece, PromptCanvas, Violation, register, stratified_means
+from ftkit.tasks.base import (
+    PLACEHOLDER,
+    Example,
+    Piece,
+    PromptCanvas,
+    RewardParts,
+    Violation,
+    register,
+    stratified_means,
+)
 from ftkit.tasks.view import CHANGED_FILL, GIVEN_FILL, INK, RULE, UNKNOWN_CELL, VIOLATION_FILL, WHITE, Frame, changed, font
 
 DIGITS = "123456789"
@@ -345,6 +354,15 @@ class SudokuTask:
                 free = tuple(self._cell_offset(i) for i in dup if example.question[i] == "0")
                 out.append(Violation(kind, f"{unit} repeats a digit", free))
         return out
+
+    def reward(self, example: Example, output: str) -> RewardParts:
+        """`satisfied`: the mean over the 27 units of (distinct digits 1-9 in the unit) / 9, with a changed given
+        counting as no digit. It needs no solution, is 1 exactly for a valid grid, and credits every repeat removed
+        (the all-or-nothing unit validity would give a weak model no signal)."""
+        cells = (self._cells(output) + "?" * 81)[:81]
+        cells = "".join(c if q == "0" or c == q else "?" for c, q in zip(cells, example.question))
+        distinct = [len({cells[i] for i in idx} & set(DIGITS)) / 9 for _, idx in UNITS]
+        return RewardParts(sum(distinct) / len(distinct), float(not self.check(example, output)))
 
     def metrics(self, examples: list[Example], outputs: list[str]) -> dict[str, float]:
         rows = [(self._one(ex, out), ex.meta.get("difficulty") or difficulty(ex.meta.get("givens", 0)))

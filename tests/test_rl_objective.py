@@ -1,0 +1,196 @@
+"""The RL objective against hand computations: group advantages, the clipped per-token ratio with the k2 KL term
+and its gradient, sample entropy; then the same loss through a tiny model (coupled ELBO estimates, the gradient as
+the hand-weighted sum of per-sample likelihood gradients) and the reference policy swap."""
+
+import math
+
+import pytest
+import torch
+
+from ftkit.layout import collate, layout_example
+from ftkit.model import attach_lora, build_tiny
+from ftkit.recipe import DiffusionSection, LoraSection, TinySpec
+from ftkit.rl.likelihood import ReferencePolicy, sequence_loss
+from ftkit.rl.objective import STD_EPS, group_advantages, policy_terms, sample_entropy
+from ftkit.tasks.sudoku import SudokuTask
+
+TINY = {"layers": 2, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
+        "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32, "canvas_length": 96}
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.2, 0.4, 0.6, 0.8]])
+    advantages, kept = group_advantages(rewards)
+    assert kept.tolist() == [True, False, True]
+    std1 = math.sqrt(4 * 0.25 / 3)  # Bessel-corrected
+    assert advantages[0].tolist() == pytest.approx([0.5 / (std1 + STD_EPS), -0.5 / (std1 + STD_EPS)] * 1 + [
+        -0.5 / (std1 + STD_EPS), 0.5 / (std1 + STD_EPS)])
+    assert advantages[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # all-equal group: skipped, no signal
+    std3 = math.sqrt((0.09 + 0.01 + 0.01 + 0.09) / 3)
+    assert advantages[2].tolist() == pytest.approx([d / (std3 + STD_EPS) for d in (-0.3, -0.1, 0.1, 0.3)], rel=1e-5)
+
+
+def test_policy_loss_and_gradient_by_hand():
+    # Five samples: unclipped A>0; clipped below with A<0; ratio 1; clipped above with A>0; above the clip with A<0
+    # (the min picks the unclipped term, so the gradient flows).
+    new = torch.tensor([1.0, 2.0, 1.5, 1.0, 1.0], requires_grad=True)
+    old = torch.tensor([1.1, 1.7, 1.5, 1.5, 1.5])
+    ref = torch.tensor([1.0, 1.9, 1.2, 1.0, 0.8])
+    adv = torch.tensor([1.0, -2.0, 0.5, 1.0, -1.0])
+    eps, beta = 0.2, 0.1
+    terms = policy_terms(new, old, adv, eps, beta, ref)
+
+    r = [math.exp(0.1), math.exp(-0.3), 1.0, math.exp(0.5), math.exp(0.5)]
+    kl = [0.0, 0.5 * 0.1**2, 0.5 * 0.3**2, 0.0, 0.5 * 0.2**2]
+    surrogate = [-r[0] * 1.0, -(0.8 * -2.0), -0.5, -1.2, -(r[4] * -1.0)]
+    assert terms.ratio.tolist() == pytest.approx(r, rel=1e-6)
+    assert terms.kl.tolist() == pytest.approx(kl, abs=1e-7)
+    assert terms.clipped.tolist() == [False, True, False, True, False]
+    assert terms.loss.tolist() == pytest.approx([s + beta * k for s, k in zip(surrogate, kl)], rel=1e-6)
+
+    terms.loss.sum().backward()
+    # d/dl_new of -ratio*A is A*ratio where unclipped, 0 where clipped; of beta*(l - l_ref)^2/2 it is beta*(l - l_ref).
+    grad = [r[0] * 1.0, 0.0 + beta * 0.1, 0.5 * 1.0 + beta * 0.3, 0.0, r[4] * -1.0 + beta * 0.2]
+    assert new.grad.tolist() == pytest.approx(grad, rel=1e-6)
+
+
+def test_no_reference_means_no_kl_and_ratio_one_at_the_sampling_policy():
+    new = torch.tensor([0.7, 1.3], requires_grad=True)
+    terms = policy_terms(new, new.detach(), torch.tensor([1.0, -1.0]), 0.2, kl_coef=1.0, loss_ref=None)
+    assert terms.kl.tolist() == [0.0, 0.0] and terms.ratio.tolist() == [1.0, 1.0]
+    terms.loss.sum().backward()
+    assert new.grad.tolist() == [1.0, -1.0]  # plain REINFORCE on the per-token log-likelihood at ratio 1
+
+
+def test_sample_entropy_by_hand():
+    a, b, c, d = 5, 6, 7, 8
+    canvases = torch.tensor([[[a, a, a], [a, a, b], [a, b, c], [a, b, d]]])  # (P=1, G=4, L=3)
+    free = torch.tensor([[True, True, False]])
+    # column 0: one token -> 0; column 1: two tokens twice each -> log 2; column 2 is fixed (left out)
+    assert sample_entropy(canvases, free) == pytest.approx(math.log(2) / 2, rel=1e-6)
+    assert sample_entropy(canvases, torch.tensor([[False, False, True]])) == pytest.approx(math.log(4), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(char_tokenizer):
+    torch.manual_seed(0)
+    model = attach_lora(build_tiny(TinySpec(**TINY), char_tokenizer), LoraSection(r=4, alpha=8, dense_mlp=True))
+    task = SudokuTask()
+    examples = task.build_dataset("test", 3, 0)
+    batch = collate([layout_example(char_tokenizer, task.to_prompt_canvas(e), 96, 256) for e in examples],
+                    char_tokenizer.pad_token_id)
+    # B != 0 so the adapter changes the policy (a fresh adapter is the base exactly).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model, batch
+
+
+def test_sequence_loss_is_the_training_loss_on_free_positions_and_coupled_by_seed(tiny_policy):
+    from ftkit.diffusion.loss import diffusion_loss
+
+    model, batch = tiny_policy
+    cfg = DiffusionSection(self_conditioning_p=0.5, loss_chunk=32)
+    free = ~batch["fixed"][:, 0]  # one block per example
+    with torch.no_grad():
+        first = sequence_loss(model, batch, free, cfg, [11])
+        second = sequence_loss(model, batch, free, cfg, [12])
+        both = sequence_loss(model, batch, free, cfg, [11, 12])
+        tokens = diffusion_loss(model, batch, DiffusionSection(self_conditioning_p=0.5, loss_chunk=32, encoder_loss_weight=0.0),
+                                torch.Generator().manual_seed(11)).token_losses
+    # The draws are the training objective's for that seed (t, corruption, self-conditioning gate), so the current,
+    # sampling and reference policies evaluated with one seed are coupled; the mean runs over free positions only.
+    assert torch.equal(first, (tokens * free).sum(1) / free.sum(1))
+    assert not torch.allclose(first, second)
+    assert torch.allclose(both, (first + second) / 2, rtol=1e-6)
+
+
+def test_rl_gradient_through_the_model_is_the_hand_weighted_likelihood_gradient(tiny_policy):
+    """grad of mean_i loss_i == sum_i c_i grad l_i with c_i = (A_i ratio_i [unclipped] + beta (l_i - l_ref_i)) / N."""
+    model, batch = tiny_policy
+    cfg = DiffusionSection(self_conditioning_p=0.0)
+    free = ~batch["fixed"][:, 0]  # one block per example
+    # Only the last encoder layer's k/v projections feed the decoder's cache: the rest of that layer has no gradient
+    # without the AR co-loss (allow_unused), on both sides of the comparison alike.
+    params = [p for p in model.parameters() if p.requires_grad]
+    new = sequence_loss(model, batch, free, cfg, [5])
+    old = new.detach() + torch.tensor([0.05, -0.5, 0.0])  # ratios e^0.05, e^-0.5 (clipped for A<0), 1
+    ref = new.detach() + torch.tensor([0.1, 0.2, -0.3])
+    adv = torch.tensor([1.5, -1.0, 0.7])
+    beta = 0.3
+    terms = policy_terms(new, old, adv, 0.2, beta, ref)
+    rl_grads = torch.autograd.grad(terms.loss.sum() / 3, params, retain_graph=True, allow_unused=True)
+
+    ratio = [math.exp(0.05), math.exp(-0.5), 1.0]
+    coef = [(1.5 * ratio[0] + beta * -0.1) / 3, (0.0 + beta * -0.2) / 3, (0.7 * ratio[2] + beta * 0.3) / 3]
+    per_sample = [torch.autograd.grad(new[i], params, retain_graph=True, allow_unused=True) for i in range(3)]
+    assert sum(g is not None for g in rl_grads) > len(params) // 2
+    for k, g in enumerate(rl_grads):
+        if g is None:
+            assert all(per_sample[i][k] is None for i in range(3))
+            continue
+        expected = sum(coef[i] * per_sample[i][k] for i in range(3))
+        assert torch.allclose(g, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item()), k
+
+
+def test_reference_policy_swaps_in_the_frozen_adapter_and_back(tiny_policy, char_tokenizer):
+    model, batch = tiny_policy
+    cfg = DiffusionSection(self_conditioning_p=0.0)
+    free = ~batch["fixed"][:, 0]  # one block per example
+    with torch.no_grad():
+        start = sequence_loss(model, batch, free, cfg, [1])
+        frozen = ReferencePolicy(model, frozen_adapter=True)
+        base = ReferencePolicy(model, frozen_adapter=False)
+        params = list(frozen.params)
+        for p in params:
+            p.add_(0.01)  # "training"
+        moved = sequence_loss(model, batch, free, cfg, [1])
+        with frozen.active():
+            assert torch.equal(sequence_loss(model, batch, free, cfg, [1]), start)
+        assert torch.equal(sequence_loss(model, batch, free, cfg, [1]), moved)
+        assert [p for p in model.parameters() if p.requires_grad] == params  # the same Parameter objects
+        with base.active():
+            without = sequence_loss(model, batch, free, cfg, [1])
+        core = model.get_base_model()
+        with model.disable_adapter():
+            assert torch.equal(sequence_loss(core, batch, free, cfg, [1]), without)
+    assert not torch.allclose(without, moved)
+    with torch.no_grad():
+        for p, value in zip(frozen.params, frozen.frozen):
+            p.copy_(value)
+
+
+def test_canonical_canvas_fills_free_positions_after_the_first_eos():
+    from ftkit.rl.rollout import canonical_canvas
+
+    eos = 1
+    canvas = torch.tensor([[5, eos, 6, 7, 8], [5, 6, 7, 8, 9]])
+    free = torch.tensor([[True, True, True, False, True], [True] * 5])
+    assert canonical_canvas(canvas, free, eos).tolist() == [[5, eos, eos, 7, eos], [5, 6, 7, 8, 9]]
+
+
+def test_round_prompts_cover_the_split_once_per_pass_and_are_reproducible(char_tokenizer):
+    from ftkit.recipe import EvalSection, RLSection
+    from ftkit.rl.rollout import Rollout, derived_seed
+
+    examples = list(range(10))
+    rollout = Rollout(None, char_tokenizer, examples, [], RLSection(prompts_per_step=5), EvalSection(), seed=3)
+    first_pass = rollout.prompts_for(0) + rollout.prompts_for(1)
+    assert sorted(first_pass) == examples and first_pass != examples
+    assert rollout.prompts_for(1) == Rollout(None, char_tokenizer, examples, [], RLSection(prompts_per_step=5),
+                                             EvalSection(), seed=3).prompts_for(1)
+    assert sorted(rollout.prompts_for(2) + rollout.prompts_for(3)) == examples
+    assert len({derived_seed(3, "sample", r, i) for r in range(4) for i in range(8)}) == 32
+
+
+def test_canonical_canvas_closes_the_turn_at_the_first_stop():
+    """With a chat template the SFT canvas is text, end-of-turn, EOS fill: a sample that stops with EOS (or with
+    end-of-turn) is written that way, fixed positions untouched."""
+    from ftkit.rl.rollout import canonical_canvas
+
+    eos, eot = 1, 2
+    canvas = torch.tensor([[5, eos, 6, 7, 8], [5, 6, eot, eos, 9], [5, 6, 7, 8, 9]])
+    free = torch.tensor([[True, True, True, False, True], [True] * 5, [True] * 5])
+    out = canonical_canvas(canvas, free, eos, stop_ids=(eot, eos), end_of_turn=eot)
+    assert out.tolist() == [[5, eot, eos, 7, eos], [5, 6, eot, eos, eos], [5, 6, 7, 8, 9]]
