@@ -18,7 +18,6 @@ block after block (`multi_block`). Answers are checked by the recipe's verifier 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -231,21 +230,15 @@ def load_table(source: str, config: str | None, split: str, revision: str | None
 
 def _raise_bad_json_line(path: Path) -> None:
     """When `datasets` cannot read a JSON Lines file, name its first line that is not a JSON object."""
+    from ftkit.jsonl import read_objects
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        first = path.read_text(encoding="utf-8").lstrip()[:1]
     except UnicodeDecodeError:
         raise FtkitError(f"{path}: not a UTF-8 text file") from None
-    if path.suffix.lower() == ".json" and lines and lines[0].lstrip().startswith("["):
+    if path.suffix.lower() == ".json" and first == "[":
         return  # a JSON array file, not JSON Lines
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FtkitError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise FtkitError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    read_objects(path)
 
 
 def _root(e: BaseException) -> BaseException:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ftkit.errors import FtkitError
+from ftkit.jsonl import read_objects
 from ftkit.tasks.base import (
     PLACEHOLDER,
     Example,
@@ -143,20 +144,7 @@ def load_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise FtkitError(f"{path}: data file not found")
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise FtkitError(f"{path}: not a UTF-8 text file") from None
-    for lineno, line in enumerate(lines, start=1):
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FtkitError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise FtkitError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for where, record in read_objects(path):
         unknown = sorted(set(record) - USER_KEYS)
         if unknown:
             raise FtkitError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(USER_KEYS))})")
