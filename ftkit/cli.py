@@ -220,7 +220,7 @@ def _print_rl_summary(summary: dict, run_dir: str) -> None:
 
     table = Table(title=f"ftkit rl — {run_dir}", show_header=False)
     for key in ("base_model", "task", "init_from", "steps", "reward_start", "reward_end", "success_start",
-                "success_end", "kl_end", "train_seconds"):
+                "success_end", "kl_end", "train_seconds", "train_cpu_seconds"):
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     for key, value in summary.get("cost", {}).items():

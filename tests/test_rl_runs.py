@@ -219,6 +219,18 @@ def test_push_leaves_out_an_rl_eval_of_another_adapter(run, tmp_path):
 # What RL refuses, and a chat task with a verifier
 
 
+def test_a_full_parameter_rl_recipe_is_refused(tmp_path):
+    from ftkit.errors import RecipeError
+    from ftkit.recipe import TrainSection
+    from ftkit.rl.run import check_rl_recipe
+
+    if "trainable" not in TrainSection.__dataclass_fields__:
+        pytest.skip("train.trainable comes with full-parameter training (not on this branch yet)")
+    recipe = recipe_from_dict({**toy_recipe(tmp_path / "x").to_dict(), "train": {"trainable": "full"}})
+    with pytest.raises(RecipeError, match=r"r.yaml: `train.trainable`=full: ftkit rl trains a LoRA adapter only"):
+        check_rl_recipe(recipe, where="r.yaml")
+
+
 def chat_recipe(out: Path, data: Path, **rl):
     tiny = {"layers": 1, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
             "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32, "canvas_length": 24}

@@ -55,6 +55,11 @@ def check_rl_recipe(recipe: Recipe, where: str = "<recipe>") -> None:
             f"{where}: `train.grad_accum` must be 1 for ftkit rl: one optimizer step already covers the whole round, "
             "in micro-batches of `train.batch_size` canvases"
         )
+    if getattr(train, "trainable", "lora") != "lora":  # the key comes with full-parameter training
+        raise RecipeError(
+            f"{where}: `train.trainable`={train.trainable}: ftkit rl trains a LoRA adapter only (its reference policy "
+            "is the adapter frozen, or the base with the adapter off); set train.trainable=lora"
+        )
     if recipe.lora.dropout != 0.0:
         raise RecipeError(
             f"{where}: `lora.dropout` must be 0 for ftkit rl: the importance ratio compares the policy with the one "
@@ -247,8 +252,8 @@ def _rl(recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bo
     threads = apply_threads(recipe.train.cpu_threads)  # before any work: the load average must not count ours
     stderr_note(threads.describe())
     from_adapter = recipe.rl.init_from is not None
-    task = make_task(recipe.task.name, recipe.task.options)
     try:
+        task = make_task(recipe.task.name, recipe.task.options)
         # A fresh start copies the init_from run's adapter; a resumed run has its copy (init_from may be gone).
         init_dir = init_adapter(recipe) if start.checkpoint is None else None
         if start.checkpoint is not None and from_adapter:
