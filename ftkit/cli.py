@@ -155,7 +155,7 @@ def train(
 
 
 def _interrupted_line(run_dir: Path, save_steps: int) -> str:
-    """Where a Ctrl-C'd training run stands and the exact command that continues it."""
+    """Where a Ctrl-C'd training run (`ftkit train` or `ftkit rl`) stands and the exact command that continues it."""
     import shlex
 
     from ftkit import rundir
@@ -206,7 +206,12 @@ def rl(
     _quiet_libraries()
     from ftkit.rl.run import rl as run_rl
 
-    summary = run_rl(resolved, resume=resume, progress=sys.stderr.isatty())
+    try:
+        summary = run_rl(resolved, resume=resume, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        console.print(_interrupted_line(Path(resolved.train.output_dir), resolved.train.save_steps), highlight=False,
+                      soft_wrap=True, markup=False)
+        raise typer.Exit(130) from None
     _print_rl_summary(summary, resolved.train.output_dir)
 
 
@@ -215,7 +220,7 @@ def _print_rl_summary(summary: dict, run_dir: str) -> None:
 
     table = Table(title=f"ftkit rl — {run_dir}", show_header=False)
     for key in ("base_model", "task", "init_from", "steps", "reward_start", "reward_end", "success_start",
-                "success_end", "kl_end", "train_seconds"):
+                "success_end", "kl_end", "train_seconds", "train_cpu_seconds"):
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     for key, value in summary.get("cost", {}).items():

@@ -9,6 +9,11 @@ Only the run's canonical result is published: `eval.json`, the recipe's own eval
 `allow_no_eval`; other result files (`eval_train_n2.json`, `eval_base.json`...) are never uploaded or cited.
 The model card is built with huggingface_hub's `ModelCard` / `ModelCardData`: `base_model` + `library_name: peft`
 make the Hub list it as an adapter of the base model, and the canonical metrics go into `model-index`.
+
+An `ftkit rl` run (summary.json `"stage": "rl"`) gets the card of an RL stage: where it started (`rl.init_from`),
+the RL settings, the training reward, and its held-out before/after (`rl_eval.json`, uploaded with `reward.png`)
+when that file evaluated the adapter the run holds. Its canonical eval.json comes from `ftkit eval RUN`, as for any
+run.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ PLACEHOLDER_REPO = "YOUR_USER/YOUR_REPO"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 EVAL_FILE = "eval.json"  # the canonical result (ftkit.evaluate.CANONICAL)
-RUN_FILES = (rundir.RECIPE_FILE, rundir.SUMMARY, "loss.png")  # copied when present
+RUN_FILES = (rundir.RECIPE_FILE, rundir.SUMMARY, "loss.png", "reward.png")  # copied when present
+RL_EVAL_FILE = "rl_eval.json"  # an RL run's before/after (ftkit.rl.run.RL_EVAL)
 CARD_TAGS = ("diffusion-gemma", "block-diffusion", "ftkit")
 NO_TOKEN_HELP = "no Hugging Face token found: run `hf auth login` or set HF_TOKEN"
 
@@ -47,6 +53,8 @@ class PushPlan:
     # title, warning and loading code.
     full_model: bool = False
     notes: tuple[str, ...] = ()  # what the push left out, for the user
+    # An RL run's rl_eval.json (held-out before/after RL), when it evaluated the adapter the run holds.
+    rl_comparison: dict[str, Any] | None = None
 
 
 @holds_run_lock("push")
@@ -108,8 +116,27 @@ def plan_push(run_dir: Path, repo: str | None = None, private: bool | None = Non
     if recipe.is_tiny and not (run_dir / "base" / "config.json").is_file():
         raise FtkitError(f"{run_dir}: a tiny-preset run must hold its base weights in base/; train first")
     evaluation, notes = _canonical_eval(run_dir, recipe, allow_no_eval)
+    rl_comparison, rl_notes = _rl_comparison(run_dir)
     return PushPlan(run_dir, recipe, repo, recipe.hub.private if private is None else private, evaluation,
-                    notes=tuple(notes))
+                    notes=tuple(notes + rl_notes), rl_comparison=rl_comparison)
+
+
+def is_rl_run(summary: dict[str, Any]) -> bool:
+    return summary.get("stage") == "rl"
+
+
+def _rl_comparison(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """An RL run's rl_eval.json, if it evaluated the adapter the run holds now (else left out, with a note)."""
+    from ftkit.evaluate import file_sha256
+
+    path = run_dir / RL_EVAL_FILE
+    if not is_rl_run(_read_json(run_dir / rundir.SUMMARY)) or not path.is_file():
+        return None, []
+    comparison = _read_json(path)
+    made_with = comparison.get("adapter_sha256")
+    if made_with is not None and made_with != file_sha256(run_dir / rundir.ADAPTER_WEIGHTS):
+        return None, [f"{RL_EVAL_FILE} left out: it evaluated another {rundir.ADAPTER_WEIGHTS} than the run holds now"]
+    return comparison, []
 
 
 def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[str, Any] | None, list[str]]:
@@ -143,6 +170,8 @@ def upload_file_names(plan: PushPlan) -> list[str]:
     names += [n for n in RUN_FILES if (run_dir / n).is_file()]
     if plan.evaluation is not None:
         names.append(EVAL_FILE)
+    if plan.rl_comparison is not None:
+        names.append(RL_EVAL_FILE)
     if plan.recipe.is_tiny:
         # The random-init base is part of the model: without it the adapter cannot be loaded by anyone.
         names += sorted(f"base/{p.name}" for p in (run_dir / "base").iterdir() if p.is_file())
@@ -253,13 +282,16 @@ def model_card(plan: PushPlan) -> str:
         lines += [f"- **LoRA:** r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}",
                   *[f"  - {t}" for t in lora_target_lines(recipe.lora)], ""]
 
-    lines += ["## Training", "", *_training_lines(summary, recipe), ""]
+    if is_rl_run(summary):
+        lines += ["## Training", "", *_rl_training_lines(summary, recipe, plan.rl_comparison), ""]
+    else:
+        lines += ["## Training", "", *_training_lines(summary, recipe), ""]
     lines += ["## Evaluation", "", *_eval_lines(plan.evaluation or {}), ""]
     lines += ["## How to load", "", "```python", *_load_snippet(recipe, repo, plan.full_model), "```", ""]
     if not plan.full_model:
         lines += ["Keep the adapter separate from the base model (see the warning above); "
                   "`recipe.yaml` holds the full training recipe.", ""]
-    lines += ["Trained with ftkit (`ftkit train recipe.yaml`).", ""]
+    lines += [f"Trained with ftkit (`ftkit {'rl' if is_rl_run(summary) else 'train'} recipe.yaml`).", ""]
     card = ModelCard(f"---\n{card_metadata(plan).to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)
 
@@ -318,6 +350,43 @@ def _training_lines(summary: dict[str, Any], recipe) -> list[str]:
     ]
     out = ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
     out += ["", "![training loss](loss.png)"]
+    return out
+
+
+def _rl_training_lines(summary: dict[str, Any], recipe, comparison: dict[str, Any] | None) -> list[str]:
+    """An RL stage: where it started, its settings, the training reward, and the held-out before/after."""
+    rl, t = recipe.rl, recipe.train
+    start = (f"the adapter of the `ftkit train` run `{Path(rl.init_from).name}` (also the KL reference)"
+             if rl.init_from else "the base model (a fresh LoRA; the base is the KL reference)")
+    rounds = t.max_steps // rl.num_iterations
+    rows = [
+        ("stage", "reinforcement learning (`ftkit rl`: GRPO, the task's verifier as reward)"),
+        ("started from", start),
+        ("steps", f"{_fmt_number(summary.get('steps', t.max_steps))} ({rounds} rounds of {rl.prompts_per_step} "
+                  f"prompts × {rl.group_size} samples, {rl.num_iterations} steps per round)"),
+        ("reward", f"{rl.reward.satisfied:g} × constraints satisfied + {rl.reward.success:g} × success"),
+        ("learning rate", f"{t.learning_rate:g} ({t.lr_scheduler})"),
+        ("KL coefficient / clip ε / ELBO draws", f"{rl.kl_coef:g} / {rl.clip_eps:g} / {rl.elbo_samples}"),
+        ("training reward (start → end)",
+         f"{_fmt_number(summary.get('reward_start'))} → {_fmt_number(summary.get('reward_end'))}"),
+        ("training success rate (start → end)",
+         f"{_fmt_number(summary.get('success_start'))} → {_fmt_number(summary.get('success_end'))}"),
+        ("KL to the reference (end)", _fmt_number(summary.get("kl_end"))),
+        ("trainable parameters", _fmt_number(summary.get("trainable_parameters"))),
+        ("training time (s)", _fmt_number(summary.get("train_seconds"))),
+        ("device", _fmt_number(summary.get("device"))),
+    ]
+    out = ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "", "![reward per step](reward.png)"]
+    if comparison and isinstance(comparison.get("before"), dict) and isinstance(comparison.get("after"), dict):
+        before, after = comparison["before"], comparison["after"]
+        out += ["", f"Held-out `{comparison.get('split', 'test')}` split, {comparison.get('num_examples', '?')} "
+                    "examples, before and after RL with the same sampler settings and seeds "
+                    f"(`{RL_EVAL_FILE}`):", "", "| metric | before RL | after RL |", "|---|---:|---:|"]
+        for key, value in after.items():
+            if "/" in key or key.startswith("count") or not isinstance(value, (int, float)) \
+                    or not isinstance(before.get(key), (int, float)):
+                continue
+            out.append(f"| {key} | {100 * before[key]:.1f}% | {100 * value:.1f}% |")
     return out
 
 

@@ -211,11 +211,12 @@ def kept_results(run_dir: Path) -> list[str]:
     return names
 
 
-def clear_attempt(run_dir: Path) -> list[str]:
-    """Remove what an attempt that saved nothing worth keeping left behind (only files train writes; anything else
-    in the directory, damaged checkpoints included, stays). Returns the names removed."""
+def clear_attempt(run_dir: Path, also: tuple[str, ...] = ()) -> list[str]:
+    """Remove what an attempt that saved nothing worth keeping left behind (only files train writes, and the names
+    in `also` that another command writes, e.g. `ftkit rl`; anything else in the directory, damaged checkpoints
+    included, stays). Returns the names removed."""
     removed = []
-    for name in ATTEMPT_FILES:
+    for name in (*ATTEMPT_FILES, *also):
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -20,6 +19,8 @@ from ftkit.layout import Layout, collate
 from ftkit.recipe import Recipe
 from ftkit.threads import machine_description
 from ftkit.runlock import RunLock
+from ftkit.runstart import (Start, copy_adapter, plan_start, print_parameter_groups, reset_logs, save_adapter,
+                            stderr_note)
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,6 @@ def check_launch(recipe: Recipe) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Start:
-    """Where a `train` call starts, as decided by the main process."""
-
-    checkpoint: str | None = None  # the checkpoint to resume from
-    step: int = 0  # its global step
-    done: bool = False  # the checkpoint is at max_steps: nothing to train, only the final files to write
-    complete_summary: dict[str, Any] | None = None  # the run had finished: its summary, nothing to do at all
-
-
 def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
     check_launch(recipe)
     # Under `accelerate launch` every process runs this function; the main process holds the run's lock, decides
@@ -113,7 +104,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
     fresh = not run_dir.exists()
     lock = RunLock(run_dir, "train", processes=dist.num_processes)
     try:
-        start = _main_decides(dist, lambda: _plan_start(lock, run_dir, recipe, resume))
+        start = _main_decides(dist, lambda: plan_start(lock, run_dir, recipe, resume))
         if start.complete_summary is not None:
             _teardown(dist)
             return start.complete_summary
@@ -146,51 +137,6 @@ def _main_decides(dist: PartialState, decide):
     return value
 
 
-def _plan_start(lock: RunLock, run_dir: Path, recipe: Recipe, resume: bool) -> Start:
-    """Take the lock, then decide from what the run directory holds: a fresh start (clearing what an attempt that
-    saved nothing left), a resume from the newest intact checkpoint, or nothing to do. Nothing is replaced that a
-    user might want to keep (checkpoints, the final adapter, summary, evaluations), and a directory ftkit did not
-    make is not written into."""
-    foreign = rundir.foreign_entries(run_dir)
-    if foreign:
-        raise FtkitError(f"{run_dir}: exists and is not an ftkit run directory (it holds {', '.join(foreign[:3])}"
-                         f"{', ...' if len(foreign) > 3 else ''}); choose another train.output_dir (a new or empty one)")
-    lock.acquire()
-    ckpt = rundir.newest_intact_checkpoint(run_dir) if resume else None
-    if ckpt is None:
-        kept = rundir.kept_results(run_dir)
-        if kept and not resume:
-            raise FtkitError(f"{run_dir}: already holds a run ({', '.join(kept[:3])}); pass --resume to continue it "
-                             "or choose another train.output_dir")
-        if kept:
-            raise FtkitError(f"{run_dir}: --resume: no intact checkpoint to continue from, and the run holds results "
-                             f"a new run would replace ({', '.join(kept[:3])}); choose another train.output_dir")
-        if rundir.clear_attempt(run_dir):
-            rundir.say(f"{run_dir}: an earlier attempt saved no checkpoint; starting over")
-        elif resume:
-            rundir.say(f"{run_dir}: --resume: no checkpoint yet; starting from scratch")
-        return Start()
-
-    if (run_dir / rundir.RECIPE_FILE).exists():
-        previous = rundir.load_run_recipe(run_dir)
-        if previous.model != recipe.model or previous.lora != recipe.lora or previous.quant != recipe.quant:
-            raise FtkitError(f"{run_dir}: --resume with a different model/lora/quant section than the run was started with")
-    rundir.check_run_inputs(run_dir, recipe)
-    step, max_steps = rundir.checkpoint_step(ckpt), recipe.train.max_steps
-    if step > max_steps:
-        raise FtkitError(f"{ckpt}: step {step} is past train.max_steps={max_steps}; raise train.max_steps to "
-                         "continue the run")
-    if step == max_steps:
-        summary = run_dir / rundir.SUMMARY
-        if summary.is_file() and rundir.final_adapter_problem(run_dir) is None:
-            rundir.say(f"{run_dir}: the run is complete (step {step} of {max_steps}); nothing to resume")
-            return Start(str(ckpt), step, done=True, complete_summary=json.loads(summary.read_text()))
-        rundir.say(f"resuming from {ckpt.name}: training is done; writing the final adapter")
-        return Start(str(ckpt), step, done=True)
-    rundir.say(f"resuming from {ckpt.name} (step {step} of {max_steps})")
-    return Start(str(ckpt), step)
-
-
 def _teardown(dist: PartialState) -> None:
     """The other processes wait for the main one's files, then every process tears the process group down itself:
     a process that exits with gloo's threads still running aborts ("terminate called without an active
@@ -213,7 +159,7 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
 
     threads = apply_threads(recipe.train.cpu_threads)  # before any work: the load average must not count ours
     if dist.is_main_process:
-        _stderr(threads.describe())
+        stderr_note(threads.describe())
     task = make_task(recipe.task.name, recipe.task.options)
     try:
         # Data and tokenizer problems surface before the run directory holds anything; anything failing later
@@ -248,11 +194,11 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
         model = attach_lora(model, recipe.lora)
         groups = parameter_groups(model)
         if dist.is_main_process:
-            _print_parameter_groups(groups)
+            print_parameter_groups(groups)
 
         noise_log = run_dir / rundir.NOISE_LOG
         if dist.is_main_process:
-            _reset_logs(run_dir, start.step)
+            reset_logs(run_dir, start.step)
 
         callbacks = [JsonlLogCallback(run_dir / rundir.TRAIN_LOG), *(extra_callbacks or [])]
         if progress:
@@ -287,9 +233,9 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
     try:
         if trainer.is_world_process_zero():
             if start.done:
-                _copy_adapter(Path(start.checkpoint), run_dir)
+                copy_adapter(Path(start.checkpoint), run_dir)
             else:
-                _save_adapter(model, run_dir)
+                save_adapter(model, run_dir)
             summary = _summary(recipe, run_dir, groups, canvas_length, result, elapsed, start.step, len(train_data))
             rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
             plot_loss_curve(rundir.read_jsonl(run_dir / rundir.TRAIN_LOG), run_dir / "loss.png")
@@ -297,56 +243,6 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
     finally:
         _teardown(dist)
     return summary
-
-
-def _stderr(text: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(text, highlight=False, style="dim")
-
-
-def _print_parameter_groups(groups) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="parameters by group", title_justify="left")
-    for col in ("group", "trainable", "total"):
-        table.add_column(col, justify="left" if col == "group" else "right")
-    for g in groups:
-        table.add_row(g.name, f"{g.trainable:,}", f"{g.total:,}")
-    table.add_row("all", f"{sum(g.trainable for g in groups):,}", f"{sum(g.total for g in groups):,}", style="bold")
-    Console(stderr=True).print(table)
-
-
-def _reset_logs(run_dir: Path, resumed_step: int) -> None:
-    """A fresh run starts with empty logs; a resumed one keeps what was logged up to its checkpoint. A log row's
-    step counts finished optimizer steps; a noise row's step is the one being computed (one less)."""
-    for name, keep in ((rundir.TRAIN_LOG, lambda step: step <= resumed_step),
-                       (rundir.NOISE_LOG, lambda step: step < resumed_step)):
-        path = run_dir / name
-        if resumed_step == 0:
-            path.unlink(missing_ok=True)
-        elif path.exists():
-            kept = [r for r in rundir.read_jsonl(path) if keep(r.get("step", 0))]
-            rundir.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _copy_adapter(ckpt: Path, run_dir: Path) -> None:
-    """The final adapter from a checkpoint (the Trainer saved it with the same save_pretrained), each file atomic."""
-    for name in (rundir.ADAPTER_WEIGHTS, rundir.ADAPTER_CONFIG, "README.md"):
-        if (ckpt / name).exists():
-            rundir.atomic_write(run_dir / name, lambda tmp, src=ckpt / name: shutil.copyfile(src, tmp))
-
-
-def _save_adapter(model, run_dir: Path) -> None:
-    """save_pretrained into a staging dir, then move the two adapter files into place one by one (each atomic)."""
-    staging = run_dir / ".staging-adapter"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    for name in (rundir.ADAPTER_WEIGHTS, rundir.ADAPTER_CONFIG, "README.md"):
-        if (staging / name).exists():
-            (staging / name).replace(run_dir / name)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_step, train_examples) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from ftkit.tasks import base as task_base
 from ftkit.tasks.base import Example, Piece, PromptCanvas, RewardParts, Violation, reward_parts
 
 CELLS = 4
+DIGITS = "0123456789"
 TOY_TINY = {"layers": 1, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
             "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32,
             "canvas_length": CELLS + 1}  # the cells, then the end-of-turn token
@@ -44,7 +45,8 @@ class SevensTask:
         return [Example(id=f"{split}-{i}", question=i, answer="7" * self.options.cells) for i in range(size)]
 
     def to_prompt_canvas(self, example):
-        return PromptCanvas(prompt=f"sevens {example.question}", pieces=(Piece(example.answer, False),))
+        # Each cell holds a digit (the token masks enforce it, as Sudoku's do); which digit is RL's to learn.
+        return PromptCanvas(prompt=f"sevens {example.question}", pieces=(Piece(example.answer, False, DIGITS),))
 
     def check(self, example, output):
         n = self.options.cells
@@ -83,24 +85,28 @@ def rl_rows(run_dir: Path) -> list[dict]:
     return [r for r in rundir.read_jsonl(run_dir / rundir.TRAIN_LOG) if "reward" in r]
 
 
-@pytest.mark.slow  # 60 RL steps: the longest test of the suite (~35 s alone on a busy 2-core machine)
+@pytest.mark.slow  # 40 RL steps (~8 s alone on an idle 2-core machine, several times that under load)
 def test_rl_alone_teaches_the_toy_task(tmp_path):
     """No SFT data: a fresh LoRA on the random-init base. The reward (the default from check(): the fraction of
-    cells holding 7, half, plus all-7, half) starts near 0 and ends near 1 within 60 steps."""
+    cells holding 7, half, plus all-7, half) starts near 0 and ends near 1 within 40 steps.
+
+    The cells are digits (token masks, as on Sudoku); which digit is left to RL. With any text token allowed, the
+    random-init policy of the chat-format canvas wrote a 7 in about 1 of 1,000 cells, so the run waited 20-60 steps
+    for a first group with a reward spread, by luck, before anything moved."""
     from ftkit.rl.run import rl
 
     out = tmp_path / "toy"
-    summary = rl(toy_recipe(out, train={"max_steps": 60, "save_steps": 60}), progress=False)
-    rewards = [r["reward"] for r in rl_rows(out)]
-    assert len(rewards) == 60
-    assert max(rewards[:4]) < 0.1, rewards
-    assert min(rewards[-6:]) > 0.9, rewards
+    summary = rl(toy_recipe(out, train={"max_steps": 40, "save_steps": 40}), progress=False)
+    rows = rl_rows(out)
+    rewards = [r["reward"] for r in rows]
+    assert len(rewards) == 40
+    assert rewards[0] < 0.1 and rows[0]["success"] == 0.0, rewards  # round 0: the starting policy's samples
+    assert sum(rewards[-10:]) / 10 > 0.9 and rows[-1]["success"] > 0.9, rewards
     # From the base, the reference is the base with the adapter disabled: the KL is 0 at the first step with a
     # gradient (steps before it had no group with a reward spread, so nothing moved).
-    rows = rl_rows(out)
     first = next(i for i, r in enumerate(rows) if "kl" in r)
     assert rows[first]["kl"] == 0.0 and all(r["grad_norm"] == 0.0 for r in rows[:first])
-    assert summary["reward_end"] > 0.9 and summary["cost"]["rounds"] == 30
+    assert summary["reward_end"] > 0.9 and summary["cost"]["rounds"] == 20
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ def test_existing_run_needs_resume_and_resume_keeps_the_rl_section(rl_run, sft_r
     from ftkit.rl.run import rl
 
     out, _ = rl_run
-    with pytest.raises(FtkitError, match="already holds a run; pass --resume"):
+    with pytest.raises(FtkitError, match=r"already holds a run \(.*\); pass --resume"):
         rl(toy_recipe(out, init_from=sft_run, rl={"evaluate": True, "elbo_samples": 2}), progress=False)
     with pytest.raises(FtkitError, match="different rl section"):
         rl(toy_recipe(out, init_from=sft_run, rl={"evaluate": True, "elbo_samples": 3}), resume=True, progress=False)

@@ -194,3 +194,20 @@ def test_canonical_canvas_closes_the_turn_at_the_first_stop():
     free = torch.tensor([[True, True, True, False, True], [True] * 5, [True] * 5])
     out = canonical_canvas(canvas, free, eos, stop_ids=(eot, eos), end_of_turn=eot)
     assert out.tolist() == [[5, eot, eos, 7, eos], [5, 6, eot, eos, eos], [5, 6, 7, 8, 9]]
+
+
+def test_the_likelihood_counts_the_positions_the_policy_chose(char_tokenizer):
+    """Clamped positions and, under token masks, the end-of-turn and fill positions past a one-block layout's
+    pieces (only a stop token may go there) are no choice of the policy; with masks off every free position is."""
+    from ftkit.layout import stop_token_ids
+    from ftkit.rl.rollout import chosen_positions
+    from ftkit.tasks.base import Piece, PromptCanvas
+
+    pc = PromptCanvas(prompt="p", pieces=(Piece("12", True), Piece("345", False, "0123456789"), Piece("6", True),
+                                          Piece("78", False)))
+    lay = layout_example(char_tokenizer, pc, 12, 64)  # 8 answer tokens, end of turn, 3 fill
+    stops = stop_token_ids(char_tokenizer)
+    assert chosen_positions(lay, stops, token_masks=True) == [False, False, True, True, True, False, True, True,
+                                                              False, False, False, False]
+    assert chosen_positions(lay, stops, token_masks=False) == [False, False, True, True, True, False, True, True,
+                                                               True, True, True, True]

@@ -248,3 +248,36 @@ def test_the_quickstart_protein_inputs_fit_the_tiny_recipe():
     assert len(inputs) >= 2
     for text in inputs:
         task.example_from_input(text)
+
+
+NOVELTY_SCRIPT = """
+import random
+from ftkit.tasks import make_task
+from ftkit.tasks.protein import CANONICAL, IdentityIndex
+task = make_task("protein", {"mode": "scaffold"})
+examples = task.build_dataset("test", 12, 0)
+rng = random.Random(0)
+# Ground truth with a few residues changed: near many training windows at once, where the prefilter's ties decide.
+outputs = ["".join(rng.choice(CANONICAL) if rng.random() < 0.3 else ch for ch in ex.answer) for ex in examples]
+references = ["".join(rng.choice("ACDE") for _ in range(12)) for _ in range(200)]
+queries = ["".join(rng.choice("ACDE") for _ in range(12)) for _ in range(50)]
+index = IdentityIndex(references, candidates=3)
+print(repr(task.metrics(examples, outputs)["novelty"]), repr([index.max_identity(q) for q in queries]))
+"""
+
+
+def test_novelty_does_not_depend_on_the_string_hash_seed():
+    """The k-mer prefilter keeps the top candidates by shared k-mers; ties must not be broken in set order (which
+    PYTHONHASHSEED changes from process to process), or `novelty` differs between two evaluations of one output."""
+    import os
+    import subprocess
+    import sys
+
+    results = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", NOVELTY_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.add(done.stdout.strip())
+    assert len(results) == 1, results

@@ -2,7 +2,8 @@
 
 The proxy is the training objective itself (`ftkit.diffusion.loss.diffusion_loss`: uniform-token corruption at
 t ~ U(eps, 1), self-conditioning gate, flat cross-entropy) on a sampled canvas as the clean target, averaged over the
-free (not clamped) positions and over `len(seeds)` corruption draws; the encoder's AR co-loss is left out (it scores
+positions the policy chose (not clamped, not forced to a stop by the token masks: `rollout.chosen_positions`) and
+over `len(seeds)` corruption draws; the encoder's AR co-loss is left out (it scores
 the prompt, not the action). A draw is fully determined by its seed: the current, the sampling and the reference
 policy evaluated with the same seeds see the same t, the same corrupted tokens and the same self-conditioning gate
 (coupled estimates; independent draws would give the ratio a variance that swamps the signal).

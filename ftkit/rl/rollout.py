@@ -47,6 +47,7 @@ class Round:
     success: torch.Tensor  # (N,) 0/1
     advantages: torch.Tensor  # (N,)
     kept: torch.Tensor  # (N,) bool: the sample's group has a reward spread (others are skipped)
+    chosen: torch.Tensor  # (N, L) bool: the positions the likelihood counts (`chosen_positions`)
     group_size: int
     entropy: float  # sample_entropy of the round
     decoder_calls: int  # batched decoder forward calls the sampler made
@@ -66,6 +67,23 @@ class Round:
             "skipped_groups": float((~self.kept.view(-1, self.group_size)[:, 0]).float().mean()),
             "sample_entropy": self.entropy,
         }
+
+
+def chosen_positions(layout: Layout, stops, token_masks: bool) -> list[bool]:
+    """Per canvas position of a one-block layout: whether the sampled token there is the policy's choice. Not a
+    clamped position, and not one whose token rule admits only stop tokens (past a one-block layout's pieces,
+    under `eval.token_masks`): every sample ends there, the masked policy gives that token probability 1 whatever
+    its weights, and counting it in the per-token likelihood would only dilute the ratio and the gradient (a
+    protein canvas is about half such fill)."""
+    _, fixed = layout.block(0)
+    rules = layout.block_rules(0) if token_masks else []
+    stop_set = frozenset(stops)
+    chosen = []
+    for p, clamped in enumerate(fixed):
+        rule = rules[p] if p < len(rules) else None
+        forced = rule is not None and not rule.exclude and rule.ids <= stop_set
+        chosen.append(not clamped and not forced)
+    return chosen
 
 
 def canonical_canvas(canvas: torch.Tensor, free: torch.Tensor, eos_id: int, stop_ids=None,
@@ -147,6 +165,8 @@ class Rollout:
         rewards = self.rl.reward.satisfied * satisfied + self.rl.reward.success * success
         advantages, kept_groups = group_advantages(rewards.view(-1, group))
         samples = [_sample_layout(lay, row, set(stops)) for lay, row in zip(layouts, canvas.tolist())]
+        chosen = torch.tensor([chosen_positions(lay, stops, self.sampler_cfg.token_masks) for lay in layouts],
+                              dtype=torch.bool)
         return Round(
             index=index,
             prompts=prompts,
@@ -157,8 +177,9 @@ class Rollout:
             success=success,
             advantages=advantages.flatten(),
             kept=kept_groups.repeat_interleave(group),
+            chosen=chosen,
             group_size=group,
-            entropy=sample_entropy(canvas.view(-1, group, canvas.shape[1]), ~fixed.view(-1, group, fixed.shape[1])[:, 0]),
+            entropy=sample_entropy(canvas.view(-1, group, canvas.shape[1]), chosen.view(-1, group, chosen.shape[1])[:, 0]),
             decoder_calls=calls,
             seconds=time.perf_counter() - started,
         )

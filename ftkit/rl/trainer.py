@@ -78,7 +78,7 @@ class RLTrainer(DiffusionTrainer):
     def _batch(self, round_: Round, indices: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         device = self.args.device
         batch = {k: v.to(device) for k, v in collate([round_.samples[i] for i in indices], self.pad_id).items()}
-        return batch, ~batch["fixed"][:, 0]  # a sample is one block
+        return batch, round_.chosen[indices].to(device)  # a sample is one block
 
     def _seeds(self, round_index: int, iteration: int, micro: int) -> list[int]:
         return [derived_seed(self.args.seed, "elbo", round_index, iteration, micro, m)
@@ -88,9 +88,9 @@ class RLTrainer(DiffusionTrainer):
         """(kept,) per-token ELBO losses of the kept samples under iteration `iteration`'s draws (no grad)."""
         parts = []
         for k, indices in enumerate(self._micro_batches(round_.kept_indices)):
-            batch, free = self._batch(round_, indices)
+            batch, chosen = self._batch(round_, indices)
             with self.accelerator.autocast():
-                parts.append(sequence_loss(model, batch, free, self.diffusion, self._seeds(round_.index, iteration, k)))
+                parts.append(sequence_loss(model, batch, chosen, self.diffusion, self._seeds(round_.index, iteration, k)))
             self.totals["likelihood_forwards"] += len(indices) * self.rl.elbo_samples
         return torch.cat(parts) if parts else torch.zeros(0, device=self.args.device)
 
@@ -133,12 +133,12 @@ class RLTrainer(DiffusionTrainer):
         sums = {"kl": 0.0, "clip_fraction": 0.0, "ratio": 0.0, "elbo_loss": 0.0}
         offset = 0
         for k, indices in enumerate(self._micro_batches(kept)):
-            batch, free = self._batch(round_, indices)
+            batch, chosen = self._batch(round_, indices)
             span = slice(offset, offset + len(indices))
             offset += len(indices)
             advantages = round_.advantages[indices].to(self.args.device)
             with self.compute_loss_context_manager(), self.accelerator.autocast():
-                new = sequence_loss(model, batch, free, self.diffusion, self._seeds(index, iteration, k))
+                new = sequence_loss(model, batch, chosen, self.diffusion, self._seeds(index, iteration, k))
                 old = new.detach() if buf.old[iteration] is None else buf.old[iteration][span]
                 ref = buf.ref[iteration][span] if buf.ref[iteration] is not None else None
                 terms = policy_terms(new, old, advantages, self.rl.clip_eps, self.rl.kl_coef, ref)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import math
 import random
 from collections import Counter
@@ -189,7 +190,9 @@ class IdentityIndex:
         for kmer in {query[j : j + self.K] for j in range(len(query) - self.K + 1)}:
             shared.update(self.index.get(kmer, ()))
         best = 0.0
-        for i, _ in shared.most_common(self.candidates):
+        # The top candidates by shared k-mers, ties by reference order: Counter.most_common would break them in
+        # insertion order, i.e. the query's k-mer set order, which PYTHONHASHSEED changes between processes.
+        for i, _ in heapq.nsmallest(self.candidates, shared.items(), key=lambda item: (-item[1], item[0])):
             ref = self.references[i]
             matched = sum(b.size for b in SequenceMatcher(None, query, ref, autojunk=False).get_matching_blocks())
             best = max(best, matched / max(len(query), len(ref)))

@@ -1,0 +1,134 @@
+"""Where a training command (`ftkit train`, `ftkit rl`) starts in its run directory, and the run files both write
+the same way: one implementation, so the two commands cannot drift apart on what a run directory promises
+(docs/runs.md).
+
+`plan_start` takes the run's lock and decides from what the directory holds: a fresh start (clearing what an attempt
+that saved nothing left), a resume from the newest intact checkpoint (moving damaged ones aside), or nothing to do
+(the run is complete). The rest are the run files a training command writes: the logs trimmed back to the resumed
+step, the final adapter (staged, each file atomic), the parameter table.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftkit import rundir
+from ftkit.errors import FtkitError
+from ftkit.runlock import RunLock
+
+# What a resumed run must share with the run it continues: the adapter continues on the same base.
+SAME_ON_RESUME = ("model", "lora", "quant")
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a training call starts, as decided by the main process."""
+
+    checkpoint: str | None = None  # the checkpoint to resume from
+    step: int = 0  # its global step
+    done: bool = False  # the checkpoint is at max_steps: nothing to train, only the final files to write
+    complete_summary: dict[str, Any] | None = None  # the run had finished: its summary, nothing to do at all
+
+
+def plan_start(lock: RunLock, run_dir: Path, recipe, resume: bool, same_sections: tuple[str, ...] = SAME_ON_RESUME,
+               attempt_files: tuple[str, ...] = ()) -> Start:
+    """Take the lock, then decide from what the run directory holds: a fresh start (clearing what an attempt that
+    saved nothing left: train's files plus `attempt_files`), a resume from the newest intact checkpoint, or nothing
+    to do. Nothing is replaced that a user might want to keep (checkpoints, the final adapter, summary,
+    evaluations), and a directory ftkit did not make is not written into. A resume must keep the recipe sections
+    named in `same_sections`."""
+    foreign = rundir.foreign_entries(run_dir)
+    if foreign:
+        raise FtkitError(f"{run_dir}: exists and is not an ftkit run directory (it holds {', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); choose another train.output_dir (a new or empty one)")
+    lock.acquire()
+    ckpt = rundir.newest_intact_checkpoint(run_dir) if resume else None
+    if ckpt is None:
+        kept = rundir.kept_results(run_dir)
+        if kept and not resume:
+            raise FtkitError(f"{run_dir}: already holds a run ({', '.join(kept[:3])}); pass --resume to continue it "
+                             "or choose another train.output_dir")
+        if kept:
+            raise FtkitError(f"{run_dir}: --resume: no intact checkpoint to continue from, and the run holds results "
+                             f"a new run would replace ({', '.join(kept[:3])}); choose another train.output_dir")
+        if rundir.clear_attempt(run_dir, also=attempt_files):
+            rundir.say(f"{run_dir}: an earlier attempt saved no checkpoint; starting over")
+        elif resume:
+            rundir.say(f"{run_dir}: --resume: no checkpoint yet; starting from scratch")
+        return Start()
+
+    if (run_dir / rundir.RECIPE_FILE).exists():
+        previous = rundir.load_run_recipe(run_dir)
+        changed = [s for s in same_sections if getattr(previous, s) != getattr(recipe, s)]
+        if changed:
+            raise FtkitError(f"{run_dir}: --resume with a different {'/'.join(changed)} section than the run was "
+                             "started with")
+    rundir.check_run_inputs(run_dir, recipe)
+    step, max_steps = rundir.checkpoint_step(ckpt), recipe.train.max_steps
+    if step > max_steps:
+        raise FtkitError(f"{ckpt}: step {step} is past train.max_steps={max_steps}; raise train.max_steps to "
+                         "continue the run")
+    if step == max_steps:
+        summary = run_dir / rundir.SUMMARY
+        if summary.is_file() and rundir.final_adapter_problem(run_dir) is None:
+            rundir.say(f"{run_dir}: the run is complete (step {step} of {max_steps}); nothing to resume")
+            return Start(str(ckpt), step, done=True, complete_summary=json.loads(summary.read_text()))
+        rundir.say(f"resuming from {ckpt.name}: training is done; writing the final adapter")
+        return Start(str(ckpt), step, done=True)
+    rundir.say(f"resuming from {ckpt.name} (step {step} of {max_steps})")
+    return Start(str(ckpt), step)
+
+
+def stderr_note(text: str) -> None:
+    """A dim line on stderr (the thread choice, ...), beside the progress display."""
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False, style="dim")
+
+
+def print_parameter_groups(groups) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="parameters by group", title_justify="left")
+    for col in ("group", "trainable", "total"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for g in groups:
+        table.add_row(g.name, f"{g.trainable:,}", f"{g.total:,}")
+    table.add_row("all", f"{sum(g.trainable for g in groups):,}", f"{sum(g.total for g in groups):,}", style="bold")
+    Console(stderr=True).print(table)
+
+
+def reset_logs(run_dir: Path, resumed_step: int) -> None:
+    """A fresh run starts with empty logs; a resumed one keeps what was logged up to its checkpoint. A log row's
+    step counts finished optimizer steps; a noise row's step is the one being computed (one less)."""
+    for name, keep in ((rundir.TRAIN_LOG, lambda step: step <= resumed_step),
+                       (rundir.NOISE_LOG, lambda step: step < resumed_step)):
+        path = run_dir / name
+        if resumed_step == 0:
+            path.unlink(missing_ok=True)
+        elif path.exists():
+            kept = [r for r in rundir.read_jsonl(path) if keep(r.get("step", 0))]
+            rundir.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def copy_adapter(ckpt: Path, run_dir: Path) -> None:
+    """The final adapter from a checkpoint (the Trainer saved it with the same save_pretrained), each file atomic."""
+    for name in (rundir.ADAPTER_WEIGHTS, rundir.ADAPTER_CONFIG, "README.md"):
+        if (ckpt / name).exists():
+            rundir.atomic_write(run_dir / name, lambda tmp, src=ckpt / name: shutil.copyfile(src, tmp))
+
+
+def save_adapter(model, run_dir: Path) -> None:
+    """save_pretrained into a staging dir, then move the two adapter files into place one by one (each atomic)."""
+    staging = run_dir / ".staging-adapter"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    for name in (rundir.ADAPTER_WEIGHTS, rundir.ADAPTER_CONFIG, "README.md"):
+        if (staging / name).exists():
+            (staging / name).replace(run_dir / name)
+    shutil.rmtree(staging, ignore_errors=True)
