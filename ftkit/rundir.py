@@ -4,8 +4,9 @@
       recipe.yaml                     the resolved recipe (overrides applied)
       adapter_config.json             the final PEFT adapter (standard format)
       adapter_model.safetensors
+      config.json, model.safetensors  instead of the adapter with train.trainable=full: the full model
       tokenizer*.json                 the tokenizer used
-      base/                           tiny preset only: its random-init base weights
+      base/                           presets (tiny, small) only: the random-init base weights
       checkpoints/checkpoint-N/       Trainer checkpoints (adapter, optimizer, RNG, state), written atomically
       train_log.jsonl                 one JSON object per logging step
       noise_loss.jsonl                (noise level t, canvas loss) per training example
@@ -29,6 +30,7 @@ from ftkit.errors import FtkitError
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FULL_CONFIG = "config.json"  # a full model (train.trainable: full), as save_pretrained writes it
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
 NOISE_LOG = "noise_loss.jsonl"
@@ -131,14 +133,15 @@ class LoadedRun:
     adapter_dir: Path | None
 
 
-def adapter_location(run_dir: Path, checkpoint: str | None = None) -> Path:
-    """The final adapter, or a named/`latest` checkpoint's."""
+def adapter_location(run_dir: Path, checkpoint: str | None = None, marker: str = ADAPTER_CONFIG) -> Path:
+    """The final adapter, or a named/`latest` checkpoint's (with `marker=FULL_CONFIG`: the full model's)."""
+    what = "adapter" if marker == ADAPTER_CONFIG else "full model"
     if checkpoint is None:
-        if (run_dir / ADAPTER_CONFIG).is_file():
+        if (run_dir / marker).is_file():
             return run_dir
         last = latest_checkpoint(run_dir)
         if last is None:
-            raise FtkitError(f"{run_dir}: no adapter and no checkpoint yet")
+            raise FtkitError(f"{run_dir}: no {what} and no checkpoint yet")
         return last
     if checkpoint == "latest":
         last = latest_checkpoint(run_dir)
@@ -148,27 +151,32 @@ def adapter_location(run_dir: Path, checkpoint: str | None = None) -> Path:
     path = Path(checkpoint)
     if not path.is_absolute() and not path.exists():
         path = run_dir / CHECKPOINTS / checkpoint
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise FtkitError(f"{path}: not an adapter checkpoint (no {ADAPTER_CONFIG})")
+    if not (path / marker).is_file():
+        raise FtkitError(f"{path}: not a{'n' if what == 'adapter' else ''} {what} checkpoint (no {marker})")
     return path
 
 
 def load_run(run_dir: str | Path, adapter: bool = True, checkpoint: str | None = None, device: str | None = None) -> LoadedRun:
-    """Recipe, tokenizer, base model (+ the run's LoRA adapter unless `adapter=False`), task instance."""
+    """Recipe, tokenizer, base model (+ the run's LoRA adapter unless `adapter=False`), task instance. A full run
+    (train.trainable: full) loads its trained full model instead; `adapter=False` gives its untrained base."""
     import torch
 
-    from ftkit.model import load_base, load_tokenizer
+    from ftkit.model import load_base, load_full_model, load_tokenizer
     from ftkit.recipe import load_recipe
     from ftkit.tasks import make_task
 
     run_dir = require_run_dir(run_dir)
     recipe = load_recipe(run_dir / RECIPE_FILE)
     tokenizer = load_tokenizer(recipe.model, run_dir)
-    model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
     adapter_dir = None
-    if adapter:
-        adapter_dir = adapter_location(run_dir, checkpoint)
-        model = load_adapter(model, adapter_dir)
+    if adapter and recipe.is_full:
+        adapter_dir = adapter_location(run_dir, checkpoint, marker=FULL_CONFIG)
+        model = load_full_model(recipe.model, adapter_dir)
+    else:
+        model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
+        if adapter:
+            adapter_dir = adapter_location(run_dir, checkpoint)
+            model = load_adapter(model, adapter_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if recipe.quant.mode != "4bit":
         model = model.to(device)

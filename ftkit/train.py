@@ -1,4 +1,5 @@
-"""`ftkit train`: recipe -> data -> base (+4-bit) -> LoRA -> DiffusionTrainer -> adapter and run files."""
+"""`ftkit train`: recipe -> data -> base (+4-bit) -> LoRA (or every weight, `train.trainable: full`) ->
+DiffusionTrainer -> adapter (or full model) and run files."""
 
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ def training_arguments(recipe: Recipe, run_dir: Path):
 
     t = recipe.train
     cuda = torch.cuda.is_available()
-    bf16 = cuda and recipe.model.dtype == "bfloat16" and not recipe.is_tiny
+    # A preset holds fp32 weights whatever model.dtype says, as does full training (make_fully_trainable): on a GPU
+    # they compute in bf16 under autocast when the recipe asks for it.
+    bf16 = cuda and recipe.model.dtype == "bfloat16" and (recipe.is_full or not recipe.is_tiny)
     return TrainingArguments(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
         max_steps=t.max_steps,
@@ -110,7 +113,7 @@ def check_launch(recipe: Recipe) -> None:
 def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
     from transformers import set_seed
 
-    from ftkit.model import attach_lora, load_base, load_tokenizer, parameter_groups
+    from ftkit.model import attach_lora, check_full_training, load_base, load_tokenizer, make_fully_trainable, parameter_groups
     from ftkit.plots import plot_loss_curve, plot_noise_vs_loss
     from ftkit.tasks import make_task
     from ftkit.trainer import DiffusionTrainer, JsonlLogCallback
@@ -132,8 +135,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
         from ftkit.recipe import load_recipe
 
         previous = load_recipe(run_dir / rundir.RECIPE_FILE)
-        if previous.model != recipe.model or previous.lora != recipe.lora or previous.quant != recipe.quant:
-            raise FtkitError(f"{run_dir}: --resume with a different model/lora/quant section than the run was started with")
+        if (previous.model != recipe.model or previous.lora != recipe.lora or previous.quant != recipe.quant
+                or previous.train.trainable != recipe.train.trainable):
+            raise FtkitError(f"{run_dir}: --resume with a different model/lora/quant section or train.trainable than "
+                             "the run was started with")
 
     task = make_task(recipe.task.name, recipe.task.options)
     dist.wait_for_everyone()  # every process has checked the run dir before the main one writes to it
@@ -145,7 +150,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
         if canvas_length is None:
             from transformers import AutoConfig
 
-            canvas_length = int(AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision).canvas_length)
+            config = AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision)
+            canvas_length = int(config.canvas_length)
+            if recipe.is_full:
+                check_full_training(config, recipe.model.base)
         train_layouts = build_layouts(task, tokenizer, recipe, "train", recipe.task.train_size, canvas_length)
 
         with dist.main_process_first():
@@ -164,7 +172,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
             model.enable_input_require_grads()
         # PEFT draws lora_A from the global RNG: seed it, or two runs of one recipe start from different adapters.
         set_seed(recipe.train.seed)
-        model = attach_lora(model, recipe.lora)
+        model = make_fully_trainable(model) if recipe.is_full else attach_lora(model, recipe.lora)
         groups = parameter_groups(model)
         if dist.is_main_process:
             _print_parameter_groups(groups)
@@ -202,7 +210,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_cal
     summary: dict[str, Any] = {}
     try:
         if trainer.is_world_process_zero():
-            _save_adapter(model, run_dir)
+            (_save_full_model if recipe.is_full else _save_adapter)(model, run_dir)
             summary = _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_step)
             rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
             plot_loss_curve(rundir.read_jsonl(run_dir / rundir.TRAIN_LOG), run_dir / "loss.png")
@@ -254,6 +262,17 @@ def _save_adapter(model, run_dir: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def _save_full_model(model, run_dir: Path) -> None:
+    """save_pretrained (config, generation config, safetensors with the ties recorded, not duplicated) into a staging
+    dir, then each file into the run dir (each move atomic); the run dir then loads with `from_pretrained`."""
+    staging = run_dir / ".staging-model"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    for path in sorted(staging.iterdir()):
+        path.replace(run_dir / path.name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_step) -> dict[str, Any]:
     rows = [r for r in rundir.read_jsonl(run_dir / rundir.TRAIN_LOG) if "loss" in r]
     steps_run = recipe.train.max_steps - resumed_step
@@ -261,6 +280,7 @@ def _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_st
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     return {
         "base_model": recipe.model.base,
+        "trainable": recipe.train.trainable,
         "task": recipe.task.name,
         "steps": recipe.train.max_steps,
         "resumed_from_step": resumed_step,
