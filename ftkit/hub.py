@@ -1,4 +1,5 @@
 """`ftkit push`: stage a run's shareable files plus a generated model card, and upload them in one Hub commit.
+A LoRA run uploads its adapter (plus a preset's base weights); a full run (train.trainable: full) its full model.
 
 The staged folder is the same for `--dry-run` (written to RUN/hub_upload by default) and for a real push (a
 temporary folder uploaded with one `create_commit`), so a dry run shows exactly what would be uploaded.
@@ -73,19 +74,24 @@ def _plan(run_dir: Path, repo: str | None, private: bool | None, need_repo: bool
     from ftkit.recipe import load_recipe
 
     run_dir = rundir.require_run_dir(run_dir)
-    for name in (rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS):
+    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
+    what = "full model" if recipe.is_full else "adapter"
+    names = model_file_names(run_dir, recipe.is_full)
+    required = [rundir.FULL_CONFIG] if recipe.is_full else [rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS]
+    if recipe.is_full and not any(n.endswith(".safetensors") for n in names):
+        required.append("model.safetensors")
+    for name in required:
         if not (run_dir / name).is_file():
-            raise FtkitError(f"{run_dir}: no {name}: the run has no final adapter yet; train first (`ftkit train`)")
+            raise FtkitError(f"{run_dir}: no {name}: the run has no final {what} yet; train first (`ftkit train`)")
     if not (run_dir / rundir.SUMMARY).is_file():
         raise FtkitError(f"{run_dir}: no {rundir.SUMMARY}: the run did not finish; train first (`ftkit train`)")
-    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
     repo = repo or recipe.hub.repo
     if repo is None and need_repo:
         raise FtkitError("no repo to push to: pass --repo USER/NAME or set `hub.repo` in the recipe")
     if repo is not None and not REPO_ID.fullmatch(repo):
         raise FtkitError(f"repo {repo!r}: expected a hub repo id of the form USER/NAME")
-    if recipe.is_tiny and not (run_dir / "base" / "config.json").is_file():
-        raise FtkitError(f"{run_dir}: a tiny-preset run must hold its base weights in base/; train first")
+    if recipe.is_tiny and not recipe.is_full and not (run_dir / "base" / "config.json").is_file():
+        raise FtkitError(f"{run_dir}: a {recipe.model.base}-preset run must hold its base weights in base/; train first")
     return PushPlan(run_dir, recipe, repo, recipe.hub.private if private is None else private)
 
 
@@ -93,13 +99,23 @@ def _plan(run_dir: Path, repo: str | None, private: bool | None, need_repo: bool
 # Staging
 
 
+def model_file_names(run_dir: Path, full: bool) -> list[str]:
+    """The trained weights' files: the adapter, or a full model as save_pretrained wrote it (config, generation
+    config, safetensors, sharded or not)."""
+    if not full:
+        return [rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS]
+    return sorted(p.name for p in run_dir.iterdir() if p.is_file() and (
+        p.name in (rundir.FULL_CONFIG, "generation_config.json")
+        or (p.name.startswith("model") and p.name.endswith((".safetensors", ".safetensors.index.json")))))
+
+
 def upload_file_names(plan: PushPlan) -> list[str]:
     """Paths (relative to the run dir) of the run files that go into the upload, README.md excluded."""
     run_dir = plan.run_dir
-    names = [rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS]
+    names = model_file_names(run_dir, plan.recipe.is_full)
     names += [n for n in TOKENIZER_FILES if (run_dir / n).is_file()]
     names += [n for n in RUN_FILES if (run_dir / n).is_file()]
-    if plan.recipe.is_tiny:
+    if plan.recipe.is_tiny and not plan.recipe.is_full:
         # The random-init base is part of the model: without it the adapter cannot be loaded by anyone.
         names += sorted(f"base/{p.name}" for p in (run_dir / "base").iterdir() if p.is_file())
     return names
@@ -143,34 +159,51 @@ def model_card(plan: PushPlan) -> str:
     front: dict[str, Any] = {}
     if not recipe.is_tiny and REPO_ID.fullmatch(recipe.model.base):
         front["base_model"] = recipe.model.base
-    front["library_name"] = "peft"
-    front["tags"] = [*CARD_TAGS, task] + (["tiny-random-init"] if recipe.is_tiny else [])
+    full = recipe.is_full
+    front["library_name"] = "transformers" if full else "peft"
+    tags = [t if t != "lora" or not full else "full-finetune" for t in CARD_TAGS]
+    front["tags"] = [*tags, task] + ([f"{recipe.model.base}-random-init"] if recipe.is_tiny else [])
     front["pipeline_tag"] = "text-generation"
 
+    kind = "full model" if full else "LoRA adapter"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {repo.split('/')[-1]}: DiffusionGemma LoRA adapter for `{task}`", ""]
-    lines += ["> [!WARNING]", f"> **Do not merge this adapter.** {TIED_NOTE}", ""]
-    if recipe.is_tiny:
+             f"# {repo.split('/')[-1]}: DiffusionGemma {kind} for `{task}`", ""]
+    if not full:
+        lines += ["> [!WARNING]", f"> **Do not merge this adapter.** {TIED_NOTE}", ""]
+    if recipe.is_tiny and full:
         lines += ["> [!NOTE]",
-                  "> **The base model is a random-init *tiny* DiffusionGemma** (ftkit's CPU test preset), not a "
+                  f"> **Trained from scratch from a random-init *{recipe.model.base}* DiffusionGemma** (an ftkit "
+                  "preset), every weight trained: a small task model, not a fine-tune of the pretrained model.", ""]
+    elif recipe.is_tiny:
+        lines += ["> [!NOTE]",
+                  f"> **The base model is a random-init *{recipe.model.base}* DiffusionGemma** (an ftkit preset), not a "
                   "pretrained model. Its weights are included in `base/` so that this adapter can be loaded; the "
                   "results below say nothing about the real model.", ""]
 
     lines += ["## Model", ""]
-    base_desc = ("tiny random-init DiffusionGemma (weights in `base/` of this repo)" if recipe.is_tiny
-                 else f"`{recipe.model.base}`" + (f" (revision `{recipe.model.revision}`)" if recipe.model.revision else ""))
+    if recipe.is_tiny:
+        base_desc = f"{recipe.model.base} random-init DiffusionGemma" + (
+            " (trained from scratch)" if full else " (weights in `base/` of this repo)")
+    else:
+        base_desc = f"`{recipe.model.base}`" + (f" (revision `{recipe.model.revision}`)" if recipe.model.revision else "")
+    if full:
+        training = ["- **Training:** full-parameter: every text weight, router included (the encoder and decoder "
+                    "share theirs); this repo holds the whole model"]
+    else:
+        training = [f"- **LoRA:** r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}",
+                    *[f"  - {t}" for t in lora_target_lines(recipe.lora)]]
     lines += [f"- **Base model:** {base_desc}",
               "- **Architecture:** `DiffusionGemmaForBlockDiffusion` (block-diffusion encoder–decoder, mixture of experts)",
               f"- **Task:** `{task}`" + (f" (options: {_inline(recipe.task.options)})" if recipe.task.options else ""),
               f"- **Quantization during training:** {_quant_text(recipe.quant)}",
-              f"- **LoRA:** r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}",
-              *[f"  - {t}" for t in lora_target_lines(recipe.lora)], ""]
+              *training, ""]
 
     lines += ["## Training", "", *_training_lines(summary, recipe), ""]
     lines += ["## Evaluation", "", *_eval_lines(evaluation), ""]
-    lines += ["## How to load", "", "```python", *_load_snippet(recipe, repo), "```", "",
-              "Keep the adapter separate from the base model (see the warning above); "
-              "`recipe.yaml` holds the full training recipe.", ""]
+    lines += ["## How to load", "", "```python", *_load_snippet(recipe, repo), "```", ""]
+    lines += ["`recipe.yaml` holds the full training recipe.", ""] if full else [
+        "Keep the adapter separate from the base model (see the warning above); "
+        "`recipe.yaml` holds the full training recipe.", ""]
     lines += ["Trained with ftkit (`ftkit train recipe.yaml`).", ""]
     return "\n".join(lines)
 
@@ -266,6 +299,10 @@ def _eval_lines(evaluation: dict[str, Any]) -> list[str]:
 
 
 def _load_snippet(recipe, repo: str) -> list[str]:
+    if recipe.is_full:
+        return ["from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion", "",
+                f'model = DiffusionGemmaForBlockDiffusion.from_pretrained("{repo}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
     lines = ["from peft import PeftModel",
              "from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion", ""]
     if recipe.is_tiny:
@@ -299,7 +336,7 @@ def _upload(folder: Path, plan: PushPlan, endpoint: str | None, token: str) -> s
         api.create_commit(
             plan.repo,
             [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files],
-            commit_message=f"ftkit: {plan.recipe.task.name} LoRA adapter",
+            commit_message=f"ftkit: {plan.recipe.task.name} {'full model' if plan.recipe.is_full else 'LoRA adapter'}",
             repo_type="model",
         )
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear, token-free line
