@@ -35,6 +35,9 @@ class PushPlan:
     recipe: Any
     repo: str | None
     private: bool
+    # The run's weights are the whole model, not a LoRA adapter (train.trainable: full): changes the uploaded files
+    # and the card's library, title, warning and loading code.
+    full_model: bool = False
 
 
 def push_run(run_dir, repo: str | None = None, private: bool | None = None, dry_run: bool = False,
@@ -92,7 +95,7 @@ def _plan(run_dir: Path, repo: str | None, private: bool | None, need_repo: bool
         raise FtkitError(f"repo {repo!r}: expected a hub repo id of the form USER/NAME")
     if recipe.is_tiny and not recipe.is_full and not (run_dir / "base" / "config.json").is_file():
         raise FtkitError(f"{run_dir}: a {recipe.model.base}-preset run must hold its base weights in base/; train first")
-    return PushPlan(run_dir, recipe, repo, recipe.hub.private if private is None else private)
+    return PushPlan(run_dir, recipe, repo, recipe.hub.private if private is None else private, full_model=recipe.is_full)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,10 +115,10 @@ def model_file_names(run_dir: Path, full: bool) -> list[str]:
 def upload_file_names(plan: PushPlan) -> list[str]:
     """Paths (relative to the run dir) of the run files that go into the upload, README.md excluded."""
     run_dir = plan.run_dir
-    names = model_file_names(run_dir, plan.recipe.is_full)
+    names = model_file_names(run_dir, plan.full_model)
     names += [n for n in TOKENIZER_FILES if (run_dir / n).is_file()]
     names += [n for n in RUN_FILES if (run_dir / n).is_file()]
-    if plan.recipe.is_tiny and not plan.recipe.is_full:
+    if plan.recipe.is_tiny and not plan.full_model:
         # The random-init base is part of the model: without it the adapter cannot be loaded by anyone.
         names += sorted(f"base/{p.name}" for p in (run_dir / "base").iterdir() if p.is_file())
     return names
@@ -159,21 +162,22 @@ def model_card(plan: PushPlan) -> str:
     front: dict[str, Any] = {}
     if not recipe.is_tiny and REPO_ID.fullmatch(recipe.model.base):
         front["base_model"] = recipe.model.base
-    full = recipe.is_full
+    full = plan.full_model
     front["library_name"] = "transformers" if full else "peft"
     tags = [t if t != "lora" or not full else "full-finetune" for t in CARD_TAGS]
     front["tags"] = [*tags, task] + ([f"{recipe.model.base}-random-init"] if recipe.is_tiny else [])
     front["pipeline_tag"] = "text-generation"
 
-    kind = "full model" if full else "LoRA adapter"
+    kind = "fine-tuned model" if full else "LoRA adapter"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {repo.split('/')[-1]}: DiffusionGemma {kind} for `{task}`", ""]
     if not full:
         lines += ["> [!WARNING]", f"> **Do not merge this adapter.** {TIED_NOTE}", ""]
     if recipe.is_tiny and full:
         lines += ["> [!NOTE]",
-                  f"> **Trained from scratch from a random-init *{recipe.model.base}* DiffusionGemma** (an ftkit "
-                  "preset), every weight trained: a small task model, not a fine-tune of the pretrained model.", ""]
+                  f"> **Trained from scratch:** every weight, from a random-init *{recipe.model.base}* DiffusionGemma "
+                  "(an ftkit preset) — a small task model, not the pretrained DiffusionGemma; the results below say "
+                  "nothing about the real model.", ""]
     elif recipe.is_tiny:
         lines += ["> [!NOTE]",
                   f"> **The base model is a random-init *{recipe.model.base}* DiffusionGemma** (an ftkit preset), not a "
@@ -200,7 +204,7 @@ def model_card(plan: PushPlan) -> str:
 
     lines += ["## Training", "", *_training_lines(summary, recipe), ""]
     lines += ["## Evaluation", "", *_eval_lines(evaluation), ""]
-    lines += ["## How to load", "", "```python", *_load_snippet(recipe, repo), "```", ""]
+    lines += ["## How to load", "", "```python", *_load_snippet(recipe, repo, full), "```", ""]
     lines += ["`recipe.yaml` holds the full training recipe.", ""] if full else [
         "Keep the adapter separate from the base model (see the warning above); "
         "`recipe.yaml` holds the full training recipe.", ""]
@@ -298,8 +302,8 @@ def _eval_lines(evaluation: dict[str, Any]) -> list[str]:
     return out
 
 
-def _load_snippet(recipe, repo: str) -> list[str]:
-    if recipe.is_full:
+def _load_snippet(recipe, repo: str, full_model: bool = False) -> list[str]:
+    if full_model:
         return ["from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion", "",
                 f'model = DiffusionGemmaForBlockDiffusion.from_pretrained("{repo}")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
@@ -336,7 +340,7 @@ def _upload(folder: Path, plan: PushPlan, endpoint: str | None, token: str) -> s
         api.create_commit(
             plan.repo,
             [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files],
-            commit_message=f"ftkit: {plan.recipe.task.name} {'full model' if plan.recipe.is_full else 'LoRA adapter'}",
+            commit_message=f"ftkit: {plan.recipe.task.name} {'full model' if plan.full_model else 'LoRA adapter'}",
             repo_type="model",
         )
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear, token-free line

@@ -144,7 +144,8 @@ def test_eval_and_push_treat_it_as_a_full_model(full_run, tmp_path):
     card = (tmp_path / "up" / "README.md").read_text()
     front = card.split("---")[1]
     assert "library_name: transformers" in front and "- full-finetune" in front and "- lora" not in front
-    assert "full model for `sudoku`" in card and "Do not merge" not in card and "PeftModel" not in card
+    assert "fine-tuned model for `sudoku`" in card and "LoRA adapter" not in card
+    assert "Do not merge" not in card and "PeftModel" not in card and "Trained from scratch" in card
     assert 'DiffusionGemmaForBlockDiffusion.from_pretrained("alice/tiny-full")' in card
 
 
