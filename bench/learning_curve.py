@@ -1,13 +1,13 @@
 """The headline metric against training steps and wall time: a change that slows learning shows up here.
 
-Trains a recipe (default: the quickstart, recipes/tiny/sudoku.yaml) with a checkpoint every `--every` steps, then
+Trains a recipe (default: the quickstart, recipes/quickstart.yaml) with a checkpoint every `--every` steps, then
 evaluates the untrained base (step 0) and every checkpoint with `ftkit eval` on the same held-out examples, and
 prints a table (step, seconds, canvas tokens, train loss, metrics), beside the chance level where one is known.
 Writes OUT/learning_curve.json and OUT/learning_curve.png (metric vs steps and vs seconds); the run itself is in
 OUT/run (its eval_checkpoint-N.json files hold every metric).
 
     python bench/learning_curve.py                                  # the quickstart, checkpoints every 100 steps
-    python bench/learning_curve.py recipes/tiny/sudoku.yaml train.max_steps=400 --every 50 -o runs/lc
+    python bench/learning_curve.py recipes/quickstart.yaml train.max_steps=400 --every 50 -o runs/lc
     python bench/learning_curve.py --eval-only -o runs/lc           # re-evaluate an existing run's checkpoints
 
 Seconds are training wall time at each checkpoint (data and model set-up excluded), so they depend on the machine
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-DEFAULT_RECIPE = "recipes/tiny/sudoku.yaml"
+DEFAULT_RECIPE = "recipes/quickstart.yaml"
 DEFAULT_METRICS = ("cell_accuracy_blanks/easy", "rows_valid/easy", "solve_rate/easy", "cell_accuracy_blanks")
 # Uniformly random digits: 1/9 of the blanks right; a row of k blanks is valid with probability k!/9^k (~0).
 CHANCE = {"cell_accuracy_blanks": 1 / 9, "rows_valid": 0.0, "columns_valid": 0.0, "boxes_valid": 0.0,
@@ -41,7 +41,10 @@ def parse_args(argv=None):
     p.add_argument("-n", "--num-examples", type=int, default=None, help="held-out examples (default: eval.num_examples)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma list; the first is the headline")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoints of an existing OUT/run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if "=" in args.recipe and not Path(args.recipe).exists():  # overrides only: the default recipe
+        args.recipe, args.overrides = DEFAULT_RECIPE, [args.recipe, *args.overrides]
+    return args
 
 
 class CheckpointClock(TrainerCallback):

@@ -3,6 +3,7 @@ bit-identically (ties intact), resume reproduces the uninterrupted run, eval/pus
 what makes no sense is refused before anything loads."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe import recipe_from_dict
 from ftkit.train import train
 from test_train import CrashAt, Snapshot, probe_batch, tiny_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def full_recipe(out, **train_kw):
@@ -197,3 +200,36 @@ def test_cli_solve_on_a_full_run(full_run):
     assert result.exit_code == 0, result.output
     assert "fine-tuned" in result.output or "steps used" in result.output
     assert json.loads((out / "summary.json").read_text())["trainable"] == "full"
+
+
+QUICK = ["train.max_steps=4", "task.train_size=16", "task.test_size=4", "train.batch_size=4", "train.logging_steps=1",
+         "eval.steps=2", "eval.num_examples=4", "model.tiny.layers=1", "model.tiny.hidden=48", "model.tiny.head_dim=24",
+         "model.tiny.global_head_dim=24"]
+
+
+def test_quickstart_recipe_is_a_full_preset_run():
+    from ftkit.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    assert recipe.is_full and recipe.is_tiny and recipe.quant.mode == "none"
+    assert recipe.task.name == "sudoku" and recipe.task.options["min_givens"] >= 40  # easy puzzles
+
+
+def test_learning_curve_bench_trains_evaluates_and_plots(tmp_path):
+    """bench/learning_curve.py on the quickstart recipe shrunk to seconds: step 0 (the random init) and each
+    checkpoint evaluated, the table printed, the JSON and PNG written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "lc"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curve.py"), *QUICK, "--every", "2",
+                           "-o", str(out)], capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "learning_curve.json").read_text())
+    assert [p["step"] for p in data["points"]] == [0, 2, 4]
+    assert data["points"][0]["seconds"] == 0.0 and data["points"][2]["seconds"] > 0
+    assert all("cell_accuracy_blanks/easy" in p["metrics"] for p in data["points"])
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["step", "seconds"])
+    assert [line.split()[0] for line in lines[head + 2 : head + 6]] == ["0", "2", "4", "chance"]
