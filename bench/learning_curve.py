@@ -11,7 +11,7 @@ OUT/run (its eval_checkpoint-N.json files hold every metric).
     python bench/learning_curve.py --eval-only -o runs/lc           # re-evaluate an existing run's checkpoints
 
 Seconds are training wall time at each checkpoint (data and model set-up excluded), so they depend on the machine
-and its load; steps and canvas tokens do not.
+and its load; CPU seconds (all threads) much less so; steps and canvas tokens not at all.
 """
 
 from __future__ import annotations
@@ -48,16 +48,18 @@ def parse_args(argv=None):
 
 
 class CheckpointClock(TrainerCallback):
-    """Training seconds at each checkpoint save, written to `path` as {step: seconds}."""
+    """Training wall and CPU seconds (all threads of the process) at each checkpoint save, written to `path` as
+    {step: [wall, cpu]}. On a shared machine wall time inflates; CPU time much less."""
 
     def __init__(self, path: Path):
-        self.path, self.times, self.start = path, {}, 0.0
+        self.path, self.times, self.start = path, {}, (0.0, 0.0)
 
     def on_train_begin(self, args, state, control, **kw):
-        self.start = time.perf_counter()
+        self.start = (time.perf_counter(), time.process_time())
 
     def on_save(self, args, state, control, **kw):
-        self.times[str(state.global_step)] = round(time.perf_counter() - self.start, 2)
+        self.times[str(state.global_step)] = [round(time.perf_counter() - self.start[0], 2),
+                                              round(time.process_time() - self.start[1], 2)]
         self.path.write_text(json.dumps(self.times, indent=1))
 
 
@@ -89,6 +91,7 @@ def evaluate_points(run_dir: Path, num_examples: int | None) -> list[dict]:
     times = {}
     if (run_dir.parent / TIMES_FILE).is_file():
         times = {int(k): v for k, v in json.loads((run_dir.parent / TIMES_FILE).read_text()).items()}
+    times[0] = [0.0, 0.0]
     losses = {r["step"]: r["loss"] for r in rundir.read_jsonl(run_dir / rundir.TRAIN_LOG) if "loss" in r}
     tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * recipe.model.tiny.canvas_length
     points = []
@@ -98,7 +101,8 @@ def evaluate_points(run_dir: Path, num_examples: int | None) -> list[dict]:
         logged = [s for s in losses if s <= step]
         points.append({
             "step": step,
-            "seconds": 0.0 if step == 0 else times.get(step),
+            "seconds": times.get(step, [None])[0],
+            "cpu_seconds": times.get(step, [None, None])[1],
             "canvas_tokens": step * tokens_per_step if recipe.is_tiny else None,
             "train_loss": losses[max(logged)] if logged and step else None,
             "metrics": report["metrics"],
@@ -112,14 +116,15 @@ def chance(metric: str) -> float | None:
 
 
 def print_table(points: list[dict], metrics: list[str]) -> None:
-    head = ["step", "seconds", "canvas tok", "train loss", *metrics]
+    head = ["step", "seconds", "cpu s", "canvas tok", "train loss", *metrics]
     rows = [head]
     for p in points:
         rows.append([str(p["step"]), "-" if p["seconds"] is None else f"{p['seconds']:.0f}",
+                     "-" if p["cpu_seconds"] is None else f"{p['cpu_seconds']:.0f}",
                      "-" if p["canvas_tokens"] is None else f"{p['canvas_tokens']:,}",
                      "-" if p["train_loss"] is None else f"{p['train_loss']:.3f}",
                      *[f"{100 * p['metrics'][m]:.1f}%" if m in p["metrics"] else "-" for m in metrics]])
-    rows.append(["chance", "", "", "", *[("-" if chance(m) is None else f"{100 * chance(m):.1f}%") for m in metrics]])
+    rows.append(["chance", "", "", "", "", *[("-" if chance(m) is None else f"{100 * chance(m):.1f}%") for m in metrics]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for i, r in enumerate(rows):
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
