@@ -15,11 +15,15 @@ from pathlib import Path
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "recipe-reference.md"
 
 SECTION_NOTES = {
-    "model": "Which base model to load. `base: tiny` builds a random-init DiffusionGemma from `model.tiny` (CPU tests).",
+    "model": "Which base model to load. `base: tiny` or `base: small` builds a random-init DiffusionGemma from "
+             "`model.tiny`; keys left out of `model.tiny` take the named preset's values (the defaults below are "
+             "`tiny`'s; `small` is 6 layers, hidden 256, 8 experts of 128, intermediate 512: 8.8M parameters).",
     "quant": "4-bit quantization of the frozen base (QLoRA). `experts: true` also quantizes the fused MoE expert tensors.",
     "lora": "Which modules get LoRA adapters. Expert LoRA goes through PEFT `target_parameters`.",
     "diffusion": "The masked-diffusion training objective. `loss_chunk` must be 0 under FSDP (see docs/multi-gpu.md).",
-    "train": "Optimisation and the run directory (`output_dir`).",
+    "train": "Optimisation and the run directory (`output_dir`). `trainable: full` trains every weight (the `lora` "
+             "section is then unused) and saves a full model: for presets and small local checkpoints; refused for "
+             "a 4-bit base and for bases over 2B parameters.",
     "task": "The task plugin and its data; `options` is validated by the task's own options (below). `name: chat` "
             "trains on your own data (docs/tasks.md).",
     "eval": "Constrained denoising used by `ftkit eval`, `ftkit generate` and `ftkit solve`.",

@@ -395,8 +395,9 @@ def file_sha256(path: Path) -> str | None:
 def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[str]:
     """Why `report` (a run's eval.json) is not the recipe's own evaluation of the run's final adapter; [] if it is.
     Checked from its content, so an eval.json written by an older ftkit or copied in is judged the same way."""
-    from ftkit.rundir import ADAPTER_WEIGHTS
+    from ftkit.rundir import weights_file
 
+    weights = weights_file(recipe.is_full)
     problems = []
     cfg = report.get("eval") if isinstance(report.get("eval"), dict) else {}
     own = recipe.eval
@@ -418,8 +419,8 @@ def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[st
     if report.get("data_path"):
         problems.append(f"data {report['data_path']}")
     made_with = report.get("adapter_sha256")
-    if made_with is not None and made_with != file_sha256(run_dir / ADAPTER_WEIGHTS):
-        problems.append(f"it was made with another {ADAPTER_WEIGHTS} than the run holds now")
+    if made_with is not None and made_with != file_sha256(run_dir / weights):
+        problems.append(f"it was made with another {weights} than the run holds now")
     return problems
 
 
@@ -544,9 +545,10 @@ def evaluate_run(
         "cpu_threads": threads.threads,
     }
     if not base_only and checkpoint is None:
-        from ftkit.rundir import ADAPTER_WEIGHTS
+        from ftkit.rundir import weights_file
 
-        report["adapter_sha256"] = file_sha256(run_dir / ADAPTER_WEIGHTS)
+        # The trained weights evaluated (the adapter's, or a full run's model.safetensors), under one key.
+        report["adapter_sha256"] = file_sha256(run_dir / weights_file(run.recipe.is_full))
 
     if sweep_steps:
         points = []

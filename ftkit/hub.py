@@ -102,23 +102,24 @@ def plan_push(run_dir: Path, repo: str | None = None, private: bool | None = Non
     from ftkit.recipe import load_recipe
 
     run_dir = rundir.require_run_dir(run_dir)
-    for name in (rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS):
+    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
+    what = "full model" if recipe.is_full else "adapter"
+    for name in rundir.weight_files(recipe.is_full):
         if not (run_dir / name).is_file():
-            raise FtkitError(f"{run_dir}: no {name}: the run has no final adapter yet; train first (`ftkit train`)")
+            raise FtkitError(f"{run_dir}: no {name}: the run has no final {what} yet; train first (`ftkit train`)")
     if not (run_dir / rundir.SUMMARY).is_file():
         raise FtkitError(f"{run_dir}: no {rundir.SUMMARY}: the run did not finish; train first (`ftkit train`)")
-    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
     repo = repo or recipe.hub.repo
     if repo is None and need_repo:
         raise FtkitError("no repo to push to: pass --repo USER/NAME or set `hub.repo` in the recipe")
     if repo is not None and not REPO_ID.fullmatch(repo):
         raise FtkitError(f"repo {repo!r}: expected a hub repo id of the form USER/NAME")
-    if recipe.is_tiny and not (run_dir / "base" / "config.json").is_file():
-        raise FtkitError(f"{run_dir}: a tiny-preset run must hold its base weights in base/; train first")
+    if recipe.is_tiny and not recipe.is_full and not (run_dir / "base" / "config.json").is_file():
+        raise FtkitError(f"{run_dir}: a {recipe.model.base}-preset run must hold its base weights in base/; train first")
     evaluation, notes = _canonical_eval(run_dir, recipe, allow_no_eval)
     rl_comparison, rl_notes = _rl_comparison(run_dir)
     return PushPlan(run_dir, recipe, repo, recipe.hub.private if private is None else private, evaluation,
-                    notes=tuple(notes + rl_notes), rl_comparison=rl_comparison)
+                    full_model=recipe.is_full, notes=tuple(notes + rl_notes), rl_comparison=rl_comparison)
 
 
 def is_rl_run(summary: dict[str, Any]) -> bool:
@@ -162,17 +163,27 @@ def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[st
 # Staging
 
 
+def model_file_names(run_dir: Path, full: bool) -> list[str]:
+    """The trained weights' files: the adapter, or a full model as save_pretrained wrote it (config, generation
+    config, safetensors, sharded or not)."""
+    if not full:
+        return [rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS]
+    return sorted(p.name for p in run_dir.iterdir() if p.is_file() and (
+        p.name in (rundir.FULL_CONFIG, "generation_config.json")
+        or (p.name.startswith("model") and p.name.endswith((".safetensors", ".safetensors.index.json")))))
+
+
 def upload_file_names(plan: PushPlan) -> list[str]:
     """Paths (relative to the run dir) of the run files that go into the upload, README.md excluded."""
     run_dir = plan.run_dir
-    names = [rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS]
+    names = model_file_names(run_dir, plan.full_model)
     names += [n for n in TOKENIZER_FILES if (run_dir / n).is_file()]
     names += [n for n in RUN_FILES if (run_dir / n).is_file()]
     if plan.evaluation is not None:
         names.append(EVAL_FILE)
     if plan.rl_comparison is not None:
         names.append(RL_EVAL_FILE)
-    if plan.recipe.is_tiny:
+    if plan.recipe.is_tiny and not plan.full_model:
         # The random-init base is part of the model: without it the adapter cannot be loaded by anyone.
         names += sorted(f"base/{p.name}" for p in (run_dir / "base").iterdir() if p.is_file())
     return names
@@ -236,12 +247,12 @@ def card_metadata(plan: PushPlan):
             metric_type=key, metric_name=f"{key} (%)", metric_value=round(100 * float(value), 2),
         ))
     base_model = recipe.model.base if not recipe.is_tiny and REPO_ID.fullmatch(recipe.model.base) else None
-    kind = [] if plan.full_model else ["lora", "peft"]
+    kind = ["full-finetune"] if plan.full_model else ["lora", "peft"]
     return ModelCardData(
         base_model=base_model,
         library_name="transformers" if plan.full_model else "peft",
         pipeline_tag="text-generation",
-        tags=[*CARD_TAGS, *kind, task] + (["tiny-random-init"] if recipe.is_tiny else []),
+        tags=[*CARD_TAGS, *kind, task] + ([f"{recipe.model.base}-random-init"] if recipe.is_tiny else []),
         datasets=[hub_dataset] if hub_dataset else None,
         model_name=repo.split("/")[-1],
         eval_results=results or None,
@@ -263,14 +274,20 @@ def model_card(plan: PushPlan) -> str:
     lines = [f"# {repo.split('/')[-1]}: DiffusionGemma {what} for `{task}`", ""]
     if not plan.full_model:
         lines += ["> [!WARNING]", f"> **Do not merge this adapter.** {TIED_NOTE}", ""]
-    if recipe.is_tiny:
+    if recipe.is_tiny and plan.full_model:
         lines += ["> [!NOTE]",
-                  "> **The base model is a random-init *tiny* DiffusionGemma** (ftkit's CPU test preset), not a "
+                  f"> **Trained from scratch:** every weight, from a random-init *{recipe.model.base}* DiffusionGemma "
+                  "(an ftkit preset) — a small task model, not the pretrained DiffusionGemma; the results below say "
+                  "nothing about the real model.", ""]
+    elif recipe.is_tiny:
+        lines += ["> [!NOTE]",
+                  f"> **The base model is a random-init *{recipe.model.base}* DiffusionGemma** (an ftkit preset), not a "
                   "pretrained model. Its weights are included in `base/` so that this adapter can be loaded; the "
                   "results below say nothing about the real model.", ""]
 
     lines += ["## Model", ""]
-    base_desc = ("tiny random-init DiffusionGemma (weights in `base/` of this repo)" if recipe.is_tiny
+    base_desc = (f"{recipe.model.base} random-init DiffusionGemma" + (
+        " (trained from scratch)" if plan.full_model else " (weights in `base/` of this repo)") if recipe.is_tiny
                  else f"`{recipe.model.base}`" + (f" (revision `{recipe.model.revision}`)" if recipe.model.revision else ""))
     lines += [f"- **Base model:** {base_desc}",
               "- **Architecture:** `DiffusionGemmaForBlockDiffusion` (block-diffusion encoder–decoder, mixture of experts)",

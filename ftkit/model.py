@@ -1,4 +1,5 @@
-"""Load the DiffusionGemma base (hub id, local directory, or the random-init `tiny` preset), quantize, attach LoRA.
+"""Load the DiffusionGemma base (hub id, local directory, or a random-init preset), quantize, attach LoRA or make
+every weight trainable (`train.trainable: full`).
 
 Named constants keep the module-path regexes in one place: LoRA is scoped to the *text* layers of the encoder and
 the decoder, because a bare `q_proj` also matches the vision tower (whose clippable linears PEFT cannot wrap).
@@ -19,7 +20,7 @@ from typing import TypeVar
 import torch
 
 from ftkit.errors import FtkitError
-from ftkit.recipe import TINY, LoraSection, ModelSection, QuantSection, TinySpec
+from ftkit.recipe import PRESETS, LoraSection, ModelSection, QuantSection, TinySpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,10 +95,10 @@ def build_tiny(spec: TinySpec, tokenizer) -> torch.nn.Module:
 
 
 def resolve_base(model_cfg: ModelSection, run_dir: Path | None = None) -> str:
-    """The path or hub id to load weights from. A tiny run saves its random-init base under `run_dir/base`."""
-    if model_cfg.base == TINY:
+    """The path or hub id to load weights from. A preset run saves its random-init base under `run_dir/base`."""
+    if model_cfg.base in PRESETS:
         if run_dir is None:
-            raise FtkitError("the tiny preset needs a run directory to hold its base weights")
+            raise FtkitError(f"the {model_cfg.base} preset needs a run directory to hold its base weights")
         return str(run_dir / "base")
     return model_cfg.base
 
@@ -105,7 +106,7 @@ def resolve_base(model_cfg: ModelSection, run_dir: Path | None = None) -> str:
 def load_tokenizer(model_cfg: ModelSection, run_dir: Path | None = None):
     from transformers import AutoTokenizer
 
-    if model_cfg.base == TINY:
+    if model_cfg.base in PRESETS:
         if run_dir is not None and (run_dir / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(run_dir)
         from ftkit.tokenizer import build_char_tokenizer
@@ -118,12 +119,12 @@ def load_tokenizer(model_cfg: ModelSection, run_dir: Path | None = None):
 
 
 def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: Path | None = None) -> torch.nn.Module:
-    """The frozen base model. `tiny`: built from the spec (and saved to `run_dir/base` for later reloads) unless the
-    run already holds it; otherwise `from_pretrained` with optional 4-bit quantization (experts included: they load
+    """The frozen base model. A preset (`tiny`, `small`): built from `model.tiny` (and saved to `run_dir/base` for
+    later reloads) unless the run already holds it; otherwise `from_pretrained` with optional 4-bit quantization (experts included: they load
     on the CPU and reach the GPU one dense tensor at a time, each quantized there before the next)."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    if model_cfg.base == TINY:
+    if model_cfg.base in PRESETS:
         base_dir = Path(resolve_base(model_cfg, run_dir))
         if (base_dir / "config.json").is_file():
             model = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir, dtype=torch.float32)
@@ -285,6 +286,61 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full-parameter training (train.trainable: full)
+
+# Full training keeps fp32 weights, gradients and two AdamW states: 16 bytes a parameter, ~413 GB for the 26B base.
+FULL_TRAINING_MAX_PARAMS = 2_000_000_000
+# Modules text training never reaches (no gradient): they stay frozen, so "every trainable tensor trains" holds.
+UNUSED_BY_TEXT = re.compile(r"(^|\.)(vision_tower|embed_vision)\.")
+
+
+def count_parameters(config) -> int:
+    """Parameters of a DiffusionGemma built from `config` (tied tensors once), counted on the meta device: no memory,
+    no weights read."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    with torch.device("meta"):
+        model = DiffusionGemmaForBlockDiffusion(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_full_training(config, source: str) -> None:
+    """Refuse full-parameter training of a base too large for it, before any weight is loaded."""
+    n = count_parameters(config)
+    if n > FULL_TRAINING_MAX_PARAMS:
+        raise FtkitError(
+            f"train.trainable=full: model.base={source!r} has {n / 1e9:.1f}B parameters; full training holds fp32 "
+            f"weights, gradients and AdamW states (16 bytes a parameter, ~{16 * n / 1e9:.0f} GB) and is limited to "
+            f"{FULL_TRAINING_MAX_PARAMS / 1e9:.0f}B. Use train.trainable=lora (adapters, 4-bit base) for this model"
+        )
+
+
+def make_fully_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Unfreeze every weight of the text model, in fp32 (the master weights; a GPU run computes in the recipe's
+    dtype under autocast). The router trains too: from a random init a frozen router would fix the routing
+    forever. Tied tensors (the encoder and decoder share their text weights, the head shares the embeddings) are
+    one Parameter each, so they train once."""
+    model = model.float()
+    for name, p in model.named_parameters():
+        p.requires_grad_(not UNUSED_BY_TEXT.search(name))
+    return model
+
+
+def load_full_model(model_cfg: ModelSection, weights_dir: Path) -> torch.nn.Module:
+    """A full model saved by `train.trainable: full` (the run directory or one of its checkpoints), frozen, in fp32
+    for a preset and the recipe's dtype otherwise."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    dtype = torch.float32 if model_cfg.base in PRESETS else DTYPES[model_cfg.dtype]
+    try:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            weights_dir, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+    except OSError as e:
+        raise FtkitError(f"{weights_dir}: cannot load the trained full model ({e.__class__.__name__}: {e})") from None
+    return _freeze(model)
 
 
 def lora_targets(lora: LoraSection, num_layers: int | None = None) -> tuple[str | None, list[str]]:

@@ -123,3 +123,29 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> bool:
         kl_ax.legend(loc="lower right", fontsize="small")
     _finish(fig, ax, path, "optimizer step", "mean over the round's samples", "ftkit rl: verifier reward")
     return True
+
+
+def plot_learning_curve(points: list[dict[str, Any]], path: Path, metrics: list[str],
+                        chance: dict[str, float | None] | None = None) -> Path:
+    """Metrics against optimizer steps (left) and training seconds (right), a dashed line at each known chance
+    level. `points`: [{"step", "seconds", "metrics": {name: value}}, ...] (bench/learning_curve.py)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), sharey=True)
+    timed = [p for p in points if p.get("seconds") is not None]
+    for ax, key, pts, xlabel in ((axes[0], "step", points, "optimizer step"),
+                                 (axes[1], "seconds", timed, "training seconds")):
+        for i, name in enumerate(metrics):
+            color = f"C{i}"
+            ax.plot([p[key] for p in pts], [p["metrics"].get(name, float("nan")) for p in pts], marker="o",
+                    color=color, label=name)
+            level = (chance or {}).get(name)
+            if level is not None:
+                ax.axhline(level, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("metric (dashed: chance)")
+    axes[0].legend(fontsize="small", loc="upper left")
+    fig.suptitle("learning curve (held-out examples)")
+    fig.tight_layout()
+    return _save(fig, path)

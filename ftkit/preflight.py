@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ftkit.errors import RecipeError
+from ftkit.errors import FtkitError, RecipeError
 
 # The tiny preset's real step is skipped above this size (a "tiny" spec someone made large).
 SMOKE_MAX_PARAMETERS = 50_000_000
@@ -64,16 +64,27 @@ def check_model(recipe, where: str) -> list[str]:
     except Exception as e:  # noqa: BLE001 - whatever the constructor raises is a config the recipe cannot use
         raise RecipeError(f"{where}: the model of `{section}` does not build: {_first_line(e)}") from None
     parameters = sum(p.numel() for p in model.parameters())
-    _attach(model, recipe, where)
-    notes = [f"model built on the meta device ({parameters:,} parameters) with its LoRA adapter"]
+    if recipe.is_full:
+        from ftkit.model import check_full_training
+
+        try:
+            check_full_training(config, recipe.model.base)
+        except FtkitError as e:
+            raise RecipeError(f"{where}: {e}") from None
+        notes = [f"model built on the meta device ({parameters:,} parameters), every weight trainable"]
+    else:
+        _attach(model, recipe, where)
+        notes = [f"model built on the meta device ({parameters:,} parameters) with its LoRA adapter"]
     if recipe.is_tiny:
         notes.append(_smoke_step(recipe, tokenizer, parameters, where))
     return notes
 
 
 def _attach(model, recipe, where: str):
-    from ftkit.model import attach_lora, expert_pattern_warning_silenced
+    from ftkit.model import attach_lora, expert_pattern_warning_silenced, make_fully_trainable
 
+    if recipe.is_full:
+        return make_fully_trainable(model)
     for p in model.parameters():
         p.requires_grad_(False)
     try:

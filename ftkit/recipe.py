@@ -22,6 +22,7 @@ import yaml
 from ftkit.errors import FtkitError, RecipeError
 
 TINY = "tiny"
+SMALL = "small"
 REAL_BASE = "google/diffusiongemma-26B-A4B-it"
 
 
@@ -45,13 +46,23 @@ class TinySpec:
     embedding_std: float = 0.15
 
 
+# The random-init presets `model.base` can name. `model.tiny` holds the dimensions; the keys a recipe leaves out of it
+# take the named preset's values (`tiny`: CPU tests and demos; `small`: ~8M parameters, from-scratch training on a
+# GPU, e.g. recipes/small/sudoku.yaml).
+PRESETS: dict[str, TinySpec] = {
+    TINY: TinySpec(),
+    SMALL: TinySpec(layers=6, hidden=256, heads=8, kv_heads=4, head_dim=32, global_head_dim=64, intermediate=512,
+                    experts=8, top_k=2, expert_intermediate=128, embedding_std=0.05),
+}
+
+
 @dataclass(frozen=True)
 class ModelSection:
-    base: str = REAL_BASE  # hub id, local directory, or "tiny"
+    base: str = REAL_BASE  # hub id, local directory, or a random-init preset: "tiny" or "small"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     revision: str | None = None
-    tiny: TinySpec = field(default_factory=TinySpec)
+    tiny: TinySpec = field(default_factory=TinySpec)  # preset dimensions (defaults shown: the `tiny` preset's)
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,10 @@ class DiffusionSection:
 @dataclass(frozen=True)
 class TrainSection:
     output_dir: str = "runs/run"
+    # lora: adapters on a frozen base (the `lora` section). full: every weight of the text model trains (router
+    # included) and the run saves a full model instead of an adapter: for random-init presets and small local
+    # checkpoints; refused for a 4-bit base and for bases over 2B parameters.
+    trainable: Literal["lora", "full"] = "lora"
     seed: int = 0
     max_steps: int = 200
     batch_size: int = 8
@@ -213,7 +228,13 @@ class Recipe:
 
     @property
     def is_tiny(self) -> bool:
-        return self.model.base == TINY
+        """A random-init preset (`tiny` or `small`): built from `model.tiny`, its base saved under RUN/base."""
+        return self.model.base in PRESETS
+
+    @property
+    def is_full(self) -> bool:
+        """Full-parameter training: the run holds a full model (config.json + model.safetensors), not an adapter."""
+        return self.train.trainable == "full"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,6 +372,9 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     need(t.heads % t.kv_heads == 0, "model.tiny.heads", "must be a multiple of model.tiny.kv_heads")
     need(t.embedding_std > 0, "model.tiny.embedding_std", "must be > 0")
     need(recipe.quant.expert_chunk >= 0, "quant.expert_chunk", "must be >= 0 (0 = all experts at once)")
+    need(not (recipe.is_full and recipe.quant.mode == "4bit"), "train.trainable",
+         "is `full`, which needs a full-precision base: 4-bit weights cannot be trained (set quant.mode=none, or "
+         "train.trainable=lora to train adapters on the 4-bit base)")
     if recipe.quant.mode == "4bit":
         need(recipe.quant.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096), "quant.blocksize",
              "must be a power of two in [32, 4096]")
@@ -567,10 +591,24 @@ def recipe_from_dict(data: Any, where: str = "<recipe>", overrides: list[str] | 
         raise RecipeError(f"{where}: the top level must be a mapping of sections, got {type(data).__name__}")
     if overrides:
         data = apply_overrides(data, overrides)
-    recipe = build_dataclass(Recipe, data, where)
+    recipe = build_dataclass(Recipe, _with_preset_dims(data), where)
     _check_ranges(recipe, where)
     _check_sampler(recipe.eval, where)
     return _validate_training_args(_validate_task(recipe, where), where)
+
+
+def _with_preset_dims(data: dict[str, Any]) -> dict[str, Any]:
+    """For `model.base: small` (a preset other than tiny, whose values are the schema defaults): the preset's
+    dimensions under the `model.tiny` keys the recipe sets. The resolved recipe then states every dimension, so
+    reloading it gives the same model."""
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("base") not in PRESETS or model.get("base") == TINY:
+        return data
+    dims = model.get("tiny")
+    if dims is not None and not isinstance(dims, dict):
+        return data  # build_dataclass names the wrong type
+    preset = dataclasses.asdict(PRESETS[model["base"]])
+    return {**data, "model": {**model, "tiny": {**preset, **(dims or {})}}}
 
 
 def read_yaml(path: str | Path) -> Any:

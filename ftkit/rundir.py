@@ -4,8 +4,9 @@
       recipe.yaml                     the resolved recipe (overrides applied)
       adapter_config.json             the final PEFT adapter (standard format)
       adapter_model.safetensors
+      config.json, model.safetensors  instead of the adapter with train.trainable=full: the full model
       tokenizer*.json                 the tokenizer used
-      base/                           tiny preset only: its random-init base weights
+      base/                           presets (tiny, small) only: the random-init base weights
       checkpoints/checkpoint-N/       Trainer checkpoints (adapter, optimizer, RNG, state, manifest.json), written
                                       atomically
       checkpoints/damaged-checkpoint-N/  a checkpoint `--resume` found damaged, moved aside (never deleted)
@@ -45,6 +46,19 @@ TOKENIZER_REQUIRED = ("tokenizer_config.json", "tokenizer.json")
 TOKENIZER_OPTIONAL = ("special_tokens_map.json", "added_tokens.json", "tokenizer.model", "chat_template.jinja",
                       "chat_template.json")
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+# A full model (train.trainable: full), as save_pretrained writes it (one shard: full training is for small models).
+FULL_CONFIG = "config.json"
+FULL_MODEL_FILES = (FULL_CONFIG, "model.safetensors")
+
+
+def weight_files(full: bool) -> tuple[str, ...]:
+    """The files that hold what a run trained: its adapter, or with train.trainable=full its full model."""
+    return FULL_MODEL_FILES if full else ADAPTER_FILES
+
+
+def weights_file(full: bool) -> str:
+    """The one file whose hash identifies what a run trained (an evaluation records it)."""
+    return FULL_MODEL_FILES[1] if full else ADAPTER_WEIGHTS
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' own pattern (trainer_utils._re_checkpoint)
 DAMAGED_PREFIX = "damaged-"
 # What `ftkit train` writes before it has anything worth keeping: an attempt that died before its first checkpoint
@@ -181,10 +195,10 @@ def newest_intact_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def verified_adapter_checkpoint(ckpt: Path) -> Path:
-    """A checkpoint about to be evaluated: its adapter files must match its manifest (`--resume` makes the same
-    check on every file)."""
-    damage = manifest.verify(ckpt, only=ADAPTER_FILES)
+def verified_adapter_checkpoint(ckpt: Path, full: bool = False) -> Path:
+    """A checkpoint about to be evaluated: its adapter (or full model) files must match its manifest (`--resume`
+    makes the same check on every file)."""
+    damage = manifest.verify(ckpt, only=weight_files(full))
     if damage is not None:
         older = [c.name for c in _checkpoints_in(ckpt.parent) if c != ckpt]
         hint = f"evaluate an earlier one (--checkpoint {older[0]})" if older else "no other checkpoint is left"
@@ -206,7 +220,7 @@ def kept_results(run_dir: Path) -> list[str]:
     """What a run directory holds that a new attempt must not replace silently: checkpoints, the final adapter, the
     summary and evaluations."""
     names = [p.relative_to(run_dir).as_posix() for p in checkpoints(run_dir)]
-    names += [n for n in (*ADAPTER_FILES, SUMMARY) if (run_dir / n).exists()]
+    names += [n for n in (*ADAPTER_FILES, *FULL_MODEL_FILES, SUMMARY) if (run_dir / n).exists()]
     names += sorted(p.name for p in run_dir.glob("eval*.json"))
     return names
 
@@ -228,9 +242,9 @@ def clear_attempt(run_dir: Path, also: tuple[str, ...] = ()) -> list[str]:
     return removed
 
 
-def final_adapter_problem(run_dir: Path) -> str | None:
-    """What is wrong with the run's final adapter files, or None when both are intact."""
-    for name in ADAPTER_FILES:
+def final_adapter_problem(run_dir: Path, full: bool = False) -> str | None:
+    """What is wrong with the run's final adapter (or full model) files, or None when they are intact."""
+    for name in weight_files(full):
         what = filecheck.problem(run_dir / name)
         if what:
             return f"{name}: {what}"
@@ -248,30 +262,31 @@ class LoadedRun:
     adapter_dir: Path | None
 
 
-def adapter_location(run_dir: Path, checkpoint: str | None = None) -> Path:
-    """The final adapter, or a named/`latest` checkpoint's; verified (FtkitError naming the damaged file)."""
+def adapter_location(run_dir: Path, checkpoint: str | None = None, full: bool = False) -> Path:
+    """The final adapter (with `full`: the full model), or a named/`latest` checkpoint's; verified (FtkitError
+    naming the damaged file)."""
     if checkpoint is None:
-        if any((run_dir / n).exists() for n in (*ADAPTER_FILES, SUMMARY)):
-            what = final_adapter_problem(run_dir)
+        if any((run_dir / n).exists() for n in (*weight_files(full), SUMMARY)):
+            what = final_adapter_problem(run_dir, full)
             if what:
                 raise FtkitError(f"{run_dir}/{what}; evaluate a checkpoint instead (--checkpoint latest), or run "
-                                 "`ftkit train RECIPE --resume` to write the final adapter again from the last one")
+                                 f"`ftkit train RECIPE --resume` to write the final {'model' if full else 'adapter'} again from the last one")
             return run_dir
         last = latest_checkpoint(run_dir)
         if last is None:
-            raise FtkitError(f"{run_dir}: no adapter and no checkpoint yet")
-        return verified_adapter_checkpoint(last)
+            raise FtkitError(f"{run_dir}: no {'full model' if full else 'adapter'} and no checkpoint yet")
+        return verified_adapter_checkpoint(last, full)
     if checkpoint == "latest":
         last = latest_checkpoint(run_dir)
         if last is None:
             raise FtkitError(f"{run_dir}: no checkpoint yet")
-        return verified_adapter_checkpoint(last)
+        return verified_adapter_checkpoint(last, full)
     path = Path(checkpoint)
     if not path.is_absolute() and not path.exists():
         path = run_dir / CHECKPOINTS / checkpoint
     if not path.is_dir():
         raise FtkitError(f"{path}: no such checkpoint")
-    return verified_adapter_checkpoint(path)
+    return verified_adapter_checkpoint(path, full)
 
 
 # Sections every recipe.yaml train has written holds. Keys inside a section may be missing (a run made by an older
@@ -327,21 +342,26 @@ def load_run_tokenizer(run_dir: Path):
 
 
 def load_run(run_dir: str | Path, adapter: bool = True, checkpoint: str | None = None, device: str | None = None) -> LoadedRun:
-    """Recipe, tokenizer, base model (+ the run's LoRA adapter unless `adapter=False`), task instance. Every run
-    file is checked before it is read: a damaged or missing one is an FtkitError naming it and what to do."""
+    """Recipe, tokenizer, base model (+ the run's LoRA adapter unless `adapter=False`), task instance. A full run
+    (train.trainable: full) loads its trained full model instead (`adapter_dir` is then where it came from);
+    `adapter=False` gives its untrained base. Every run file is checked before it is read: a damaged or missing
+    one is an FtkitError naming it and what to do."""
     import torch
 
-    from ftkit.model import load_base
+    from ftkit.model import load_base, load_full_model
     from ftkit.tasks import make_task
 
     run_dir = require_run_dir(run_dir)
     recipe = load_run_recipe(run_dir)
     check_run_inputs(run_dir, recipe)
-    adapter_dir = adapter_location(run_dir, checkpoint) if adapter else None
+    adapter_dir = adapter_location(run_dir, checkpoint, full=recipe.is_full) if adapter else None
     tokenizer = load_run_tokenizer(run_dir)
-    model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
-    if adapter_dir is not None:
-        model = load_adapter(model, adapter_dir)
+    if adapter_dir is not None and recipe.is_full:
+        model = load_full_model(recipe.model, adapter_dir)
+    else:
+        model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
+        if adapter_dir is not None:
+            model = load_adapter(model, adapter_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if recipe.quant.mode != "4bit":
         model = model.to(device)

@@ -5,7 +5,7 @@ the same way: one implementation, so the two commands cannot drift apart on what
 `plan_start` takes the run's lock and decides from what the directory holds: a fresh start (clearing what an attempt
 that saved nothing left), a resume from the newest intact checkpoint (moving damaged ones aside), or nothing to do
 (the run is complete). The rest are the run files a training command writes: the logs trimmed back to the resumed
-step, the final adapter (staged, each file atomic), the parameter table.
+step, the final adapter or full model (staged, each file atomic), the parameter table.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def plan_start(lock: RunLock, run_dir: Path, recipe, resume: bool, same_sections
     if (run_dir / rundir.RECIPE_FILE).exists():
         previous = rundir.load_run_recipe(run_dir)
         changed = [s for s in same_sections if getattr(previous, s) != getattr(recipe, s)]
+        if previous.train.trainable != recipe.train.trainable:  # an adapter cannot continue a full model, or back
+            changed.append("train.trainable")
         if changed:
             raise FtkitError(f"{run_dir}: --resume with a different {'/'.join(changed)} section than the run was "
                              "started with")
@@ -74,10 +76,11 @@ def plan_start(lock: RunLock, run_dir: Path, recipe, resume: bool, same_sections
                          "continue the run")
     if step == max_steps:
         summary = run_dir / rundir.SUMMARY
-        if summary.is_file() and rundir.final_adapter_problem(run_dir) is None:
+        if summary.is_file() and rundir.final_adapter_problem(run_dir, recipe.is_full) is None:
             rundir.say(f"{run_dir}: the run is complete (step {step} of {max_steps}); nothing to resume")
             return Start(str(ckpt), step, done=True, complete_summary=json.loads(summary.read_text()))
-        rundir.say(f"resuming from {ckpt.name}: training is done; writing the final adapter")
+        rundir.say(f"resuming from {ckpt.name}: training is done; writing the final "
+                   f"{'model' if recipe.is_full else 'adapter'}")
         return Start(str(ckpt), step, done=True)
     rundir.say(f"resuming from {ckpt.name} (step {step} of {max_steps})")
     return Start(str(ckpt), step)
@@ -116,19 +119,31 @@ def reset_logs(run_dir: Path, resumed_step: int) -> None:
             rundir.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def copy_adapter(ckpt: Path, run_dir: Path) -> None:
-    """The final adapter from a checkpoint (the Trainer saved it with the same save_pretrained), each file atomic."""
-    for name in (rundir.ADAPTER_WEIGHTS, rundir.ADAPTER_CONFIG, "README.md"):
+def copy_adapter(ckpt: Path, run_dir: Path, full: bool = False) -> None:
+    """The final adapter (or full model) from a checkpoint (the Trainer saved it with the same save_pretrained),
+    each file atomic."""
+    for name in (*_saved_files(ckpt, full), "README.md"):
         if (ckpt / name).exists():
             rundir.atomic_write(run_dir / name, lambda tmp, src=ckpt / name: shutil.copyfile(src, tmp))
 
 
-def save_adapter(model, run_dir: Path) -> None:
-    """save_pretrained into a staging dir, then move the two adapter files into place one by one (each atomic)."""
+def save_adapter(model, run_dir: Path, full: bool = False) -> None:
+    """save_pretrained into a staging dir, then move the files into place one by one (each atomic), the weights
+    before the config that names them. `full`: the whole model (config, generation config, safetensors with the
+    ties recorded, not duplicated), so the run directory loads with `from_pretrained`."""
     staging = run_dir / ".staging-adapter"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
-    for name in (rundir.ADAPTER_WEIGHTS, rundir.ADAPTER_CONFIG, "README.md"):
+    for name in (*_saved_files(staging, full), "README.md"):
         if (staging / name).exists():
             (staging / name).replace(run_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _saved_files(folder: Path, full: bool) -> list[str]:
+    """What save_pretrained wrote that the run keeps, weights first: the adapter's two files, or a full model's
+    safetensors, generation config and config."""
+    if not full:
+        return [rundir.ADAPTER_WEIGHTS, rundir.ADAPTER_CONFIG]
+    weights = sorted(p.name for p in folder.glob("model*.safetensors*"))  # a shard index too, should one appear
+    return [*weights, "generation_config.json", rundir.FULL_CONFIG]

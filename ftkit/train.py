@@ -38,7 +38,9 @@ def training_arguments(recipe: Recipe, run_dir: Path):
 
     t = recipe.train
     cuda = torch.cuda.is_available()
-    bf16 = cuda and recipe.model.dtype == "bfloat16" and not recipe.is_tiny
+    # A preset holds fp32 weights whatever model.dtype says, as does full training (make_fully_trainable): on a GPU
+    # they compute in bf16 under autocast when the recipe asks for it.
+    bf16 = cuda and recipe.model.dtype == "bfloat16" and (recipe.is_full or not recipe.is_tiny)
     try:
         return _training_arguments(TrainingArguments, recipe, run_dir, t, cuda, bf16)
     except (TypeError, ValueError) as e:  # a value TrainingArguments itself rejects (the recipe checked the types)
@@ -150,7 +152,8 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
            extra_callbacks: list | None) -> dict[str, Any]:
     from transformers import set_seed
 
-    from ftkit.model import attach_lora, load_base, load_in_turns, load_tokenizer, parameter_groups
+    from ftkit.model import (attach_lora, check_full_training, load_base, load_in_turns, load_tokenizer,
+                             make_fully_trainable, parameter_groups)
     from ftkit.plots import plot_loss_curve, plot_noise_vs_loss
     from ftkit.task_data import build_training_data
     from ftkit.tasks import make_task
@@ -169,7 +172,10 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
         if canvas_length is None:
             from transformers import AutoConfig
 
-            canvas_length = int(AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision).canvas_length)
+            config = AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision)
+            canvas_length = int(config.canvas_length)
+            if recipe.is_full:
+                check_full_training(config, recipe.model.base)
         # Built once per fingerprint and cached (ftkit.task_data); other processes read what the main one made.
         with dist.main_process_first():
             train_data = build_training_data(task, tokenizer, recipe, canvas_length)
@@ -191,7 +197,7 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
             model.enable_input_require_grads()
         # PEFT draws lora_A from the global RNG: seed it, or two runs of one recipe start from different adapters.
         set_seed(recipe.train.seed)
-        model = attach_lora(model, recipe.lora)
+        model = make_fully_trainable(model) if recipe.is_full else attach_lora(model, recipe.lora)
         groups = parameter_groups(model)
         if dist.is_main_process:
             print_parameter_groups(groups)
@@ -233,9 +239,9 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
     try:
         if trainer.is_world_process_zero():
             if start.done:
-                copy_adapter(Path(start.checkpoint), run_dir)
+                copy_adapter(Path(start.checkpoint), run_dir, full=recipe.is_full)
             else:
-                save_adapter(model, run_dir)
+                save_adapter(model, run_dir, full=recipe.is_full)
             summary = _summary(recipe, run_dir, groups, canvas_length, result, elapsed, start.step, len(train_data))
             rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
             plot_loss_curve(rundir.read_jsonl(run_dir / rundir.TRAIN_LOG), run_dir / "loss.png")
@@ -252,6 +258,7 @@ def _summary(recipe, run_dir, groups, canvas_length, result, elapsed, resumed_st
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     return {
         "base_model": recipe.model.base,
+        "trainable": recipe.train.trainable,
         "task": recipe.task.name,
         "steps": recipe.train.max_steps,
         "train_examples": train_examples,  # what was built (a task may have less data than task.train_size asks)

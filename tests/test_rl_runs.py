@@ -160,7 +160,7 @@ INIT_DAMAGE = [
     ("truncated base", lambda r: (r / "base" / "model.safetensors").write_bytes(b"x" * 10),
      r"base/model.safetensors: truncated"),
     ("full-parameter run", lambda r: (r / "recipe.yaml").write_text(
-        (r / "recipe.yaml").read_text().replace("\ntrain:\n", "\ntrain:\n  trainable: full\n")),
+        (r / "recipe.yaml").read_text().replace("  trainable: lora\n", "  trainable: full\n")),
      r"a full-parameter run \(train.trainable: full\); ftkit rl continues a LoRA adapter only"),
 ]
 
@@ -221,11 +221,8 @@ def test_push_leaves_out_an_rl_eval_of_another_adapter(run, tmp_path):
 
 def test_a_full_parameter_rl_recipe_is_refused(tmp_path):
     from ftkit.errors import RecipeError
-    from ftkit.recipe import TrainSection
     from ftkit.rl.run import check_rl_recipe
 
-    if "trainable" not in TrainSection.__dataclass_fields__:
-        pytest.skip("train.trainable comes with full-parameter training (not on this branch yet)")
     recipe = recipe_from_dict({**toy_recipe(tmp_path / "x").to_dict(), "train": {"trainable": "full"}})
     with pytest.raises(RecipeError, match=r"r.yaml: `train.trainable`=full: ftkit rl trains a LoRA adapter only"):
         check_rl_recipe(recipe, where="r.yaml")
