@@ -245,7 +245,7 @@ def chat_recipe(out: Path, data: Path, **rl):
 
 
 def test_a_chat_task_with_a_verifier_is_an_rl_task(tmp_path):
-    from test_task_chat import chats, write_jsonl
+    from test_task_chat import write_jsonl
 
     from ftkit.layout import TokenRule
     from ftkit.model import load_tokenizer
