@@ -8,14 +8,20 @@ busy). So the count is, in order:
 
 1. the recipe's `train.cpu_threads` when > 0;
 2. `OMP_NUM_THREADS` when set (the user has decided);
-3. the CPUs this process may run on (`os.sched_getaffinity`), less the ones other work keeps busy (the 1-minute
-   load average over the machine's CPUs), at least 1.
+3. the CPUs this process may run on (`os.sched_getaffinity`), less the ones other work keeps busy, at least 1.
+   "Busy" is measured now: the machine's CPU time over a quarter second (`/proc/stat`). The 1-minute load average
+   (the fallback where there is no /proc/stat) lags: a build or test run that ended a minute ago still counts
+   there, and a quiet 2-core machine got 1 thread and trained at half speed.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+
+PROC_STAT = "/proc/stat"
+SAMPLE_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,26 @@ def allowed_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) CPU time of the whole machine so far, in clock ticks (the `cpu` line of /proc/stat)."""
+    with open(PROC_STAT, encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user and nice]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
 def busy_cpus() -> int:
-    """CPUs of the machine kept busy by other work, from the 1-minute load average (0 where there is none). It
-    includes this process once it has been running a while, which is why it is read before any work starts."""
+    """CPUs of the machine kept busy by other work right now: the non-idle share of all CPUs' time over
+    SAMPLE_SECONDS, times the CPU count; where /proc/stat is missing, the 1-minute load average (0 where there is
+    none). Read before any work starts, so this process does not count itself."""
+    try:
+        idle0, total0 = _cpu_times()
+        time.sleep(SAMPLE_SECONDS)
+        idle1, total1 = _cpu_times()
+        if total1 > total0:
+            return int(round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)))
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(round(os.getloadavg()[0]))
     except (AttributeError, OSError):
@@ -55,7 +78,7 @@ def choose_threads(requested: int = 0) -> ThreadChoice:
     threads = max(1, min(allowed, idle))
     why = f"{allowed} CPU(s) allowed to this process"
     if threads < allowed:
-        why += f", {allowed - threads} kept busy by other work (load average)"
+        why += f", {allowed - threads} kept busy by other work"
     return ThreadChoice(threads, why)
 
 
