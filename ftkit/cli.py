@@ -132,7 +132,7 @@ def train(
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Overrides train.output_dir.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Overrides model.base (e.g. `tiny`).")] = None,
 ) -> None:
-    """Train a LoRA adapter with the diffusion objective; writes the run directory."""
+    """Train a LoRA adapter (or every weight: train.trainable=full) with the diffusion objective; writes the run directory."""
     from ftkit.recipe import load_recipe
 
     extra = list(overrides or [])
@@ -245,7 +245,7 @@ def eval_(
     split: Annotated[Optional[str], typer.Option(help="Dataset split (default: the recipe's eval.split).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: eval.steps).")] = None,
     num_examples: Annotated[Optional[int], typer.Option("--num-examples", "-n", help="How many examples.")] = None,
-    base: Annotated[bool, typer.Option("--base", help="Evaluate the untuned base model instead.")] = False,
+    base: Annotated[bool, typer.Option("--base", help="Evaluate the untuned base model instead (a full run: its initial weights).")] = False,
     verifier: Annotated[Optional[bool], typer.Option("--verifier/--no-verifier", help="Verifier-guided re-noising.")] = None,
     compare_verifier: Annotated[bool, typer.Option("--compare-verifier", help="Plain vs verifier-guided on the same examples and seeds, plus plain best-of-n at the verifier's decoder forwards.")] = False,
     sweep_steps: Annotated[Optional[str], typer.Option("--sweep-steps", help="Comma list, e.g. 1,4,16,64.")] = None,

@@ -530,6 +530,7 @@ def evaluate_run(
         "task": recipe.task.name,
         "split": cfg.split,
         "adapter": not base_only,
+        "full_model": run.recipe.is_full,  # the run trained every weight: "adapter" means its trained model
         "checkpoint": checkpoint_name,
         "data_path": data_path,
         "base": recipe.model.base,
@@ -625,7 +626,9 @@ def render_table(report: dict[str, Any]):
 
     title = "Evaluation"
     if "task" in report:
-        title += f": {report['task']} ({report.get('split')}, {'adapter' if report.get('adapter', True) else 'base model'})"
+        what = ("base model" if not report.get("adapter", True)
+                else "trained full model" if report.get("full_model") else "adapter")
+        title += f": {report['task']} ({report.get('split')}, {what})"
     notes = report.get("notes") or []
     table = Table(title=Text(title), caption=Text("; ".join(notes)) if notes else None)
     table.add_column("metric")
