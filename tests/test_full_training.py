@@ -234,3 +234,32 @@ def test_learning_curve_bench_trains_evaluates_and_plots(tmp_path):
     lines = proc.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["step", "seconds"])
     assert [line.split()[0] for line in lines[head + 2 : head + 6]] == ["0", "2", "4", "chance"]
+
+
+def test_rl_on_a_full_run_takes_it_as_the_base(full_run, tmp_path):
+    """`rl.init_from` refuses a full run and says to make it the base; that recipe trains a fresh adapter on the
+    trained full model (the reference: that model, adapter off; KL 0 at the first step), and the adapter's weights
+    are the only ones that move."""
+    from ftkit.rl.run import rl
+
+    out, _, _ = full_run
+    data = {
+        "model": {"base": str(out), "dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8, "attention": True, "experts": True, "dense_mlp": True},
+        "diffusion": {"self_conditioning_p": 0.0},
+        "train": {"output_dir": str(tmp_path / "rl"), "max_steps": 2, "batch_size": 16, "learning_rate": 1e-2,
+                  "warmup_steps": 0, "lr_scheduler": "constant", "logging_steps": 1, "save_steps": 2},
+        "task": {"name": "sudoku", "train_size": 24, "test_size": 4},
+        "eval": {"num_examples": 2, "steps": 2},
+        "rl": {"init_from": str(out), "group_size": 4, "prompts_per_step": 2, "num_iterations": 2, "elbo_samples": 1,
+               "evaluate": False},
+    }
+    with pytest.raises(FtkitError, match=rf"a full-parameter run .* make it the base: model.base={out} with "
+                                         r"rl.init_from: null"):
+        rl(recipe_from_dict(data), progress=False)
+    data["rl"]["init_from"] = None
+    summary = rl(recipe_from_dict(data), progress=False)
+    assert summary["steps"] == 2 and (tmp_path / "rl" / "adapter_model.safetensors").is_file()
+    rows = [r for r in rundir.read_jsonl(tmp_path / "rl" / rundir.TRAIN_LOG) if "reward" in r]
+    first = next((r for r in rows if "kl" in r), None)
+    assert first is None or first["kl"] == 0.0

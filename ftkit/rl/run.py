@@ -78,7 +78,8 @@ def init_adapter(recipe: Recipe) -> Path | None:
         raise FtkitError(f"{where}: no such run directory (run `ftkit train` first)")
     if _is_full_parameter_run(init_dir):
         raise FtkitError(f"{where}: a full-parameter run (train.trainable: full); ftkit rl continues a LoRA adapter "
-                         "only: start from a LoRA run, or from the base (rl.init_from: null)")
+                         f"only. To RL that model, make it the base: model.base={init_dir} with rl.init_from: null "
+                         "(a fresh adapter on it; recipes/quickstart_rl.yaml does this)")
     try:
         rundir.require_run_dir(init_dir)
         source = rundir.load_run_recipe(init_dir)
