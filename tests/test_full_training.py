@@ -13,7 +13,7 @@ from ftkit import rundir
 from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe import recipe_from_dict
 from ftkit.train import train
-from test_train import CrashAt, Snapshot, probe_batch, tiny_recipe
+from test_train import Snapshot, crash_and_resume, probe_batch, tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,17 +107,7 @@ def test_saved_full_model_reloads_with_identical_logits_and_ties(full_run):
 def test_resume_after_crash_reproduces_the_uninterrupted_run(full_run, tmp_path):
     full_dir, _, _ = full_run
     out = tmp_path / "b"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(full_recipe(out), progress=False, extra_callbacks=[CrashAt(4)])
-    assert rundir.latest_checkpoint(out).name == "checkpoint-3"
-    assert not (out / "model.safetensors").exists()
-    summary = train(full_recipe(out), resume=True, progress=False)
-    assert summary["resumed_from_step"] == 3
-    full = [r for r in rundir.read_jsonl(full_dir / "train_log.jsonl") if "loss" in r]
-    resumed = [r for r in rundir.read_jsonl(out / "train_log.jsonl") if "loss" in r]
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(full, resumed):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    crash_and_resume(full_recipe, full_dir, out, "model.safetensors")
     with safe_open(full_dir / "model.safetensors", "pt") as fa, safe_open(out / "model.safetensors", "pt") as fb:
         assert set(fa.keys()) == set(fb.keys())
         for key in fa.keys():

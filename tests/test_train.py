@@ -104,14 +104,14 @@ def test_saved_adapter_reloads_with_identical_logits(trained):
         assert not torch.allclose(base.model(**probe_batch()).logits, snap.logits)
 
 
-def test_resume_after_crash_reproduces_the_uninterrupted_run(trained, tmp_path):
-    full_dir, _, _ = trained
-    out = tmp_path / "b"
+def crash_and_resume(make_recipe, full_dir, out, final_file: str) -> None:
+    """Crash a 6-step run at step 4, resume it from checkpoint-3, and check its log against the uninterrupted
+    run's in `full_dir`: the same steps once each, the same losses and noise levels."""
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_recipe(out), progress=False, extra_callbacks=[CrashAt(4)])
+        train(make_recipe(out), progress=False, extra_callbacks=[CrashAt(4)])
     assert rundir.latest_checkpoint(out).name == "checkpoint-3"
-    assert not (out / "adapter_config.json").exists()
-    summary = train(tiny_recipe(out), resume=True, progress=False)
+    assert not (out / final_file).exists()
+    summary = train(make_recipe(out), resume=True, progress=False)
     assert summary["resumed_from_step"] == 3
     full = [r for r in rundir.read_jsonl(full_dir / "train_log.jsonl") if "loss" in r]
     resumed = [r for r in rundir.read_jsonl(out / "train_log.jsonl") if "loss" in r]
@@ -119,6 +119,10 @@ def test_resume_after_crash_reproduces_the_uninterrupted_run(trained, tmp_path):
     for a, b in zip(full, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
         assert a["noise_level"] == pytest.approx(b["noise_level"], rel=1e-6)
+
+
+def test_resume_after_crash_reproduces_the_uninterrupted_run(trained, tmp_path):
+    crash_and_resume(tiny_recipe, trained[0], tmp_path / "b", "adapter_config.json")
 
 
 def test_resume_past_a_damaged_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_path, capsys):
