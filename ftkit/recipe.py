@@ -602,7 +602,8 @@ def _with_preset_dims(data: dict[str, Any]) -> dict[str, Any]:
     dimensions under the `model.tiny` keys the recipe sets. The resolved recipe then states every dimension, so
     reloading it gives the same model."""
     model = data.get("model")
-    if not isinstance(model, dict) or model.get("base") not in PRESETS or model.get("base") == TINY:
+    base = model.get("base") if isinstance(model, dict) else None
+    if not isinstance(base, str) or base not in PRESETS or base == TINY:  # a wrong type: build_dataclass names it
         return data
     dims = model.get("tiny")
     if dims is not None and not isinstance(dims, dict):

@@ -30,6 +30,13 @@ def start_driver(out: Path, *args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env=env)
 
 
+def default_sigint() -> None:
+    """Popen's preexec_fn for a child that must see Ctrl-C: a shell without job control starts background commands
+    (CI's `.ci/run &`) with SIGINT ignored, every child inherits that across exec, and Python then installs no
+    KeyboardInterrupt handler, so the child would train on to the end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -125,7 +132,8 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_exact_resume_command(tmp_path)
 
     def run_until(argv, predicate) -> str:
         proc = subprocess.Popen([sys.executable, "-m", "ftkit", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=default_sigint)
         wait_for(predicate, proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)

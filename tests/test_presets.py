@@ -53,3 +53,9 @@ def test_small_preset_builds_saves_and_reloads_its_base(tmp_path, monkeypatch):
     monkeypatch.setattr(ftkit.model, "build_tiny", lambda *a: pytest.fail("must reload RUN/base, not rebuild"))
     again = load_base(recipe.model, recipe.quant, tok, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_base_of_the_wrong_type_is_a_recipe_error():
+    """Found by the fuzz test: the preset lookup hashed `model.base` before its type was checked (TypeError)."""
+    with pytest.raises(RecipeError, match=r"model\.base"):
+        recipe_from_dict({"model": {"base": []}}, where="r.yaml")

@@ -298,7 +298,7 @@ def test_answers_longer_than_one_canvas_are_refused(tmp_path):
 def test_one_writer_and_ctrl_c_through_the_cli(tmp_path):
     """A second `ftkit rl` on a running RL run is refused naming the holder; Ctrl-C names the last checkpoint and the
     exact command, which resumes from it."""
-    from test_faults import wait_for
+    from test_faults import default_sigint, wait_for
 
     out = tmp_path / "run"
     args = ["rl", "recipes/tiny/sudoku_rl.yaml", f"train.output_dir={out}", "rl.init_from=null", "rl.evaluate=false",
@@ -309,7 +309,7 @@ def test_one_writer_and_ctrl_c_through_the_cli(tmp_path):
 
     def start(argv) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "ftkit", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+                                stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
 
     def interrupt(proc) -> str:
         proc.send_signal(signal.SIGINT)
