@@ -139,12 +139,23 @@ def _main_decides(dist: PartialState, decide):
     return value
 
 
-def _teardown(dist: PartialState) -> None:
+def _teardown(dist: PartialState, trainer=None) -> None:
     """The other processes wait for the main one's files, then every process tears the process group down itself:
     a process that exits with gloo's threads still running aborts ("terminate called without an active
-    exception", SIGABRT) and torchrun reports the whole run as failed."""
+    exception", SIGABRT) and torchrun reports the whole run as failed.
+
+    The DDP wrapper goes first, while every rank is still there: its reducer holds the process group, and freed
+    after `destroy_process_group` (when `_train` returns) its gloo threads were seen waiting forever for a peer
+    that had exited (rank 1 stuck in ~ProcessGroupGloo, the launch never ending)."""
     if dist.num_processes > 1:
         dist.wait_for_everyone()
+        if trainer is not None:
+            import gc
+
+            trainer.model_wrapped = trainer.model
+            trainer.accelerator.free_memory()  # its references to the prepared (wrapped) model and optimizer
+            gc.collect()
+            dist.wait_for_everyone()
         dist.destroy_process_group()
 
 
@@ -247,7 +258,7 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
             plot_loss_curve(rundir.read_jsonl(run_dir / rundir.TRAIN_LOG), run_dir / "loss.png")
             plot_noise_vs_loss(rundir.read_jsonl(noise_log), run_dir / "noise_loss.png")
     finally:
-        _teardown(dist)
+        _teardown(dist, trainer)
     return summary
 
 
