@@ -144,14 +144,20 @@ def train(
     _quiet_libraries()
     from ftkit.train import train as run_training
 
+    summary = _run_until_interrupted(run_training, resolved, resume)
+    if summary:
+        _print_train_summary(summary, resolved.train.output_dir)
+
+
+def _run_until_interrupted(run, resolved, resume: bool) -> dict:
+    """A training command (`train`, `rl`); on Ctrl-C, one line with the last checkpoint and the exact resume command,
+    exit code 130."""
     try:
-        summary = run_training(resolved, resume=resume, progress=sys.stderr.isatty())
+        return run(resolved, resume=resume, progress=sys.stderr.isatty())
     except KeyboardInterrupt:
         console.print(_interrupted_line(Path(resolved.train.output_dir), resolved.train.save_steps), highlight=False,
                       soft_wrap=True, markup=False)
         raise typer.Exit(130) from None
-    if summary:
-        _print_train_summary(summary, resolved.train.output_dir)
 
 
 def _interrupted_line(run_dir: Path, save_steps: int) -> str:
@@ -206,12 +212,7 @@ def rl(
     _quiet_libraries()
     from ftkit.rl.run import rl as run_rl
 
-    try:
-        summary = run_rl(resolved, resume=resume, progress=sys.stderr.isatty())
-    except KeyboardInterrupt:
-        console.print(_interrupted_line(Path(resolved.train.output_dir), resolved.train.save_steps), highlight=False,
-                      soft_wrap=True, markup=False)
-        raise typer.Exit(130) from None
+    summary = _run_until_interrupted(run_rl, resolved, resume)
     _print_rl_summary(summary, resolved.train.output_dir)
 
 

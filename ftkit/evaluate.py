@@ -530,7 +530,7 @@ def evaluate_run(
         "task": recipe.task.name,
         "split": cfg.split,
         "adapter": not base_only,
-        "full_model": run.recipe.is_full,  # the run trained every weight: "adapter" means its trained model
+        "full_model": recipe.is_full,  # the run trained every weight: "adapter" means its trained model
         "checkpoint": checkpoint_name,
         "data_path": data_path,
         "base": recipe.model.base,
@@ -549,7 +549,7 @@ def evaluate_run(
         from ftkit.rundir import weights_file
 
         # The trained weights evaluated (the adapter's, or a full run's model.safetensors), under one key.
-        report["adapter_sha256"] = file_sha256(run_dir / weights_file(run.recipe.is_full))
+        report["adapter_sha256"] = file_sha256(run_dir / weights_file(recipe.is_full))
 
     if sweep_steps:
         points = []

@@ -163,20 +163,10 @@ def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[st
 # Staging
 
 
-def model_file_names(run_dir: Path, full: bool) -> list[str]:
-    """The trained weights' files: the adapter, or a full model as save_pretrained wrote it (config, generation
-    config, safetensors, sharded or not)."""
-    if not full:
-        return [rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS]
-    return sorted(p.name for p in run_dir.iterdir() if p.is_file() and (
-        p.name in (rundir.FULL_CONFIG, "generation_config.json")
-        or (p.name.startswith("model") and p.name.endswith((".safetensors", ".safetensors.index.json")))))
-
-
 def upload_file_names(plan: PushPlan) -> list[str]:
     """Paths (relative to the run dir) of the run files that go into the upload, README.md excluded."""
     run_dir = plan.run_dir
-    names = model_file_names(run_dir, plan.full_model)
+    names = rundir.saved_model_files(run_dir, plan.full_model)
     names += [n for n in TOKENIZER_FILES if (run_dir / n).is_file()]
     names += [n for n in RUN_FILES if (run_dir / n).is_file()]
     if plan.evaluation is not None:

@@ -56,6 +56,17 @@ def weight_files(full: bool) -> tuple[str, ...]:
     return FULL_MODEL_FILES if full else ADAPTER_FILES
 
 
+def saved_model_files(folder: Path, full: bool) -> list[str]:
+    """What save_pretrained wrote into `folder` that a run keeps, weights first (so they are in place before the
+    config that names them): the adapter's two files, or a full model's safetensors (sharded or not, with its
+    index), generation config and config."""
+    if not full:
+        return [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+    weights = sorted(p.name for p in folder.glob("model*") if p.is_file()
+                     and p.name.endswith((".safetensors", ".safetensors.index.json")))
+    return [*weights, *(n for n in ("generation_config.json", FULL_CONFIG) if (folder / n).is_file())]
+
+
 def weights_file(full: bool) -> str:
     """The one file whose hash identifies what a run trained (an evaluation records it)."""
     return FULL_MODEL_FILES[1] if full else ADAPTER_WEIGHTS

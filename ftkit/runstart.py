@@ -122,7 +122,7 @@ def reset_logs(run_dir: Path, resumed_step: int) -> None:
 def copy_adapter(ckpt: Path, run_dir: Path, full: bool = False) -> None:
     """The final adapter (or full model) from a checkpoint (the Trainer saved it with the same save_pretrained),
     each file atomic."""
-    for name in (*_saved_files(ckpt, full), "README.md"):
+    for name in (*rundir.saved_model_files(ckpt, full), "README.md"):
         if (ckpt / name).exists():
             rundir.atomic_write(run_dir / name, lambda tmp, src=ckpt / name: shutil.copyfile(src, tmp))
 
@@ -134,16 +134,7 @@ def save_adapter(model, run_dir: Path, full: bool = False) -> None:
     staging = run_dir / ".staging-adapter"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
-    for name in (*_saved_files(staging, full), "README.md"):
+    for name in (*rundir.saved_model_files(staging, full), "README.md"):
         if (staging / name).exists():
             (staging / name).replace(run_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
-
-
-def _saved_files(folder: Path, full: bool) -> list[str]:
-    """What save_pretrained wrote that the run keeps, weights first: the adapter's two files, or a full model's
-    safetensors, generation config and config."""
-    if not full:
-        return [rundir.ADAPTER_WEIGHTS, rundir.ADAPTER_CONFIG]
-    weights = sorted(p.name for p in folder.glob("model*.safetensors*"))  # a shard index too, should one appear
-    return [*weights, "generation_config.json", rundir.FULL_CONFIG]

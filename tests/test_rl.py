@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
 from typer.testing import CliRunner
 
 from ftkit import rundir
@@ -19,6 +18,7 @@ from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe import recipe_from_dict
 from ftkit.tasks import base as task_base
 from ftkit.tasks.base import Example, Piece, PromptCanvas, RewardParts, Violation, reward_parts
+from test_train import CrashAt
 
 CELLS = 4
 DIGITS = "0123456789"
@@ -130,15 +130,6 @@ def rl_run(sft_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("rl") / "run"
     summary = rl(toy_recipe(out, init_from=sft_run, rl={"evaluate": True, "elbo_samples": 2}), progress=False)
     return out, summary
-
-
-class CrashAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 def test_kl_to_the_sft_reference_is_zero_at_step_zero_and_grows(rl_run):
