@@ -132,19 +132,22 @@ def char_positions_to_tokens(positions, starts: list[int], end: int, text_length
     return sorted(tokens)
 
 
+def flagged_tokens(tokenizer, task, example: Example, row: list[int], stops) -> tuple[list[int], bool]:
+    """(canvas token indices of the characters `task.check` flags in the decoded row, whether some violation has no
+    positions: a global one such as "unparsable", which no token list can express)."""
+    violations = task.check(example, canvas_to_text(tokenizer, row))
+    chars = {p for v in violations for p in v.positions}
+    starts, end, length = _token_char_starts(tokenizer, row, stops)
+    return char_positions_to_tokens(chars, starts, end, length, len(row)), any(not v.positions for v in violations)
+
+
 def make_verifier(tokenizer, task, examples: list[Example]) -> Callable[[torch.Tensor], list[list[int]]]:
     """A `denoise` verifier: decode each canvas, run task.check, map the violations' characters to tokens."""
 
     stops = stop_token_ids(tokenizer)
 
     def verify(canvas: torch.Tensor) -> list[list[int]]:
-        out = []
-        for ex, row in zip(examples, canvas.tolist()):
-            text = canvas_to_text(tokenizer, row)
-            chars = {p for v in task.check(ex, text) for p in v.positions}
-            starts, end, length = _token_char_starts(tokenizer, row, stops)
-            out.append(char_positions_to_tokens(chars, starts, end, length, len(row)))
-        return out
+        return [flagged_tokens(tokenizer, task, ex, row, stops)[0] for ex, row in zip(examples, canvas.tolist())]
 
     return verify
 

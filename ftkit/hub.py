@@ -374,6 +374,9 @@ def _rl_training_lines(summary: dict[str, Any], recipe, comparison: dict[str, An
         ("reward", f"{rl.reward.satisfied:g} × constraints satisfied + {rl.reward.success:g} × success"),
         ("learning rate", f"{t.learning_rate:g} ({t.lr_scheduler})"),
         ("KL coefficient / clip ε / ELBO draws", f"{rl.kl_coef:g} / {rl.clip_eps:g} / {rl.elbo_samples}"),
+        ("credit / negative advantages × / guided samples per group",
+         (f"{'per position (checker flags)' if rl.credit == 'token' else 'per sample'} / {rl.negative_weight:g} / "
+          f"{rl.guided} of {rl.group_size}")),
         ("training reward (start → end)",
          f"{_fmt_number(summary.get('reward_start'))} → {_fmt_number(summary.get('reward_end'))}"),
         ("training success rate (start → end)",

@@ -196,6 +196,17 @@ class RLSection:
     kl_coef: float = 1.0
     elbo_samples: int = 2  # corruption draws averaged per likelihood (ELBO) estimate
     reward: RewardWeights = field(default_factory=RewardWeights)
+    # Who gets the credit. sequence: every chosen position of a sample shares its group-normalized advantage
+    # (ESPO). token: a position's reward is whether the task's checker flags it (plus the sample's success),
+    # compared with the group at the same position: the verifier's per-position verdicts as dense credit.
+    credit: Literal["sequence", "token"] = "sequence"
+    # Of each group's samples, how many are drawn with verifier-guided re-noising (`ftkit eval --verifier`) instead
+    # of by the policy alone: the checker steers them to better answers, so the group has a reward spread in a
+    # direction the policy can learn (off-policy targets; 0 = every sample is the policy's own).
+    guided: int = 0
+    # Scale of the negative advantages: 1 = GRPO, 0 = only the better-than-group samples are reinforced (filtered
+    # self-training); pushing tokens down raises the sampler's entropy (docs/rl.md).
+    negative_weight: float = 1.0
     evaluate: bool = True  # evaluate the held-out split before and after RL (same sampler, same seeds): rl_eval.json
 
 
@@ -361,6 +372,9 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     for key in ("prompts_per_step", "num_iterations", "elbo_samples"):
         need(getattr(rl, key) > 0, f"rl.{key}", "must be > 0")
     need(0.0 < rl.clip_eps < 1.0, "rl.clip_eps", "must be in (0, 1)")
+    need(0.0 <= rl.negative_weight <= 1.0, "rl.negative_weight", "must be in [0, 1]")
+    need(0 <= rl.guided < rl.group_size, "rl.guided",
+         f"must be >= 0 and < rl.group_size ({rl.group_size}): a group needs at least one sample of the policy's own")
     need(rl.kl_coef >= 0.0, "rl.kl_coef", "must be >= 0")
     need(rl.reward.satisfied >= 0.0 and rl.reward.success >= 0.0, "rl.reward", "weights must be >= 0")
     need(rl.reward.satisfied + rl.reward.success > 0.0, "rl.reward", "weights cannot both be 0")

@@ -10,8 +10,16 @@ import torch
 from ftkit.layout import collate, layout_example
 from ftkit.model import attach_lora, build_tiny
 from ftkit.recipe import DiffusionSection, LoraSection, TinySpec
-from ftkit.rl.likelihood import ReferencePolicy, sequence_loss
-from ftkit.rl.objective import STD_EPS, group_advantages, policy_terms, sample_entropy
+from ftkit.rl.likelihood import ReferencePolicy, position_losses, sequence_loss
+from ftkit.rl.objective import (
+    STD_EPS,
+    group_advantages,
+    policy_terms,
+    position_advantages,
+    sample_entropy,
+    scale_negatives,
+    token_policy_terms,
+)
 from ftkit.tasks.sudoku import SudokuTask
 
 TINY = {"layers": 2, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
@@ -62,6 +70,70 @@ def test_no_reference_means_no_kl_and_ratio_one_at_the_sampling_policy():
     assert new.grad.tolist() == [1.0, -1.0]  # plain REINFORCE on the per-token log-likelihood at ratio 1
 
 
+def test_position_advantages_by_hand():
+    # P=2 groups of G=3 samples over L=4 positions; position 3 is clamped (not chosen) in both groups.
+    clean = torch.tensor([[[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]],
+                          [[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]]])
+    success = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    chosen = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    advantages, kept = position_advantages(clean, success, chosen, satisfied_weight=0.5, success_weight=0.5)
+    # Group 0: reward 0.5 * clean + 0.5 * success; at each position minus the group mean there, not divided by a std.
+    r0 = [[0.5, 0.0, 0.5], [0.5, 0.5, 0.0], [1.0, 1.0, 1.0]]
+    means = [sum(r[k] for r in r0) / 3 for k in range(3)]
+    expected = [[r[k] - means[k] for k in range(3)] + [0.0] for r in r0]
+    assert torch.allclose(advantages[0], torch.tensor(expected), atol=1e-7)
+    # Group 1 agrees everywhere (the same flags, no success): no signal at any position, so it is not kept.
+    assert advantages[1].abs().sum() == 0 and kept.tolist() == [True, False]
+
+
+def test_negative_weight_scales_only_the_below_average_samples():
+    advantages = torch.tensor([[0.6, -0.2, -0.4], [0.0, 1.0, -1.0]])
+    assert torch.equal(scale_negatives(advantages, 1.0), advantages)  # GRPO
+    assert torch.allclose(scale_negatives(advantages, 0.25), torch.tensor([[0.6, -0.05, -0.1], [0.0, 1.0, -0.25]]))
+    assert torch.equal(scale_negatives(advantages, 0.0), advantages.clamp(min=0))  # only the better ones
+
+
+def test_token_policy_loss_and_gradient_by_hand():
+    # One sample, three chosen positions and one that is not (its terms must not count anywhere).
+    new = torch.tensor([[1.0, 2.0, 0.5, 9.0]], requires_grad=True)
+    old = torch.tensor([[1.1, 1.7, 0.5, 3.0]])
+    ref = torch.tensor([[0.8, 2.0, 0.9, 0.0]])
+    adv = torch.tensor([[0.5, -0.25, 0.1, 7.0]])
+    chosen = torch.tensor([[True, True, True, False]])
+    eps, beta = 0.2, 0.3
+    terms = token_policy_terms(new, old, adv, chosen, eps, beta, ref)
+
+    r = [math.exp(0.1), math.exp(-0.3), 1.0]
+    surrogate = [-r[0] * 0.5, -(0.8 * -0.25), -0.1]  # position 1: ratio below 1 - eps with A < 0, clipped
+    diff = ((1.0 - 0.8) + (2.0 - 2.0) + (0.5 - 0.9)) / 3  # per-token sequence likelihood difference to the reference
+    assert terms.ratio.tolist() == pytest.approx([sum(r) / 3], rel=1e-6)
+    assert terms.clipped.tolist() == pytest.approx([1 / 3])
+    assert terms.kl.tolist() == pytest.approx([0.5 * diff**2], rel=1e-5)
+    assert terms.loss.tolist() == pytest.approx([sum(surrogate) / 3 + beta * 0.5 * diff**2], rel=1e-6)
+    terms.loss.sum().backward()
+    grad = [r[0] * 0.5 / 3 + beta * diff / 3, 0.0 + beta * diff / 3, 0.1 / 3 + beta * diff / 3, 0.0]
+    assert new.grad[0].tolist() == pytest.approx(grad, rel=1e-5, abs=1e-8)
+
+
+def test_token_credit_with_one_advantage_per_sample_is_the_sequence_objective():
+    """At the sampling policy (ratio 1), giving every chosen position the sample's advantage is exactly the sequence
+    objective on the masked mean: the token level only redistributes the credit."""
+    torch.manual_seed(0)
+    positions = torch.rand(3, 5, requires_grad=True)
+    chosen = torch.tensor([[True, True, False, True, True], [True, False, False, False, True], [True] * 5])
+    ref = torch.rand(3, 5)
+    adv = torch.tensor([0.7, -1.2, 0.3])
+    weights = chosen.float()
+    sequence = (positions * weights).sum(1) / weights.sum(1)
+    seq_ref = (ref * weights).sum(1) / weights.sum(1)
+    expected = policy_terms(sequence, sequence.detach(), adv, 0.2, 0.5, seq_ref).loss.sum()
+    (seq_grad,) = torch.autograd.grad(expected, positions)
+    tokens = token_policy_terms(positions, positions.detach(), adv[:, None].expand(3, 5), chosen, 0.2, 0.5, ref)
+    (tok_grad,) = torch.autograd.grad(tokens.loss.sum(), positions)
+    assert tokens.loss.sum().item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(tok_grad, seq_grad, atol=1e-7)
+
+
 def test_sample_entropy_by_hand():
     a, b, c, d = 5, 6, 7, 8
     canvases = torch.tensor([[[a, a, a], [a, a, b], [a, b, c], [a, b, d]]])  # (P=1, G=4, L=3)
@@ -104,6 +176,9 @@ def test_sequence_loss_is_the_training_loss_on_free_positions_and_coupled_by_see
     assert torch.equal(first, (tokens * free).sum(1) / free.sum(1))
     assert not torch.allclose(first, second)
     assert torch.allclose(both, (first + second) / 2, rtol=1e-6)
+    with torch.no_grad():
+        per_position = position_losses(model, batch, cfg, [11, 12])  # token credit's (B, L) terms, same draws
+    assert torch.allclose((per_position * free).sum(1) / free.sum(1), both, rtol=1e-6)
 
 
 def test_rl_gradient_through_the_model_is_the_hand_weighted_likelihood_gradient(tiny_policy):
@@ -211,3 +286,39 @@ def test_the_likelihood_counts_the_positions_the_policy_chose(char_tokenizer):
                                                               False, False, False, False]
     assert chosen_positions(lay, stops, token_masks=False) == [False, False, True, True, True, False, True, True,
                                                                True, True, True, True]
+
+
+def test_token_credit_rewards_each_position_by_the_checker(char_tokenizer):
+    """`rl.credit: token`: a chosen position is clean unless the task's checker flags it; a clash flags both clashing
+    blank cells and nothing else; a violation without positions (unparsable) flags every chosen position."""
+    from ftkit.layout import stop_token_ids
+    from ftkit.recipe import EvalSection, RLSection
+    from ftkit.rl.rollout import Rollout, chosen_positions
+    from ftkit.tasks.base import Violation
+
+    task = SudokuTask()
+    ex = task.build_dataset("test", 1, 0)[0]
+    lay = layout_example(char_tokenizer, task.to_prompt_canvas(ex), 96, 256)
+    rollout = Rollout(task, char_tokenizer, [ex], [lay], RLSection(credit="token"), EvalSection(), seed=0)
+    chosen = torch.tensor([chosen_positions(lay, stop_token_ids(char_tokenizer), True)])
+    right = torch.tensor([lay.canvas_ids])
+    assert torch.equal(rollout.clean_positions([0], right, chosen), chosen.float())  # the solution: nothing flagged
+
+    # Two blank cells of one row swapped: both now clash (with a given or a correct cell of their column or box).
+    solution = ex.answer
+    cells = [p for p in range(81) if ex.question[p] == "0"]
+    a, b = next((x, y) for x in cells for y in cells if x < y and x // 9 == y // 9 and solution[x] != solution[y])
+    wrong = right.clone()  # the char tokenizer: canvas position p holds cell p
+    wrong[0, a], wrong[0, b] = right[0, b], right[0, a]
+    clean = rollout.clean_positions([0], wrong, chosen)
+    flagged = set(torch.nonzero((1 - clean[0]) * chosen[0].float()).flatten().tolist())
+    text = "".join(char_tokenizer.convert_ids_to_tokens(wrong[0, :81].tolist()))
+    assert flagged == {p for v in task.check(ex, text) for p in v.positions}
+    assert {a, b} <= flagged and all(ex.question[p] == "0" for p in flagged)
+
+    class Unparsable(SudokuTask):
+        def check(self, example, output):
+            return [Violation("parse", "no grid")]
+
+    rollout.task = Unparsable()
+    assert rollout.clean_positions([0], right, chosen).sum() == 0

@@ -197,6 +197,7 @@ def test_eval_and_push_of_an_rl_run(run, tmp_path):
     assert "| stage | reinforcement learning (`ftkit rl`" in card and "`ftkit rl recipe.yaml`" in card
     assert "the adapter of the `ftkit train` run `run`" in card and "![reward per step](reward.png)" in card
     assert "loss (start → end)" not in card  # no empty SFT fields
+    assert "| credit / negative advantages × / guided samples per group | per sample / 1 / 0 of 8 |" in card
     before, after = comparison["before"]["solve_rate"], comparison["after"]["solve_rate"]
     assert f"| solve_rate | {100 * before:.1f}% | {100 * after:.1f}% |" in card
     assert "model-index:" in card and "- type: solve_rate" in card  # from the canonical eval.json

@@ -20,6 +20,25 @@ from ftkit.diffusion.loss import diffusion_loss
 from ftkit.recipe import DiffusionSection
 
 
+def position_losses(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    diffusion: DiffusionSection,
+    seeds: list[int],
+) -> torch.Tensor:
+    """(B, L) the canvas cross-entropy at each position, averaged over one corruption draw per seed: the ELBO's
+    per-position terms (token-level credit weighs them one by one). Differentiable when grad is enabled; the same
+    memory path as training (diffusion.loss_chunk, checkpointing)."""
+    cfg = dataclasses.replace(diffusion, encoder_loss_weight=0.0)
+    total = None
+    for seed in seeds:
+        generator = torch.Generator(device=batch["canvas"].device)
+        generator.manual_seed(seed)
+        tokens = diffusion_loss(model, batch, cfg, generator).token_losses.float()
+        total = tokens if total is None else total + tokens
+    return total / len(seeds)
+
+
 def sequence_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -28,19 +47,14 @@ def sequence_loss(
     seeds: list[int],
 ) -> torch.Tensor:
     """(B,) per-token ELBO loss of each canvas in `batch` (`ftkit.layout.collate` keys): the canvas cross-entropy
-    averaged over the positions where `free` (B, L) is true, then over one corruption draw per seed. Differentiable
-    when grad is enabled; the same memory path as training (diffusion.loss_chunk, checkpointing)."""
-    cfg = dataclasses.replace(diffusion, encoder_loss_weight=0.0)
-    weights = free.to(torch.float32)
-    count = weights.sum(dim=1).clamp(min=1)
-    total = None
-    for seed in seeds:
-        generator = torch.Generator(device=batch["canvas"].device)
-        generator.manual_seed(seed)
-        tokens = diffusion_loss(model, batch, cfg, generator).token_losses
-        per_example = (tokens.float() * weights).sum(dim=1) / count
-        total = per_example if total is None else total + per_example
-    return total / len(seeds)
+    averaged over the positions where `free` (B, L) is true, then over one corruption draw per seed."""
+    return masked_mean(position_losses(model, batch, diffusion, seeds), free)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L), (B, L) bool -> (B,) the mean of each row over its true positions."""
+    weights = mask.to(values.dtype)
+    return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
 class ReferencePolicy:

@@ -37,11 +37,35 @@ def group_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return advantages, kept
 
 
+def position_advantages(clean: torch.Tensor, success: torch.Tensor, chosen: torch.Tensor, satisfied_weight: float,
+                        success_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level credit (`rl.credit: token`). clean: (P, G, L) 1 where the verifier flags nothing at the position,
+    success: (P, G), chosen: (P, L) -> ((P, G, L) advantages, (P,) kept).
+
+    A position's reward is satisfied_weight * clean + success_weight * success; its advantage is that minus the mean
+    over the group at the same position (same prompt, same place), 0 where the policy did not choose. Not divided by
+    the std (Dr. GRPO): a position where one sample of eight went wrong would otherwise get a full-size update from
+    one flip. A position where the whole group agrees carries no signal; a group with none anywhere is not kept."""
+    reward = satisfied_weight * clean + success_weight * success[:, :, None]
+    advantages = (reward - reward.mean(dim=1, keepdim=True)) * chosen[:, None, :].to(reward.dtype)
+    kept = advantages.abs().flatten(1).amax(dim=1) > FLAT_GROUP_STD
+    return advantages, kept
+
+
+def scale_negatives(advantages: torch.Tensor, weight: float) -> torch.Tensor:
+    """Below-average samples (or positions) pushed down `weight` times as hard as above-average ones are pulled up
+    (`rl.negative_weight`): 1 is GRPO; 0 only reinforces the better samples (filtered self-training, as RAFT and
+    ReST). Pulling a sample's tokens up sharpens a softmax; pushing them down spreads their mass over every other
+    token, without bound."""
+    return torch.where(advantages < 0, advantages * weight, advantages)
+
+
 @dataclass
 class PolicyTerms:
     loss: torch.Tensor  # (B,) what is minimized per sample: clipped surrogate + kl_coef * kl (with gradient)
     ratio: torch.Tensor  # (B,) importance ratio against the sampling policy (detached)
-    clipped: torch.Tensor  # (B,) bool: the clip is active, so the surrogate passes no gradient for this sample
+    clipped: torch.Tensor  # (B,) the clip is active, so the surrogate passes no gradient (token credit: the
+    # fraction of the sample's chosen positions where it is)
     kl: torch.Tensor  # (B,) k2 estimate of the per-token KL to the reference (detached; 0 without a reference)
 
 
@@ -75,3 +99,34 @@ def sample_entropy(canvases: torch.Tensor, free: torch.Tensor) -> float:
     entropy = torch.log(torch.tensor(float(group))) - torch.log(same).mean(dim=1)  # (P, L)
     weights = free.float()
     return float((entropy * weights).sum() / weights.sum().clamp(min=1))
+
+
+def token_policy_terms(
+    loss_new: torch.Tensor,
+    loss_old: torch.Tensor,
+    advantages: torch.Tensor,
+    chosen: torch.Tensor,
+    clip_eps: float,
+    kl_coef: float = 0.0,
+    loss_ref: torch.Tensor | None = None,
+) -> PolicyTerms:
+    """`policy_terms` with token-level credit: (B, L) per-position ELBO losses (the cross-entropy at each position,
+    averaged over the draws) and (B, L) advantages. The ratio and the clip are per position (diffu-GRPO's token
+    level, with the ELBO's per-position term as the log-likelihood), the surrogate is averaged over the chosen
+    positions; the KL stays the k2 of the per-token sequence likelihoods, as in `policy_terms`."""
+    weights = chosen.to(loss_new.dtype)
+    count = weights.sum(dim=1).clamp(min=1)
+    ratio = torch.exp(loss_old - loss_new)
+    clipped_ratio = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    surrogate = (-torch.min(ratio * advantages, clipped_ratio * advantages) * weights).sum(dim=1) / count
+    if loss_ref is None:
+        kl = torch.zeros_like(count)
+    else:
+        kl = 0.5 * (((loss_new - loss_ref) * weights).sum(dim=1) / count) ** 2
+    clipped = ((ratio > 1.0 + clip_eps) & (advantages > 0)) | ((ratio < 1.0 - clip_eps) & (advantages < 0))
+    return PolicyTerms(
+        loss=surrogate + kl_coef * kl,
+        ratio=((ratio * weights).sum(dim=1) / count).detach(),
+        clipped=((clipped & chosen).to(weights.dtype).sum(dim=1) / count).detach(),
+        kl=kl.detach(),
+    )

@@ -18,9 +18,10 @@ import torch
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import denoise, schedule_kwargs
+from ftkit.evaluate import MAX_RENOISE_ROUNDS, flagged_tokens, rows_verifier
 from ftkit.layout import Layout, canvas_to_text, end_of_turn_id, stop_token_ids
 from ftkit.recipe import EvalSection, RLSection
-from ftkit.rl.objective import group_advantages, sample_entropy
+from ftkit.rl.objective import group_advantages, position_advantages, sample_entropy, scale_negatives
 from ftkit.tasks.base import Example, reward_parts
 
 
@@ -45,11 +46,13 @@ class Round:
     rewards: torch.Tensor  # (N,) weighted reward
     satisfied: torch.Tensor  # (N,) fraction of constraints satisfied
     success: torch.Tensor  # (N,) 0/1
-    advantages: torch.Tensor  # (N,)
+    advantages: torch.Tensor  # (N,), or (N, L) per position with `rl.credit: token`
     kept: torch.Tensor  # (N,) bool: the sample's group has a reward spread (others are skipped)
+    guided: torch.Tensor  # (N,) bool: drawn with verifier re-noising (`rl.guided`), not by the policy alone
     chosen: torch.Tensor  # (N, L) bool: the positions the likelihood counts (`chosen_positions`)
     group_size: int
     entropy: float  # sample_entropy of the round
+    flagged: float  # fraction of the chosen positions the task's checker flags (token credit; 0 otherwise)
     decoder_calls: int  # batched decoder forward calls the sampler made
     seconds: float
 
@@ -59,13 +62,17 @@ class Round:
 
     def metrics(self) -> dict[str, float]:
         groups = self.rewards.view(-1, self.group_size)
+        own = ~self.guided  # the reward curve follows the policy's own samples
+        guided = {"guided_reward": float(self.rewards[self.guided].mean())} if self.guided.any() else {}
         return {
-            "reward": float(self.rewards.mean()),
+            "reward": float(self.rewards[own].mean()),
             "reward_std": float(groups.std(dim=1).mean()),
-            "satisfied": float(self.satisfied.mean()),
-            "success": float(self.success.mean()),
+            "satisfied": float(self.satisfied[own].mean()),
+            "success": float(self.success[own].mean()),
+            **guided,
             "skipped_groups": float((~self.kept.view(-1, self.group_size)[:, 0]).float().mean()),
             "sample_entropy": self.entropy,
+            **({"flagged": self.flagged} if self.advantages.dim() == 2 else {}),
         }
 
 
@@ -141,32 +148,48 @@ class Rollout:
         stops = stop_token_ids(self.tokenizer)
         vocab = core_model(model).config.get_text_config().vocab_size if self.sampler_cfg.token_masks else None
         fixed = torch.tensor([lay.block(0)[1] for lay in layouts], dtype=torch.bool)
-        canvases, calls = [], 0
+        guided = torch.tensor([i % group >= group - self.rl.guided for i in range(len(rows))])
+        blocks: list[torch.Tensor | None] = [None] * len(rows)
+        calls = 0
         batch_size = self.sampler_cfg.batch_size
-        for start in range(0, len(rows), batch_size):
-            chunk = layouts[start : start + batch_size]
-            # One canvas per sample (an RL action is one block), with the task's token masks as in `ftkit eval`.
-            result = denoise_blocks(
-                model, chunk,
-                generators=[seeded_generator(derived_seed(self.seed, "sample", index, start + i), device)
-                            for i in range(len(chunk))],
-                max_new_tokens=length, stop_ids=stops, pad_id=self.pad_id, vocab_size=vocab, sampler=self.sampler,
-                steps=self.sampler_cfg.steps, **schedule_kwargs(self.sampler_cfg), clamp=self.sampler_cfg.clamp,
-            )
-            block = torch.tensor([(tokens + [eos] * length)[:length] for tokens in result.tokens], dtype=torch.long)
-            canvases.append(canonical_canvas(block, ~fixed[start : start + len(chunk)], eos, stops,
-                                             end_of_turn_id(self.tokenizer)))
-            calls += result.forward_passes
-        canvas = torch.cat(canvases)
+        for use_verifier in (False, True):
+            indices = [i for i in range(len(rows)) if bool(guided[i]) == use_verifier]
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                # One canvas per sample (an RL action is one block), with the task's token masks as in `ftkit
+                # eval`; a guided sample is re-noised where the task's checker flags it, as `eval --verifier` does.
+                result = denoise_blocks(
+                    model, [layouts[i] for i in chunk],
+                    generators=[seeded_generator(derived_seed(self.seed, "sample", index, i), device) for i in chunk],
+                    max_new_tokens=length, stop_ids=stops, pad_id=self.pad_id, vocab_size=vocab, sampler=self.sampler,
+                    verifier=self._verifier([rows[i] for i in chunk]) if use_verifier else None,
+                    max_renoise_rounds=MAX_RENOISE_ROUNDS if use_verifier else 0,
+                    steps=self.sampler_cfg.steps, **schedule_kwargs(self.sampler_cfg), clamp=self.sampler_cfg.clamp,
+                )
+                for i, tokens in zip(chunk, result.tokens):
+                    blocks[i] = torch.tensor((tokens + [eos] * length)[:length], dtype=torch.long)
+                calls += result.forward_passes
+        canvas = canonical_canvas(torch.stack(blocks), ~fixed, eos, stops, end_of_turn_id(self.tokenizer))
         outputs = [canvas_to_text(self.tokenizer, row) for row in canvas.tolist()]
         parts = [reward_parts(self.task, self.examples[p], out) for p, out in zip(rows, outputs)]
         satisfied = torch.tensor([r.satisfied for r in parts], dtype=torch.float32)
         success = torch.tensor([r.success for r in parts], dtype=torch.float32)
         rewards = self.rl.reward.satisfied * satisfied + self.rl.reward.success * success
-        advantages, kept_groups = group_advantages(rewards.view(-1, group))
         samples = [_sample_layout(lay, row, set(stops)) for lay, row in zip(layouts, canvas.tolist())]
         chosen = torch.tensor([chosen_positions(lay, stops, self.sampler_cfg.token_masks) for lay in layouts],
                               dtype=torch.bool)
+        flagged = 0.0
+        if self.rl.credit == "token":
+            clean = self.clean_positions(rows, canvas, chosen)
+            flagged = float(((1 - clean) * chosen).sum() / chosen.sum().clamp(min=1))
+            per_group = chosen.view(-1, group, length)[:, 0]
+            advantages, kept_groups = position_advantages(clean.view(-1, group, length), success.view(-1, group),
+                                                          per_group, self.rl.reward.satisfied, self.rl.reward.success)
+            advantages = advantages.flatten(0, 1)
+        else:
+            advantages, kept_groups = group_advantages(rewards.view(-1, group))
+            advantages = advantages.flatten()
+        advantages = scale_negatives(advantages, self.rl.negative_weight)
         return Round(
             index=index,
             prompts=prompts,
@@ -175,14 +198,32 @@ class Rollout:
             rewards=rewards,
             satisfied=satisfied,
             success=success,
-            advantages=advantages.flatten(),
+            advantages=advantages,
             kept=kept_groups.repeat_interleave(group),
+            guided=guided,
             chosen=chosen,
             group_size=group,
             entropy=sample_entropy(canvas.view(-1, group, canvas.shape[1]), chosen.view(-1, group, chosen.shape[1])[:, 0]),
+            flagged=flagged,
             decoder_calls=calls,
             seconds=time.perf_counter() - started,
         )
+
+    def _verifier(self, rows: list[int]):
+        return rows_verifier(self.tokenizer, self.task, [self.examples[p] for p in rows])
+
+    def clean_positions(self, rows: list[int], canvas: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """(N, L) float: 1 at a chosen position the task's checker does not flag in that sample, 0 where it does
+        (a violation with no positions, such as "unparsable", flags every chosen position, as in the reward)."""
+        stops = stop_token_ids(self.tokenizer)
+        clean = chosen.clone().float()
+        for i, (p, row) in enumerate(zip(rows, canvas.tolist())):
+            tokens, global_violation = flagged_tokens(self.tokenizer, self.task, self.examples[p], row, stops)
+            if global_violation:
+                clean[i] = 0.0
+            else:
+                clean[i, tokens] = 0.0
+        return clean * chosen
 
 
 def _sample_layout(layout: Layout, row: list[int], stops: set[int]) -> Layout:

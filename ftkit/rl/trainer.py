@@ -23,9 +23,9 @@ import torch
 
 from ftkit.layout import collate
 from ftkit.recipe import DiffusionSection, RLSection
-from ftkit.rl.likelihood import ReferencePolicy, sequence_loss
-from ftkit.rl.objective import policy_terms
-from ftkit.rl.rollout import Round, Rollout, derived_seed
+from ftkit.rl.likelihood import ReferencePolicy, masked_mean, position_losses, sequence_loss
+from ftkit.rl.objective import policy_terms, token_policy_terms
+from ftkit.rl.rollout import Rollout, Round, derived_seed
 from ftkit.trainer import DiffusionTrainer
 
 
@@ -84,13 +84,23 @@ class RLTrainer(DiffusionTrainer):
         return [derived_seed(self.args.seed, "elbo", round_index, iteration, micro, m)
                 for m in range(self.rl.elbo_samples)]
 
+    @property
+    def token_credit(self) -> bool:
+        return self.rl.credit == "token"
+
+    def _likelihood(self, model, batch, chosen, seeds) -> torch.Tensor:
+        """(B,) per-token ELBO losses, or with token credit (B, L) the per-position terms."""
+        if self.token_credit:
+            return position_losses(model, batch, self.diffusion, seeds)
+        return sequence_loss(model, batch, chosen, self.diffusion, seeds)
+
     def _likelihoods(self, model, round_: Round, iteration: int) -> torch.Tensor:
-        """(kept,) per-token ELBO losses of the kept samples under iteration `iteration`'s draws (no grad)."""
+        """The kept samples' `_likelihood` under iteration `iteration`'s draws (no grad), concatenated."""
         parts = []
         for k, indices in enumerate(self._micro_batches(round_.kept_indices)):
             batch, chosen = self._batch(round_, indices)
             with self.accelerator.autocast():
-                parts.append(sequence_loss(model, batch, chosen, self.diffusion, self._seeds(round_.index, iteration, k)))
+                parts.append(self._likelihood(model, batch, chosen, self._seeds(round_.index, iteration, k)))
             self.totals["likelihood_forwards"] += len(indices) * self.rl.elbo_samples
         return torch.cat(parts) if parts else torch.zeros(0, device=self.args.device)
 
@@ -138,10 +148,13 @@ class RLTrainer(DiffusionTrainer):
             offset += len(indices)
             advantages = round_.advantages[indices].to(self.args.device)
             with self.compute_loss_context_manager(), self.accelerator.autocast():
-                new = sequence_loss(model, batch, chosen, self.diffusion, self._seeds(index, iteration, k))
+                new = self._likelihood(model, batch, chosen, self._seeds(index, iteration, k))
                 old = new.detach() if buf.old[iteration] is None else buf.old[iteration][span]
                 ref = buf.ref[iteration][span] if buf.ref[iteration] is not None else None
-                terms = policy_terms(new, old, advantages, self.rl.clip_eps, self.rl.kl_coef, ref)
+                if self.token_credit:
+                    terms = token_policy_terms(new, old, advantages, chosen, self.rl.clip_eps, self.rl.kl_coef, ref)
+                else:
+                    terms = policy_terms(new, old, advantages, self.rl.clip_eps, self.rl.kl_coef, ref)
                 # Over all N samples of the round, as GRPO averages (a skipped group's advantages are 0): a round
                 # where few groups carry signal moves the policy less, instead of amplifying those few samples.
                 loss = terms.loss.sum() / len(round_.samples)
@@ -150,7 +163,7 @@ class RLTrainer(DiffusionTrainer):
             sums["kl"] += float(terms.kl.sum())
             sums["clip_fraction"] += float(terms.clipped.float().sum())
             sums["ratio"] += float(terms.ratio.sum())
-            sums["elbo_loss"] += float(new.detach().sum())
+            sums["elbo_loss"] += float((masked_mean(new.detach(), chosen) if self.token_credit else new.detach()).sum())
             self.totals["likelihood_forwards"] += len(indices) * self.rl.elbo_samples
             self.totals["likelihood_backwards"] += len(indices) * self.rl.elbo_samples
         self.totals["likelihood_seconds"] += time.perf_counter() - started

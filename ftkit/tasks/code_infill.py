@@ -325,6 +325,10 @@ class CodeInfillTask:
                                              if suffix_at + i >= len(output) or output[suffix_at + i] != ch)
         if bad_suffix:
             out.append(Violation("suffix", f"{len(bad_suffix)} suffix character(s) changed or missing", bad_suffix))
+        if intact and not bad_prefix and not output[len(prefix) : len(output) - len(suffix)].strip():
+            # Often still parses (a docstring-only body is valid Python) but fills nothing: RL learned to write
+            # exactly this when an empty middle passed every check.
+            out.append(Violation("empty", "nothing is filled in at the hole", self._middle_span(example, output)))
         program = q["head"] + output
         try:
             ast.parse(program)
@@ -360,13 +364,13 @@ class CodeInfillTask:
         return self._middle_span(example, output)
 
     def reward(self, example: Example, output: str) -> RewardParts:
-        """`satisfied`: the fraction of the staged checks passed (context intact, parses, compiles, and the tests
-        pass where the example has tests); a stage after a failed one counts as failed."""
+        """`satisfied`: the fraction of the staged checks passed (context intact, something filled in, parses,
+        compiles, and the tests pass where the example has tests); a stage after a failed one counts as failed."""
         violated = {v.constraint for v in self.check(example, output)}
-        stages = [not violated & {"prefix", "suffix"}, "parse" not in violated,
-                  not violated & {"parse", "compile"}]
+        stages = [not violated & {"prefix", "suffix"}, "empty" not in violated, not violated & {"empty", "parse"},
+                  not violated & {"empty", "parse", "compile"}]
         if example.question["test"] and example.question["entry_point"] and self.options.run_tests:
-            stages.append(not violated & {"parse", "compile", "tests"})
+            stages.append(not violated & {"empty", "parse", "compile", "tests"})
         return RewardParts(sum(stages) / len(stages), float(not violated))
 
     def metrics(self, examples: list[Example], outputs: list[str]) -> dict[str, float]:
@@ -375,11 +379,12 @@ class CodeInfillTask:
 
     def _one(self, example: Example, output: str) -> dict[str, float | None]:
         violated = {v.constraint for v in self.check(example, output)}
-        syntax_ok = not violated & {"parse", "compile"}
+        # An empty middle is no answer, even where the function still parses without it.
+        syntax_ok = not violated & {"empty", "parse", "compile"}
         has_tests = bool(example.question["test"] and self.options.run_tests)
         return {
             "prefix_suffix_preserved": float(not violated & {"prefix", "suffix"}),
-            "parse_rate": float("parse" not in violated),
+            "parse_rate": float(not violated & {"empty", "parse"}),
             "compile_rate": float(syntax_ok),
             "exact_match": float(output == example.answer),
             # Only over examples with tests (None rows are left out of the mean); absent when none have tests.
