@@ -199,18 +199,23 @@ def test_long_example_loss_matches_hand_computation_for_each_block(tiny_setup, l
     assert seen == {0, 1, 2}
 
 
+def reference_and_lean(model, batch, p: float, seed: int):
+    """The loss on the reference path (loss_chunk 0) and the lean one (50), same draws, each with its LoRA gradients."""
+    results = []
+    for chunk in (0, 50):
+        model.zero_grad()
+        out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=p), gen(seed))
+        out.loss.backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad and q.grad is not None}
+        results.append((out, grads))
+    return results
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_lean_path_equals_reference_on_a_multi_block_batch(tiny_setup, long_batch, p):
     model, _ = tiny_setup
     _, _, batch = long_batch
-    outs = []
-    for chunk in (0, 50):
-        model.zero_grad()
-        out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=p), gen(4))
-        out.loss.backward()
-        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad and q.grad is not None}
-        outs.append((out, grads))
-    (ref, ref_grads), (lean, lean_grads) = outs
+    (ref, ref_grads), (lean, lean_grads) = reference_and_lean(model, batch, p, seed=4)
     assert ref.block.tolist() == lean.block.tolist() and ref.block[0].item() > 0  # a later block, not block 0
     for part in ("loss", "diffusion", "encoder"):
         assert getattr(lean, part).item() == pytest.approx(getattr(ref, part).item(), rel=1e-5), part
@@ -223,14 +228,7 @@ def test_lean_path_equals_reference_loss_and_gradients(tiny_setup, p):
     """loss_chunk > 0 (encoder once, first pass on the self-conditioned examples only, chunked soft embeddings and
     CE) gives the reference path's loss parts, per-example losses and every LoRA gradient."""
     model, batch = tiny_setup
-    results = []
-    for chunk in (0, 50):
-        model.zero_grad()
-        out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=p), gen(11))
-        out.loss.backward()
-        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad and q.grad is not None}
-        results.append((out, grads))
-    (ref, ref_grads), (lean, lean_grads) = results
+    (ref, ref_grads), (lean, lean_grads) = reference_and_lean(model, batch, p, seed=11)
     if p == 0.5:
         assert 0 < lean.self_conditioned.item() < 1  # a mixed batch: the subset first pass is really exercised
     assert lean.self_conditioned.item() == ref.self_conditioned.item()

@@ -64,8 +64,9 @@ def scale_negatives(advantages: torch.Tensor, weight: float) -> torch.Tensor:
 class PolicyTerms:
     loss: torch.Tensor  # (B,) what is minimized per sample: clipped surrogate + kl_coef * kl (with gradient)
     ratio: torch.Tensor  # (B,) importance ratio against the sampling policy (detached)
-    clipped: torch.Tensor  # (B,) the clip is active, so the surrogate passes no gradient (token credit: the
-    # fraction of the sample's chosen positions where it is)
+    # (B,) fraction of the sample's chosen positions where the clip is active, so the surrogate passes no gradient
+    # there (0 or 1 for sequence credit: one position)
+    clipped: torch.Tensor
     kl: torch.Tensor  # (B,) k2 estimate of the per-token KL to the reference (detached; 0 without a reference)
 
 
@@ -78,27 +79,11 @@ def policy_terms(
     loss_ref: torch.Tensor | None = None,
 ) -> PolicyTerms:
     """Per-sample objective from per-token ELBO losses (B,) of the current policy (with gradient), the sampling
-    policy and the reference, all under the same corruption draws. See the module docstring for the formula."""
-    ratio = torch.exp(loss_old - loss_new)
-    clipped_ratio = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    surrogate = -torch.min(ratio * advantages, clipped_ratio * advantages)
-    if loss_ref is None:
-        kl = torch.zeros_like(loss_new)
-    else:
-        kl = 0.5 * (loss_new - loss_ref) ** 2
-    clipped = ((ratio > 1.0 + clip_eps) & (advantages > 0)) | ((ratio < 1.0 - clip_eps) & (advantages < 0))
-    return PolicyTerms(loss=surrogate + kl_coef * kl, ratio=ratio.detach(), clipped=clipped.detach(), kl=kl.detach())
-
-
-def sample_entropy(canvases: torch.Tensor, free: torch.Tensor) -> float:
-    """How diverse a round's samples are: per group and free position, the entropy (nats) of the empirical token
-    distribution over the group's G canvases, averaged. 0 = every sample of a group identical (collapse); at most
-    log G. canvases: (P, G, L) token ids; free: (P, L) bool."""
-    group = canvases.shape[1]
-    same = (canvases[:, :, None, :] == canvases[:, None, :, :]).sum(dim=2).float()  # (P, G, L): copies of my token
-    entropy = torch.log(torch.tensor(float(group))) - torch.log(same).mean(dim=1)  # (P, L)
-    weights = free.float()
-    return float((entropy * weights).sum() / weights.sum().clamp(min=1))
+    policy and the reference, all under the same corruption draws. See the module docstring for the formula.
+    The sequence is the token-level objective's one-position case: the whole sample is one action."""
+    one = torch.ones_like(loss_new[:, None], dtype=torch.bool)
+    ref = None if loss_ref is None else loss_ref[:, None]
+    return token_policy_terms(loss_new[:, None], loss_old[:, None], advantages[:, None], one, clip_eps, kl_coef, ref)
 
 
 def token_policy_terms(
@@ -110,8 +95,8 @@ def token_policy_terms(
     kl_coef: float = 0.0,
     loss_ref: torch.Tensor | None = None,
 ) -> PolicyTerms:
-    """`policy_terms` with token-level credit: (B, L) per-position ELBO losses (the cross-entropy at each position,
-    averaged over the draws) and (B, L) advantages. The ratio and the clip are per position (diffu-GRPO's token
+    """The objective with token-level credit: (B, L) per-position ELBO losses (the cross-entropy at each position,
+    averaged over the draws) and (B, L) advantages; `policy_terms` is its one-position case. The ratio and the clip are per position (diffu-GRPO's token
     level, with the ELBO's per-position term as the log-likelihood), the surrogate is averaged over the chosen
     positions; the KL stays the k2 of the per-token sequence likelihoods, as in `policy_terms`."""
     weights = chosen.to(loss_new.dtype)
@@ -130,3 +115,14 @@ def token_policy_terms(
         clipped=((clipped & chosen).to(weights.dtype).sum(dim=1) / count).detach(),
         kl=kl.detach(),
     )
+
+
+def sample_entropy(canvases: torch.Tensor, free: torch.Tensor) -> float:
+    """How diverse a round's samples are: per group and free position, the entropy (nats) of the empirical token
+    distribution over the group's G canvases, averaged. 0 = every sample of a group identical (collapse); at most
+    log G. canvases: (P, G, L) token ids; free: (P, L) bool."""
+    group = canvases.shape[1]
+    same = (canvases[:, :, None, :] == canvases[:, None, :, :]).sum(dim=2).float()  # (P, G, L): copies of my token
+    entropy = torch.log(torch.tensor(float(group))) - torch.log(same).mean(dim=1)  # (P, L)
+    weights = free.float()
+    return float((entropy * weights).sum() / weights.sum().clamp(min=1))
