@@ -1,4 +1,7 @@
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,6 +119,21 @@ def test_held_out_file_is_committed_and_valid():
     assert len(pairs) == 200
     assert {difficulty(sum(1 for x in q if x)) for q, _ in pairs[:50]} == {"easy", "medium", "hard"}
     for quiz, sol in pairs[:5]:
+        assert count_solutions(quiz) == 1
+
+
+def test_the_rl_recipes_easier_held_out_file_matches_its_script(tmp_path):
+    """data/sudoku_58-68.csv (the in-distribution held-out set of recipes/quickstart_rl.yaml) is what
+    data/make_sudoku.py writes: unique-solution puzzles of 58-68 givens, none in the recipe's training split."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "easy.csv"
+    subprocess.run([sys.executable, str(root / "data" / "make_sudoku.py"), "--out", str(out)], check=True,
+                   capture_output=True)
+    assert out.read_bytes() == (root / "data" / "sudoku_58-68.csv").read_bytes()
+    pairs = load_csv(out)
+    assert len(pairs) == 400
+    assert all(58 <= sum(1 for x in q if x) <= 68 for q, _ in pairs)
+    for quiz, _ in pairs[:5]:
         assert count_solutions(quiz) == 1
 
 
