@@ -96,9 +96,9 @@ def token_policy_terms(
     loss_ref: torch.Tensor | None = None,
 ) -> PolicyTerms:
     """The objective with token-level credit: (B, L) per-position ELBO losses (the cross-entropy at each position,
-    averaged over the draws) and (B, L) advantages; `policy_terms` is its one-position case. The ratio and the clip are per position (diffu-GRPO's token
-    level, with the ELBO's per-position term as the log-likelihood), the surrogate is averaged over the chosen
-    positions; the KL stays the k2 of the per-token sequence likelihoods, as in `policy_terms`."""
+    averaged over the draws) and (B, L) advantages; `policy_terms` is its one-position case. The ratio and the clip
+    are per position (diffu-GRPO's token level, with the ELBO's per-position term as the log-likelihood), the
+    surrogate is averaged over the chosen positions; the KL is the k2 of the per-token sequence likelihoods."""
     weights = chosen.to(loss_new.dtype)
     count = weights.sum(dim=1).clamp(min=1)
     ratio = torch.exp(loss_old - loss_new)

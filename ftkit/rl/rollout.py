@@ -216,14 +216,14 @@ class Rollout:
         """(N, L) float: 1 at a chosen position the task's checker does not flag in that sample, 0 where it does
         (a violation with no positions, such as "unparsable", flags every chosen position, as in the reward)."""
         stops = stop_token_ids(self.tokenizer)
-        clean = chosen.clone().float()
+        clean = chosen.clone().float()  # 0 off the chosen positions from the start
         for i, (p, row) in enumerate(zip(rows, canvas.tolist())):
             tokens, global_violation = flagged_tokens(self.tokenizer, self.task, self.examples[p], row, stops)
             if global_violation:
                 clean[i] = 0.0
             else:
                 clean[i, tokens] = 0.0
-        return clean * chosen
+        return clean
 
 
 def _sample_layout(layout: Layout, row: list[int], stops: set[int]) -> Layout:
