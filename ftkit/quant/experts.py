@@ -60,7 +60,10 @@ class QuantizedExperts(nn.Module):
 
         expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
         x = hidden_states[order // top_k].to(compute_dtype)
-        counts = torch.bincount(expert_ids, minlength=self.num_experts)
+        # histc, not bincount: bincount's output size depends on the data, a host sync on CUDA at every layer call.
+        # (As transformers' own grouped experts; histc wants floats on the CPU, and counts stay exact below 2**24.)
+        ids = expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int()
+        counts = torch.histc(ids, bins=self.num_experts, min=0, max=self.num_experts - 1)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         # The placeholder carries the experts' device and compute dtype, all transformers' check reads of a weight.
         kernel = resolve_kernel(self.expert_kernel, x, self.gate_up_proj, offsets)
@@ -81,18 +84,14 @@ class QuantizedExperts(nn.Module):
         return pairs.sum(dim=1, dtype=torch.float32).to(hidden_states.dtype)
 
     def _expert_slices(self, offsets: torch.Tensor):
-        """(first, end expert, first, end row) per `expert_chunk` experts, or None for the whole stack at once."""
+        """[(first, end expert), ...] per `expert_chunk` experts, or None for the whole stack at once. Expert ranges
+        only: their rows are found from `offsets` where they are used (on the device, for the grouped kernel)."""
         chunk = self.expert_chunk
         if not chunk or chunk >= self.num_experts:
             return None
         if not all(self.storage(n).rows_sliceable() for n in EXPERT_TENSORS):
             return None
-        ends = offsets.tolist()  # one host read per layer call (routing's bincount has synchronized already)
-        slices = []
-        for first in range(0, self.num_experts, chunk):
-            end = min(first + chunk, self.num_experts)
-            slices.append((first, end, ends[first - 1] if first else 0, ends[end - 1]))
-        return slices
+        return [(first, min(first + chunk, self.num_experts)) for first in range(0, self.num_experts, chunk)]
 
     def _apply(self, fn, recurse=True):
         # Keep the stride-0 placeholders out of the generic path (a cast would materialize them densely), then

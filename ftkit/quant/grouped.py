@@ -41,7 +41,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     """x: (S, in) sorted by expert; weight: (E, out, in); offsets: (E,) int32 cumulative row ends -> (S, out)."""
     if kernel == "grouped":
         return hf_moe._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    ends = offsets.tolist()  # host sync: acceptable on the CPU fallback only
+    ends = offsets.tolist()  # host sync: the loop is the CPU fallback (and the reference), not the GPU hot path
     pieces, start = [], 0
     for expert, end in enumerate(ends):
         if end > start:
@@ -71,20 +71,47 @@ def low_rank_grouped_linear(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
 
 def frozen_grouped_linear(x, offsets, storage, dtype, kernel, slices=None, transpose: bool = False):
     """grouped_linear against the 4-bit weight, dense only transiently. `slices`: None dequantizes the whole
-    (E, out, in) stack at once; else [(first expert, end expert, first row, end row), ...] covering every expert and
-    row, one slice of experts dense at a time (rows of x are sorted by expert, so a slice owns a contiguous block)."""
+    (E, out, in) stack at once; else [(first expert, end expert), ...] covering every expert, one slice of experts
+    dense at a time (rows of x are sorted by expert, so a slice owns a contiguous block of rows)."""
     if slices is None:
         weight = storage.dequantize(dtype)
         return grouped_linear(x, weight.transpose(-2, -1) if transpose else weight, offsets, kernel)
     absmax = storage.absmax_fp32()
     out_features = storage.shape[-1] if transpose else storage.shape[-2]
+
+    def dense(first: int, end: int) -> torch.Tensor:
+        weight = storage.dequantize_rows(first, end, dtype, absmax)
+        return weight.transpose(-2, -1) if transpose else weight
+
+    if kernel == "grouped":
+        return _grouped_by_slices(x, offsets, slices, dense, out_features)
+    ends = [0] + offsets.tolist()  # one host read: the loop reads every offset anyway
     out = x.new_empty(x.shape[0], out_features)
-    for first, end, row0, row1 in slices:
+    for first, end in slices:
+        row0, row1 = ends[first], ends[end]
         if row1 > row0:
-            weight = storage.dequantize_rows(first, end, dtype, absmax)
-            weight = weight.transpose(-2, -1) if transpose else weight
-            out[row0:row1] = grouped_linear(x[row0:row1], weight, offsets[first:end] - row0, kernel)
+            out[row0:row1] = grouped_linear(x[row0:row1], dense(first, end), offsets[first:end] - row0, kernel)
     return out
+
+
+def _grouped_by_slices(x, offsets, slices, dense, out_features: int) -> torch.Tensor:
+    """The grouped kernel one slice of experts at a time, with no host read: where a slice's rows start is a device
+    value, so they are brought to the front by a gather over a rotated index (the kernel computes rows up to the
+    slice's last offset only and leaves the rest unwritten, masked here), and rotated back into place."""
+    rows_total = x.shape[0]
+    out = x.new_zeros(rows_total, out_features)
+    if rows_total == 0:
+        return out
+    rows = torch.arange(rows_total, device=x.device)
+    for first, end in slices:
+        start = offsets[first - 1].long() if first else offsets.new_zeros((), dtype=torch.long)
+        local = offsets[first:end] - start.to(offsets.dtype)
+        part = grouped_linear(x[(rows + start) % rows_total], dense(first, end), local, "grouped")
+        part = torch.where((rows < local[-1]).unsqueeze(-1), part, 0)
+        out += part[(rows - start) % rows_total]
+    return out
+
+
 class FrozenQuantizedGroupedLinear(torch.autograd.Function):
     """grouped_linear against a frozen 4-bit weight that is dequantized in forward and AGAIN in backward.
 

@@ -140,7 +140,8 @@ class RLTrainer(DiffusionTrainer):
         kept = round_.kept_indices
         started = time.perf_counter()
         total = torch.zeros((), device=self.args.device)
-        sums = {"kl": 0.0, "clip_fraction": 0.0, "ratio": 0.0, "elbo_loss": 0.0}
+        # Device tensors, read back once per optimizer step (not at every micro-batch).
+        sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)  # kl, clip_fraction, ratio, elbo_loss
         offset = 0
         for k, indices in enumerate(self._micro_batches(kept)):
             batch, chosen = self._batch(round_, indices)
@@ -160,17 +161,17 @@ class RLTrainer(DiffusionTrainer):
                 loss = terms.loss.sum() / len(round_.samples)
             self.accelerator.backward(loss)
             total += loss.detach()
-            sums["kl"] += float(terms.kl.sum())
-            sums["clip_fraction"] += float(terms.clipped.float().sum())
-            sums["ratio"] += float(terms.ratio.sum())
-            sums["elbo_loss"] += float((masked_mean(new.detach(), chosen) if self.token_credit else new.detach()).sum())
+            elbo = masked_mean(new.detach(), chosen) if self.token_credit else new.detach()
+            sums += torch.stack([terms.kl.detach().sum(), terms.clipped.detach().float().sum(),
+                                 terms.ratio.detach().sum(), elbo.sum()]).double()
             self.totals["likelihood_forwards"] += len(indices) * self.rl.elbo_samples
             self.totals["likelihood_backwards"] += len(indices) * self.rl.elbo_samples
         self.totals["likelihood_seconds"] += time.perf_counter() - started
 
         metrics = round_.metrics()
         if kept:
-            metrics.update({key: value / len(kept) for key, value in sums.items()})
+            keys = ("kl", "clip_fraction", "ratio", "elbo_loss")
+            metrics.update({key: value / len(kept) for key, value in zip(keys, sums.tolist())})
         metrics["step_seconds"] = time.perf_counter() - started + (buf.seconds if first_of_round else 0.0)
         self._record_metrics(metrics)
         return total
