@@ -253,11 +253,18 @@ def _bf16_grouped_vs_loop(full, char_tokenizer, device, expert_chunk, expert_r):
 
 
 def _assert_grouped_matches_loop(results):
+    """Whole model, bf16: the two paths sum in different orders, and through every layer and backward the rounding
+    of a tiny gradient can grow past any fixed per-tensor tolerance, differently on each CPU (a ~1e-6 encoder lora_A
+    gradient differed 0.67 relative on an AVX2-only EPYC). So the model-level check is on the logits and on all expert
+    LoRA gradients together; the numerics per call are bounded by construction in
+    test_bf16_grouped_kernel_is_within_bf16_rounding_of_the_exact_product."""
     (logits, grads), (ref_logits, ref_grads) = results["grouped"], results["loop"]
     assert _rel(logits, ref_logits) < 2e-2
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * 2 * SPEC.layers
     for name, g in grads.items():
-        assert g.abs().sum() > 0 and _rel(g, ref_grads[name]) < 5e-2, name
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, name
+    together = torch.cat([g.flatten() for g in grads.values()])
+    assert _rel(together, torch.cat([ref_grads[n].flatten() for n in grads])) < 1e-1
 
 
 @pytest.mark.parametrize("expert_r", [1, 4, 12, 16])
@@ -265,6 +272,51 @@ def test_bf16_grouped_kernel_takes_any_expert_rank(full, char_tokenizer, expert_
     """The grouped kernel needs 16-byte row strides (a rank of 8 in bf16); CPU bf16 grouped_mm enforces the same
     rule as CUDA's, so ranks 1, 4 and 12 crashed it. They are padded inside the kernel call only."""
     _assert_grouped_matches_loop(_bf16_grouped_vs_loop(full, char_tokenizer, "cpu", 0, expert_r))
+
+
+@pytest.mark.parametrize("expert_r", [1, 4, 12, 16])
+def test_bf16_grouped_kernel_is_within_bf16_rounding_of_the_exact_product(expert_r):
+    """The grouped low-rank expert path in bf16 (rank padded inside the call) against the exact product of the same
+    bf16 values, forward and every gradient. Each result is two products, each rounded once to bf16 (unit roundoff
+    u = 2^-8) after an fp32 sum of n terms (error <= n 2^-24 of the sum of magnitudes), so elementwise
+    |got - exact| <= (2u + 2 (n + 1) 2^-24) * (the same products over absolute values): a bound from the arithmetic
+    that holds on any CPU."""
+    from ftkit.quant.grouped import low_rank_grouped_linear
+
+    g = torch.Generator().manual_seed(expert_r)
+    experts, hidden, out, counts = 4, 64, 48, [5, 0, 9, 3]
+    offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    rows = sum(counts)
+    x = torch.randn(rows, hidden, generator=g).bfloat16()
+    lora_a = torch.randn(experts, expert_r, hidden, generator=g).bfloat16()
+    lora_b = torch.randn(experts, out, expert_r, generator=g).bfloat16()
+    upstream = torch.randn(rows, out, generator=g).bfloat16()
+    leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b)]
+    y = low_rank_grouped_linear(*leaves, offsets, "grouped")
+    got = [y, *torch.autograd.grad(y, leaves, upstream)]
+
+    def exact(x, a, b, up, absolute: bool):
+        f = (lambda t: t.double().abs()) if absolute else (lambda t: t.double())
+        x, a, b, up = map(f, (x, a, b, up))
+        y, gx, ga, gb, start = torch.zeros(rows, out).double(), torch.zeros_like(x), torch.zeros_like(a), \
+            torch.zeros_like(b), 0
+        for e, end in enumerate(offsets.tolist()):
+            xs, us = x[start:end], up[start:end]
+            y[start:end] = xs @ a[e].T @ b[e].T
+            gx[start:end] = us @ b[e] @ a[e]
+            ga[e] = (us @ b[e]).T @ xs
+            gb[e] = us.T @ (xs @ a[e].T)
+            start = end
+        return [y, gx, ga, gb]
+
+    want, scale = exact(x, lora_a, lora_b, upstream, False), exact(x, lora_a, lora_b, upstream, True)
+    u, n = 2.0**-8, max(hidden, out, rows, expert_r)
+    for name, have, ref, mag in zip(("output", "grad x", "grad lora_A", "grad lora_B"), got, want, scale):
+        bound = (2 * u + 2 * (n + 1) * 2.0**-24) * mag
+        assert have.dtype == torch.bfloat16 and have.shape == ref.shape, name
+        excess = (have.double() - ref).abs() - bound
+        assert excess.max() <= 0, (name, excess.max().item())
+        assert (have.double() - ref).abs().max() > 0 or name == "grad lora_A"  # really bf16, not exact
 
 
 def test_rank_padding_stays_inside_the_kernel_call(quantized, tmp_path):
