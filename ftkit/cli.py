@@ -393,6 +393,26 @@ def _read_input(text: str) -> str:
 
 @app.command(cls=Command)
 @friendly_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train` or `ftkit rl`.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New directory for the standalone model.")],
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final weights.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype: bfloat16, float16 or float32.")] = "bfloat16",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard (host RAM holds one shard while it is written).")] = "4GB",
+) -> None:
+    """Merge the adapter into the base (a full fine-tune as it is) and write a model plain transformers loads: config,
+    sharded safetensors, tokenizer, generation config (the eval sampler settings), model card."""
+    _quiet_libraries()
+    from ftkit.export import export_run
+
+    record = export_run(run_dir, out_dir, checkpoint=checkpoint, dtype=dtype, max_shard_size=max_shard_size,
+                        on_note=lambda note: console.print(f"note: {note}", highlight=False))
+    console.print(f"{record['form']} {record['dtype']} export of {record['weights']} weights", highlight=False)
+    out.print(str(out_dir), highlight=False)
+
+
+@app.command(cls=Command)
+@friendly_errors
 def push(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train`.")],
     repo: Annotated[Optional[str], typer.Option("--repo", help="Hub repo id user/name (default: hub.repo).")] = None,

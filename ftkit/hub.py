@@ -220,22 +220,13 @@ def _dataset(recipe) -> tuple[str, str, str | None]:
 
 def card_metadata(plan: PushPlan):
     """The card's YAML front matter as huggingface_hub's ModelCardData (model-index from the canonical eval)."""
-    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub import ModelCardData
 
     recipe = plan.recipe
     task = recipe.task.name
     repo = plan.repo or PLACEHOLDER_REPO
-    dataset_type, dataset_name, hub_dataset = _dataset(recipe)
-    results = []
-    evaluation = plan.evaluation or {}
-    for key, value in (evaluation.get("metrics") or {}).items():
-        if "/" in key or key.startswith("count") or not isinstance(value, (int, float)):
-            continue  # model-index gets the overall metrics; the card's table has the strata
-        results.append(EvalResult(
-            task_type="text-generation", task_name=f"{task} (constrained denoising)",
-            dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=evaluation.get("split"),
-            metric_type=key, metric_name=f"{key} (%)", metric_value=round(100 * float(value), 2),
-        ))
+    _, _, hub_dataset = _dataset(recipe)
+    results = card_eval_results(recipe, plan.evaluation)
     base_model = recipe.model.base if not recipe.is_tiny and REPO_ID.fullmatch(recipe.model.base) else None
     kind = ["full-finetune"] if plan.full_model else ["lora", "peft"]
     return ModelCardData(
@@ -247,6 +238,24 @@ def card_metadata(plan: PushPlan):
         model_name=repo.split("/")[-1],
         eval_results=results or None,
     )
+
+
+def card_eval_results(recipe, evaluation: dict[str, Any] | None) -> list:
+    """The canonical eval's overall metrics as huggingface_hub EvalResults (the card's model-index)."""
+    from huggingface_hub import EvalResult
+
+    dataset_type, dataset_name, _ = _dataset(recipe)
+    results = []
+    evaluation = evaluation or {}
+    for key, value in (evaluation.get("metrics") or {}).items():
+        if "/" in key or key.startswith("count") or not isinstance(value, (int, float)):
+            continue  # model-index gets the overall metrics; the card's table has the strata
+        results.append(EvalResult(
+            task_type="text-generation", task_name=f"{recipe.task.name} (constrained denoising)",
+            dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=evaluation.get("split"),
+            metric_type=key, metric_name=f"{key} (%)", metric_value=round(100 * float(value), 2),
+        ))
+    return results
 
 
 def model_card(plan: PushPlan) -> str:
