@@ -157,3 +157,31 @@ def test_export_of_a_trained_shared_run_is_tied(shared_run, tmp_path):
         want = run.model(**probe_batch()).logits
         got = exported(**probe_batch()).logits
     assert (got - want).abs().max() <= 2.0**-14 * want.abs().max()
+
+
+def test_rl_continues_a_shared_adapter_as_one(tmp_path):
+    """`ftkit rl` from a shared-stacks SFT run: the copied adapter is re-tied, trained as one, saved with equal
+    stacks (so it exports tied), and its reference policy is the SFT adapter (KL 0 at the first step)."""
+    from safetensors.torch import load_file
+
+    from ftkit.rl.run import rl
+    from test_rl import SevensTask, rl_rows, toy_recipe
+    from ftkit.tasks import base as task_base
+
+    shared = {"r": 4, "alpha": 8, "attention": True, "experts": True, "dense_mlp": True, "shared_stacks": True}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(task_base._REGISTRY, "sevens", SevensTask)
+        sft = tmp_path / "sft"
+        train(toy_recipe(sft, train={"max_steps": 2, "batch_size": 8, "save_steps": 10}, lora=shared), progress=False)
+        out = tmp_path / "rl"
+        rl(toy_recipe(out, init_from=sft, lora=shared), progress=False)
+    rows = rl_rows(out)
+    assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] > 0.0
+    saved = load_file(out / "adapter_model.safetensors")
+    sft_saved = load_file(sft / "adapter_model.safetensors")
+    encoder = sorted(k for k in saved if ".encoder.language_model.layers." in k)
+    assert encoder
+    for key in encoder:
+        twin = key.replace(".encoder.language_model.layers.", ".decoder.layers.")
+        assert torch.equal(saved[key], saved[twin]), key
+    assert any(not torch.equal(saved[k], sft_saved[k]) for k in encoder)  # it trained
