@@ -404,6 +404,9 @@ def export(
     sharded safetensors, tokenizer, generation config (the eval sampler settings), model card."""
     _quiet_libraries()
     from ftkit.export import export_run
+    from ftkit.export.shards import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # resident memory stays one shard + one tensor (docs/serving.md)
 
     record = export_run(run_dir, out_dir, checkpoint=checkpoint, dtype=dtype, max_shard_size=max_shard_size,
                         on_note=lambda note: console.print(f"note: {note}", highlight=False))

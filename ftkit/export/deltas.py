@@ -17,8 +17,8 @@ from ftkit.errors import FtkitError
 from ftkit.rundir import ADAPTER_WEIGHTS
 
 PEFT_PREFIX = "base_model.model."
-# fp32 elements of an expert update computed at once (64 MB): a few experts of the real model, all of a tiny one.
-EXPERT_CHUNK_ELEMENTS = 16 * 2**20
+# fp32 elements of an expert tensor updated at once (16 MB): one expert of the real model's gate_up_proj.
+EXPERT_CHUNK_ELEMENTS = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -93,16 +93,18 @@ def add_update(weight: torch.Tensor, target: LoraTarget, adapter: AdapterTensors
     few experts at a time, so no full-size fp32 copy of it ever exists."""
     lora_a, lora_b = adapter.factors(target)
     if not target.num_experts:
-        return (weight.float() + target.scaling * (lora_b @ lora_a)).to(out_dtype)
+        # One fp32 copy, updated in place (addmm_ adds scaling * B @ A without a product temporary).
+        return weight.float().addmm_(lora_b, lora_a, alpha=target.scaling).to(out_dtype)
     from ftkit.quant.lora import expert_factors
 
     per_expert_a, per_expert_b = expert_factors(lora_a, lora_b, target.num_experts)
+    if not target.experts_out_in:  # the tensor is (E, in, out): B[e] @ A[e] transposed is A[e]^T @ B[e]^T
+        per_expert_a, per_expert_b = per_expert_b.transpose(-2, -1), per_expert_a.transpose(-2, -1)
     out = torch.empty(weight.shape, dtype=out_dtype)  # never in place: `weight` may map the base file
     chunk = max(1, EXPERT_CHUNK_ELEMENTS // max(1, weight[0].numel()))
     for first in range(0, target.num_experts, chunk):
         end = min(first + chunk, target.num_experts)
-        update = torch.bmm(per_expert_b[first:end], per_expert_a[first:end])  # (e, out, in)
-        if not target.experts_out_in:
-            update = update.transpose(-2, -1)  # the tensor is (E, in, out)
-        out[first:end] = (weight[first:end].float() + target.scaling * update).to(out_dtype)
+        update = weight[first:end].float().baddbmm_(per_expert_b[first:end], per_expert_a[first:end],
+                                                    alpha=target.scaling)
+        out[first:end].copy_(update)  # rounds to out_dtype in the copy
     return out

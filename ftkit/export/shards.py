@@ -16,6 +16,24 @@ import torch
 from ftkit.export.layout import INDEX_FILE, OutputTensor, shard_names
 
 
+def return_freed_memory_to_os() -> bool:
+    """Have glibc give every large freed block back to the OS at once (a fixed mmap threshold, as
+    MALLOC_MMAP_THRESHOLD_ does). By default glibc raises its threshold after each large free, so the next tensors
+    come from a heap it keeps: the export's resident memory would creep up by several tensors' worth. Process-wide;
+    `ftkit export` calls it. Returns whether it applied (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # <malloc.h>
+    return mallopt is not None and mallopt(m_mmap_threshold, 1 << 20) == 1
+
+
 class SourceReader:
     """Open safetensors files by path, reading one tensor at a time (memory-mapped headers; data on demand)."""
 
