@@ -93,8 +93,9 @@ def add_update(weight: torch.Tensor, target: LoraTarget, adapter: AdapterTensors
     few experts at a time, so no full-size fp32 copy of it ever exists."""
     lora_a, lora_b = adapter.factors(target)
     if not target.num_experts:
-        # One fp32 copy, updated in place (addmm_ adds scaling * B @ A without a product temporary).
-        return weight.float().addmm_(lora_b, lora_a, alpha=target.scaling).to(out_dtype)
+        # One fp32 copy (a copy even from fp32: the source may be the reader's), updated in place: addmm_ adds
+        # scaling * B @ A without a product temporary.
+        return weight.to(torch.float32, copy=True).addmm_(lora_b, lora_a, alpha=target.scaling).to(out_dtype)
     from ftkit.quant.lora import expert_factors
 
     per_expert_a, per_expert_b = expert_factors(lora_a, lora_b, target.num_experts)
@@ -104,7 +105,7 @@ def add_update(weight: torch.Tensor, target: LoraTarget, adapter: AdapterTensors
     chunk = max(1, EXPERT_CHUNK_ELEMENTS // max(1, weight[0].numel()))
     for first in range(0, target.num_experts, chunk):
         end = min(first + chunk, target.num_experts)
-        update = weight[first:end].float().baddbmm_(per_expert_b[first:end], per_expert_a[first:end],
-                                                    alpha=target.scaling)
+        update = weight[first:end].to(torch.float32, copy=True)
+        update.baddbmm_(per_expert_b[first:end], per_expert_a[first:end], alpha=target.scaling)
         out[first:end].copy_(update)  # rounds to out_dtype in the copy
     return out
