@@ -341,6 +341,9 @@ def lora_target_lines(lora) -> list[str]:
         out.append(f"dense MLP `gate_proj`, `up_proj`, `down_proj` ({stacks})")
     if regex:
         out.append(f"`target_modules` regex: `{regex}`")
+    if getattr(lora, "shared_stacks", False):
+        out.append("one adapter for both stacks (`lora.shared_stacks`): the encoder's LoRA tensors are the decoder's, "
+                   "saved under both names with equal values")
     return out
 
 

@@ -190,6 +190,7 @@ def _manifest(run_dir: Path, weights_dir: Path, recipe, facts: ExportFacts, fold
         "checkpoint": facts.checkpoint,
         "task": recipe.task.name,
         "base_model": recipe.model.base,
+        "base_weights": facts.base,
         "weights": "full" if recipe.is_full else "adapter",
         "weights_sha256": file_sha256(weights),
         "form": facts.form,
