@@ -92,9 +92,8 @@ def assert_logits_match(export_dir, reference, base, tokenizer):
     assert (want - before).abs().max() > 100 * FP32_RELATIVE * scale  # the adapter matters
 
 
-@pytest.mark.parametrize("lora,form", [({}, "untied"), ({"shared_stacks": True}, "tied"),
-                                       ({"expert_r": 2, "shared_stacks": True}, "tied")],
-                         ids=["separate-stacks", "shared-stacks", "shared-expert-rank"])
+@pytest.mark.parametrize("lora,form", [({}, "untied"), ({"shared_stacks": True}, "tied")],
+                         ids=["separate-stacks", "shared-stacks"])
 def test_export_computes_base_plus_adapter(tmp_path, char_tokenizer, lora, form):
     """Attention, dense-MLP and expert LoRA, merged: from_pretrained(OUT) gives the PEFT model's logits."""
     run, base, model = make_run(tmp_path, char_tokenizer, lora)
@@ -192,3 +191,17 @@ def test_refusals_leave_nothing_behind(tmp_path, char_tokenizer):
     with pytest.raises(FtkitError, match="not trained with lora.shared_stacks"):
         export_run(run, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "run"]
+
+
+def test_cli_exports_and_reports_bad_input_in_one_line(tmp_path, char_tokenizer):
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+
+    run, _, _ = make_run(tmp_path, char_tokenizer, {"shared_stacks": True})
+    result = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "out"), "--max-shard-size", "100KB"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    result = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "out2"), "--dtype", "int8"])
+    assert result.exit_code == 2 and "--dtype 'int8': expected one of bfloat16, float16, float32" in result.output
+    assert not (tmp_path / "out2").exists()

@@ -159,6 +159,7 @@ def test_export_of_a_trained_shared_run_is_tied(shared_run, tmp_path):
     assert (got - want).abs().max() <= 2.0**-14 * want.abs().max()
 
 
+@pytest.mark.slow  # an SFT run and an RL run (~45 s under load)
 def test_rl_continues_a_shared_adapter_as_one(tmp_path):
     """`ftkit rl` from a shared-stacks SFT run: the copied adapter is re-tied, trained as one, saved with equal
     stacks (so it exports tied), and its reference policy is the SFT adapter (KL 0 at the first step)."""
