@@ -77,8 +77,9 @@ def model_card(recipe, summary: dict[str, Any], facts: ExportFacts, name: str) -
               "DiffusionGemma does not")
     merged = ("the adapter folded into the base weights in fp32, each tensor rounded once to "
               f"{facts.dtype}" if facts.source == "adapter" else f"the trained weights, cast to {facts.dtype}")
+    revision = f" (revision `{recipe.model.revision}`)" if recipe.model.revision else ""
     lines += ["## Model", "",
-              f"- **Base model:** `{recipe.model.base}`" + (f" (revision `{recipe.model.revision}`)" if recipe.model.revision else ""),
+              f"- **Base model:** `{recipe.model.base}`{revision}",
               "- **Architecture:** `DiffusionGemmaForBlockDiffusion`",
               f"- **Weights:** {merged}; no PEFT needed to load them",
               f"- **Layout:** {layout}",
