@@ -92,8 +92,8 @@ def assert_logits_match(export_dir, reference, base, tokenizer):
     assert (want - before).abs().max() > 100 * FP32_RELATIVE * scale  # the adapter matters
 
 
-@pytest.mark.parametrize("lora,form", [({}, "untied"), ({"shared_stacks": True}, "tied")],
-                         ids=["separate-stacks", "shared-stacks"])
+@pytest.mark.parametrize("lora,form", [({}, "untied"), ({"shared_stacks": True}, "tied"), ({"encoder": False}, "untied")],
+                         ids=["separate-stacks", "shared-stacks", "decoder-only"])
 def test_export_computes_base_plus_adapter(tmp_path, char_tokenizer, lora, form):
     """Attention, dense-MLP and expert LoRA, merged: from_pretrained(OUT) gives the PEFT model's logits."""
     run, base, model = make_run(tmp_path, char_tokenizer, lora)
