@@ -393,17 +393,46 @@ def _read_input(text: str) -> str:
 
 @app.command(cls=Command)
 @friendly_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train` or `ftkit rl`.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New directory for the standalone model.")],
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final weights.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype: bfloat16, float16 or float32.")] = "bfloat16",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard (host RAM holds one shard while it is written).")] = "4GB",
+) -> None:
+    """Merge the adapter into the base (a full fine-tune as it is) and write a model plain transformers loads: config,
+    sharded safetensors, tokenizer, generation config (the eval sampler settings), model card."""
+    _quiet_libraries()
+    from ftkit.export import export_run
+    from ftkit.export.shards import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # resident memory stays one shard + one tensor (docs/serving.md)
+
+    record = export_run(run_dir, out_dir, checkpoint=checkpoint, dtype=dtype, max_shard_size=max_shard_size,
+                        on_note=lambda note: console.print(f"note: {note}", highlight=False))
+    console.print(f"{record['form']} {record['dtype']} export of {record['weights']} weights", highlight=False)
+    out.print(str(out_dir), highlight=False)
+
+
+@app.command(cls=Command)
+@friendly_errors
 def push(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train`.")],
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train`, or an `ftkit export` folder.")],
     repo: Annotated[Optional[str], typer.Option("--repo", help="Hub repo id user/name (default: hub.repo).")] = None,
     private: Annotated[Optional[bool], typer.Option("--private/--public", help="Create the repo private.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the exact upload folder locally; upload nothing.")] = False,
     dry_run_dir: Annotated[Optional[Path], typer.Option("--dry-run-dir", help="Where --dry-run writes (default RUN/hub_upload).")] = None,
     allow_no_eval: Annotated[bool, typer.Option("--allow-no-eval", help="Push a run that has no eval.json of its own (the card then says it was not evaluated).")] = False,
 ) -> None:
-    """Upload the adapter, tokenizer, recipe, the run's own eval.json and a model card to the Hugging Face Hub."""
-    from ftkit.hub import push_run
+    """Upload the adapter, tokenizer, recipe, the run's own eval.json and a model card to the Hugging Face Hub; or,
+    given a folder written by `ftkit export`, the merged model with its card and eval.json."""
+    from ftkit.hub import is_export_dir, push_export, push_run
 
+    if is_export_dir(run_dir):
+        url = push_export(run_dir, repo=repo, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir,
+                          allow_no_eval=allow_no_eval)
+        out.print(url, highlight=False)
+        return
     url = push_run(run_dir, repo=repo, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir,
                    allow_no_eval=allow_no_eval, on_note=lambda note: console.print(f"note: {note}", highlight=False))
     out.print(url, highlight=False)

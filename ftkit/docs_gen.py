@@ -19,7 +19,9 @@ SECTION_NOTES = {
              "`model.tiny`; keys left out of `model.tiny` take the named preset's values (the defaults below are "
              "`tiny`'s; `small` is 6 layers, hidden 256, 8 experts of 128, intermediate 512: 8.8M parameters).",
     "quant": "4-bit quantization of the frozen base (QLoRA). `experts: true` also quantizes the fused MoE expert tensors.",
-    "lora": "Which modules get LoRA adapters. Expert LoRA goes through PEFT `target_parameters`.",
+    "lora": "Which modules get LoRA adapters. Expert LoRA goes through PEFT `target_parameters`. `shared_stacks: "
+            "true` gives the encoder and the decoder one adapter (as their base weights are one set), so `ftkit export` "
+            "keeps the released checkpoint's tied layout (docs/serving.md).",
     "diffusion": "The masked-diffusion training objective. `loss_chunk` must be 0 under FSDP (see docs/multi-gpu.md).",
     "train": "Optimisation and the run directory (`output_dir`). `trainable: full` trains every weight (the `lora` "
              "section is then unused) and saves a full model: for presets and small local checkpoints; refused for "

@@ -220,22 +220,13 @@ def _dataset(recipe) -> tuple[str, str, str | None]:
 
 def card_metadata(plan: PushPlan):
     """The card's YAML front matter as huggingface_hub's ModelCardData (model-index from the canonical eval)."""
-    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub import ModelCardData
 
     recipe = plan.recipe
     task = recipe.task.name
     repo = plan.repo or PLACEHOLDER_REPO
-    dataset_type, dataset_name, hub_dataset = _dataset(recipe)
-    results = []
-    evaluation = plan.evaluation or {}
-    for key, value in (evaluation.get("metrics") or {}).items():
-        if "/" in key or key.startswith("count") or not isinstance(value, (int, float)):
-            continue  # model-index gets the overall metrics; the card's table has the strata
-        results.append(EvalResult(
-            task_type="text-generation", task_name=f"{task} (constrained denoising)",
-            dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=evaluation.get("split"),
-            metric_type=key, metric_name=f"{key} (%)", metric_value=round(100 * float(value), 2),
-        ))
+    _, _, hub_dataset = _dataset(recipe)
+    results = card_eval_results(recipe, plan.evaluation)
     base_model = recipe.model.base if not recipe.is_tiny and REPO_ID.fullmatch(recipe.model.base) else None
     kind = ["full-finetune"] if plan.full_model else ["lora", "peft"]
     return ModelCardData(
@@ -247,6 +238,24 @@ def card_metadata(plan: PushPlan):
         model_name=repo.split("/")[-1],
         eval_results=results or None,
     )
+
+
+def card_eval_results(recipe, evaluation: dict[str, Any] | None) -> list:
+    """The canonical eval's overall metrics as huggingface_hub EvalResults (the card's model-index)."""
+    from huggingface_hub import EvalResult
+
+    dataset_type, dataset_name, _ = _dataset(recipe)
+    results = []
+    evaluation = evaluation or {}
+    for key, value in (evaluation.get("metrics") or {}).items():
+        if "/" in key or key.startswith("count") or not isinstance(value, (int, float)):
+            continue  # model-index gets the overall metrics; the card's table has the strata
+        results.append(EvalResult(
+            task_type="text-generation", task_name=f"{recipe.task.name} (constrained denoising)",
+            dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=evaluation.get("split"),
+            metric_type=key, metric_name=f"{key} (%)", metric_value=round(100 * float(value), 2),
+        ))
+    return results
 
 
 def model_card(plan: PushPlan) -> str:
@@ -263,7 +272,7 @@ def model_card(plan: PushPlan) -> str:
 
     lines = [f"# {repo.split('/')[-1]}: DiffusionGemma {what} for `{task}`", ""]
     if not plan.full_model:
-        lines += ["> [!WARNING]", f"> **Do not merge this adapter.** {TIED_NOTE}", ""]
+        lines += ["> [!WARNING]", f"> **Do not merge this adapter with PEFT.** {TIED_NOTE}", ""]
     if recipe.is_tiny and plan.full_model:
         lines += ["> [!NOTE]",
                   f"> **Trained from scratch:** every weight, from a random-init *{recipe.model.base}* DiffusionGemma "
@@ -332,6 +341,9 @@ def lora_target_lines(lora) -> list[str]:
         out.append(f"dense MLP `gate_proj`, `up_proj`, `down_proj` ({stacks})")
     if regex:
         out.append(f"`target_modules` regex: `{regex}`")
+    if getattr(lora, "shared_stacks", False):
+        out.append("one adapter for both stacks (`lora.shared_stacks`): the encoder's LoRA tensors are the decoder's, "
+                   "saved under both names with equal values")
     return out
 
 
@@ -458,7 +470,7 @@ def _load_snippet(recipe, repo: str, full_model: bool = False) -> list[str]:
                  'quantization_config=bnb, device_map="auto")']
     else:
         lines.append(f'base = DiffusionGemmaForBlockDiffusion.from_pretrained("{recipe.model.base}", dtype="auto")')
-    lines += [f'model = PeftModel.from_pretrained(base, "{repo}")  # never merge_and_unload(): tied weights',
+    lines += [f'model = PeftModel.from_pretrained(base, "{repo}")  # not merge_and_unload(): tied weights (`ftkit export` merges)',
               f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
     return lines
 
@@ -468,21 +480,87 @@ def _load_snippet(recipe, repo: str, full_model: bool = False) -> list[str]:
 
 
 def _upload(folder: Path, plan: PushPlan, endpoint: str | None, token: str) -> str:
+    return _upload_folder(folder, plan.repo, plan.private, f"ftkit: {plan.recipe.task.name} LoRA adapter", endpoint,
+                          token)
+
+
+def _upload_folder(folder: Path, repo: str, private: bool, message: str, endpoint: str | None, token: str) -> str:
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     try:
-        url = api.create_repo(plan.repo, private=plan.private, exist_ok=True, repo_type="model")
+        url = api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
         api.create_commit(
-            plan.repo,
+            repo,
             [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files],
-            commit_message=f"ftkit: {plan.recipe.task.name} LoRA adapter",
+            commit_message=message,
             repo_type="model",
         )
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear, token-free line
-        raise FtkitError(_scrub(_explain(e, api.endpoint, plan.repo), token)) from None
+        raise FtkitError(_scrub(_explain(e, api.endpoint, repo), token)) from None
     return str(url)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An export (`ftkit export RUN OUT`): the merged model, its card and the eval it was measured with, as written
+
+
+def is_export_dir(path: Path) -> bool:
+    from ftkit.export import EXPORT_MANIFEST
+
+    return (Path(path) / EXPORT_MANIFEST).is_file()
+
+
+def push_export(folder, repo: str | None = None, private: bool | None = None, dry_run: bool = False,
+                dry_run_dir=None, endpoint: str | None = None, token: str | None = None,
+                allow_no_eval: bool = False) -> str:
+    """Upload an export folder's own files (those its ftkit_export.json lists) in one commit; the card's
+    placeholder repo id becomes the real one. Refused without the run's evaluation unless `allow_no_eval`."""
+    from ftkit import filecheck
+    from ftkit.export import EXPORT_MANIFEST
+
+    folder = Path(folder)
+    manifest = _read_json(folder / EXPORT_MANIFEST)
+    names = manifest.get("files")
+    if not isinstance(names, list) or not names:
+        raise FtkitError(f"{folder / EXPORT_MANIFEST}: lists no files; export again (`ftkit export RUN OUT`)")
+    for name in names:
+        what = filecheck.problem(folder / name)
+        if what:
+            raise FtkitError(f"{folder / name}: {what}; export again (`ftkit export RUN OUT`)")
+    if manifest.get("eval") is None and not allow_no_eval:
+        raise FtkitError(f"{folder}: the export holds no evaluation (eval.json): run `ftkit eval RUN`, export again, "
+                         "or pass --allow-no-eval to push without results")
+    if repo is None and not dry_run:
+        raise FtkitError("no repo to push an export to: pass --repo USER/NAME")
+    if repo is not None and not REPO_ID.fullmatch(repo):
+        raise FtkitError(f"repo {repo!r}: expected a hub repo id of the form USER/NAME")
+
+    def stage(into: Path) -> None:
+        for name in names:
+            shutil.copyfile(folder / name, into / name)
+        card = into / "README.md"
+        if card.is_file():
+            card.write_text(card.read_text(encoding="utf-8").replace("PATH_OR_REPO", repo or PLACEHOLDER_REPO),
+                            encoding="utf-8")
+
+    if dry_run:
+        target = Path(dry_run_dir) if dry_run_dir is not None else folder.parent / f"{folder.name}-{HUB_UPLOAD_DIR}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            stage(staging)
+            rundir.replace_dir(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return str(target)
+    token = token or _find_token()
+    with tempfile.TemporaryDirectory(prefix="ftkit-push-") as tmp:
+        stage(Path(tmp))
+        message = f"ftkit: {manifest.get('task', 'DiffusionGemma')} model (merged export, {manifest.get('form')})"
+        return _upload_folder(Path(tmp), repo, bool(private), message, endpoint, token)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -31,8 +31,8 @@ ATTENTION_PROJ = r"self_attn\.[qkvo]_proj"
 DENSE_MLP_PROJ = r"mlp\.(gate|up|down)_proj"
 EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
 TIED_NOTE = (
-    "The encoder and decoder share tied base weights but carry separate adapters: never merge "
-    "(`merge_and_unload` would fold both deltas into the shared tensors)."
+    "The encoder and decoder share tied base weights but carry separate adapters: do not call PEFT's "
+    "`merge_and_unload` (it would fold both deltas into the shared tensors); `ftkit export` merges correctly."
 )
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -402,6 +402,10 @@ def attach_lora(model: torch.nn.Module, lora: LoraSection):
     )
     with expert_pattern_warning_silenced():
         peft_model = get_peft_model(model, config)
+    if lora.shared_stacks:
+        from ftkit.shared_lora import share_stack_adapters
+
+        share_stack_adapters(peft_model)  # one adapter for both stacks, before the optimizer sees the parameters
     from ftkit.quant import bind_expert_lora, exclude_quantized_state_from_ddp
 
     if params:

@@ -92,6 +92,9 @@ class LoraSection:
     dense_mlp: bool = False  # the shared dense MLP beside the experts
     encoder: bool = True
     decoder: bool = True
+    # One adapter serves both stacks, as the base weights do (the encoder's text weights are the decoder's): every
+    # encoder LoRA tensor is the decoder's. `ftkit export` then keeps the released checkpoint's tied layout and size.
+    shared_stacks: bool = False
 
 
 @dataclass(frozen=True)
@@ -354,6 +357,8 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     # PEFT's ParamWrapper (LoRA on the fused expert tensors) cannot factor dropout out of x @ (W + BA).
     need(recipe.lora.dropout == 0.0 or not recipe.lora.experts, "lora.dropout", "must be 0 when `lora.experts` is true")
     need(recipe.lora.encoder or recipe.lora.decoder, "lora.encoder", "and `lora.decoder` cannot both be false")
+    need(not recipe.lora.shared_stacks or (recipe.lora.encoder and recipe.lora.decoder), "lora.shared_stacks",
+         "needs `lora.encoder` and `lora.decoder` both true (one adapter serves both stacks)")
     need(recipe.lora.attention or recipe.lora.experts or recipe.lora.dense_mlp, "lora.attention",
          "`lora.experts` and `lora.dense_mlp` cannot all be false: nothing would train")
     need(recipe.train.output_dir.strip() != "", "train.output_dir", "must not be empty (a run is a directory of its own)")

@@ -372,7 +372,7 @@ def load_run(run_dir: str | Path, adapter: bool = True, checkpoint: str | None =
     else:
         model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
         if adapter_dir is not None:
-            model = load_adapter(model, adapter_dir)
+            model = load_adapter(model, adapter_dir, shared_stacks=recipe.lora.shared_stacks)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if recipe.quant.mode != "4bit":
         model = model.to(device)
@@ -381,10 +381,12 @@ def load_run(run_dir: str | Path, adapter: bool = True, checkpoint: str | None =
     return LoadedRun(run_dir, recipe, model, tokenizer, task, int(model.config.canvas_length), adapter_dir)
 
 
-def load_adapter(base, adapter_dir: Path, trainable: bool = False):
+def load_adapter(base, adapter_dir: Path, trainable: bool = False, shared_stacks: bool = False):
     """PeftModel.from_pretrained with a clear error for an adapter made on another base model; on a base with 4-bit
     experts, PEFT's expert wrappers are bound to the quantized forward (plain ones would refuse to run).
-    `trainable`: the adapter's tensors require grad (`ftkit rl` continues training it)."""
+    `trainable`: the adapter's tensors require grad (`ftkit rl` continues training it). `shared_stacks`: the
+    adapter of a `lora.shared_stacks` run, whose encoder tensors are re-tied to the decoder's (so training it
+    further keeps one adapter)."""
     from peft import PeftModel
 
     from ftkit.model import expert_pattern_warning_silenced
@@ -398,5 +400,12 @@ def load_adapter(base, adapter_dir: Path, trainable: bool = False):
         raise FtkitError(
             f"{adapter_dir}: the adapter does not fit this base model (made for another base?): {first[:300]}"
         ) from None
+    if shared_stacks:
+        from ftkit.shared_lora import share_stack_adapters
+
+        try:
+            share_stack_adapters(model, verify=True)
+        except FtkitError as e:
+            raise FtkitError(f"{adapter_dir}: {e}") from None
     bind_expert_lora(model)
     return model

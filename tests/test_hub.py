@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftkit.errors import FtkitError
-from ftkit.hub import push_run
+from ftkit.hub import push_export, push_run
 from ftkit.model import TIED_NOTE
 from ftkit.recipe import recipe_from_dict
 
@@ -340,3 +340,40 @@ def test_cli_push_uses_env_token_and_never_prints_it(tmp_path, monkeypatch, capl
         assert FAKE_TOKEN not in text
     dry = runner.invoke(app, ["push", str(run), "--dry-run", "--dry-run-dir", str(tmp_path / "up")])
     assert dry.exit_code == 0 and (tmp_path / "up" / "README.md").is_file()
+
+
+def test_push_of_an_export_uploads_the_merged_model_card_and_eval(tmp_path, char_tokenizer):
+    """`ftkit push OUT` on an `ftkit export` folder: one commit of exactly the files the export wrote (merged
+    weights, config, generation config, tokenizer, card, the run's eval.json), the card naming the repo."""
+    from ftkit.export import export_run
+    from ftkit.recipe import load_recipe
+    from test_export import make_run as make_trained_run
+
+    run, _, _ = make_trained_run(tmp_path, char_tokenizer, {"shared_stacks": True})
+    recipe = load_recipe(run / "recipe.yaml")
+    report = eval_report(recipe, run)
+    report.update(num_examples=recipe.eval.num_examples, num_examples_requested=recipe.eval.num_examples)
+    (run / "eval.json").write_text(json.dumps(report))
+    export_run(run, tmp_path / "export")
+    manifest = json.loads((tmp_path / "export" / "ftkit_export.json").read_text())
+    assert manifest["eval"] == "eval.json" and manifest["form"] == "tied"
+    with FakeHub() as hub:
+        url = push_export(tmp_path / "export", repo="alice/merged", endpoint=hub.endpoint, token=FAKE_TOKEN)
+    assert url.endswith("alice/merged")
+    (commit,) = hub.commits
+    assert set(commit["files"]) == set(manifest["files"])
+    assert commit["files"]["eval.json"] == (run / "eval.json").read_bytes()
+    card = commit["files"]["README.md"].decode()
+    assert "library_name: transformers" in card and "| solve_rate | 42.0% |" in card
+    assert 'from_pretrained("alice/merged"' in card and "PATH_OR_REPO" not in card
+    # Through the CLI, an export folder is recognized; without an evaluation it is refused.
+    from ftkit.cli import app
+
+    result = CliRunner().invoke(app, ["push", str(tmp_path / "export"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "export" / "eval.json").unlink()
+    manifest["eval"] = None
+    manifest["files"].remove("eval.json")
+    (tmp_path / "export" / "ftkit_export.json").write_text(json.dumps(manifest))
+    with pytest.raises(FtkitError, match="holds no evaluation"):
+        push_export(tmp_path / "export", repo="alice/merged", endpoint="http://127.0.0.1:9", token=FAKE_TOKEN)

@@ -41,24 +41,29 @@ def test_two_process_training_shares_one_run_dir(tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "base" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("loss_chunk,quant", [(0, ""), (50, ""), (50, "4bit")])
+@pytest.mark.parametrize("loss_chunk,quant", [(0, ""), (50, ""), (50, "4bit"), (50, "4bit shared")])
 def test_ddp_gradients_are_the_mean_over_processes(tmp_path, loss_chunk, quant):
     """Both loss paths under DDP: every rank ends the step with the same LoRA gradients, equal to the mean of the two
     ranks' gradients computed without DDP. The lean path (loss_chunk > 0) calls the encoder/decoder/head directly,
     so this holds only because it runs as the DDP wrapper's forward. With 4-bit experts DDP must leave their
     stride-0 placeholders and NF4 buffers alone (its broadcast into a placeholder crashed at wrap time) while the
-    expert LoRA gradients are still all-reduced."""
+    expert LoRA gradients are still all-reduced. With one adapter for both stacks (lora.shared_stacks), each shared
+    tensor is one DDP parameter whose gradient sums both stacks' uses before it is all-reduced."""
     sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
     import ddp_grads
 
     root = Path(__file__).resolve().parents[1]
     cmd = [_torchrun(), "--nproc_per_node", "2", str(root / "tests" / "helpers" / "ddp_grads.py"), str(tmp_path),
-           str(loss_chunk), *([quant] if quant else [])]
+           str(loss_chunk), *quant.split()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
-    model, batches = ddp_grads.setup(2, quantized=bool(quant))
+    model, batches = ddp_grads.setup(2, quantized="4bit" in quant, shared="shared" in quant)
+    if "shared" in quant:
+        from ftkit.shared_lora import stacks_share_adapters
+
+        assert stacks_share_adapters(model) and not any(".decoder." in n for n in ranks[0])  # one tensor, once
     if quant:
         from ftkit.quant import QuantizedExperts
 

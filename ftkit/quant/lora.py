@@ -17,6 +17,15 @@ from ftkit.errors import FtkitError
 from ftkit.quant.experts import QuantizedExperts
 
 
+def expert_factors(weight_a, weight_b, num_experts: int):
+    """PEFT's lora_A / lora_B weights of a 3-D expert parameter as per-expert factors (A (E, r, in), B (E, out, r)):
+    lora_A.weight rows are expert-major (e * r + k), lora_B.weight columns rank-major (k * E + e), as PEFT's own
+    `ParamWrapper.get_delta_weight` reads them. Expert e's update is B[e] @ A[e] (times the scaling)."""
+    lora_a = weight_a.reshape(num_experts, -1, weight_a.shape[-1])
+    lora_b = weight_b.reshape(weight_b.shape[0], -1, num_experts).permute(2, 0, 1).contiguous()
+    return lora_a, lora_b
+
+
 def _param_wrapper_class():
     from peft.tuners.lora.layer import ParamWrapper
 
@@ -32,10 +41,7 @@ def _make_wrapper_class():
             lora_A.weight rows are expert-major (e * r + k), lora_B.weight columns rank-major (k * E + e)."""
             if not self._did_swap_in_out_features:
                 raise FtkitError("4-bit experts expect (E, out, in) expert tensors (is_transposed=False)")
-            weight_a = self.lora_A[adapter].weight
-            weight_b = self.lora_B[adapter].weight
-            lora_a = weight_a.reshape(self.num_experts, -1, weight_a.shape[-1])
-            lora_b = weight_b.reshape(weight_b.shape[0], -1, self.num_experts).permute(2, 0, 1).contiguous()
+            lora_a, lora_b = expert_factors(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.num_experts)
             return lora_a, lora_b, self.scaling[adapter]
 
         @contextmanager

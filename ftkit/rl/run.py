@@ -208,7 +208,8 @@ def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_a
         model.enable_input_require_grads()
     set_seed(recipe.train.seed)  # PEFT draws a fresh lora_A from the global RNG
     if from_adapter:
-        model = rundir.load_adapter(model, run_dir / REFERENCE_DIR, trainable=True)
+        model = rundir.load_adapter(model, run_dir / REFERENCE_DIR, trainable=True,
+                                    shared_stacks=recipe.lora.shared_stacks)
     else:
         model = attach_lora(model, recipe.lora)
     if recipe.quant.mode != "4bit":  # a 4-bit base is already on its GPU (and cannot be moved)

@@ -1,7 +1,8 @@
 """One DDP training step of the diffusion loss, for tests/test_multiprocess.py.
 
-usage: torchrun --nproc_per_node 2 tests/helpers/ddp_grads.py OUT_DIR LOSS_CHUNK [4bit]
-Each rank builds the same tiny LoRA model (with `4bit`: its experts quantized by ftkit.quant, fp32 compute), takes
+usage: torchrun --nproc_per_node 2 tests/helpers/ddp_grads.py OUT_DIR LOSS_CHUNK [4bit] [shared]
+Each rank builds the same tiny LoRA model (with `4bit`: its experts quantized by ftkit.quant, fp32 compute; with
+`shared`: one adapter for both stacks, lora.shared_stacks), takes
 its own batch, runs the same forward/backward twice through a DistributedDataParallel wrapper over gloo and saves its LoRA
 gradients to OUT_DIR/rank{R}.pt and the names of the buffers DDP syncs before each forward to
 OUT_DIR/rank{R}-synced-buffers.txt.
@@ -26,7 +27,7 @@ from test_train import TINY  # noqa: E402  (the tests' tiny model, shared)
 CANVAS = TINY["canvas_length"]
 
 
-def setup(world: int, quantized: bool = False):
+def setup(world: int, quantized: bool = False, shared: bool = False):
     """The model and one batch per rank (disjoint examples)."""
     tok = build_char_tokenizer()
     spec = TinySpec(**TINY)
@@ -36,7 +37,7 @@ def setup(world: int, quantized: bool = False):
 
         quantize_experts(base, QuantSection(mode="4bit", compute_dtype="float32", blocksize=64))
     torch.manual_seed(0)  # PEFT draws lora_A from the global RNG
-    model = attach_lora(base, LoraSection(r=4, alpha=8))
+    model = attach_lora(base, LoraSection(r=4, alpha=8, shared_stacks=shared))
     # lora_B starts at zero, which would leave lora_A's gradient zero: perturb every LoRA tensor so all are checked.
     with torch.no_grad():
         for p in model.parameters():
@@ -59,13 +60,13 @@ def generator(rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(100 + rank)
 
 
-def main(out: Path, loss_chunk: int, quantized: bool) -> None:
+def main(out: Path, loss_chunk: int, quantized: bool, shared: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, batches = setup(world, quantized)
+    model, batches = setup(world, quantized, shared)
     # As the Trainer wraps it: broadcast_buffers stays at its default (True).
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
     for _ in range(2):  # the same step twice: the second forward re-syncs the buffers first
@@ -79,4 +80,4 @@ def main(out: Path, loss_chunk: int, quantized: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), len(sys.argv) > 3 and sys.argv[3] == "4bit")
+    main(Path(sys.argv[1]), int(sys.argv[2]), "4bit" in sys.argv[3:], "shared" in sys.argv[3:])
