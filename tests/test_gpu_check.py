@@ -41,7 +41,10 @@ def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     assert "answer" in (out / "2-cli.log").read_text()  # ftkit generate printed its grid
     for method in ("ftkit-4bit", "peft-4bit", "unsloth-4bit"):
         assert f"| {method}" in report
-    assert "unsloth FastDiffusionModel does not import" in report
+    if importlib.util.find_spec("unsloth") is None:
+        assert "unsloth FastDiffusionModel does not import" in report
+    else:  # Unsloth's environment (.ci/run): its row runs at tiny width on the CPU
+        assert "unsloth CPU: fp32" in report
     assert "| attn r16 + experts r4" in report
     assert not (tmp_path / "work").exists()  # checkpoints and runs are cleaned up
 
