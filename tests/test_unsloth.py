@@ -30,7 +30,7 @@ needs_unsloth = pytest.mark.skipif(
 
 # Widths that are multiples of 32 where bitsandbytes' CPU 4-bit kernel needs it (as tests/test_quant_load.py).
 SPEC = TinySpec(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, global_head_dim=64, intermediate=128,
-                experts=32, top_k=2, expert_intermediate=64, canvas_length=16)
+                experts=32, top_k=2, expert_intermediate=64, canvas_length=96)
 LORA = LoraSection(r=4, alpha=8, attention=True, experts=True, dense_mlp=True)
 
 
@@ -81,7 +81,7 @@ def _step_grads(model, char_tokenizer) -> dict[str, torch.Tensor]:
 
     task = SudokuTask()
     exs = task.build_dataset("test", 2, 0)
-    batch = collate([layout_example(char_tokenizer, task.to_prompt_canvas(e), SPEC.canvas_length, 128) for e in exs],
+    batch = collate([layout_example(char_tokenizer, task.to_prompt_canvas(e), SPEC.canvas_length, 256) for e in exs],
                     char_tokenizer.pad_token_id)
     model.train()
     out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=0), torch.Generator().manual_seed(0))
@@ -105,8 +105,31 @@ def test_unsloth_loads_the_same_weights_and_ftkit_lora_trains_the_experts(base_d
     assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
     assert not any(p.requires_grad for p in model.parameters())
     grads = _step_grads(attach_lora(model, LORA), char_tokenizer)
-    expert_lora = [g for n, g in grads.items() if ".experts." in n and "lora_" in n]
+    expert_lora = [g for n, g in grads.items() if ".experts." in n and "lora_B" in n]  # lora_A: 0 at B=0
     assert expert_lora and all(g is not None and g.abs().sum() > 0 for g in expert_lora)
+
+
+@needs_unsloth
+def test_checkpointing_both_stacks_keeps_the_gradients_after_unsloth_patched_transformers(base_dir, char_tokenizer):
+    """Importing Unsloth patches transformers' gradient checkpointing; ftkit's (decoder through transformers, encoder
+    its own) must still give the unchecked step's loss and gradients."""
+    from ftkit.checkpointing import set_gradient_checkpointing
+    from ftkit.model import attach_lora, load_with_unsloth
+
+    model = load_with_unsloth(str(base_dir), ModelSection(base=str(base_dir), dtype="float32", loader="unsloth"),
+                              QuantSection())
+    model = attach_lora(model, LORA)
+    with torch.no_grad():  # PEFT starts lora_B at zero, which would hide most gradient paths
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    plain = {n: g.clone() for n, g in _step_grads(model, char_tokenizer).items()}
+    model.zero_grad()
+    set_gradient_checkpointing(model, True)
+    checkpointed = _step_grads(model, char_tokenizer)
+    assert checkpointed.keys() == plain.keys()
+    for name, g in plain.items():
+        assert torch.allclose(checkpointed[name], g, rtol=1e-4, atol=1e-7), name
 
 
 @needs_unsloth
@@ -128,7 +151,7 @@ def test_unsloth_4bit_then_ftkit_nf4_experts_and_expert_lora(base_dir, char_toke
     assert not isinstance(layer.router.proj, bnb.nn.Linear4bit)  # Unsloth keeps the router dense, as ftkit does
     assert len(expert_storage(model)) == 2 * SPEC.layers  # gate_up + down per layer, tied across the stacks
     grads = _step_grads(attach_lora(model, LORA), char_tokenizer)
-    expert_lora = [g for n, g in grads.items() if ".experts." in n and "lora_" in n]
+    expert_lora = [g for n, g in grads.items() if ".experts." in n and "lora_B" in n]  # lora_A: 0 at B=0
     assert expert_lora and all(g is not None and g.abs().sum() > 0 for g in expert_lora)
 
 
