@@ -56,7 +56,12 @@ def _has_activation_checkpointing() -> bool:
 
 def checkpointing_arguments(on: bool, kwargs: dict | None) -> dict:
     """The TrainingArguments fields that turn the Trainer's (decoder) checkpointing on, under this release's names."""
-    prefix = "activation" if _has_activation_checkpointing() else "gradient"
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
     return {f"{prefix}_checkpointing": on, f"{prefix}_checkpointing_kwargs": kwargs}
 
 
