@@ -130,15 +130,14 @@ def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: 
     check_transformers()
     if model_cfg.base in PRESETS:
         base_dir = Path(resolve_base(model_cfg, run_dir))
-        if (base_dir / "config.json").is_file():
-            if model_cfg.loader == "unsloth":
-                return load_with_unsloth(str(base_dir), model_cfg, quant)
-            model = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir, dtype=torch.float32)
-        else:
+        # A preset base is fp32 and never quantized, through either loader; through Unsloth from the first load on.
+        if not (base_dir / "config.json").is_file():
             model = build_tiny(model_cfg.tiny, tokenizer)
             model.save_pretrained(base_dir)
-            if model_cfg.loader == "unsloth":  # through Unsloth from the start, as every later reload is
-                return load_with_unsloth(str(base_dir), model_cfg, quant)
+        elif model_cfg.loader == "transformers":
+            model = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir, dtype=torch.float32)
+        if model_cfg.loader == "unsloth":
+            return load_with_unsloth(str(base_dir), model_cfg, QuantSection())
         model.config._attn_implementation = model_cfg.attn_implementation
         return _freeze(model)
 
