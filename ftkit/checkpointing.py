@@ -55,18 +55,26 @@ class CheckpointedEncoderLayer:
         name, cache = _find_cache(args, kwargs)
         # Only a training forward that writes the first entry of this layer's cache is checkpointed: a cache that
         # already holds a prefix (generation extending a block) would return prefix + new states on the write.
-        if not (self.training and torch.is_grad_enabled() and _cache_is_empty(cache, self.layer_idx)):
+        if not (self.training and torch.is_grad_enabled()):
+            return layer_forward(hidden_states, *args, **kwargs)
+        if cache is None:  # the encoder always passes one (it makes a DynamicCache when given none)
+            raise RuntimeError(
+                f"encoder checkpointing: encoder layer {self.layer_idx} got no KV cache under a name ftkit knows "
+                f"{ENCODER_CACHE_ARGUMENTS}; the recompute could write the prompt into it twice. Use "
+                f"transformers{SUPPORTED} or train.checkpoint_encoder=false"
+            )
+        if not _cache_is_empty(cache, self.layer_idx):
             return layer_forward(hidden_states, *args, **kwargs)
         runs = []
 
         def run(hidden):
             first = not runs
             runs.append(1)
-            if first or cache is None:
+            if first:
                 out = layer_forward(hidden, *args, **kwargs)
             else:
                 out = layer_forward(hidden, *args, **{**kwargs, name: _ReplayCache()})
-            if cache is not None and cache.get_seq_length(self.layer_idx) != hidden.shape[-2]:
+            if cache.get_seq_length(self.layer_idx) != hidden.shape[-2]:
                 # The write is ftkit's to keep to one; a release that writes elsewhere too must not train silently.
                 raise RuntimeError(
                     f"encoder checkpointing: layer {self.layer_idx}'s cache holds "

@@ -119,3 +119,15 @@ def test_an_indexed_cpu_map_location_loads(tmp_path):
     compat.restore_indexed_cpu_locations()
     loaded = torch.load(path, map_location=torch.device("cpu", 0), weights_only=True)
     assert torch.equal(loaded["exp_avg"], torch.arange(3.0)) and loaded["exp_avg"].device.type == "cpu"
+
+
+def test_a_training_call_without_a_cache_the_layer_could_write_is_refused():
+    """The encoder always passes a cache; a layer that reaches one some other way must not be checkpointed blind."""
+    layer = ToyEncoderLayer("past_key_values")
+    add_mixin(layer, CheckpointedEncoderLayer, "Checkpointed")
+    layer.train()
+    with pytest.raises(RuntimeError, match="got no KV cache under a name ftkit knows"):
+        layer(torch.randn(1, 3, 8, requires_grad=True))
+    with torch.no_grad():  # generation-style calls are not checkpointed, so nothing to refuse
+        with pytest.raises(KeyError):  # (the toy layer itself needs its cache)
+            layer(torch.randn(1, 3, 8))
