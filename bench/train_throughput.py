@@ -105,40 +105,39 @@ UNSLOTH_LORA_TARGETS = (
 
 
 def load_unsloth_4bit(path: Path, tiny: bool, r: int):
-    """Unsloth's DiffusionGemma path, as its API actually is (never run here: unsloth needs a GPU to import).
+    """Unsloth's DiffusionGemma path, as its API actually is (unsloth 2026.10, `pip install -e ".[unsloth]"`; it
+    imports on a CPU machine too, where this row runs unquantized: bitsandbytes' Linear4bit path needs CUDA).
 
     API sources (unslothai/unsloth):
       - unsloth/models/diffusion.py: `FastDiffusionModel`, a transformers-only "slow path" (no Unsloth kernels or
         compile patching; it loads the unmodified DiffusionGemmaForBlockDiffusion, so ftkit's diffusion_loss forward
         kwargs apply unchanged). `from_pretrained(model_name, max_seq_length=None, dtype=None, load_in_4bit=False,
-        ..., device_map="auto", attn_implementation="eager", return_tokenizer=True, **kw)` returns
-        `(model, processor_or_tokenizer)`, or `(model, None)` with return_tokenizer=False. load_in_4bit builds a bnb
-        NF4 config (double quant, compute dtype = dtype) skipping lm_head, embed_tokens, experts, self_conditioning
-        and router: only attention + dense-MLP linears become 4-bit, the experts stay bf16.
+        ..., device_map="auto", attn_implementation=None (eager for DiffusionGemma), return_tokenizer=True, **kw)`
+        returns `(model, processor_or_tokenizer)`, or `(model, None)` with return_tokenizer=False. load_in_4bit
+        builds a bnb NF4 config (double quant, compute dtype = dtype) skipping lm_head, embed_tokens, experts,
+        self_conditioning and router: only attention + dense-MLP linears become 4-bit, the experts stay bf16.
         `get_peft_model(model, r=16, target_modules=None, lora_alpha=16, lora_dropout=0.0, bias="none",
         use_gradient_checkpointing=True, random_state=3407, task_type=None, **kw)` wraps plain PEFT (returns a
         PeftModel) and, by default, turns on HF gradient checkpointing. `for_training(model,
         use_gradient_checkpointing=True)` is only model.train() + that same switch.
       - unsloth/models/loader.py: `FastModel.from_pretrained` / `get_peft_model` dispatch diffusion model_types
         ("diffusion_gemma", "diffusion_gemma4") to FastDiffusionModel; Unsloth's own notebook
-        (unslothai/notebooks nb/DiffusionGemma_(26B-A4B)-Sudoku.ipynb) goes through FastModel and pins
-        transformers==5.11.0.
+        (unslothai/notebooks nb/DiffusionGemma_(26B-A4B)-Sudoku.ipynb) goes through FastModel.
+    `FastDiffusionModel` is not re-exported at unsloth's top level on a CPU machine: it is imported from its module.
     """
     try:
-        import unsloth  # type: ignore[import-not-found]  # raises without a CUDA/ROCm/XPU device
-
-        FastDiffusionModel = getattr(unsloth, "FastDiffusionModel", None)
-        if FastDiffusionModel is None:  # not re-exported at top level in every release
-            from unsloth.models.diffusion import FastDiffusionModel  # type: ignore[import-not-found]
-    except Exception as e:  # ImportError, unsloth refusing to import without a GPU, or its transformers pin
+        import unsloth  # type: ignore[import-not-found]  # noqa: F401  # patches what it needs at import
+        from unsloth.models.diffusion import FastDiffusionModel  # type: ignore[import-not-found]
+    except Exception as e:  # ImportError, or an Unsloth release without the diffusion path
         traceback.print_exc()
         raise Skipped(f"unsloth FastDiffusionModel does not import: {_first_line(e)}") from None
+    cuda = torch.cuda.is_available()
     # The issue's Unsloth configuration: 4-bit, LoRA on attention + dense MLP (Unsloth does not adapt the experts).
     # return_tokenizer=False: the benchmark checkpoints carry no tokenizer/processor files. attn_implementation is
     # left at Unsloth's default ("eager"); the note below records it.
     model, _ = FastDiffusionModel.from_pretrained(
-        model_name=str(path), dtype=torch.bfloat16, load_in_4bit=True,
-        device_map={"": torch.cuda.current_device()}, return_tokenizer=False,
+        model_name=str(path), dtype=torch.bfloat16 if cuda else torch.float32, load_in_4bit=cuda,
+        device_map={"": torch.cuda.current_device() if cuda else "cpu"}, return_tokenizer=False,
     )
     # Gradient checkpointing stays off here (Unsloth's default would turn it on): run_method applies --grad-ckpt to
     # every method alike.
@@ -148,7 +147,8 @@ def load_unsloth_4bit(path: Path, tiny: bool, r: int):
     )
     model = FastDiffusionModel.for_training(model, use_gradient_checkpointing=False)
     attn = getattr(model.get_base_model().config, "_attn_implementation", "?")
-    return model, f"unsloth bnb nf4 attn+MLP, experts bf16; LoRA attn + dense MLP; attn={attn}"
+    weights = "bnb nf4 attn+MLP, experts bf16" if cuda else "CPU: fp32, no 4-bit (bnb Linear4bit needs CUDA)"
+    return model, f"unsloth {weights}; LoRA attn + dense MLP; attn={attn}"
 
 
 def _first_line(e: BaseException) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ftkit.compat import ENCODER_CACHE_ARGUMENTS, SUPPORTED, disable_decoder_checkpointing, enable_decoder_checkpointing
 from ftkit.mixins import add_mixin, remove_mixin
 
 
@@ -27,21 +28,60 @@ def _cache_is_empty(cache, layer_idx: int) -> bool:
     return cache is None or cache.get_seq_length(layer_idx) == 0
 
 
+def _find_cache(args: tuple, kwargs: dict) -> tuple[str, object]:
+    """(argument name, cache) of the KV cache this encoder layer call writes into; ("", None) without one.
+
+    The name changed across transformers releases (ftkit.compat.ENCODER_CACHE_ARGUMENTS). A cache passed any other
+    way would be written twice by the recompute, silently, so it is refused instead."""
+    from transformers.cache_utils import Cache
+
+    found = [(name, kwargs[name]) for name in ENCODER_CACHE_ARGUMENTS if kwargs.get(name) is not None]
+    unknown = [name for name, value in kwargs.items() if isinstance(value, Cache) and name not in ENCODER_CACHE_ARGUMENTS]
+    if unknown or len(found) > 1 or any(isinstance(a, Cache) for a in args):
+        where = unknown or [name for name, _ in found][1:] or ["a positional argument"]
+        raise RuntimeError(
+            f"encoder checkpointing: this transformers release passes the encoder layer's KV cache as {where[0]!r}, "
+            f"which ftkit does not know (it knows {ENCODER_CACHE_ARGUMENTS}); the recompute would write the prompt "
+            f"into the cache twice. Use transformers{SUPPORTED} or train.checkpoint_encoder=false"
+        )
+    return found[0] if found else ("", None)
+
+
 class CheckpointedEncoderLayer:
     """Mixin placed in front of the encoder layer class (the module keeps its parameters and names)."""
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         layer_forward = super().forward
+        name, cache = _find_cache(args, kwargs)
         # Only a training forward that writes the first entry of this layer's cache is checkpointed: a cache that
         # already holds a prefix (generation extending a block) would return prefix + new states on the write.
-        if not (self.training and torch.is_grad_enabled() and _cache_is_empty(past_key_values, self.layer_idx)):
-            return layer_forward(hidden_states, *args, past_key_values=past_key_values, **kwargs)
+        if not (self.training and torch.is_grad_enabled()):
+            return layer_forward(hidden_states, *args, **kwargs)
+        if cache is None:  # the encoder always passes one (it makes a DynamicCache when given none)
+            raise RuntimeError(
+                f"encoder checkpointing: encoder layer {self.layer_idx} got no KV cache under a name ftkit knows "
+                f"{ENCODER_CACHE_ARGUMENTS}; the recompute could write the prompt into it twice. Use "
+                f"transformers{SUPPORTED} or train.checkpoint_encoder=false"
+            )
+        if not _cache_is_empty(cache, self.layer_idx):
+            return layer_forward(hidden_states, *args, **kwargs)
         runs = []
 
         def run(hidden):
-            cache = past_key_values if not runs or past_key_values is None else _ReplayCache()
+            first = not runs
             runs.append(1)
-            return layer_forward(hidden, *args, past_key_values=cache, **kwargs)
+            if first:
+                out = layer_forward(hidden, *args, **kwargs)
+            else:
+                out = layer_forward(hidden, *args, **{**kwargs, name: _ReplayCache()})
+            if cache.get_seq_length(self.layer_idx) != hidden.shape[-2]:
+                # The write is ftkit's to keep to one; a release that writes elsewhere too must not train silently.
+                raise RuntimeError(
+                    f"encoder checkpointing: layer {self.layer_idx}'s cache holds "
+                    f"{cache.get_seq_length(self.layer_idx)} positions after {'the first run' if first else 'the recompute'}"
+                    f", not the prompt's {hidden.shape[-2]}. Use transformers{SUPPORTED} or train.checkpoint_encoder=false"
+                )
+            return out
 
         return checkpoint(run, hidden_states, use_reentrant=False)
 
@@ -67,11 +107,11 @@ def set_gradient_checkpointing(model: torch.nn.Module, on: bool, encoder: bool =
 
     core = core_model(model)
     if on:
-        core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_decoder_checkpointing(core, use_reentrant=False)
         if encoder:
             enable_encoder_checkpointing(model)
     else:
-        core.activation_checkpointing_disable()
+        disable_decoder_checkpointing(core)
         disable_encoder_checkpointing(model)
 
 

@@ -64,6 +64,13 @@ def main(
                                           help="Print ftkit's version and exit.")] = False,
 ) -> None:
     """Fine-tune DiffusionGemma (block-diffusion MoE) with LoRA on attention and experts."""
+    from ftkit.compat import check_transformers
+
+    try:
+        check_transformers()  # an unsupported transformers is one line here, not a failure deep inside a run
+    except FtkitError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
 
 
 def friendly_errors(fn):

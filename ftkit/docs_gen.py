@@ -18,7 +18,9 @@ SECTION_NOTES = {
     "model": "Which base model to load. `base: tiny` or `base: small` builds a random-init DiffusionGemma from "
              "`model.tiny`; keys left out of `model.tiny` take the named preset's values (the defaults below are "
              "`tiny`'s; `small` is 6 layers, hidden 256, 8 experts of 128, intermediate 512: 8.8M parameters).",
-    "quant": "4-bit quantization of the frozen base (QLoRA). `experts: true` also quantizes the fused MoE expert tensors.",
+    "quant": "4-bit quantization of the frozen base (QLoRA). `experts: true` also quantizes the fused MoE expert tensors. "
+             "`mode: 8bit` (LLM.int8 linears) needs `model.loader: unsloth`, whose 4-bit loading is NF4 with double "
+             "quantization computing in `model.dtype` (other settings are refused).",
     "lora": "Which modules get LoRA adapters. Expert LoRA goes through PEFT `target_parameters`. `shared_stacks: "
             "true` gives the encoder and the decoder one adapter (as their base weights are one set), so `ftkit export` "
             "keeps the released checkpoint's tied layout (docs/serving.md).",

@@ -317,9 +317,11 @@ def _inline(options: dict[str, Any]) -> str:
 
 
 def _quant_text(quant) -> str:
-    if quant.mode != "4bit":
+    if quant.mode == "none":
         return "none (full-precision base)"
     experts = "experts quantized too" if quant.experts else "experts kept in full precision"
+    if quant.mode == "8bit":
+        return f"8-bit LLM.int8 linears (bitsandbytes, through Unsloth's loader), {experts}"
     return (f"4-bit {quant.quant_type} (double quantization: {str(quant.double_quant).lower()}, compute dtype "
             f"{quant.compute_dtype}, {experts}); load the base the same way for the closest behaviour")
 

@@ -121,22 +121,31 @@ def load_tokenizer(model_cfg: ModelSection, run_dir: Path | None = None):
 def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: Path | None = None) -> torch.nn.Module:
     """The frozen base model. A preset (`tiny`, `small`): built from `model.tiny` (and saved to `run_dir/base` for
     later reloads) unless the run already holds it; otherwise `from_pretrained` with optional 4-bit quantization (experts included: they load
-    on the CPU and reach the GPU one dense tensor at a time, each quantized there before the next)."""
+    on the CPU and reach the GPU one dense tensor at a time, each quantized there before the next).
+    `model.loader: unsloth` loads either through Unsloth's FastDiffusionModel instead (`load_with_unsloth`)."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
+    from ftkit.compat import check_transformers
+
+    check_transformers()
     if model_cfg.base in PRESETS:
         base_dir = Path(resolve_base(model_cfg, run_dir))
-        if (base_dir / "config.json").is_file():
-            model = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir, dtype=torch.float32)
-        else:
+        # A preset base is fp32 and never quantized, through either loader; through Unsloth from the first load on.
+        if not (base_dir / "config.json").is_file():
             model = build_tiny(model_cfg.tiny, tokenizer)
             model.save_pretrained(base_dir)
+        elif model_cfg.loader == "transformers":
+            model = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir, dtype=torch.float32)
+        if model_cfg.loader == "unsloth":
+            return load_with_unsloth(str(base_dir), model_cfg, QuantSection())
         model.config._attn_implementation = model_cfg.attn_implementation
         return _freeze(model)
 
     source = model_cfg.base
     if not Path(source).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         raise FtkitError(f"model.base={source!r}: neither a local directory nor a hub id (owner/name)")
+    if model_cfg.loader == "unsloth":
+        return load_with_unsloth(source, model_cfg, quant)
     kwargs = dict(dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation, revision=model_cfg.revision)
     if quant.mode == "4bit":
         device = quant_device()
@@ -151,6 +160,47 @@ def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: 
 
         reclaim_offloaded_experts(model)
         quantize_experts(model, quant, device=device)  # one dense expert tensor on `device` at a time
+    return _freeze(model)
+
+
+def import_fast_diffusion_model():
+    """Unsloth's FastDiffusionModel, or a clear error saying how to install it."""
+    try:
+        import unsloth  # noqa: F401  # Unsloth patches what it needs at import, before its models are used
+        from unsloth.models.diffusion import FastDiffusionModel
+    except ImportError as e:
+        raise FtkitError(
+            f"model.loader=unsloth: Unsloth with FastDiffusionModel does not import ({e.__class__.__name__}: {e}); "
+            "install it with `pip install -e \".[unsloth]\"` (README: Unsloth), or use model.loader=transformers"
+        ) from None
+    return FastDiffusionModel
+
+
+def load_with_unsloth(source: str, model_cfg: ModelSection, quant: QuantSection) -> torch.nn.Module:
+    """The base through Unsloth's FastDiffusionModel: its own bitsandbytes 4-bit (NF4, double quantization, compute
+    in model.dtype; the recipe check refuses other settings) or 8-bit loading of the attention and dense-MLP
+    linears, with the experts, router, embeddings and self-conditioning left dense. Then ftkit's expert quantization
+    as on the default path (`quant.experts`), in place on the device; attach_lora adds the expert LoRA after.
+
+    The cost against the default loader: Unsloth has no way to keep the experts on the CPU while loading, so the
+    dense experts are on the device at once before quantize_experts shrinks them (docs/performance.md)."""
+    FastDiffusionModel = import_fast_diffusion_model()
+    dtype = torch.float32 if model_cfg.base in PRESETS else DTYPES[model_cfg.dtype]
+    quantized = quant.mode != "none"
+    # Unquantized, it loads on the CPU as the default path does (the trainer or load_run places it).
+    device = quant_device() if quantized else "cpu"
+    try:
+        model, _ = FastDiffusionModel.from_pretrained(
+            model_name=source, dtype=dtype, load_in_4bit=quant.mode == "4bit", load_in_8bit=quant.mode == "8bit",
+            device_map={"": device}, attn_implementation=model_cfg.attn_implementation, revision=model_cfg.revision,
+            return_tokenizer=False,  # ftkit's tokenizer is the run's own (load_tokenizer)
+        )
+    except OSError as e:
+        raise FtkitError(f"model.base={source!r}: Unsloth cannot load it ({e.__class__.__name__}: {e})") from None
+    if quantized and quant.experts:
+        from ftkit.quant import quantize_experts
+
+        quantize_experts(model, quant, device=device)
     return _freeze(model)
 
 

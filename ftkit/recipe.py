@@ -62,12 +62,15 @@ class ModelSection:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     revision: str | None = None
+    # How the base is loaded: transformers' from_pretrained (ftkit's 4-bit path: experts streamed through the GPU)
+    # or Unsloth's FastDiffusionModel (pip install ftkit[unsloth]; its 4-bit/8-bit loading). docs/performance.md.
+    loader: Literal["transformers", "unsloth"] = "transformers"
     tiny: TinySpec = field(default_factory=TinySpec)  # preset dimensions (defaults shown: the `tiny` preset's)
 
 
 @dataclass(frozen=True)
 class QuantSection:
-    mode: Literal["none", "4bit"] = "none"
+    mode: Literal["none", "4bit", "8bit"] = "none"  # 8bit: bitsandbytes LLM.int8 linears, with model.loader=unsloth
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -391,12 +394,26 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     need(t.heads % t.kv_heads == 0, "model.tiny.heads", "must be a multiple of model.tiny.kv_heads")
     need(t.embedding_std > 0, "model.tiny.embedding_std", "must be > 0")
     need(recipe.quant.expert_chunk >= 0, "quant.expert_chunk", "must be >= 0 (0 = all experts at once)")
-    need(not (recipe.is_full and recipe.quant.mode == "4bit"), "train.trainable",
-         "is `full`, which needs a full-precision base: 4-bit weights cannot be trained (set quant.mode=none, or "
-         "train.trainable=lora to train adapters on the 4-bit base)")
+    need(not (recipe.is_full and recipe.quant.mode != "none"), "train.trainable",
+         f"is `full`, which needs a full-precision base: {recipe.quant.mode} weights cannot be trained (set "
+         f"quant.mode=none, or train.trainable=lora to train adapters on the {recipe.quant.mode} base)")
+    _check_loader(recipe, need)
     if recipe.quant.mode == "4bit":
         need(recipe.quant.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096), "quant.blocksize",
              "must be a power of two in [32, 4096]")
+
+
+def _check_loader(recipe: Recipe, need) -> None:
+    """What Unsloth's loading cannot honour is refused rather than silently changed: it builds its own bitsandbytes
+    config (NF4, double quantization, computing in model.dtype) and has the 8-bit mode the transformers path lacks."""
+    q = recipe.quant
+    if recipe.model.loader == "transformers":
+        need(q.mode != "8bit", "quant.mode", "is 8bit, which only model.loader=unsloth loads (use 4bit or none)")
+    elif q.mode == "4bit":
+        need(q.quant_type == "nf4", "quant.quant_type", "must be nf4 with model.loader=unsloth (its 4-bit loading)")
+        need(q.double_quant, "quant.double_quant", "must be true with model.loader=unsloth (its 4-bit loading)")
+        need(q.compute_dtype == recipe.model.dtype, "quant.compute_dtype",
+             f"must equal model.dtype ({recipe.model.dtype}) with model.loader=unsloth (its 4-bit loading)")
 
 
 # The recipe's eval keys by the name DiffusionGemmaGenerationConfig gives them, for its error messages.

@@ -374,7 +374,7 @@ def load_run(run_dir: str | Path, adapter: bool = True, checkpoint: str | None =
         if adapter_dir is not None:
             model = load_adapter(model, adapter_dir, shared_stacks=recipe.lora.shared_stacks)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if recipe.quant.mode != "4bit":
+    if recipe.quant.mode == "none":  # a quantized base is already on its GPU (and cannot be moved)
         model = model.to(device)
     model.eval()
     task = make_task(recipe.task.name, recipe.task.options)

@@ -14,6 +14,7 @@ import torch
 from accelerate import PartialState
 
 from ftkit import rundir
+from ftkit.compat import checkpointing_arguments
 from ftkit.errors import FtkitError
 from ftkit.layout import Layout, collate
 from ftkit.recipe import Recipe
@@ -68,10 +69,9 @@ def _training_arguments(TrainingArguments, recipe: Recipe, run_dir: Path, t, cud
         data_seed=t.seed,
         bf16=bf16,
         use_cpu=not cuda,
-        activation_checkpointing=t.gradient_checkpointing,
         # Decoder layers (transformers' GradientCheckpointingLayer); the encoder's are ftkit.checkpointing's, in
         # train(). Non-reentrant: reentrant checkpointing would replay the encoder's cache writes.
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **checkpointing_arguments(t.gradient_checkpointing, {"use_reentrant": False} if t.gradient_checkpointing else None),
         remove_unused_columns=False,
         # A safety margin, not a need today: every LoRA tensor is reached each step (an expert's LoRA is a slice of
         # one tensor per layer, so experts no token was routed to still share a gradient tensor), but a LoRA target

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from ftkit import manifest
+from ftkit.compat import restore_indexed_cpu_locations
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.errors import FtkitError
 from ftkit.recipe import DiffusionSection
@@ -36,6 +37,7 @@ class DiffusionTrainer(Trainer):
     model_accepts_loss_kwargs = False
 
     def __init__(self, *args, diffusion: DiffusionSection, noise_log: Path | None = None, **kwargs):
+        restore_indexed_cpu_locations()  # a multi-process CPU resume on transformers 5.17
         super().__init__(*args, **kwargs)
         self.diffusion = diffusion
         self.noise_log = noise_log

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ftkit.compat import disable_decoder_checkpointing, enable_decoder_checkpointing
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
 from ftkit.diffusion.loss import (
     chunked_head_token_losses,
@@ -305,14 +306,14 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_setup):
     results = []
     for checkpointing in (False, True):
         if checkpointing:
-            core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_decoder_checkpointing(core, use_reentrant=False)
             assert all(getattr(layer, "gradient_checkpointing", False) for layer in core.model.decoder.layers)
         model.train()
         model.zero_grad()
         out = diffusion_loss(model, batch, DiffusionSection(), gen(2))
         out.loss.backward()
         results.append((out.loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]))
-    core.activation_checkpointing_disable()
+    disable_decoder_checkpointing(core)
     model.eval()
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert len(results[0][1]) == len(results[1][1]) > 0

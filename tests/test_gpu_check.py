@@ -45,6 +45,8 @@ def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
         assert f"| {method}" in report
     assert "- rehearsal: " in report  # ran with only the image's and the bundle's packages importable
     assert "task protein: 2 examples" in report and "verifiers json_schema, regex: ok" in report
+    # The bundle does not carry Unsloth: hidden in the rehearsal even where it is installed (CI's Unsloth set).
+    assert "unsloth FastDiffusionModel does not import" in report
     assert "| attn r16 + experts r4" in report
     assert not (tmp_path / "work").exists()  # checkpoints and runs are cleaned up
 

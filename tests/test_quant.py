@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from ftkit.compat import enable_decoder_checkpointing
 from ftkit.errors import FtkitError
 from ftkit.model import attach_lora, build_tiny
 from ftkit.quant import QuantizedExperts, bind_expert_lora, expert_storage, quantize_experts, set_expert_kernel
@@ -215,7 +216,7 @@ def test_decoder_gradient_checkpointing_gives_the_same_grads(quantized, char_tok
         return {n: p.grad.clone() for n, p in peft_q.named_parameters() if "lora_" in n and ".experts." in n}
 
     plain = expert_grads()
-    peft_q.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_decoder_checkpointing(peft_q.get_base_model(), use_reentrant=False)
     checkpointed = expert_grads()
     assert plain.keys() == checkpointed.keys()
     for name in plain:

@@ -36,8 +36,8 @@ def test_wrong_type_names_key_and_expected_type():
         recipe_from_dict({"lora": {"r": "sixteen"}})
     with pytest.raises(RecipeError, match=r"`lora\.attention` expects bool"):
         recipe_from_dict({"lora": {"attention": 1}})
-    with pytest.raises(RecipeError, match=r"`quant\.mode` must be one of 'none', '4bit'"):
-        recipe_from_dict({"quant": {"mode": "8bit"}})
+    with pytest.raises(RecipeError, match=r"`quant\.mode` must be one of 'none', '4bit', '8bit'"):
+        recipe_from_dict({"quant": {"mode": "16bit"}})
     with pytest.raises(RecipeError, match=r"`train` must be a mapping"):
         recipe_from_dict({"train": [1, 2]})
 

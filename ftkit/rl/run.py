@@ -212,7 +212,7 @@ def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_a
                                     shared_stacks=recipe.lora.shared_stacks)
     else:
         model = attach_lora(model, recipe.lora)
-    if recipe.quant.mode != "4bit":  # a 4-bit base is already on its GPU (and cannot be moved)
+    if recipe.quant.mode == "none":  # a quantized base is already on its GPU (and cannot be moved)
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     return model, ReferencePolicy(model, frozen_adapter=from_adapter)
 
