@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_FILE = ROOT / "bench" / "gpu_image_packages.txt"
+IMAGE_FILE = ROOT / "bench" / "gpu_image_packages.txt"  # FTKIT_GPU_IMAGE overrides it (tests)
 BUNDLE_FILE = ROOT / "bench" / "gpu_bundle.txt"
 HOOK_DIR = ROOT / "bench" / "rehearsal"
 PROJECT = "ftkit"
@@ -35,16 +35,16 @@ def _lines(path: Path) -> list[str]:
     return [s for s in (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()) if s]
 
 
-def image_versions(path: Path = IMAGE_FILE) -> dict[str, str | None]:
+def image_versions(path: Path | None = None) -> dict[str, str | None]:
     """{canonical name: version, or None where the image's version is not known}."""
     found = {}
-    for line in _lines(path):
+    for line in _lines(Path(path or os.environ.get("FTKIT_GPU_IMAGE") or IMAGE_FILE)):
         name, _, version = line.partition("==")
         found[canonical(name)] = version or None
     return found
 
 
-def image_packages(path: Path = IMAGE_FILE) -> set[str]:
+def image_packages(path: Path | None = None) -> set[str]:
     return set(image_versions(path))
 
 
@@ -154,8 +154,8 @@ def check_versions(on_device: bool) -> list[str]:
     """Problems as lines, each starting FAIL, warn or note.
 
     ftkit's requirements must hold: on the device against what is installed there; in the rehearsal against the
-    bundle's pins and the image's known versions (an image package not carried keeps the image's version: dropping
-    `transformers==...` from the bundle fails here, since the image's 5.17 is not what ftkit asks for). Each bundle
+    bundle's pins and the image's known versions (an image package not carried keeps the image's version: were the
+    image's transformers outside ftkit's range, the bundle would have to carry one, and this check says so). Each bundle
     package must be installed at its pin on the device (in the rehearsal a different version here is a note), and
     what it asks for in turn is a warning at most: pip's pins are often stricter than the code, the imports decide."""
     from packaging.version import Version

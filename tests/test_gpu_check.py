@@ -152,16 +152,22 @@ def test_the_rehearsal_fails_naming_a_package_dropped_from_the_bundle(tmp_path, 
 
 
 def test_an_image_package_at_a_version_ftkit_does_not_take_must_be_carried(tmp_path, monkeypatch):
-    """transformers is on the image, at 5.17: without the bundle's line the version check fails, naming it."""
+    """An image whose transformers is older than ftkit's range: with no bundle line for it the version check fails,
+    naming it; with one it passes (today the image's 5.17 is in the range, so the bundle carries none)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_env
 
-    bundle = tmp_path / "bundle.txt"
-    bundle.write_text("".join(f"{n}=={v}\n" for n, v in gpu_env.bundle_pins().items() if n != "transformers"))
     assert not [p for p in gpu_env.check_versions(on_device=False) if p.startswith("FAIL")]
-    monkeypatch.setenv("FTKIT_GPU_BUNDLE", str(bundle))
+    image = tmp_path / "image.txt"
+    image.write_text((ROOT / "bench" / "gpu_image_packages.txt").read_text().replace("transformers==5.17.0",
+                                                                                       "transformers==5.11.0"))
+    monkeypatch.setenv("FTKIT_GPU_IMAGE", str(image))
     failed = [p for p in gpu_env.check_versions(on_device=False) if p.startswith("FAIL")]
-    assert failed and all("transformers" in p and "5.17.0" in p for p in failed), failed
+    assert failed and all("transformers" in p and "5.11.0" in p for p in failed), failed
+    bundle = tmp_path / "bundle.txt"
+    bundle.write_text((ROOT / "bench" / "gpu_bundle.txt").read_text() + "transformers==5.23.0\n")
+    monkeypatch.setenv("FTKIT_GPU_BUNDLE", str(bundle))
+    assert not [p for p in gpu_env.check_versions(on_device=False) if p.startswith("FAIL")]
 
 
 @pytest.mark.slow
