@@ -5,8 +5,9 @@ diffusion trains one per step); t ~ U(eps, 1); each token of that block's clean 
 response) replaced by a uniform random token with prob. t; with prob. `self_conditioning_p` the decoder is
 conditioned on its own logits from a first, no-grad pass; flat cross-entropy over every canvas position (the EOS fill
 included: the uniform kernel has a flat ELBO, so no 1/t weighting); plus an autoregressive cross-entropy on the
-encoder, which reads the whole clean sequence (prompt + response, real tokens only) while the decoder's attention
-mask cuts the cache off at the chosen block's start and the canvas positions continue from there.
+encoder, which reads the whole clean sequence (prompt + response, real tokens only) while the decoder reads each
+row's cache up to the chosen block's start, right-aligned (`prefix_cache.py`: its sliding-window layers keep the
+W-1 positions before the block, as in generation), and the canvas positions continue from there.
 
 Two paths compute the same values: `_reference_losses` (one `model(...)` call per pass, as TRL runs it) and, when
 `diffusion.loss_chunk > 0`, `_lean_losses` (encoder once, first pass only where needed, everything over the
