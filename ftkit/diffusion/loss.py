@@ -92,7 +92,7 @@ def encoder_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> to
     return torch.where(pair_ok, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
 
 
-def decoder_inputs(core: torch.nn.Module, batch: dict[str, torch.Tensor], canvas_ids: torch.Tensor,
+def decoder_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], canvas_ids: torch.Tensor,
                    block_start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Model kwargs for a training forward: the encoder reads the whole clean sequence and writes a `PrefixCache`
     holding each row's positions before its block start (default: the prompt's end, i.e. block 0), right-aligned,
@@ -100,7 +100,7 @@ def decoder_inputs(core: torch.nn.Module, batch: dict[str, torch.Tensor], canvas
     row); canvas positions continue from the block start. The cache is written by the call that reads these kwargs:
     a second call needs `with_fresh_cache`."""
     start = batch["prompt_len"] if block_start is None else block_start
-    cache, mask, positions = prefix_cache_inputs(core_model(core), batch["attention_mask"], start, canvas_ids.shape[1])
+    cache, mask, positions = prefix_cache_inputs(core_model(model), batch["attention_mask"], start, canvas_ids.shape[1])
     return {
         "input_ids": batch["input_ids"],
         "attention_mask": batch["attention_mask"],
