@@ -33,9 +33,9 @@ ANSWERS = ["abcdefghij" * 3, "0123456789", "xyz", "the answer is ab"]
 ATOL = 1e-4
 
 
-def windowed_model(tok, window: int):
-    """The tiny architecture (sliding, sliding, full attention) with the given sliding window; same weights for
-    every window (the window shapes no parameter)."""
+def windowed_model(tok, window: int, attn: str = "sdpa"):
+    """The tiny architecture (sliding, sliding, full attention) with the given sliding window and attention
+    implementation; same weights for every window (the window shapes no parameter)."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     config = tiny_config(SPEC, len(tok), tok.pad_token_id, tok.eos_token_id, tok.bos_token_id)
@@ -44,6 +44,7 @@ def windowed_model(tok, window: int):
         torch.manual_seed(0)
         base = DiffusionGemmaForBlockDiffusion(config).float()
         torch.nn.init.normal_(base.model.decoder.embed_tokens.weight, std=SPEC.embedding_std)
+    base.set_attn_implementation(attn)
     model = attach_lora(base, LoraSection(r=4, alpha=8, dense_mlp=True))
     with torch.no_grad():  # PEFT starts lora_B at zero: give the adapters a say, so gradients reach every path
         for name, p in model.named_parameters():
@@ -82,9 +83,12 @@ def alone_logits(model, prefix: torch.Tensor, canvas: torch.Tensor) -> torch.Ten
                      decoder_position_ids=torch.arange(n, n + canvas.shape[0])[None]).logits[0]
 
 
-def test_each_block_trains_with_the_context_generation_gives_it(model, batch):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_each_block_trains_with_the_context_generation_gives_it(model, char_tokenizer, batch, attn):
     """Every block of every row, batched with rows of other lengths: the training forward's decoder logits equal
-    the row-alone forward's over prompt + earlier blocks."""
+    the row-alone forward's over prompt + earlier blocks (both attention implementations a recipe can pick)."""
+    if attn != "sdpa":
+        model = windowed_model(char_tokenizer, W, attn)
     canvas = torch.randint(3, 100, (4, L), generator=torch.Generator().manual_seed(0))
     response = batch["attention_mask"].sum(1) - batch["prompt_len"]
     checked = 0
