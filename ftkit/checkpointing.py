@@ -3,12 +3,14 @@
 transformers checkpoints only the decoder layers: an encoder layer writes its keys/values into the shared cache,
 and a recompute would append them a second time. `enable_encoder_checkpointing` makes each encoder layer run under
 non-reentrant `torch.utils.checkpoint` with the cache write kept exactly once: the first run writes through the
-real cache; the recompute in backward gets a stand-in cache whose `update` hands the keys/values straight back,
-which is what the real cache returned on the first write (it was empty), so the recompute sees the same tensors.
+real cache; the recompute in backward writes into a copy of the cache as it was before (empty for that layer), so
+it runs the same operations and sees the same tensors as the first run.
 The cache the decoder reads keeps the first run's tensors, whose autograd graph the recompute serves.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -18,10 +20,23 @@ from ftkit.mixins import add_mixin, remove_mixin
 
 
 class _ReplayCache:
-    """The cache an encoder layer sees while checkpoint recomputes it: no second write."""
+    """The cache an encoder layer sees while checkpoint recomputes it: the write goes to a fresh copy of the cache
+    as it was before the first run (shallow: no tensor is copied), so the recompute runs the very operations the
+    first write ran (a `PrefixCache` re-arranges what it stores, and checkpoint needs the same tensors saved for
+    backward in both runs) and returns the same states, while the real cache is written once."""
+
+    def __init__(self, before):
+        self.before = before
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return key_states, value_states
+        return _snapshot(self.before).update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def _snapshot(cache):
+    """A shallow copy of `cache` whose layers are copies too: writing into it leaves `cache` as it is."""
+    copied = copy.copy(cache)
+    copied.layers = [copy.copy(layer) for layer in cache.layers]
+    return copied
 
 
 def _cache_is_empty(cache, layer_idx: int) -> bool:
@@ -65,6 +80,7 @@ class CheckpointedEncoderLayer:
             )
         if not _cache_is_empty(cache, self.layer_idx):
             return layer_forward(hidden_states, *args, **kwargs)
+        before = _snapshot(cache)
         runs = []
 
         def run(hidden):
@@ -73,7 +89,7 @@ class CheckpointedEncoderLayer:
             if first:
                 out = layer_forward(hidden, *args, **kwargs)
             else:
-                out = layer_forward(hidden, *args, **{**kwargs, name: _ReplayCache()})
+                out = layer_forward(hidden, *args, **{**kwargs, name: _ReplayCache(before)})
             if cache.get_seq_length(self.layer_idx) != hidden.shape[-2]:
                 # The write is ftkit's to keep to one; a release that writes elsewhere too must not train silently.
                 raise RuntimeError(

@@ -72,7 +72,7 @@ def test_encoder_recompute_writes_the_cache_once(setup):
     """The recompute really runs (each encoder layer twice) and the cache the decoder read holds the prompt once."""
     model, batch = setup
     core = model.get_base_model()
-    kwargs = decoder_inputs(batch, batch["canvas"][:, 0])
+    kwargs = decoder_inputs(model, batch, batch["canvas"][:, 0])
     calls = []
     hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a: calls.append(m.layer_idx))
              for layer in core.model.encoder.language_model.layers]
@@ -104,7 +104,7 @@ def test_generation_style_calls_are_not_checkpointed(setup):
     try:
         _set_checkpointing(model, True)
         with torch.no_grad():
-            model(**decoder_inputs(batch, batch["canvas"][:, 0]))
+            model(**decoder_inputs(model, batch, batch["canvas"][:, 0]))
         assert len(calls) == 1
     finally:
         hook.remove()

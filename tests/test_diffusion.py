@@ -55,11 +55,15 @@ def test_encoder_targets_hand_computed():
     assert encoder_targets(ids, att).tolist() == [[10, 11, 12, -100], [20, -100, -100, -100]]
 
 
-def test_decoder_inputs_cut_the_cache_at_the_prompt():
-    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.ones(2, 6, dtype=torch.long),
-             "prompt_len": torch.tensor([2, 4])}
-    kw = decoder_inputs(batch, torch.zeros(2, 3, dtype=torch.long))
-    assert kw["decoder_attention_mask"].tolist() == [[1, 1, 0, 0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0, 1, 1, 1]]
+def test_decoder_inputs_right_align_the_cache_at_the_block_start(tiny_setup):
+    """Row 0's block starts at 2, row 1's at 4 (row 1 has a padded last position): each row's prefix ends at the
+    cache's last column, the rest is masked; canvas positions continue from the block start."""
+    model, _ = tiny_setup
+    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long),
+             "attention_mask": torch.tensor([[1] * 6, [1] * 5 + [0]]), "prompt_len": torch.tensor([2, 4])}
+    kw = decoder_inputs(model, batch, torch.zeros(2, 3, dtype=torch.long))
+    assert kw["decoder_attention_mask"].long().tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1]]
+    assert kw["past_key_values"].index.tolist() == [[0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 2, 3]]
     assert kw["decoder_position_ids"].tolist() == [[2, 3, 4], [4, 5, 6]]
 
 

@@ -308,12 +308,11 @@ def test_decoder_with_soft_embeddings_equals_the_models_self_conditioning_path(m
     """The sampler calls the decoder with the self-conditioning signal as soft embeddings and applies the head
     itself; that gives the logits the model computes from self_conditioning_logits (fp32)."""
     from ftkit.diffusion.head import head_logits
-    from ftkit.diffusion.sample import _decoder_layout, _encode_prompt
+    from ftkit.diffusion.sample import _encode_prompt
     from ftkit.diffusion.self_conditioning import injected_soft_embeddings
 
     prompt, mask, canvas, _ = batch
-    cache = _encode_prompt(model, prompt, mask)
-    decoder_mask, positions = _decoder_layout(mask, CANVAS)
+    cache, decoder_mask, positions = _encode_prompt(model, prompt, mask, CANVAS)
     previous = 3 * torch.randn(3, CANVAS, len(tokenizer), generator=torch.Generator().manual_seed(0))
     kwargs = dict(past_key_values=cache, decoder_input_ids=canvas, decoder_attention_mask=decoder_mask,
                   decoder_position_ids=positions)

@@ -4,7 +4,8 @@ DiffusionGemma generates a long answer as consecutive canvases. Once a block is 
 encoder reads prompt + finished blocks (so the finished block extends the prompt's KV cache), the next canvas's
 positions continue after it, and the loop goes on until a block holds a stop token (end of turn or EOS) or
 `max_new_tokens` is reached. This is what training sees for block k (`ftkit.diffusion.loss.choose_blocks`): the
-cache cut at the block's start, positions from there.
+cache cut at the block's start (right-aligned per row, so the sliding-window layers see the same W-1 positions in
+both: `prefix_cache.py`), positions from there.
 
 `denoise()` encodes its prompt itself, so block k passes prompt + blocks 0..k-1 as the prompt: the encoder is
 causal, so that cache equals the previous one extended by the finished block (re-encoding costs one encoder pass

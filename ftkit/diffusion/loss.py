@@ -5,8 +5,9 @@ diffusion trains one per step); t ~ U(eps, 1); each token of that block's clean 
 response) replaced by a uniform random token with prob. t; with prob. `self_conditioning_p` the decoder is
 conditioned on its own logits from a first, no-grad pass; flat cross-entropy over every canvas position (the EOS fill
 included: the uniform kernel has a flat ELBO, so no 1/t weighting); plus an autoregressive cross-entropy on the
-encoder, which reads the whole clean sequence (prompt + response, real tokens only) while the decoder's attention
-mask cuts the cache off at the chosen block's start and the canvas positions continue from there.
+encoder, which reads the whole clean sequence (prompt + response, real tokens only) while the decoder reads each
+row's cache up to the chosen block's start, right-aligned (`prefix_cache.py`: its sliding-window layers keep the
+W-1 positions before the block, as in generation), and the canvas positions continue from there.
 
 Two paths compute the same values: `_reference_losses` (one `model(...)` call per pass, as TRL runs it) and, when
 `diffusion.loss_chunk > 0`, `_lean_losses` (encoder once, first pass only where needed, everything over the
@@ -25,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
 from ftkit.diffusion.head import head_logits
+from ftkit.diffusion.prefix_cache import PrefixCache, prefix_cache_inputs
 from ftkit.diffusion.self_conditioning import injected_soft_embeddings, select_batch, soft_embeddings
 from ftkit.recipe import DiffusionSection
 
@@ -90,24 +92,29 @@ def encoder_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> to
     return torch.where(pair_ok, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
 
 
-def decoder_inputs(batch: dict[str, torch.Tensor], canvas_ids: torch.Tensor,
+def decoder_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], canvas_ids: torch.Tensor,
                    block_start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Model kwargs for a training forward: the encoder reads the whole clean sequence, the decoder sees the cache
-    up to the canvas's block start (default: the prompt's end, i.e. block 0), and canvas positions continue from
-    there."""
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    """Model kwargs for a training forward: the encoder reads the whole clean sequence and writes a `PrefixCache`
+    holding each row's positions before its block start (default: the prompt's end, i.e. block 0), right-aligned,
+    so the decoder sees what generation gives that block (prompt + earlier blocks, the sliding window applied per
+    row); canvas positions continue from the block start. The cache is written by the call that reads these kwargs:
+    a second call needs `with_fresh_cache`."""
     start = batch["prompt_len"] if block_start is None else block_start
-    seq_len, canvas_len = input_ids.shape[1], canvas_ids.shape[1]
-    device = input_ids.device
-    cache_mask = (torch.arange(seq_len, device=device)[None, :] < start[:, None]).long()
-    canvas_mask = torch.ones_like(canvas_ids)
+    cache, mask, positions = prefix_cache_inputs(core_model(model), batch["attention_mask"], start, canvas_ids.shape[1])
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "past_key_values": cache,
         "decoder_input_ids": canvas_ids,
-        "decoder_attention_mask": torch.cat([cache_mask, canvas_mask], dim=1),
-        "decoder_position_ids": start[:, None] + torch.arange(canvas_len, device=device)[None, :],
+        "decoder_attention_mask": mask,
+        "decoder_position_ids": positions,
     }
+
+
+def with_fresh_cache(kwargs: dict) -> dict:
+    """`decoder_inputs`'s kwargs with an empty cache of the same layout, for another model call."""
+    used = kwargs["past_key_values"]
+    return {**kwargs, "past_key_values": PrefixCache(used.config, used.index)}
 
 
 def choose_blocks(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +144,7 @@ def diffusion_loss(
 
     t = sample_noise_level(bsz, cfg.eps, generator, device)
     noisy, _ = corrupt_canvas(target, t, vocab, generator)
-    kwargs = decoder_inputs(batch, noisy, block_start)
+    kwargs = decoder_inputs(core, batch, noisy, block_start)
     # Self-conditioning is gated per example; the gate is drawn after the corruption on both paths.
     sc_mask = torch.rand(bsz, generator=generator, device=device) < cfg.self_conditioning_p
     self_conditioning = sc_mask if cfg.self_conditioning_p > 0 else None
@@ -171,7 +178,8 @@ def _reference_losses(model, core, kwargs, target, enc_targets, sc_mask):
     the self-conditioning logits, then the training call. It goes through `model(...)`, so DDP sees the forward."""
     if sc_mask is not None:
         with torch.no_grad():
-            kwargs = {**kwargs, "self_conditioning_logits": model(**kwargs).logits.detach(), "self_conditioning_mask": sc_mask}
+            first = model(**kwargs).logits.detach()
+        kwargs = {**with_fresh_cache(kwargs), "self_conditioning_logits": first, "self_conditioning_mask": sc_mask}
     out = model(**kwargs)
     token_losses = F.cross_entropy(out.logits.transpose(1, 2), target, reduction="none")
     enc = None
@@ -218,7 +226,8 @@ def _lean_losses(core, kwargs, target, enc_targets, sc_mask, chunk: int):
       its soft embeddings are computed `chunk` positions at a time (`self_conditioning.py`);
     - head + cross-entropy are chunked and recomputed in backward: no (B, L, vocab) tensor exists at any point.
     It calls the encoder and decoder directly; under DDP the caller runs it through `as_wrapper_forward`."""
-    encoded = core.model.encoder(input_ids=kwargs["input_ids"], attention_mask=kwargs["attention_mask"])
+    encoded = core.model.encoder(input_ids=kwargs["input_ids"], attention_mask=kwargs["attention_mask"],
+                                 past_key_values=kwargs["past_key_values"])
     cache = encoded.past_key_values
     decoder_kwargs = {key: kwargs[key] for key in DECODER_KEYS}
     soft = None

@@ -49,7 +49,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
@@ -57,6 +56,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 
 from ftkit.diffusion.head import head_logits
 from ftkit.diffusion.loss import core_model
+from ftkit.diffusion.prefix_cache import prefix_cache_inputs
 from ftkit.diffusion.self_conditioning import injected_soft_embeddings
 from ftkit.layout import AllowedTokens
 
@@ -223,23 +223,16 @@ def default_chunk(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab)
 
 
-def _encode_prompt(core, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> DynamicCache:
-    """Run the encoder once; its KV cache is the prompt context every decoder step reads."""
-    cache = DynamicCache(config=core.config.get_text_config(decoder=True))
+def _encode_prompt(core, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, canvas_length: int):
+    """Run the encoder once over the right-padded prompts: (the KV cache every decoder step reads, the decoder's
+    attention mask, the canvas's position ids). The cache holds each row's prompt right-aligned (`PrefixCache`), so
+    its sliding-window layers keep that row's last W-1 prompt positions whatever its neighbours' lengths; canvas
+    positions continue right after each row's own prompt, as in training (`ftkit.diffusion.loss.decoder_inputs`)."""
+    prompt_len = prompt_mask.long().sum(-1)
+    cache, decoder_mask, decoder_positions = prefix_cache_inputs(core, prompt_mask, prompt_len, canvas_length)
     positions = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)[None, :].expand_as(prompt_ids)
     core.model.encoder(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, position_ids=positions)
-    return cache
-
-
-def _decoder_layout(prompt_mask: torch.Tensor, canvas_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """As in training: attend to the real prompt entries of the cache and the whole canvas; canvas positions
-    continue right after each example's own prompt (right padding leaves gaps in the cache, not in positions)."""
-    device = prompt_mask.device
-    canvas_mask = torch.ones((prompt_mask.shape[0], canvas_length), dtype=torch.bool, device=device)
-    mask = torch.cat([prompt_mask.bool(), canvas_mask], dim=1)
-    prompt_len = prompt_mask.long().sum(-1)
-    positions = prompt_len[:, None] + torch.arange(canvas_length, device=device)[None, :]
-    return mask, positions
+    return cache, decoder_mask, decoder_positions
 
 
 @dataclass
@@ -369,8 +362,7 @@ def denoise(
         chunk=chunk or default_chunk(vocab),
     )
 
-    cache = _encode_prompt(core, prompt_ids, prompt_mask)
-    decoder_mask, decoder_positions = _decoder_layout(prompt_mask, length)
+    cache, decoder_mask, decoder_positions = _encode_prompt(core, prompt_ids, prompt_mask, length)
     trajectory: list[torch.Tensor] | None = [] if record_trajectory else None
 
     everyone = torch.ones(batch, dtype=torch.bool, device=device)
