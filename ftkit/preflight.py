@@ -34,6 +34,9 @@ def _config(recipe, tokenizer):
     if recipe.is_tiny:
         return tiny_config(model.tiny, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
                            tokenizer.bos_token_id)
+    from ftkit.model import base_is_local
+
+    base_is_local(model.base)  # a local path that does not exist is an error, never a hub id
     try:
         return AutoConfig.from_pretrained(model.base, revision=model.revision, local_files_only=True)
     except (OSError, ValueError):
@@ -56,8 +59,8 @@ def check_model(recipe, where: str) -> list[str]:
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: `{section}` gives a config transformers rejects: {_first_line(e)}") from None
     if config is None:
-        return [f"model {recipe.model.base}: its config is not in the local cache; the model was not built "
-                "(`ftkit train` downloads it)"]
+        return [f"model {recipe.model.base}: not a local directory, and its config is not in the local Hugging Face "
+                "cache: taken for a hub id, which `ftkit train` downloads (the model was not built)"]
     try:
         with torch.device("meta"):
             model = DiffusionGemmaForBlockDiffusion(config)
