@@ -20,7 +20,7 @@ SECTION_NOTES = {
              "`tiny`'s; `small` is 6 layers, hidden 256, 8 experts of 128, intermediate 512: 8.8M parameters).",
     "quant": "4-bit quantization of the frozen base (QLoRA). `experts: true` also quantizes the fused MoE expert tensors.",
     "lora": "Which modules get LoRA adapters. Expert LoRA goes through PEFT `target_parameters`.",
-    "diffusion": "The masked-diffusion training objective. `loss_chunk` must be 0 under FSDP (see docs/multi-gpu.md).",
+    "diffusion": "The block-diffusion training objective (one response block per example, its tokens replaced by uniform random tokens at a noise level t; see ftkit/diffusion/loss.py). `loss_chunk` must be 0 under FSDP (see docs/multi-gpu.md).",
     "train": "Optimisation and the run directory (`output_dir`). `trainable: full` trains every weight (the `lora` "
              "section is then unused) and saves a full model: for presets and small local checkpoints; refused for "
              "a 4-bit base and for bases over 2B parameters.",
