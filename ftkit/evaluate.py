@@ -7,7 +7,10 @@ Result files. `eval.json` is the run's canonical result: the recipe's own evalua
 and sampling mode, the final adapter); it is what `ftkit push` publishes. Any other evaluation (--split, -n, --steps,
 --verifier/--no-verifier, --token-masks/--no-token-masks, --checkpoint, --base, --data) writes a file named by what differs, e.g.
 `eval_train_n2.json`, `eval_base.json`, `eval_checkpoint-100.json`, so a partial run never replaces the result a
-user might publish (`result_name`).
+user might publish (`result_name`). A run without final weights (stopped or still training) is evaluated on its
+newest checkpoint and gets that checkpoint's file, never eval.json. Every result records which weights it measured
+(`"weights"`: base, final or a checkpoint, with the sha256 of the weights), and `ftkit push` publishes eval.json only
+when that hash is the one of the weights it uploads (`canonical_problems`).
 
 Every example gets its own random generator seeded by (eval.seed, its index), so a result does not depend on the
 batch size and two modes compared on the same seed share their first denoising pass exactly.

@@ -130,7 +130,8 @@ def _hub_failure(base: str, what: str, error: OSError, reason: str | None) -> Ft
         from ftkit.hub_access import not_cached
 
         return FtkitError(not_cached("model.base", base, reason))
-    return FtkitError(f"model.base={base!r}: cannot load {what} ({error.__class__.__name__}: {error})")
+    where = "" if Path(base).exists() else f"no local directory {Path(base).resolve()}, and "
+    return FtkitError(f"model.base={base!r}: {where}cannot load {what} ({error.__class__.__name__}: {error})")
 
 
 def _hub_reason(base: str) -> str | None:
