@@ -147,8 +147,8 @@ def collect(fig: Figure, out: Path) -> dict[int, dict[int, dict[str, dict[str, f
 def spread(values: list[float]) -> str:
     """mean ± sample standard deviation [min, max], in percent."""
     pct = [100 * v for v in values]
-    sd = statistics.stdev(pct) if len(pct) > 1 else float("nan")
-    return f"{statistics.fmean(pct):.1f} ± {sd:.1f} [{min(pct):.1f}, {max(pct):.1f}]"
+    sd = f"{statistics.stdev(pct):.1f}" if len(pct) > 1 else "n/a (one seed)"
+    return f"{statistics.fmean(pct):.1f} ± {sd} [{min(pct):.1f}, {max(pct):.1f}]"
 
 
 def table(fig: Figure, found) -> list[dict]:
@@ -173,11 +173,11 @@ def print_table(fig: Figure, rows: list[dict], found) -> None:
     label = "before = the quickstart model" if fig.name == "rl" else "before = the untrained base (--base)"
     print(f"\n{fig.name}: % over seeds, mean ± sample std [min, max]; {label}")
     head = ("threads", "metric", "n", "before", "after", "after - before", "after, per seed")
-    print(" | ".join(head))
-    print("|".join("---" for _ in head))
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
-        print(" | ".join(str(x) for x in (r["threads"], r["metric"], len(r["seeds"]), r["before"], r["after"],
-                                           r["gain"], ", ".join(map(str, r["after_values"])))))
+        print("| " + " | ".join(str(x) for x in (r["threads"], r["metric"], len(r["seeds"]), r["before"], r["after"],
+                                                 r["gain"], ", ".join(map(str, r["after_values"])))) + " |")
     for threads, seeds in sorted(found.items()):
         secs = [s["train_seconds"] for s in seeds.values() if s.get("train_seconds")]
         if secs:
