@@ -434,3 +434,25 @@ def test_docs_say_what_the_commands_do():
     tasks = " ".join((docs / "tasks.md").read_text().split())
     assert "PYTHONPATH=. ftkit train recipe.yaml" in tasks and "for chat rows `example.question` is" in tasks
     assert "masked-diffusion" not in (docs / "recipe-reference.md").read_text()
+
+
+def test_validate_says_what_an_uncached_hub_id_means(hub_unreachable, monkeypatch):
+    import huggingface_hub
+
+    from ftkit.errors import RecipeError
+    from ftkit.preflight import check_model
+    from ftkit.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"model": {"base": "runs/quickstart"}})  # no runs/ here: looks like owner/name
+    notes = check_model(recipe, "r.yaml")
+    assert len(notes) == 1 and "and the Hub cannot be used now (huggingface.co: Name or service not known): " \
+                               "`ftkit train` would fail" in notes[0]
+    # With the Hub reachable, it is asked: no such model is an error, not "ok ... downloads it".
+    monkeypatch.setattr(hub_access, "_unreachable", None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "repo_exists", lambda repo, **kw: False)
+    with pytest.raises(RecipeError, match=r"r.yaml: model.base='runs/quickstart': no local directory .*, and the Hub "
+                                          r"has no such model"):
+        check_model(recipe, "r.yaml")
+    monkeypatch.setattr(huggingface_hub, "repo_exists", lambda repo, **kw: True)
+    assert "a hub id, not in the local cache: `ftkit train` downloads it" in check_model(recipe, "r.yaml")[0]
