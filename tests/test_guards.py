@@ -278,8 +278,8 @@ def test_a_local_path_that_does_not_exist_is_not_a_hub_id(tmp_path, monkeypatch)
     assert base_is_local("google/diffusiongemma") is False
     (tmp_path / "runs" / "quickstart").mkdir()
     assert base_is_local("runs/quickstart") is True
-    done = CliRunner().invoke(app, ["validate", str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart_rl.yaml"),
-                                    "model.base=runs/nope"])
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart_rl.yaml"
+    done = CliRunner().invoke(app, ["validate", str(recipe), "model.base=runs/nope"])
     assert done.exit_code == 2 and "model.base='runs/nope': no such directory" in done.output, done.output
 
 
@@ -328,8 +328,8 @@ def _jsonl(path: Path, rows) -> Path:
 def test_a_bad_chat_row_is_named_with_what_it_holds(tmp_path):
     from ftkit.tasks import make_task
 
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": f"{i + 1}"}]}
-            for i in range(3)]
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                          {"role": "assistant", "content": f"{i + 1}"}]} for i in range(3)]
     rows[2]["messages"][1]["content"] = 5
     task = make_task("chat", {"dataset": str(_jsonl(tmp_path / "chat.jsonl", rows))})
     # Before: datasets' Arrow reader made the column JSON and decoded row 1's "1" as 1, so row 1 was blamed.
@@ -378,7 +378,8 @@ def test_an_answer_budget_on_a_fixed_length_task_is_an_error():
 def test_a_sweep_says_what_each_file_is(tmp_path):
     report = {"run_dir": str(tmp_path), "file": "eval.json", "canonical": True, "primary": "plain",
               "sweep_files": ["eval_sweep.json", "eval_sweep.png"],
-              "sweep": [{"steps": s, "metrics": {"acc": 0.1 * s}, "mean_steps_used": s, "seconds": 1.0} for s in (1, 4)]}
+              "sweep": [{"steps": s, "metrics": {"acc": 0.1 * s}, "mean_steps_used": s, "seconds": 1.0}
+                        for s in (1, 4)]}
     assert ev.describe_file(report).splitlines() == [
         f"wrote {tmp_path}/eval.json: the run's own evaluation (published by `ftkit push`)",
         f"wrote {tmp_path}/eval_sweep.json: the metrics at each step count (1, 4), with the settings of eval.json",
