@@ -15,7 +15,8 @@ Figures:
   quickstart  ftkit train recipes/quickstart.yaml, then `ftkit eval RUN` and `ftkit eval RUN --base` (100 held-out
               puzzles); ~7 min per seed at 2 threads on a quiet 2-vCPU machine.
   chat        ftkit train recipes/tiny/chat.yaml (data/arithmetic.jsonl from `python data/make_arithmetic.py`, made
-              here when missing), then `ftkit eval RUN` and `--base`; ~2.5 min per seed at 2 threads.
+              here when missing), then `ftkit eval RUN` and `--base`; 319-1,571 s of training per seed at 1 thread
+              on a 2-vCPU machine, depending on its load.
   rl          ftkit rl recipes/quickstart_rl.yaml on the quickstart run of the same seed and threads (run
               `quickstart` first), then `ftkit eval --data data/sudoku_58-68.csv` of both; the gain is after - before
               on the same 400 puzzles; ~21 min per seed.
