@@ -87,6 +87,8 @@ def weights_sha256(folder: Path, full: bool) -> str | None:
     if len(names) == 1:
         return manifest.sha256(folder / names[0])
     return hashlib.sha256("".join(f"{n} {manifest.sha256(folder / n)}\n" for n in names).encode()).hexdigest()
+
+
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' own pattern (trainer_utils._re_checkpoint)
 DAMAGED_PREFIX = "damaged-"
 # What `ftkit train` writes before it has anything worth keeping: an attempt that died before its first checkpoint

@@ -170,9 +170,9 @@ class RunLock:
 
 def holds_run_lock(purpose: str):
     """Decorator for functions whose first argument is a run directory they write into (eval, push): the lock is
-    held for the call. A path that is not a run directory (no recipe.yaml: `ftkit train` writes it first thing) is
-    passed through untouched, for the function's own error: a command that finds no run leaves no lock file behind,
-    which would make any directory look like one ftkit made (`rundir.foreign_entries`)."""
+    held for the call. A path that is not a run directory (no recipe.yaml, which `ftkit train` writes before it
+    trains) is passed through untouched, for the function's own error: a command that finds no run leaves no lock
+    file behind in a directory that is not one."""
 
     def wrap(fn):
         signature = inspect.signature(fn)

@@ -90,8 +90,7 @@ def changed_keys(prefix: str, old: Any, new: Any) -> list[str]:
     """`prefix.key (old -> new)` for every leaf that differs between two recipe sections (dataclasses or dicts)."""
     import dataclasses
 
-    as_dict = lambda v: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v  # noqa: E731
-    old, new = as_dict(old), as_dict(new)
+    old, new = (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in (old, new))
     if isinstance(old, dict) and isinstance(new, dict):
         return [key for k in dict.fromkeys([*old, *new])
                 for key in changed_keys(f"{prefix}.{k}", old.get(k), new.get(k))]
