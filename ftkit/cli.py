@@ -101,6 +101,11 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if not sys.stderr.isatty():
+        # A bar redrawn with \r is kilobytes of noise in a piped log; a terminal still gets datasets' bars.
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
@@ -230,6 +235,8 @@ def _print_rl_summary(summary: dict, run_dir: str) -> None:
     for key in ("base_model", "task", "init_from", "steps", "reward_start", "reward_end", "success_start",
                 "success_end", "kl_end", "train_seconds", "train_cpu_seconds"):
         value = summary.get(key)
+        if key == "kl_end" and value is None:
+            value = "n/a (no step kept a sample: every group's rewards were equal)"
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     for key, value in summary.get("cost", {}).items():
         table.add_row(f"cost: {key}", f"{value:.1f}" if isinstance(value, float) else str(value))
@@ -242,7 +249,7 @@ def _print_rl_summary(summary: dict, run_dir: str) -> None:
         for key, value in after.items():
             if "/" in key or key.startswith("count") or key not in before:
                 continue
-            held_out.add_row(key, f"{before[key]:.4f}", f"{value:.4f}")
+            held_out.add_row(key, f"{100 * before[key]:.1f}%", f"{100 * value:.1f}%")  # as `ftkit eval` shows them
         out.print(held_out)
 
 
@@ -253,7 +260,7 @@ def eval_(
     split: Annotated[Optional[str], typer.Option(help="Dataset split (default: the recipe's eval.split).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: eval.steps).")] = None,
     num_examples: Annotated[Optional[int], typer.Option("--num-examples", "-n", help="How many examples.")] = None,
-    base: Annotated[bool, typer.Option("--base", help="Evaluate the untuned base model instead (a full run: its initial weights).")] = False,
+    base: Annotated[bool, typer.Option("--base", help="Evaluate the untrained base model instead: without the adapter (a full run: its initial weights).")] = False,
     verifier: Annotated[Optional[bool], typer.Option("--verifier/--no-verifier", help="Verifier-guided re-noising.")] = None,
     compare_verifier: Annotated[bool, typer.Option("--compare-verifier", help="Plain vs verifier-guided on the same examples and seeds, plus plain best-of-n at the verifier's decoder forwards.")] = False,
     sweep_steps: Annotated[Optional[str], typer.Option("--sweep-steps", help="Comma list, e.g. 1,4,16,64.")] = None,
@@ -267,7 +274,7 @@ def eval_(
 
     Only the recipe's own evaluation writes eval.json (what push publishes); others write e.g. eval_train_n2.json."""
     _quiet_libraries()
-    from ftkit.evaluate import describe_file, evaluate_run, render_table
+    from ftkit.evaluate import describe_file, evaluate_run, render_sweep, render_table
     from ftkit.sandbox import SandboxPolicy
 
     sweep = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else None
@@ -277,7 +284,9 @@ def eval_(
                               checkpoint=checkpoint, data_path=str(data) if data is not None else None,
                               progress=progress, token_masks=token_masks, max_new_tokens=max_new_tokens)
     out.print(render_table(report))
-    console.print(describe_file(report), highlight=False, soft_wrap=True)
+    if report.get("sweep"):
+        out.print(render_sweep(report))
+    console.print(describe_file(report), highlight=False, soft_wrap=True, markup=False)
 
 
 class EvalProgress:
@@ -333,7 +342,7 @@ def generate(
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps per block (default: eval.steps).")] = None,
     live: Annotated[bool, typer.Option("--live", help="Show the canvas being denoised.")] = False,
     save_trajectory: Annotated[Optional[Path], typer.Option("--save-trajectory", help="Write the denoising steps as PNG or GIF.")] = None,
-    base: Annotated[bool, typer.Option("--base", help="Use the untuned base model.")] = False,
+    base: Annotated[bool, typer.Option("--base", help="Use the untrained base model: without the adapter (a full run: its initial weights).")] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Answer length budget in tokens, block after block (default: eval.max_new_tokens, else one canvas).")] = None,
     allow_weak_sandbox: AllowWeakSandbox = False,
@@ -394,7 +403,10 @@ def _read_input(text: str) -> str:
         path = Path(text[1:])
         if not path.is_file():
             raise FtkitError(f"{path}: input file not found")
-        return path.read_text(encoding="utf-8")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise FtkitError(f"{path}: not a UTF-8 text file (byte {e.start}); save the input as UTF-8") from None
     return text
 
 

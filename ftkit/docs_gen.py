@@ -24,7 +24,7 @@ SECTION_NOTES = {
     "lora": "Which modules get LoRA adapters. Expert LoRA goes through PEFT `target_parameters`. `shared_stacks: "
             "true` gives the encoder and the decoder one adapter (as their base weights are one set), so `ftkit export` "
             "keeps the released checkpoint's tied layout (docs/serving.md).",
-    "diffusion": "The masked-diffusion training objective. `loss_chunk` must be 0 under FSDP (see docs/multi-gpu.md).",
+    "diffusion": "The block-diffusion training objective (one response block per example, its tokens replaced by uniform random tokens at a noise level t; see ftkit/diffusion/loss.py). `loss_chunk` must be 0 under FSDP (see docs/multi-gpu.md).",
     "train": "Optimisation and the run directory (`output_dir`). `trainable: full` trains every weight (the `lora` "
              "section is then unused) and saves a full model: for presets and small local checkpoints; refused for "
              "a 4-bit base and for bases over 2B parameters.",

@@ -7,7 +7,10 @@ Result files. `eval.json` is the run's canonical result: the recipe's own evalua
 and sampling mode, the final adapter); it is what `ftkit push` publishes. Any other evaluation (--split, -n, --steps,
 --verifier/--no-verifier, --token-masks/--no-token-masks, --checkpoint, --base, --data) writes a file named by what differs, e.g.
 `eval_train_n2.json`, `eval_base.json`, `eval_checkpoint-100.json`, so a partial run never replaces the result a
-user might publish (`result_name`).
+user might publish (`result_name`). A run without final weights (stopped or still training) is evaluated on its
+newest checkpoint and gets that checkpoint's file, never eval.json. Every result records which weights it measured
+(`"weights"`: base, final or a checkpoint, with the sha256 of the weights), and `ftkit push` publishes eval.json only
+when that hash is the one of the weights it uploads (`canonical_problems`).
 
 Every example gets its own random generator seeded by (eval.seed, its index), so a result does not depend on the
 batch size and two modes compared on the same seed share their first denoising pass exactly.
@@ -350,17 +353,18 @@ def _name_part(text: str) -> str:
 
 
 def result_name(recipe, cfg: EvalSection, size: int | None, *, base: bool = False, checkpoint: str | None = None,
-                data_path: str | None = None) -> tuple[str, list[str]]:
+                data_path: str | None = None, full: bool = False) -> tuple[str, list[str]]:
     """(file stem, what differs from the recipe's own evaluation). No differences: "eval", the canonical result.
     `size` None: every example of `data_path` (no size in the name)."""
     own = recipe.eval
     parts, why = [], []
     if base:
         parts.append("base")
-        why.append("the base model without the adapter")
+        why.append("the untrained base model (a full run: its initial weights)" if full
+                   else "the base model without the adapter")
     if checkpoint is not None:
         parts.append(_name_part(checkpoint))
-        why.append(f"adapter of {checkpoint}")
+        why.append(f"{'model' if full else 'adapter'} of {checkpoint}")
     if data_path is not None:
         parts.append("data-" + _name_part(Path(data_path).stem))
         why.append(f"data {data_path}")
@@ -395,10 +399,41 @@ def file_sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
+def check_answer_budget(task, max_new_tokens: int | None) -> None:
+    """--max-new-tokens only means something for a task whose answers run block after block; elsewhere the answer's
+    length is fixed by its pieces, and a flag that changes nothing is an error, not silently ignored."""
+    if max_new_tokens is not None and task_max_blocks(task) is not None:
+        raise FtkitError(f"--max-new-tokens: a {task.name} answer has a fixed length (one canvas), so an answer "
+                         "budget changes nothing; it applies to tasks whose answers run block after block (chat)")
+
+
+def measured_weights(run_dir: Path, recipe, base_only: bool, adapter_dir) -> dict[str, Any]:
+    """Which weights an evaluation measures, as its result records them: the base model, the run's final adapter
+    (or full model), or a checkpoint's; with the sha256 of the trained weights (`rundir.weights_sha256`)."""
+    from ftkit.rundir import weights_file, weights_sha256
+
+    if base_only:
+        return {"source": "base", "model": recipe.model.base}
+    folder = Path(adapter_dir) if adapter_dir is not None else run_dir
+    final = folder.resolve() == run_dir.resolve()
+    out: dict[str, Any] = {"source": "final" if final else "checkpoint"}
+    if not final:
+        out["checkpoint"] = folder.name
+    try:
+        path = (folder / weights_file(recipe.is_full)).relative_to(run_dir)
+    except ValueError:  # a checkpoint given as a path outside the run
+        path = folder / weights_file(recipe.is_full)
+    out["file"] = path.as_posix()
+    out["sha256"] = weights_sha256(folder, recipe.is_full)
+    return out
+
+
 def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[str]:
     """Why `report` (a run's eval.json) is not the recipe's own evaluation of the run's final adapter; [] if it is.
-    Checked from its content, so an eval.json written by an older ftkit or copied in is judged the same way."""
-    from ftkit.rundir import weights_file
+    Checked from its content, so an eval.json written by an older ftkit or copied in is judged the same way: one
+    that does not record the hash of the weights it measured, or another hash than the run's final weights have, is
+    not the evaluation of the weights `ftkit push` uploads."""
+    from ftkit.rundir import weights_file, weights_sha256
 
     weights = weights_file(recipe.is_full)
     problems = []
@@ -422,7 +457,13 @@ def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[st
     if report.get("data_path"):
         problems.append(f"data {report['data_path']}")
     made_with = report.get("adapter_sha256")
-    if made_with is not None and made_with != file_sha256(run_dir / weights):
+    holds = weights_sha256(run_dir, recipe.is_full)
+    if holds is None:
+        problems.append(f"the run has no final {weights}")
+    elif made_with is None:
+        problems.append(f"it does not record which weights it measured (no hash of {weights}: made before the run "
+                        "had its final weights, or by an older ftkit)")
+    elif made_with != holds:
         problems.append(f"it was made with another {weights} than the run holds now")
     return problems
 
@@ -451,9 +492,9 @@ def evaluate_run(
     `.png`). With `compare_verifier`, plain and verifier-guided sampling run on the same examples and seeds, plus
     plain best-of-n at the verifier row's decoder forwards; all are stored under `modes`.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FtkitError(f"{run_dir}: run directory not found")
+    from ftkit.rundir import require_directory
+
+    run_dir = require_directory(run_dir)
     for name, value in (("steps", steps), ("num_examples", num_examples), ("max_new_tokens", max_new_tokens)):
         if value is not None and value <= 0:
             raise FtkitError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -469,6 +510,7 @@ def evaluate_run(
         raise FtkitError("--base and --checkpoint exclude each other")
     run = _load_run(run_dir, adapter=not base_only, checkpoint=checkpoint)
     recipe = run.recipe
+    check_answer_budget(run.task, max_new_tokens)
     from ftkit.threads import apply_threads
 
     threads = apply_threads(recipe.train.cpu_threads)
@@ -494,9 +536,22 @@ def evaluate_run(
         if size <= 0:
             raise FtkitError(f"{run_dir}: the recipe's {cfg.split} split is empty (task.{cfg.split}_size)")
         examples = load_examples(run.task, cfg.split, size, recipe.task.seed, recipe.task.data_path)
-    adapter_dir = getattr(run, "adapter_dir", None)
-    checkpoint_name = Path(adapter_dir).name if checkpoint is not None and adapter_dir is not None else checkpoint
-    stem, differences = result_name(recipe, cfg, size, base=base_only, checkpoint=checkpoint_name, data_path=data_path)
+    weights = measured_weights(run_dir, recipe, base_only, getattr(run, "adapter_dir", None))
+    checkpoint_name = weights.get("checkpoint")
+    notes = []
+    if checkpoint is None and checkpoint_name is not None:
+        # Training has not finished: what exists is a checkpoint, whose result must never pass for the final one.
+        notes.append(f"the run has no final {'model' if recipe.is_full else 'adapter'} yet (training has not "
+                     f"finished): this evaluated its newest checkpoint, {checkpoint_name}")
+    if data_path is None and num_examples is not None and len(examples) < num_examples:
+        notes.append(f"-n {num_examples}: the {cfg.split} split has {len(examples)} examples (task.{cfg.split}_size); "
+                     "evaluated all of them")
+    from ftkit.rundir import say
+
+    for note in notes:
+        say(f"note: {note}")
+    stem, differences = result_name(recipe, cfg, size, base=base_only, checkpoint=checkpoint_name, data_path=data_path,
+                                    full=recipe.is_full)
 
     sandbox = SandboxPolicy(allow_weak=cfg.allow_weak_sandbox)  # and records the isolation model code ran in
 
@@ -510,7 +565,6 @@ def evaluate_run(
 
     primary = VERIFIER if cfg.verifier_renoise else PLAIN
     modes = {primary: run_mode(cfg.verifier_renoise, cfg.steps)}
-    notes = []
     if compare_verifier:
         other = PLAIN if cfg.verifier_renoise else VERIFIER
         modes[other] = run_mode(not cfg.verifier_renoise, cfg.steps)
@@ -535,6 +589,7 @@ def evaluate_run(
         "adapter": not base_only,
         "full_model": recipe.is_full,  # the run trained every weight: "adapter" means its trained model
         "checkpoint": checkpoint_name,
+        "weights": weights,  # exactly what was measured: base, final or checkpoint, with the weights' sha256
         "data_path": data_path,
         "base": recipe.model.base,
         "canvas_length": run.canvas_length,
@@ -548,11 +603,9 @@ def evaluate_run(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu_threads": threads.threads,
     }
-    if not base_only and checkpoint is None:
-        from ftkit.rundir import weights_file
-
-        # The trained weights evaluated (the adapter's, or a full run's model.safetensors), under one key.
-        report["adapter_sha256"] = file_sha256(run_dir / weights_file(recipe.is_full))
+    if weights["source"] == "final":
+        # The final trained weights evaluated (the adapter's, or a full run's model), under the key push checks.
+        report["adapter_sha256"] = weights["sha256"]
 
     if sweep_steps:
         points = []
@@ -604,12 +657,40 @@ def _mode_label(mode: dict[str, Any]) -> str:
 
 
 def describe_file(report: dict[str, Any]) -> str:
-    """One line on what `evaluate_run` wrote: the canonical result, or a file named by how it differs."""
-    path = Path(report["run_dir"]) / report["file"]
+    """A line per file `evaluate_run` wrote: the canonical result or a file named by how it differs, then the
+    sweep's own files (--sweep-steps)."""
+    run_dir = Path(report["run_dir"])
+    path = run_dir / report["file"]
+    weights = report.get("weights") or {}
+    measured = (f" of {weights['checkpoint']}" if weights.get("source") == "checkpoint" else "")
     if report.get("canonical"):
-        return f"wrote {path}: the run's own evaluation (published by `ftkit push`)"
-    return (f"wrote {path} ({', '.join(report.get('differs_from_recipe') or [])}); the run's own result "
-            f"{CANONICAL} is not touched")
+        lines = [f"wrote {path}: the run's own evaluation (published by `ftkit push`)"]
+    else:
+        lines = [f"wrote {path}{measured} ({', '.join(report.get('differs_from_recipe') or [])}); the run's own "
+                 f"result {CANONICAL} is not touched"]
+    sweep = report.get("sweep_files") or []
+    if sweep:
+        steps = ", ".join(str(p["steps"]) for p in report.get("sweep") or [])
+        what = {".json": f"the metrics at each step count ({steps})", ".png": "their plot against steps"}
+        lines += [f"wrote {run_dir / name}: {what.get(Path(name).suffix, 'the sweep')}, with the settings of "
+                  f"{report['file']}" for name in sweep]
+    return "\n".join(lines)
+
+
+def render_sweep(report: dict[str, Any]):
+    """A rich Table of a --sweep-steps report: one row per step count, its overall metrics and compute."""
+    from rich.table import Table
+    from rich.text import Text
+
+    points = report.get("sweep") or []
+    names = [k for k in (points[0]["metrics"] if points else {}) if "/" not in k and not k.startswith("count")]
+    table = Table(title=Text(f"Steps sweep ({report.get('primary', 'plain')} sampling, same examples and seeds)"))
+    for col in ("steps", *names, "decoder forwards / example", "seconds"):
+        table.add_column(col, justify="right")
+    for p in points:
+        table.add_row(str(p["steps"]), *[_fmt(n, p["metrics"][n]) for n in names],
+                      f"{p['mean_steps_used']:.1f}", f"{p['seconds']:.1f}")
+    return table
 
 
 def render_table(report: dict[str, Any]):

@@ -64,7 +64,7 @@ class GenerateResult:
     forward_passes: int
     tokens_per_forward: float
     renoised_cells: int
-    adapter: bool
+    weights: str  # which weights answered: the fine-tuned adapter/model, a checkpoint's, or the base model
     canvas_map: CanvasMap
     answer: Frame  # the final canvas, piece by piece
     view: Any  # the task's view (ftkit.tasks.view)
@@ -92,8 +92,7 @@ class GenerateResult:
         from rich.console import Group
         from rich.text import Text
 
-        source = "fine-tuned adapter" if self.adapter else "base model (no adapter)"
-        parts: list[Any] = [Text.assemble((f"{self.task_name}", "bold"), f" — {self.run_dir} ({source})")]
+        parts: list[Any] = [Text.assemble((f"{self.task_name}", "bold"), f" — {self.run_dir} ({self.weights})")]
         parts.append(self.view.answer(self.example, self.output, self.answer, self.bad_pieces()))
         if self.empty:
             parts.append(Text("✗ empty answer: the model ended its turn without writing anything", style="bold red"))
@@ -163,6 +162,18 @@ def check_trajectory_path(path) -> Path:
     return path
 
 
+def weights_label(run) -> str:
+    """Which weights a loaded run answers with, as `generate` prints it: a run still training (no final weights) is
+    answered by its newest checkpoint, and says so."""
+    full = run.recipe.is_full
+    if run.adapter_dir is None:
+        return "base model: its untrained initial weights" if full else "base model, no adapter"
+    if Path(run.adapter_dir).resolve() == Path(run.run_dir).resolve():
+        return "fine-tuned model" if full else "fine-tuned adapter"
+    return (f"{Path(run.adapter_dir).name}: the run has no final {'model' if full else 'adapter'} yet, so its newest "
+            "checkpoint answers")
+
+
 def run_task_name(run_dir) -> str:
     """The task a run was trained on, from its recipe alone (no model loaded)."""
     from ftkit.recipe import load_recipe
@@ -196,6 +207,9 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
                              f"`ftkit generate {run_dir} -i INPUT` for it")
 
     run = load_run(run_dir, adapter=not base_only)
+    from ftkit.evaluate import check_answer_budget
+
+    check_answer_budget(run.task, max_new_tokens)
     cfg = run.recipe.eval
     example = example_from_input(run.task, text)
     pc = run.task.to_prompt_canvas(example)
@@ -240,7 +254,7 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
         task_name=run.task.name, run_dir=Path(run_dir), example=example, output=output,
         violations=run.task.check(example, output), steps_used=int(result.steps_used[0]), steps_budget=n_steps,
         forward_passes=result.forward_passes, tokens_per_forward=float(result.tokens_per_forward),
-        renoised_cells=result.renoised_cells, adapter=not base_only, canvas_map=cmap, answer=answer,
+        renoised_cells=result.renoised_cells, weights=weights_label(run), canvas_map=cmap, answer=answer,
         view=view_of(run.task), blocks=result.blocks[0], frames=frames,
     )
     if live:

@@ -127,15 +127,16 @@ def is_rl_run(summary: dict[str, Any]) -> bool:
 
 
 def _rl_comparison(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    """An RL run's rl_eval.json, if it evaluated the adapter the run holds now (else left out, with a note)."""
-    from ftkit.evaluate import file_sha256
-
+    """An RL run's rl_eval.json, if it records evaluating the adapter the run holds now (else left out, with a
+    note): a file without the hash cannot show which weights its "after" measured."""
     path = run_dir / RL_EVAL_FILE
     if not is_rl_run(_read_json(run_dir / rundir.SUMMARY)) or not path.is_file():
         return None, []
     comparison = _read_json(path)
     made_with = comparison.get("adapter_sha256")
-    if made_with is not None and made_with != file_sha256(run_dir / rundir.ADAPTER_WEIGHTS):
+    if made_with is None:
+        return None, [f"{RL_EVAL_FILE} left out: it does not record which {rundir.ADAPTER_WEIGHTS} it evaluated"]
+    if made_with != rundir.weights_sha256(run_dir, full=False):
         return None, [f"{RL_EVAL_FILE} left out: it evaluated another {rundir.ADAPTER_WEIGHTS} than the run holds now"]
     return comparison, []
 

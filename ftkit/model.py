@@ -103,6 +103,46 @@ def resolve_base(model_cfg: ModelSection, run_dir: Path | None = None) -> str:
     return model_cfg.base
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def base_is_local(base: str) -> bool:
+    """True for a local directory, False for a hub id (owner/name). A path that does not exist is an error, not a hub
+    id: `runs/quickstart` run from another directory must not become 20 retried downloads of a repo `runs/quickstart`.
+    It looks like a path when it starts with `.`, `/` or `~`, has more than one `/`, or its first part is a local
+    directory."""
+    path = Path(base).expanduser()
+    if path.exists():
+        return True
+    first = base.split("/", 1)[0]
+    if base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base or (first and Path(first).is_dir()):
+        raise FtkitError(f"model.base={base!r}: no such directory {path.resolve()} (a relative path is taken from the "
+                         "current directory)")
+    if not HUB_ID.fullmatch(base):
+        raise FtkitError(f"model.base={base!r}: neither a local directory nor a hub id (owner/name)")
+    return False
+
+
+def _hub_failure(base: str, what: str, error: OSError, reason: str | None) -> FtkitError:
+    """The one line for a model.base that did not load: offline (or the Hub unreachable) and not cached, or the
+    loader's own reason."""
+    if reason is not None:
+        from ftkit.hub_access import not_cached
+
+        return FtkitError(not_cached("model.base", base, reason))
+    where = "" if Path(base).exists() else f"no local directory {Path(base).resolve()}, and "
+    return FtkitError(f"model.base={base!r}: {where}cannot load {what} ({error.__class__.__name__}: {error})")
+
+
+def _hub_reason(base: str) -> str | None:
+    """For a hub id: why the Hub cannot be used, if it cannot (ftkit.hub_access: fails fast instead of retrying)."""
+    if base_is_local(base):
+        return None
+    from ftkit.hub_access import offline_reason
+
+    return offline_reason()
+
+
 def load_tokenizer(model_cfg: ModelSection, run_dir: Path | None = None):
     from transformers import AutoTokenizer
 
@@ -112,10 +152,11 @@ def load_tokenizer(model_cfg: ModelSection, run_dir: Path | None = None):
         from ftkit.tokenizer import build_char_tokenizer
 
         return build_char_tokenizer()
+    reason = _hub_reason(model_cfg.base)
     try:
         return AutoTokenizer.from_pretrained(model_cfg.base, revision=model_cfg.revision)
     except OSError as e:
-        raise FtkitError(f"model.base={model_cfg.base!r}: cannot load its tokenizer ({e.__class__.__name__}: {e})") from None
+        raise _hub_failure(model_cfg.base, "its tokenizer", e, reason) from None
 
 
 def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: Path | None = None) -> torch.nn.Module:
@@ -142,8 +183,7 @@ def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: 
         return _freeze(model)
 
     source = model_cfg.base
-    if not Path(source).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        raise FtkitError(f"model.base={source!r}: neither a local directory nor a hub id (owner/name)")
+    _hub_reason(source)  # a missing local path is an error here; an unreachable Hub switches to the cache at once
     if model_cfg.loader == "unsloth":
         return load_with_unsloth(source, model_cfg, quant)
     kwargs = dict(dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation, revision=model_cfg.revision)
@@ -239,7 +279,7 @@ def _load(cls, source: str, what: str, **kwargs):
     try:
         return cls.from_pretrained(source, **kwargs)
     except OSError as e:
-        raise FtkitError(f"model.base={source!r}: cannot load {what} ({e.__class__.__name__}: {e})") from None
+        raise _hub_failure(source, what, e, _hub_reason(source)) from None
 
 
 def quant_device() -> torch.device:

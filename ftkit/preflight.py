@@ -34,10 +34,39 @@ def _config(recipe, tokenizer):
     if recipe.is_tiny:
         return tiny_config(model.tiny, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
                            tokenizer.bos_token_id)
+    from ftkit.model import base_is_local
+
+    base_is_local(model.base)  # a local path that does not exist is an error, never a hub id
     try:
         return AutoConfig.from_pretrained(model.base, revision=model.revision, local_files_only=True)
     except (OSError, ValueError):
         return None
+
+
+def _uncached_hub_model(model, where: str) -> str:
+    """The note on a model.base that is a hub id not in the local cache, once the Hub says it exists; a RecipeError
+    when the Hub says it does not (a mistyped local path such as `runs/quickstart` from another directory looks like
+    an owner/name id)."""
+    from pathlib import Path
+
+    from ftkit.hub_access import offline_reason
+
+    local = f"no local directory {Path(model.base).resolve()} and nothing in the local Hugging Face cache"
+    reason = offline_reason()
+    if reason is not None:
+        return (f"model {model.base}: {local}, and the Hub cannot be used now ({reason}): `ftkit train` would fail "
+                "(the model was not built)")
+    from huggingface_hub import repo_exists
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        exists = repo_exists(model.base)
+    except (HfHubHTTPError, OSError):
+        exists = True  # cannot tell: train will say
+    if not exists:
+        raise RecipeError(f"{where}: model.base={model.base!r}: {local}, and the Hub has no such model (a local path "
+                          "is taken from the current directory)")
+    return f"model {model.base}: a hub id, not in the local cache: `ftkit train` downloads it (the model was not built)"
 
 
 def check_model(recipe, where: str) -> list[str]:
@@ -56,8 +85,7 @@ def check_model(recipe, where: str) -> list[str]:
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: `{section}` gives a config transformers rejects: {_first_line(e)}") from None
     if config is None:
-        return [f"model {recipe.model.base}: its config is not in the local cache; the model was not built "
-                "(`ftkit train` downloads it)"]
+        return [_uncached_hub_model(recipe.model, where)]
     try:
         with torch.device("meta"):
             model = DiffusionGemmaForBlockDiffusion(config)

@@ -68,8 +68,27 @@ def saved_model_files(folder: Path, full: bool) -> list[str]:
 
 
 def weights_file(full: bool) -> str:
-    """The one file whose hash identifies what a run trained (an evaluation records it)."""
+    """The file that holds what a run trained (a sharded full model: its first shard's name stands for all)."""
     return FULL_MODEL_FILES[1] if full else ADAPTER_WEIGHTS
+
+
+def weights_sha256(folder: Path, full: bool) -> str | None:
+    """The hash that identifies the trained weights in `folder` (a run directory or one of its checkpoints), or None
+    when it holds none: the weights file's sha256, or for a sharded full model the sha256 of its shards' names and
+    hashes. An evaluation records it; `ftkit push` publishes an evaluation only when it matches the weights uploaded."""
+    import hashlib
+
+    if not full:
+        names = [ADAPTER_WEIGHTS] if (folder / ADAPTER_WEIGHTS).is_file() else []
+    else:
+        names = [n for n in saved_model_files(folder, full=True) if n.endswith(".safetensors")]
+    if not names:
+        return None
+    if len(names) == 1:
+        return manifest.sha256(folder / names[0])
+    return hashlib.sha256("".join(f"{n} {manifest.sha256(folder / n)}\n" for n in names).encode()).hexdigest()
+
+
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' own pattern (trainer_utils._re_checkpoint)
 DAMAGED_PREFIX = "damaged-"
 # What `ftkit train` writes before it has anything worth keeping: an attempt that died before its first checkpoint
@@ -148,10 +167,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def require_run_dir(run_dir: str | Path) -> Path:
+def require_directory(run_dir: str | Path) -> Path:
+    """`run_dir` is a directory; a recipe given instead is named as one, with the run directory it writes."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        hint = ""
+        if run_dir.suffix.lower() in (".yaml", ".yml"):
+            try:
+                from ftkit.recipe import read_yaml
+
+                output_dir = (read_yaml(run_dir).get("train") or {}).get("output_dir")
+            except (FtkitError, AttributeError):
+                output_dir = None
+            hint = (f": a recipe? Its run directory is {output_dir}, written by `ftkit train {run_dir}`" if output_dir
+                    else ": a recipe? Pass the run directory `ftkit train` writes (train.output_dir)")
+        raise FtkitError(f"{run_dir}: a file, not a run directory{hint}")
     if not run_dir.is_dir():
         raise FtkitError(f"{run_dir}: no such run directory")
+    return run_dir
+
+
+def require_run_dir(run_dir: str | Path) -> Path:
+    run_dir = require_directory(run_dir)
     if not (run_dir / RECIPE_FILE).is_file():
         raise FtkitError(f"{run_dir}: not an ftkit run directory (no {RECIPE_FILE}); run `ftkit train` first")
     return run_dir
@@ -218,13 +255,15 @@ def verified_adapter_checkpoint(ckpt: Path, full: bool = False) -> Path:
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
-    """What a directory holds if it is not one ftkit made (no lock file, no versions.json): a run must not be
-    written among unrelated files, nor clear files of theirs that happen to have a run file's name."""
+    """What a directory holds if it is not one ftkit made: a run must not be written among unrelated files, nor
+    clear files of theirs that happen to have a run file's name. A training command writes versions.json before
+    anything else it keeps, so that file marks a run directory. The lock file does not: any command that takes it
+    creates it (a failed one may leave it), so it is ignored rather than taken as a sign of a run."""
     from ftkit.runlock import LOCK_FILE
 
-    if not run_dir.is_dir() or any((run_dir / n).exists() for n in (LOCK_FILE, VERSIONS)):
+    if not run_dir.is_dir() or (run_dir / VERSIONS).exists():
         return []
-    return sorted(p.name for p in run_dir.iterdir())
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
 
 
 def kept_results(run_dir: Path) -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any
 from ftkit.errors import FtkitError
 
 LOCK_FILE = ".ftkit.lock"
+RUN_MARKER = "recipe.yaml"  # rundir.RECIPE_FILE: a run directory holds it from its first moments
 
 
 class RunLocked(FtkitError):
@@ -169,7 +170,9 @@ class RunLock:
 
 def holds_run_lock(purpose: str):
     """Decorator for functions whose first argument is a run directory they write into (eval, push): the lock is
-    held for the call. A path that is not a directory is passed through untouched, for the function's own error."""
+    held for the call. A path that is not a run directory (no recipe.yaml, which `ftkit train` writes before it
+    trains) is passed through untouched, for the function's own error: a command that finds no run leaves no lock
+    file behind in a directory that is not one."""
 
     def wrap(fn):
         signature = inspect.signature(fn)
@@ -177,7 +180,7 @@ def holds_run_lock(purpose: str):
         @functools.wraps(fn)
         def locked(*args, **kwargs):
             run_dir = Path(signature.bind(*args, **kwargs).arguments["run_dir"])
-            if not run_dir.is_dir():
+            if not (run_dir / RUN_MARKER).is_file():
                 return fn(*args, **kwargs)
             with RunLock(run_dir, purpose):
                 return fn(*args, **kwargs)

@@ -63,12 +63,12 @@ def plan_start(lock: RunLock, run_dir: Path, recipe, resume: bool, same_sections
 
     if (run_dir / rundir.RECIPE_FILE).exists():
         previous = rundir.load_run_recipe(run_dir)
-        changed = [s for s in same_sections if getattr(previous, s) != getattr(recipe, s)]
+        changed = [key for s in same_sections for key in changed_keys(s, getattr(previous, s), getattr(recipe, s))]
         if previous.train.trainable != recipe.train.trainable:  # an adapter cannot continue a full model, or back
-            changed.append("train.trainable")
+            changed.append(f"train.trainable ({previous.train.trainable} -> {recipe.train.trainable})")
         if changed:
-            raise FtkitError(f"{run_dir}: --resume with a different {'/'.join(changed)} section than the run was "
-                             "started with")
+            raise FtkitError(f"{run_dir}: --resume with other settings than the run was started with: "
+                             f"{', '.join(changed)}; these must stay as they were (the checkpoint continues them)")
     rundir.check_run_inputs(run_dir, recipe)
     step, max_steps = rundir.checkpoint_step(ckpt), recipe.train.max_steps
     if step > max_steps:
@@ -84,6 +84,17 @@ def plan_start(lock: RunLock, run_dir: Path, recipe, resume: bool, same_sections
         return Start(str(ckpt), step, done=True)
     rundir.say(f"resuming from {ckpt.name} (step {step} of {max_steps})")
     return Start(str(ckpt), step)
+
+
+def changed_keys(prefix: str, old: Any, new: Any) -> list[str]:
+    """`prefix.key (old -> new)` for every leaf that differs between two recipe sections (dataclasses or dicts)."""
+    import dataclasses
+
+    old, new = (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in (old, new))
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [key for k in dict.fromkeys([*old, *new])
+                for key in changed_keys(f"{prefix}.{k}", old.get(k), new.get(k))]
+    return [] if old == new else [f"{prefix} ({old!r} -> {new!r})"]
 
 
 def stderr_note(text: str) -> None:
@@ -121,8 +132,9 @@ def reset_logs(run_dir: Path, resumed_step: int) -> None:
 
 def copy_adapter(ckpt: Path, run_dir: Path, full: bool = False) -> None:
     """The final adapter (or full model) from a checkpoint (the Trainer saved it with the same save_pretrained),
-    each file atomic."""
-    for name in (*rundir.saved_model_files(ckpt, full), "README.md"):
+    each file atomic. PEFT's README.md is left out: an empty template card, not the run's (`ftkit push` writes
+    one)."""
+    for name in rundir.saved_model_files(ckpt, full):
         if (ckpt / name).exists():
             rundir.atomic_write(run_dir / name, lambda tmp, src=ckpt / name: shutil.copyfile(src, tmp))
 
@@ -130,11 +142,12 @@ def copy_adapter(ckpt: Path, run_dir: Path, full: bool = False) -> None:
 def save_adapter(model, run_dir: Path, full: bool = False) -> None:
     """save_pretrained into a staging dir, then move the files into place one by one (each atomic), the weights
     before the config that names them. `full`: the whole model (config, generation config, safetensors with the
-    ties recorded, not duplicated), so the run directory loads with `from_pretrained`."""
+    ties recorded, not duplicated), so the run directory loads with `from_pretrained`. PEFT's template README.md
+    stays behind, as in `copy_adapter`."""
     staging = run_dir / ".staging-adapter"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
-    for name in (*rundir.saved_model_files(staging, full), "README.md"):
+    for name in rundir.saved_model_files(staging, full):
         if (staging / name).exists():
             (staging / name).replace(run_dir / name)
     shutil.rmtree(staging, ignore_errors=True)

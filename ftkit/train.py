@@ -193,8 +193,9 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
 
         if dist.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, recipe.to_yaml())
+            # versions.json first: it marks the directory as a run (rundir.foreign_entries)
             rundir.atomic_write_json(run_dir / rundir.VERSIONS, rundir.library_versions())
+            rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, recipe.to_yaml())
             tokenizer.save_pretrained(run_dir)
         # The main process loads first (a tiny run's base is written then), then the ranks of each node one by one:
         # a 4-bit load holds the dense experts in host RAM until they are quantized.

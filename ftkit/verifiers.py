@@ -219,7 +219,9 @@ class PythonChecker:
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise FtkitError(f"task.options.verifier={spec!r}: cannot import {module_name!r} ({e})") from None
+            raise FtkitError(f"task.options.verifier={spec!r}: cannot import {module_name!r} ({e}); the module must be "
+                             "importable by Python: installed, or in a directory on PYTHONPATH (for my_checks.py "
+                             "beside your recipe: `PYTHONPATH=. ftkit train ...` from that directory)") from None
         self.function = getattr(module, function, None)
         if not callable(self.function):
             raise FtkitError(f"task.options.verifier={spec!r}: {module_name} has no function {function!r}")

@@ -214,7 +214,8 @@ def test_existing_run_needs_resume_and_resume_keeps_the_rl_section(rl_run, sft_r
     out, _ = rl_run
     with pytest.raises(FtkitError, match=r"already holds a run \(.*\); pass --resume"):
         rl(toy_recipe(out, init_from=sft_run, rl={"evaluate": True, "elbo_samples": 2}), progress=False)
-    with pytest.raises(FtkitError, match="different rl section"):
+    with pytest.raises(FtkitError, match=r"--resume with other settings than the run was started with: "
+                                         r"rl.elbo_samples \(2 -> 3\);"):
         rl(toy_recipe(out, init_from=sft_run, rl={"evaluate": True, "elbo_samples": 3}), resume=True, progress=False)
 
 

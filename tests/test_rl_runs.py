@@ -136,7 +136,8 @@ def test_resume_keeps_the_rl_section(run, sft_run):
     from ftkit.rl.run import rl
 
     shutil.rmtree(run / "checkpoints" / "checkpoint-4")
-    with pytest.raises(FtkitError, match="--resume with a different rl section than the run was started with"):
+    with pytest.raises(FtkitError, match=r"--resume with other settings than the run was started with: "
+                                         r"rl.kl_coef \(\d.*-> 0.5\);"):
         rl(toy_recipe(run, init_from=sft_run, rl={**RL_KW, "kl_coef": 0.5}), resume=True, progress=False)
 
 

@@ -127,7 +127,7 @@ def _result(task_name, char_tokenizer, text, frames_tokens, violations=()):
     frames = [_frame(char_tokenizer, tokens, cmap, f"step {i}") for i, tokens in enumerate(frames_tokens)]
     return GenerateResult(task_name=task_name, run_dir=Path("r"), example=ex, output=frames[-1].text,
                           violations=list(violations), steps_used=1, steps_budget=1, forward_passes=1,
-                          tokens_per_forward=1.0, renoised_cells=0, adapter=True, canvas_map=cmap,
+                          tokens_per_forward=1.0, renoised_cells=0, weights="fine-tuned adapter", canvas_map=cmap,
                           answer=frames[-1], view=view_of(task), frames=frames)
 
 

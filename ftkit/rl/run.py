@@ -277,8 +277,9 @@ def _rl(recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bo
             if not held_out:
                 raise FtkitError("rl.evaluate: the test split is empty (task.test_size); set rl.evaluate=false to skip")
 
-        rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, recipe.to_yaml())
+        # versions.json first: it marks the directory as a run (rundir.foreign_entries)
         rundir.atomic_write_json(run_dir / rundir.VERSIONS, rundir.library_versions())
+        rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, recipe.to_yaml())
         tokenizer.save_pretrained(run_dir)
         if init_dir is not None:
             _copy_reference(init_dir, run_dir)
@@ -385,7 +386,8 @@ def _summary(recipe: Recipe, rows, totals: dict[str, Any], elapsed: float, cpu_s
         "reward_end": last.get("reward"),
         "success_start": first.get("success"),
         "success_end": last.get("success"),
-        "kl_end": last.get("kl"),
+        # The last logged KL: a logging window whose groups all had equal rewards kept no sample and has none.
+        "kl_end": next((r["kl"] for r in reversed(logged) if r.get("kl") is not None), None),
         "train_seconds": round(elapsed, 2),
         "train_cpu_seconds": round(cpu_seconds, 2),  # this process's CPU time (the machine may be shared)
         "trainable_parameters": trainable,

@@ -189,11 +189,49 @@ class ChatTask:
 
 
 def load_table(source: str, config: str | None, split: str, revision: str | None):
-    """One split of a dataset through `datasets.load_dataset`: a local file or directory, or a Hub id. Every failure
-    is one FtkitError naming the source (offline, missing file, no such split, unreadable rows)."""
+    """One split of a dataset: a local JSON / JSON Lines file read as it is (`read_json_rows`), anything else through
+    `datasets.load_dataset` (a local file or directory, or a Hub id). Every failure is one FtkitError naming the
+    source (offline, missing file, no such split, unreadable rows, no rows at all)."""
+    path = Path(source)
+    if path.is_file() and LOCAL_BUILDERS.get(path.suffix.lower()) == "json":
+        rows = read_json_rows(path)
+    else:
+        rows = _load_with_datasets(source, config, split, revision)
+    if len(rows) == 0:
+        raise FtkitError(f"{source}: no rows" + (" (the file is empty)" if path.is_file() else f" in split {split!r}"))
+    return rows
+
+
+def read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a local JSON Lines file (or a JSON array of objects), with their values exactly as written.
+    Not through datasets' Arrow reader: a column whose rows mix types (a string here, a number there) becomes a JSON
+    column there, and decoding it turns the string "12" of another row into the number 12, so the row check would
+    blame a good row and quote a value the file does not hold."""
+    import json
+
+    from ftkit.jsonl import read_objects
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FtkitError(f"{path}: not a UTF-8 text file") from None
+    if path.suffix.lower() == ".json" and text.lstrip()[:1] == "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FtkitError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        for i, row in enumerate(data, start=1):
+            if not isinstance(row, dict):
+                raise FtkitError(f"{path}: element {i} of the array is a {type(row).__name__}, expected an object")
+        return data
+    return [row for _, row in read_objects(path)]
+
+
+def _load_with_datasets(source: str, config: str | None, split: str, revision: str | None):
     import datasets
 
     path = Path(source)
+    hub_reason = None
     try:
         if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
             loaded = datasets.load_from_disk(str(path))  # written by save_to_disk
@@ -213,32 +251,24 @@ def load_table(source: str, config: str | None, split: str, revision: str | None
             return datasets.load_dataset(str(path), split=split)
         if source.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_BUILDERS:
             raise FtkitError(f"{source}: data file not found")
+        from ftkit.hub_access import offline_reason
+
+        hub_reason = offline_reason()  # the Hub unreachable: the cache only, at once (no minute of retries)
         return datasets.load_dataset(source, config, split=split, revision=revision)
     except FtkitError:
         raise
-    except ValueError as e:
-        raise FtkitError(f"{source}: {_first_line(e)}") from None
     except Exception as e:
-        if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
-            _raise_bad_json_line(path)
+        if hub_reason is not None:
+            from ftkit.hub_access import not_cached
+
+            raise FtkitError(not_cached("task.options.dataset", source, hub_reason)) from None
+        if isinstance(e, ValueError):
+            raise FtkitError(f"{source}: {_first_line(e)}") from None
         offline = datasets.config.HF_HUB_OFFLINE or "offline" in str(e).lower() or "connect" in str(e).lower()
         if not path.exists() and offline:
             raise FtkitError(f"{source}: cannot load it from the Hugging Face Hub (offline or unreachable; a local "
                              f"copy works: task.options.dataset=PATH): {_first_line(e)}") from None
         raise FtkitError(f"{source}: cannot load the dataset ({type(e).__name__}: {_first_line(_root(e))})") from None
-
-
-def _raise_bad_json_line(path: Path) -> None:
-    """When `datasets` cannot read a JSON Lines file, name its first line that is not a JSON object."""
-    from ftkit.jsonl import read_objects
-
-    try:
-        first = path.read_text(encoding="utf-8").lstrip()[:1]
-    except UnicodeDecodeError:
-        raise FtkitError(f"{path}: not a UTF-8 text file") from None
-    if path.suffix.lower() == ".json" and first == "[":
-        return  # a JSON array file, not JSON Lines
-    read_objects(path)
 
 
 def _root(e: BaseException) -> BaseException:
