@@ -70,21 +70,27 @@ def push_run(run_dir, repo: str | None = None, private: bool | None = None, dry_
             on_note(note)
     if dry_run:
         target = Path(dry_run_dir) if dry_run_dir is not None else plan.run_dir / HUB_UPLOAD_DIR
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            stage_upload(plan, staging)
-            rundir.replace_dir(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return str(target)
+        return _stage_in_place(target, lambda into: stage_upload(plan, into))
 
     token = token or _find_token()
     with tempfile.TemporaryDirectory(prefix="ftkit-push-") as tmp:
         folder = Path(tmp)
         stage_upload(plan, folder)
         return _upload(folder, plan, endpoint, token)
+
+
+def _stage_in_place(target: Path, stage) -> str:
+    """`stage(folder)` into a temporary folder beside `target`, then moved into place: a dry run that fails leaves
+    no half-staged folder, and one that succeeds replaces the previous one whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        stage(staging)
+        rundir.replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return str(target)
 
 
 def _find_token() -> str:
@@ -550,15 +556,7 @@ def push_export(folder, repo: str | None = None, private: bool | None = None, dr
 
     if dry_run:
         target = Path(dry_run_dir) if dry_run_dir is not None else folder.parent / f"{folder.name}-{HUB_UPLOAD_DIR}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            stage(staging)
-            rundir.replace_dir(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return str(target)
+        return _stage_in_place(target, stage)
     token = token or _find_token()
     with tempfile.TemporaryDirectory(prefix="ftkit-push-") as tmp:
         stage(Path(tmp))
