@@ -121,8 +121,7 @@ def export_run(run_dir, out, checkpoint: str | None = None, dtype: str = "bfloat
     staging.mkdir()
     try:
         notes = on_note or (lambda text: None)
-        files = write_shards(staging, shard_plan(plan, max_bytes), make,
-                             on_shard=lambda i, n: notes(f"wrote shard {i}/{n}"))
+        write_shards(staging, shard_plan(plan, max_bytes), make, on_shard=lambda i, n: notes(f"wrote shard {i}/{n}"))
         out_config.save_pretrained(str(staging))
         generation_config(base_dir, recipe).save_pretrained(str(staging))
         rundir.load_run_tokenizer(run_dir).save_pretrained(str(staging))
