@@ -51,7 +51,7 @@ def true_width_config(layers: int):
 
 
 def tiny_spec(layers: int):
-    from ftkit.recipe import TinySpec
+    from ftkit.recipe.schema import TinySpec
 
     # Hidden sizes divisible by the 4-bit blocksize (64).
     return TinySpec(layers=layers, hidden=128, heads=4, kv_heads=2, head_dim=32, global_head_dim=64, intermediate=128,
@@ -65,8 +65,8 @@ def build_checkpoint(path: Path, layers: int, tiny: bool) -> dict:
     if path.exists():
         shutil.rmtree(path)
     if tiny:
-        from ftkit.model import build_tiny
-        from ftkit.tokenizer import build_char_tokenizer
+        from ftkit.model.load import build_tiny
+        from ftkit.model.char_tokenizer import build_char_tokenizer
 
         model = build_tiny(tiny_spec(layers), build_char_tokenizer())
     else:
@@ -86,8 +86,8 @@ def build_checkpoint(path: Path, layers: int, tiny: bool) -> dict:
 
 
 def synthetic_batch(batch: int, prompt: int, canvas: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A collated batch (ftkit.layout.collate) of random prompts and canvases, identical for every method."""
-    from ftkit.layout import Layout, collate
+    """A collated batch (ftkit.diffusion.token_layout.collate) of random prompts and canvases, identical for every method."""
+    from ftkit.diffusion.token_layout import Layout, collate
 
     g = torch.Generator().manual_seed(seed)
     layouts = []

@@ -36,8 +36,8 @@ def parse_args(argv=None):
 
 
 def ensure_trained(task: str, runs: Path) -> Path:
-    from ftkit.recipe import load_recipe
-    from ftkit.train import train
+    from ftkit.recipe.schema import load_recipe
+    from ftkit.sft.run import train
 
     run_dir = runs / f"tiny-{task}"
     if not (run_dir / "summary.json").is_file():
@@ -47,7 +47,7 @@ def ensure_trained(task: str, runs: Path) -> Path:
 
 
 def rows(run_dir: Path) -> list[tuple[str, str, str, dict, float]]:
-    from ftkit.evaluate import evaluate_run
+    from ftkit.evaluation.evaluate import evaluate_run
 
     out = []
     for model, base in (("base", True), ("tuned", False)):

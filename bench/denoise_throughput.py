@@ -24,8 +24,8 @@ import bench_common as bc  # noqa: E402
 def load(path: Path, experts_4bit: bool):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.quant import quantize_experts
-    from ftkit.recipe import QuantSection
+    from ftkit.model.quant import quantize_experts
+    from ftkit.recipe.schema import QuantSection
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -49,9 +49,9 @@ class PeakSampler:
 
 
 def make_run(root: Path, layers: int) -> Path:
-    from ftkit.model import attach_lora, build_tiny
-    from ftkit.recipe import recipe_from_dict
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.load import attach_lora, build_tiny
+    from ftkit.recipe.schema import recipe_from_dict
+    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     tiny = {"layers": layers, "hidden": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "global_head_dim": 64,
             "intermediate": 512, "experts": 32, "top_k": 2, "expert_intermediate": 512, "canvas_length": 32}

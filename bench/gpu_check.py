@@ -363,7 +363,7 @@ def build_checkpoint(path: Path, layers: int, tiny: bool) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_common as bc
 
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) == (bc.PAD, bc.EOS, bc.BOS)
@@ -372,7 +372,7 @@ def build_checkpoint(path: Path, layers: int, tiny: bool) -> None:
 
         from transformers import DiffusionGemmaForBlockDiffusion
 
-        from ftkit.model import tiny_config
+        from ftkit.model.load import tiny_config
 
         spec = replace(bc.tiny_spec(layers), canvas_length=96)
         shutil.rmtree(path, ignore_errors=True)

@@ -206,10 +206,10 @@ def exercise_dependencies() -> None:
     for info in pkgutil.walk_packages(ftkit.__path__, "ftkit."):
         if not info.name.endswith(".__main__"):
             importlib.import_module(info.name)  # module-level imports of every module
-    from ftkit.task_data import load_examples
+    from ftkit.tasks.data import load_examples
     from ftkit.tasks import make_task
-    from ftkit.tokenizer import build_char_tokenizer
-    from ftkit.verifiers import make_checker
+    from ftkit.model.char_tokenizer import build_char_tokenizer
+    from ftkit.tasks.verifiers import make_checker
 
     build_char_tokenizer()  # trl: DiffusionGemma's chat template
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,7 +237,7 @@ def exercise_dependencies() -> None:
     print("  verifiers json_schema, regex: ok")
     import torch
 
-    from ftkit.quant.nf4 import NF4Tensor
+    from ftkit.model.quant.nf4 import NF4Tensor
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     NF4Tensor(torch.randn(2, 64, 64, device=device), quant_type="nf4", blocksize=64, double_quant=True,

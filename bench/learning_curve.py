@@ -64,8 +64,8 @@ class CheckpointClock(TrainerCallback):
 
 
 def train_with_checkpoints(recipe_path: str, overrides: list[str], run_dir: Path, every: int) -> None:
-    from ftkit.recipe import load_recipe
-    from ftkit.train import train
+    from ftkit.recipe.schema import load_recipe
+    from ftkit.sft.run import train
 
     probe = load_recipe(recipe_path, overrides)
     keep = probe.train.max_steps // every + 1
@@ -75,17 +75,16 @@ def train_with_checkpoints(recipe_path: str, overrides: list[str], run_dir: Path
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    from ftkit import rundir
-
+    from ftkit.run import rundir
     root = run_dir / rundir.CHECKPOINTS
     return sorted(int(p.name.split("-")[1]) for p in root.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
 
 
 def evaluate_points(run_dir: Path, num_examples: int | None) -> list[dict]:
     """Step 0 (the untrained base) and every checkpoint, on the same examples and seeds."""
-    from ftkit import rundir
-    from ftkit.evaluate import evaluate_run
-    from ftkit.recipe import load_recipe
+    from ftkit.run import rundir
+    from ftkit.evaluation.evaluate import evaluate_run
+    from ftkit.recipe.schema import load_recipe
 
     recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
     times = {}
@@ -143,8 +142,8 @@ def main(argv=None) -> None:
     elif not run_dir.is_dir():
         sys.exit(f"error: {run_dir}: no run to evaluate (drop --eval-only to train one)")
     points = evaluate_points(run_dir, args.num_examples)
-    from ftkit.plots import plot_learning_curve
-    from ftkit.rundir import atomic_write_json
+    from ftkit.run.plots import plot_learning_curve
+    from ftkit.run.rundir import atomic_write_json
 
     atomic_write_json(out / "learning_curve.json", {"run_dir": str(run_dir), "metrics": metrics, "points": points})
     plot_learning_curve(points, out / "learning_curve.png", metrics, {m: chance(m) for m in metrics})

@@ -140,9 +140,9 @@ def verify_nf4_formula() -> list[dict]:
 
 
 def load_in_4bit_config():
-    """load_base's bitsandbytes settings (ftkit.model.bnb_config), without the CPU placement of the experts."""
-    from ftkit.model import bnb_config
-    from ftkit.recipe import QuantSection
+    """load_base's bitsandbytes settings (ftkit.model.load.bnb_config), without the CPU placement of the experts."""
+    from ftkit.model.load import bnb_config
+    from ftkit.recipe.schema import QuantSection
 
     return bnb_config(QuantSection(mode="4bit", experts=False))
 
@@ -153,8 +153,8 @@ def tiny_load_in_4bit_check(workdir: Path) -> dict:
     from transformers import DiffusionGemmaForBlockDiffusion
     import bitsandbytes as bnb
 
-    from ftkit.model import build_tiny
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.load import build_tiny
+    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     path = workdir / "tiny-4bit"
     build_tiny(bc.tiny_spec(2), build_char_tokenizer()).to(torch.bfloat16).save_pretrained(path)
@@ -319,7 +319,7 @@ def skip_list_findings(w: Weights) -> list[str]:
         g = w.groups[group]
         if g.quantized_by_bnb:
             notes.append(f"{group}: {g.quantized_by_bnb} tensor(s) become Linear4bit although load_base keeps it "
-                         f"in full precision (ftkit.model.KEEP_UNQUANTIZED)")
+                         f"in full precision (ftkit.model.load.KEEP_UNQUANTIZED)")
     return notes
 
 
@@ -345,11 +345,11 @@ def lora_plans(r: int) -> list[LoraPlan]:
 
 
 def lora_config(plan: LoraPlan, r: int, layers: int):
-    """A PEFT LoraConfig with ftkit's targets (ftkit.model.lora_targets) for this plan."""
+    """A PEFT LoraConfig with ftkit's targets (ftkit.model.load.lora_targets) for this plan."""
     from peft import LoraConfig
 
-    from ftkit.model import lora_targets
-    from ftkit.recipe import LoraSection
+    from ftkit.model.load import lora_targets
+    from ftkit.recipe.schema import LoraSection
 
     regex, _ = lora_targets(LoraSection(r=r, attention=plan.attention, experts=False)) if plan.attention else (None, [])
     params: list[str] = []
@@ -615,8 +615,8 @@ def storage_ptrs(tensors) -> set[int]:
 def build_model(layers: int, args):
     """Random-init model at the real widths with `layers` layers, frozen, 4-bit experts, LoRA r attached.
     Returns (peft model, notes dict)."""
-    from ftkit.model import attach_lora
-    from ftkit.recipe import LoraSection, QuantSection
+    from ftkit.model.load import attach_lora
+    from ftkit.recipe.schema import LoraSection, QuantSection
 
     cfg = config_for(layers, args.vocab)
     notes: dict = {}
@@ -626,8 +626,8 @@ def build_model(layers: int, args):
     else:
         from transformers import DiffusionGemmaForBlockDiffusion
 
-        from ftkit.quant import expert_storage, quantize_experts, set_expert_kernel
-        from ftkit.quant.grouped import has_native_grouped_mm
+        from ftkit.model.quant import expert_storage, quantize_experts, set_expert_kernel
+        from ftkit.model.quant.grouped import has_native_grouped_mm
 
         with quiet():
             model = DiffusionGemmaForBlockDiffusion(cfg)  # fp32 init: bnb's CPU quantizer is fastest from fp32
@@ -651,8 +651,8 @@ def _load_base_on_gpu(cfg, layers: int, args):
 
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model import load_base
-    from ftkit.recipe import ModelSection, QuantSection
+    from ftkit.model.load import load_base
+    from ftkit.recipe.schema import ModelSection, QuantSection
 
     path = Path(args.workdir) / f"ckpt-L{layers}-V{args.vocab}"
     previous = torch.get_default_dtype()
@@ -721,10 +721,10 @@ def ckpt_input_bytes(layers: int, batch: int, args, checkpointed: bool) -> int:
 
 
 def measure_step(model, layers: int, batch_size: int, args, checkpointed: bool) -> StepResult:
-    from ftkit.checkpointing import set_gradient_checkpointing
+    from ftkit.model.checkpointing import set_gradient_checkpointing
     from ftkit.diffusion.loss import diffusion_loss
     from ftkit.profiling import LargestTensor, SavedActivations
-    from ftkit.recipe import DiffusionSection
+    from ftkit.recipe.schema import DiffusionSection
 
     dev = bc.device()
     batch = {k: v.to(dev) for k, v in bc.synthetic_batch(batch_size, args.prompt, bc.TRUE_CANVAS, args.vocab).items()}

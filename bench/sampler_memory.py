@@ -23,9 +23,9 @@ def measure(batch: int, canvas: int, chunk: int | None, steps: int, device: str)
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from ftkit.diffusion.sample import default_chunk, denoise, row_generators
-    from ftkit.model import tiny_config
+    from ftkit.model.load import tiny_config
     from ftkit.profiling import PeakLiveBytes
-    from ftkit.recipe import TinySpec
+    from ftkit.recipe.schema import TinySpec
 
     spec = dataclasses.replace(TinySpec(), hidden=32, heads=2, kv_heads=1, head_dim=16, global_head_dim=32,
                                intermediate=64, expert_intermediate=32, canvas_length=canvas)

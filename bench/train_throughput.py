@@ -1,6 +1,6 @@
 """Training throughput and peak memory of LoRA fine-tuning, side by side on the same batch:
 
-  ftkit-4bit    ftkit.model.load_base (bnb 4-bit linears + ftkit.quant NF4 experts) + attach_lora (attn + experts)
+  ftkit-4bit    ftkit.model.load.load_base (bnb 4-bit linears + ftkit.model.quant NF4 experts) + attach_lora (attn + experts)
   peft-4bit     plain transformers `load_in_4bit` (experts stay bf16) + PEFT LoRA on attn + experts (target_parameters)
   peft-bf16     plain transformers bf16 + the same PEFT LoRA
   unsloth-4bit  Unsloth FastDiffusionModel (4-bit attn + dense MLP, LoRA there, experts bf16 and frozen), when it
@@ -35,7 +35,7 @@ class Skipped(Exception):
 
 
 def lora_section(r: int):
-    from ftkit.recipe import LoraSection
+    from ftkit.recipe.schema import LoraSection
 
     return LoraSection(r=r, alpha=2 * r, attention=True, experts=True, dense_mlp=False)
 
@@ -44,7 +44,7 @@ def plain_lora_config(r: int):
     """The same targets ftkit uses (text-layer attention + expert tensors), built directly with PEFT."""
     from peft import LoraConfig
 
-    from ftkit.model import lora_targets
+    from ftkit.model.load import lora_targets
 
     regex, params = lora_targets(lora_section(r))  # both stacks: no per-layer scoping needed
     return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=regex, target_parameters=params, bias="none")
@@ -53,9 +53,9 @@ def plain_lora_config(r: int):
 def load_ftkit_4bit(path: Path, tiny: bool, r: int):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model import _freeze, attach_lora, load_base
-    from ftkit.quant import quantize_experts
-    from ftkit.recipe import ModelSection, QuantSection
+    from ftkit.model.load import _freeze, attach_lora, load_base
+    from ftkit.model.quant import quantize_experts
+    from ftkit.recipe.schema import ModelSection, QuantSection
 
     if torch.cuda.is_available():
         model = load_base(ModelSection(base=str(path), dtype="bfloat16"), QuantSection(mode="4bit"), tokenizer=None)
@@ -73,8 +73,8 @@ def load_peft_4bit(path: Path, tiny: bool, r: int):
     from peft import get_peft_model
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model import bnb_config
-    from ftkit.recipe import QuantSection
+    from ftkit.model.load import bnb_config
+    from ftkit.recipe.schema import QuantSection
 
     if not torch.cuda.is_available():
         raise Skipped("benchmarked on CUDA only (bnb Linear4bit)")
@@ -163,7 +163,7 @@ LOADERS = {"ftkit-4bit": load_ftkit_4bit, "peft-4bit": load_peft_4bit, "peft-bf1
 
 def expert_gb(model) -> float:
     """Bytes holding the expert weights: NF4 storage if ftkit quantized them, else the dense tensors (once each)."""
-    from ftkit.quant import expert_storage
+    from ftkit.model.quant import expert_storage
 
     stored = expert_storage(model)
     if stored:
@@ -178,7 +178,7 @@ def expert_gb(model) -> float:
 
 def run_method(method: str, path: Path, batch: dict, args) -> dict:
     from ftkit.diffusion.loss import diffusion_loss
-    from ftkit.recipe import DiffusionSection
+    from ftkit.recipe.schema import DiffusionSection
 
     bc.free_memory()
     row = {"method": method, "layers": args.current_layers}
@@ -194,7 +194,7 @@ def run_method(method: str, path: Path, batch: dict, args) -> dict:
     row["load_s"] = time.perf_counter() - start
     ftkit = method.startswith("ftkit")
     if args.grad_ckpt:
-        from ftkit.checkpointing import set_gradient_checkpointing
+        from ftkit.model.checkpointing import set_gradient_checkpointing
 
         # transformers can checkpoint only the decoder; the encoder's checkpointing is ftkit's own.
         set_gradient_checkpointing(model, True, encoder=ftkit)

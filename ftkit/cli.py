@@ -53,7 +53,6 @@ out = Console()
 def _print_version(value: bool) -> None:
     if value:
         from ftkit import __version__
-
         out.print(f"ftkit {__version__}", highlight=False)
         raise typer.Exit()
 
@@ -64,7 +63,7 @@ def main(
                                           help="Print ftkit's version and exit.")] = False,
 ) -> None:
     """Fine-tune DiffusionGemma (block-diffusion MoE) with LoRA on attention and experts."""
-    from ftkit.compat import check_transformers
+    from ftkit.model.compat import check_transformers
 
     try:
         check_transformers()  # an unsupported transformers is one line here, not a failure deep inside a run
@@ -122,11 +121,11 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Check a recipe and build its model on the meta device; print it resolved.
 
     Keys, types, ranges, task options, sampler settings; the tiny preset also runs one training step on the CPU."""
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
 
     resolved = load_recipe(recipe, overrides or [])
     _quiet_libraries()
-    from ftkit.preflight import check_model
+    from ftkit.recipe.preflight import check_model
 
     notes = check_model(resolved, str(recipe))
     out.print(resolved.to_yaml(), highlight=False, end="")
@@ -145,7 +144,7 @@ def train(
     model: Annotated[Optional[str], typer.Option("--model", help="Overrides model.base (e.g. `tiny`).")] = None,
 ) -> None:
     """Train a LoRA adapter (or every weight: train.trainable=full) with the diffusion objective; writes the run directory."""
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
 
     extra = list(overrides or [])
     if output_dir is not None:
@@ -154,7 +153,7 @@ def train(
         extra.append(f"model.base={model}")
     resolved = load_recipe(recipe, extra)
     _quiet_libraries()
-    from ftkit.train import train as run_training
+    from ftkit.sft.run import train as run_training
 
     summary = _run_until_interrupted(run_training, resolved, resume)
     if summary:
@@ -176,8 +175,7 @@ def _interrupted_line(run_dir: Path, save_steps: int) -> str:
     """Where a Ctrl-C'd training run (`ftkit train` or `ftkit rl`) stands and the exact command that continues it."""
     import shlex
 
-    from ftkit import rundir
-
+    from ftkit.run import rundir
     argv = ["ftkit", *sys.argv[1:]]
     if "--resume" not in argv:
         argv.append("--resume")
@@ -210,7 +208,7 @@ def rl(
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Overrides rl.init_from (a finished `ftkit train` run).")] = None,
 ) -> None:
     """Reinforcement learning from the task's verifier (GRPO on the diffusion ELBO); writes the run directory."""
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
 
     extra = list(overrides or [])
     if output_dir is not None:
@@ -274,8 +272,8 @@ def eval_(
 
     Only the recipe's own evaluation writes eval.json (what push publishes); others write e.g. eval_train_n2.json."""
     _quiet_libraries()
-    from ftkit.evaluate import describe_file, evaluate_run, render_sweep, render_table
-    from ftkit.sandbox import SandboxPolicy
+    from ftkit.evaluation.evaluate import describe_file, evaluate_run, render_sweep, render_table
+    from ftkit.tasks.sandbox import SandboxPolicy
 
     sweep = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else None
     with SandboxPolicy(allow_weak=allow_weak_sandbox), EvalProgress(console) as progress:
@@ -357,8 +355,8 @@ def generate(
 
 def _generate(run_dir: Path, input: str, task_name: str | None = None, **options) -> None:
     _quiet_libraries()
-    from ftkit.generate import generate_one
-    from ftkit.sandbox import SandboxPolicy
+    from ftkit.evaluation.generate import generate_one
+    from ftkit.tasks.sandbox import SandboxPolicy
 
     def show_block(k: int, text: str, last: bool) -> None:
         if k or not last:  # a one-block answer prints once, below
@@ -376,7 +374,7 @@ def _generate(run_dir: Path, input: str, task_name: str | None = None, **options
 
 def _run_allows_weak_sandbox(run_dir: Path) -> bool:
     """The run's own `eval.allow_weak_sandbox` (generate reads no other eval setting from this command)."""
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
 
     try:
         return load_recipe(run_dir / "recipe.yaml").eval.allow_weak_sandbox
@@ -445,7 +443,7 @@ def push(
 ) -> None:
     """Upload the adapter, tokenizer, recipe, the run's own eval.json and a model card to the Hugging Face Hub; or,
     given a folder written by `ftkit export`, the merged model with its card and eval.json."""
-    from ftkit.hub import is_export_dir, push_export, push_run
+    from ftkit.hub.push import is_export_dir, push_export, push_run
 
     if is_export_dir(run_dir):
         url = push_export(run_dir, repo=repo, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir,

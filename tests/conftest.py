@@ -8,7 +8,7 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
-if "HF_DATASETS_CACHE" not in os.environ:  # ftkit.task_data's Arrow caches: one throwaway dir per session
+if "HF_DATASETS_CACHE" not in os.environ:  # ftkit.tasks.data's Arrow caches: one throwaway dir per session
     _cache = tempfile.mkdtemp(prefix="ftkit-tests-datasets-")
     os.environ["HF_DATASETS_CACHE"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
@@ -26,6 +26,6 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def char_tokenizer():
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     return build_char_tokenizer()

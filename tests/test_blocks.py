@@ -8,9 +8,9 @@ import torch
 
 from ftkit.diffusion.blocks import block_budget, denoise_blocks
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
-from ftkit.layout import layout_example, stop_token_ids
-from ftkit.model import attach_lora, build_tiny
-from ftkit.recipe import EvalSection, LoraSection, TinySpec
+from ftkit.diffusion.token_layout import layout_example, stop_token_ids
+from ftkit.model.load import attach_lora, build_tiny
+from ftkit.recipe.schema import EvalSection, LoraSection, TinySpec
 from ftkit.tasks.base import Piece, PromptCanvas
 from ftkit.tasks.sudoku import SudokuTask
 

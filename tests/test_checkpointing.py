@@ -4,12 +4,12 @@ the activations kept for backward shrink."""
 import pytest
 import torch
 
-from ftkit.checkpointing import CheckpointedEncoderLayer, set_gradient_checkpointing
+from ftkit.model.checkpointing import CheckpointedEncoderLayer, set_gradient_checkpointing
 from ftkit.diffusion.loss import decoder_inputs, diffusion_loss
-from ftkit.layout import collate, layout_example
-from ftkit.model import attach_lora, build_tiny
+from ftkit.diffusion.token_layout import collate, layout_example
+from ftkit.model.load import attach_lora, build_tiny
 from ftkit.profiling import SavedActivations
-from ftkit.recipe import DiffusionSection, LoraSection, TinySpec
+from ftkit.recipe.schema import DiffusionSection, LoraSection, TinySpec
 from ftkit.tasks.sudoku import SudokuTask
 
 SPEC = TinySpec(layers=3, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24, intermediate=64,
@@ -18,7 +18,7 @@ SPEC = TinySpec(layers=3, hidden=48, heads=2, kv_heads=1, head_dim=24, global_he
 
 @pytest.fixture(scope="module")
 def setup():
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     model = attach_lora(build_tiny(SPEC, tok), LoraSection(r=4, alpha=8, dense_mlp=True))

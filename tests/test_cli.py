@@ -50,7 +50,6 @@ def test_help(command):
 
 def test_version():
     from ftkit import __version__
-
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.strip() == f"ftkit {__version__}"
 
@@ -220,7 +219,7 @@ def test_solve_prints_grid_and_writes_trajectories(tiny_run, tmp_path):
 
 
 def test_generate_one_result(tiny_run):
-    from ftkit.generate import generate_one
+    from ftkit.evaluation.generate import generate_one
 
     from ftkit.tasks.sudoku import grid_cells
 
@@ -250,7 +249,7 @@ def test_solve_on_a_run_of_another_task_says_so(tiny_run, tmp_path):
 
 def test_an_empty_answer_is_a_failure(tiny_run, monkeypatch):
     """Before: an empty answer printed "(empty)" and exited 0."""
-    import ftkit.generate as gen
+    import ftkit.evaluation.generate as gen
 
     real = gen.generate_one
 
@@ -289,9 +288,9 @@ def test_adapter_from_another_base_is_a_clean_error(tiny_run, tmp_path):
     recipe = yaml.safe_load((other / "recipe.yaml").read_text())
     recipe["model"]["tiny"]["hidden"] = 64  # another tiny base: every LoRA shape differs
     (other / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    from ftkit.model import load_base
-    from ftkit.recipe import load_recipe
-    from ftkit.rundir import load_run_tokenizer
+    from ftkit.model.load import load_base
+    from ftkit.recipe.schema import load_recipe
+    from ftkit.run.rundir import load_run_tokenizer
 
     changed = load_recipe(other / "recipe.yaml")
     load_base(changed.model, changed.quant, load_run_tokenizer(other), other)  # builds and saves the other base/
@@ -311,8 +310,8 @@ def test_push_without_adapter_says_train_first(tiny_run, tmp_path):
 
 def test_protein_input_length_and_scaffold(char_tokenizer):
     from ftkit.errors import FtkitError
-    from ftkit.generate import example_from_input
-    from ftkit.layout import layout_example
+    from ftkit.evaluation.generate import example_from_input
+    from ftkit.diffusion.token_layout import layout_example
     from ftkit.tasks import make_task
 
     task = make_task("protein", {"mode": "scaffold"})
@@ -328,8 +327,8 @@ def test_protein_input_length_and_scaffold(char_tokenizer):
 
 def test_code_infill_input_hole(char_tokenizer):
     from ftkit.errors import FtkitError
-    from ftkit.generate import example_from_input
-    from ftkit.layout import layout_example
+    from ftkit.evaluation.generate import example_from_input
+    from ftkit.diffusion.token_layout import layout_example
     from ftkit.tasks import make_task
 
     task = make_task("code_infill")
@@ -347,11 +346,11 @@ def test_code_infill_input_hole(char_tokenizer):
 
 
 def test_recipe_reference_is_up_to_date():
-    from ftkit.docs_gen import DOC_PATH, main, render
+    from ftkit.recipe.reference import DOC_PATH, main, render
 
-    assert DOC_PATH.read_text(encoding="utf-8") == render(), "docs/recipe-reference.md is stale: python -m ftkit.docs_gen"
+    assert DOC_PATH.read_text(encoding="utf-8") == render(), "docs/recipe-reference.md is stale: python -m ftkit.recipe.reference"
     assert main(["--check"]) == 0
-    from ftkit.recipe import schema_rows
+    from ftkit.recipe.schema import schema_rows
 
     text = DOC_PATH.read_text(encoding="utf-8")
     assert all(f"`{key}`" in text for key, _, _ in schema_rows())

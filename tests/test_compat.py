@@ -1,4 +1,4 @@
-"""ftkit.compat: the supported transformers range is declared once (pyproject agrees), refused outside it with one
+"""ftkit.model.compat: the supported transformers range is declared once (pyproject agrees), refused outside it with one
 clear error, and the encoder checkpointing keeps the prompt in the cache once whatever the cache argument is called
 (transformers 5.24 renamed `past_key_values` to `cache`), or fails loudly."""
 
@@ -14,10 +14,10 @@ from packaging.version import Version
 from torch import nn
 from typer.testing import CliRunner
 
-from ftkit import compat
-from ftkit.checkpointing import CheckpointedEncoderLayer
+from ftkit.model import compat
+from ftkit.model.checkpointing import CheckpointedEncoderLayer
 from ftkit.errors import FtkitError
-from ftkit.mixins import add_mixin
+from ftkit.model.mixins import add_mixin
 
 ROOT = Path(__file__).resolve().parent.parent
 

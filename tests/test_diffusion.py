@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftkit.compat import disable_decoder_checkpointing, enable_decoder_checkpointing
+from ftkit.model.compat import disable_decoder_checkpointing, enable_decoder_checkpointing
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
 from ftkit.diffusion.loss import (
     chunked_head_token_losses,
@@ -15,9 +15,9 @@ from ftkit.diffusion.loss import (
     encoder_targets,
     head_logits,
 )
-from ftkit.layout import collate, layout_example
-from ftkit.model import attach_lora, build_tiny
-from ftkit.recipe import DiffusionSection, LoraSection, TinySpec
+from ftkit.diffusion.token_layout import collate, layout_example
+from ftkit.model.load import attach_lora, build_tiny
+from ftkit.recipe.schema import DiffusionSection, LoraSection, TinySpec
 from ftkit.tasks.sudoku import SudokuTask
 
 
@@ -91,7 +91,7 @@ def test_head_and_token_losses_hand_computed():
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     spec = TinySpec(layers=2, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24, intermediate=64,
@@ -139,7 +139,7 @@ LONG = "".join(chr(ord("a") + (7 * i) % 26) for i in range(200))  # 200 characte
 def long_batch():
     """A three-block response (201 tokens in 96-token canvases) beside a one-block Sudoku example."""
     from ftkit.tasks.base import Piece, PromptCanvas
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     long = layout_example(tok, PromptCanvas(prompt="Write.", pieces=(Piece(LONG, False),)), 96, 256, max_blocks=None)

@@ -12,13 +12,13 @@ import pytest
 import torch
 from rich.console import Console
 
-import ftkit.evaluate as ev
+import ftkit.evaluation.evaluate as ev
 from ftkit.diffusion.sample import DenoiseResult
-from ftkit.layout import layout_example
-from ftkit.model import attach_lora, build_tiny
-from ftkit.recipe import EvalSection, LoraSection, ModelSection, Recipe, TaskSection, TinySpec
+from ftkit.diffusion.token_layout import layout_example
+from ftkit.model.load import attach_lora, build_tiny
+from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, Recipe, TaskSection, TinySpec
 from ftkit.tasks.sudoku import SudokuOptions, SudokuTask
-from ftkit.tokenizer import build_char_tokenizer
+from ftkit.model.char_tokenizer import build_char_tokenizer
 
 CANVAS = TinySpec().canvas_length  # 96 >= 81 Sudoku cells
 

@@ -19,8 +19,8 @@ from safetensors import safe_open
 
 from ftkit.errors import FtkitError
 from ftkit.export import export_run
-from ftkit.model import attach_lora, build_tiny, make_fully_trainable
-from ftkit.recipe import recipe_from_dict
+from ftkit.model.load import attach_lora, build_tiny, make_fully_trainable
+from ftkit.recipe.schema import recipe_from_dict
 
 TINY = {"layers": 2, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
         "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32, "canvas_length": 32}

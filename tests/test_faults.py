@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftkit import manifest, rundir
+from ftkit.run import manifest
+
+from ftkit.run import rundir
 from ftkit.errors import FtkitError
-from ftkit.train import train
+from ftkit.sft.run import train
 from test_train import tiny_recipe
 
 DRIVER = Path(__file__).resolve().parent / "helpers" / "train_driver.py"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ftkit import rundir
+from ftkit.run import rundir
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe import recipe_from_dict
-from ftkit.train import train
+from ftkit.recipe.schema import recipe_from_dict
+from ftkit.sft.run import train
 from test_train import Snapshot, crash_and_resume, probe_batch, tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,8 +123,8 @@ def test_resume_with_another_trainable_is_refused(full_run):
 
 
 def test_eval_and_push_treat_it_as_a_full_model(full_run, tmp_path):
-    from ftkit.evaluate import evaluate_run
-    from ftkit.hub import push_run
+    from ftkit.evaluation.evaluate import evaluate_run
+    from ftkit.hub.push import push_run
 
     out, _, _ = full_run
     report = evaluate_run(out)
@@ -153,9 +153,9 @@ def test_quantized_base_is_refused_at_validation(tmp_path):
 def test_a_base_over_the_limit_is_refused_before_loading_weights(tmp_path):
     """A local base whose config describes the real model's widths (no weights on disk): refused from the
     config alone, and no run directory is left behind."""
-    from ftkit.model import tiny_config
-    from ftkit.recipe import TinySpec
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.load import tiny_config
+    from ftkit.recipe.schema import TinySpec
+    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     base = tmp_path / "big"
     tok = build_char_tokenizer()
@@ -172,8 +172,8 @@ def test_a_base_over_the_limit_is_refused_before_loading_weights(tmp_path):
 
 
 def test_count_parameters_matches_a_built_model(char_tokenizer):
-    from ftkit.model import build_tiny, count_parameters
-    from ftkit.recipe import TinySpec
+    from ftkit.model.load import build_tiny, count_parameters
+    from ftkit.recipe.schema import TinySpec
     from test_train import TINY
 
     model = build_tiny(TinySpec(**TINY), char_tokenizer)
@@ -199,7 +199,7 @@ QUICK = ["train.max_steps=4", "task.train_size=16", "task.test_size=4", "train.b
 
 
 def test_quickstart_recipe_is_a_full_preset_run():
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     assert recipe.is_full and recipe.is_tiny and recipe.quant.mode == "none"

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ftkit.errors import FtkitError
-from ftkit.recipe import load_recipe, recipe_from_dict, schema_rows
+from ftkit.recipe.schema import load_recipe, recipe_from_dict, schema_rows
 from ftkit.tasks import get_task
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -133,7 +133,7 @@ def test_sudoku_load_csv_bytes(tmp_path_factory, data):
 @FUZZ
 @given(st.text(max_size=120))
 def test_generate_sudoku_input_parser(text):
-    from ftkit.generate import example_from_input
+    from ftkit.evaluation.generate import example_from_input
     from ftkit.tasks import make_task
 
     _only_ftkit_errors(example_from_input, make_task("sudoku"), text)

@@ -23,12 +23,14 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-import ftkit.evaluate as ev
-from ftkit import hub_access, rundir, runstart
+import ftkit.evaluation.evaluate as ev
+from ftkit.hub import access as hub_access
+from ftkit.run import rundir
+from ftkit.run import start as runstart
 from ftkit.cli import app
 from ftkit.errors import FtkitError
-from ftkit.recipe import EvalSection, LoraSection, ModelSection, Recipe, TaskSection, TinySpec, TrainSection
-from ftkit.runlock import LOCK_FILE, holds_run_lock
+from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, Recipe, TaskSection, TinySpec, TrainSection
+from ftkit.run.lock import LOCK_FILE, holds_run_lock
 from test_faults import default_sigint, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +183,7 @@ def test_push_takes_only_an_evaluation_that_records_the_weights_it_uploads(tmp_p
 
 def test_an_evaluation_names_the_checkpoint_it_measured(tmp_path, monkeypatch):
     from ftkit.tasks.sudoku import SudokuTask
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     ckpt = tmp_path / "checkpoints" / "checkpoint-4"
     weights = _weights(ckpt, b"step 4")
@@ -208,7 +210,7 @@ def test_an_evaluation_names_the_checkpoint_it_measured(tmp_path, monkeypatch):
 
 
 def test_generate_names_the_weights_that_answer(tmp_path):
-    from ftkit.generate import weights_label
+    from ftkit.evaluation.generate import weights_label
 
     lora, full = Recipe(), Recipe(train=TrainSection(trainable="full"))
     ckpt = tmp_path / "checkpoints" / "checkpoint-100"
@@ -244,8 +246,8 @@ def test_only_versions_json_marks_a_directory_as_a_run(tmp_path):
 
 
 def test_the_final_adapter_has_no_template_card(tmp_path):
-    from ftkit.model import attach_lora, build_tiny
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.load import attach_lora, build_tiny
+    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     model = attach_lora(build_tiny(TinySpec(layers=1, hidden=32, heads=2, kv_heads=1, head_dim=16,
                                             global_head_dim=16, intermediate=32, experts=2, top_k=1,
@@ -267,7 +269,7 @@ def test_the_final_adapter_has_no_template_card(tmp_path):
 
 
 def test_a_local_path_that_does_not_exist_is_not_a_hub_id(tmp_path, monkeypatch):
-    from ftkit.model import base_is_local
+    from ftkit.model.load import base_is_local
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -305,7 +307,7 @@ def hub_unreachable(monkeypatch):
 
 
 def test_an_unreachable_hub_fails_fast_and_once(hub_unreachable, capsys):
-    from ftkit.model import load_tokenizer
+    from ftkit.model.load import load_tokenizer
     from ftkit.tasks import make_task
 
     started = time.perf_counter()
@@ -391,7 +393,6 @@ def test_piped_output_gets_no_progress_bars(monkeypatch):
     import datasets
 
     from ftkit import cli
-
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     try:
         cli._quiet_libraries()
@@ -418,7 +419,7 @@ def test_rl_summary_labels(capsys):
 
 
 def test_a_python_verifier_that_cannot_be_imported_says_how_it_is_found():
-    from ftkit.verifiers import make_checker
+    from ftkit.tasks.verifiers import make_checker
 
     with pytest.raises(FtkitError, match=r"cannot import 'my_checks_nowhere' .*importable by Python: installed, or in "
                                          r"a directory on PYTHONPATH \(for my_checks.py beside your recipe: "
@@ -441,8 +442,8 @@ def test_validate_says_what_an_uncached_hub_id_means(hub_unreachable, monkeypatc
     import huggingface_hub
 
     from ftkit.errors import RecipeError
-    from ftkit.preflight import check_model
-    from ftkit.recipe import recipe_from_dict
+    from ftkit.recipe.preflight import check_model
+    from ftkit.recipe.schema import recipe_from_dict
 
     recipe = recipe_from_dict({"model": {"base": "runs/quickstart"}})  # no runs/ here: looks like owner/name
     notes = check_model(recipe, "r.yaml")

@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ftkit.errors import FtkitError
-from ftkit.hub import push_export, push_run
-from ftkit.model import TIED_NOTE
-from ftkit.recipe import recipe_from_dict
+from ftkit.hub.push import push_export, push_run
+from ftkit.model.load import TIED_NOTE
+from ftkit.recipe.schema import recipe_from_dict
 
 FAKE_TOKEN = "hf_FakeSecretToken0123456789abcdef"
 
@@ -130,7 +130,7 @@ def make_run(root: Path, tiny: bool = True, hub_repo: str | None = None, with_ev
 
 def eval_report(recipe, run: Path, **changes) -> dict:
     """An eval.json as `ftkit eval` writes it (the fields push reads)."""
-    from ftkit.evaluate import file_sha256
+    from ftkit.evaluation.evaluate import file_sha256
 
     cfg = {**dataclasses.asdict(recipe.eval), **changes.pop("eval", {})}
     return {"file": "eval.json", "canonical": True, "split": cfg["split"], "adapter": True, "checkpoint": None,
@@ -235,7 +235,7 @@ def test_card_cites_only_the_canonical_eval(tmp_path):
 
 
 def test_card_states_sandbox_isolation_and_can_describe_a_full_model(tmp_path):
-    from ftkit.hub import model_card, plan_push
+    from ftkit.hub.push import model_card, plan_push
 
     run = make_run(tmp_path)
     report = json.loads((run / "eval.json").read_text())
@@ -346,7 +346,7 @@ def test_push_of_an_export_uploads_the_merged_model_card_and_eval(tmp_path, char
     """`ftkit push OUT` on an `ftkit export` folder: one commit of exactly the files the export wrote (merged
     weights, config, generation config, tokenizer, card, the run's eval.json), the card naming the repo."""
     from ftkit.export import export_run
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
     from test_export import make_run as make_trained_run
 
     run, _, _ = make_trained_run(tmp_path, char_tokenizer, {"shared_stacks": True})

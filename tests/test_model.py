@@ -3,9 +3,9 @@ import re
 import pytest
 import torch
 
-from ftkit.layout import canvas_to_text, end_of_turn_id, layout_example, stop_token_ids
-from ftkit.model import attach_lora, build_tiny, lora_targets, parameter_groups
-from ftkit.recipe import LoraSection, TinySpec
+from ftkit.diffusion.token_layout import canvas_to_text, end_of_turn_id, layout_example, stop_token_ids
+from ftkit.model.load import attach_lora, build_tiny, lora_targets, parameter_groups
+from ftkit.recipe.schema import LoraSection, TinySpec
 from ftkit.tasks import Piece, PromptCanvas
 
 SPEC = TinySpec(layers=2, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24, intermediate=64,
@@ -123,9 +123,9 @@ def test_expert_rank_is_its_own_and_keeps_alpha_over_r(char_tokenizer, tmp_path)
 
     from peft import PeftModel
 
-    from ftkit.quant import quantize_experts
-    from ftkit.rundir import load_adapter
-    from ftkit.recipe import QuantSection
+    from ftkit.model.quant import quantize_experts
+    from ftkit.run.rundir import load_adapter
+    from ftkit.recipe.schema import QuantSection
 
     lora = LoraSection(r=4, alpha=8, expert_r=2)
     base = build_tiny(SPEC, char_tokenizer)
@@ -180,7 +180,7 @@ def test_bnb_keeps_router_self_conditioning_head_and_vision_in_full_precision(ch
     """Checked with transformers' own matcher over every Linear of a real (tiny) DiffusionGemma."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from ftkit.model import KEEP_UNQUANTIZED
+    from ftkit.model.load import KEEP_UNQUANTIZED
 
     model = build_tiny(SPEC, char_tokenizer)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftkit import rundir
+from ftkit.run import rundir
 from ftkit.diffusion.loss import diffusion_loss
-from ftkit.recipe import load_recipe
+from ftkit.recipe.schema import load_recipe
 
 
 def _torchrun() -> str:
@@ -61,11 +61,11 @@ def test_ddp_gradients_are_the_mean_over_processes(tmp_path, loss_chunk, quant):
 
     model, batches = ddp_grads.setup(2, quantized="4bit" in quant, shared="shared" in quant)
     if "shared" in quant:
-        from ftkit.shared_lora import stacks_share_adapters
+        from ftkit.model.shared_stacks import stacks_share_adapters
 
         assert stacks_share_adapters(model) and not any(".decoder." in n for n in ranks[0])  # one tensor, once
     if quant:
-        from ftkit.quant import QuantizedExperts
+        from ftkit.model.quant import QuantizedExperts
 
         assert any(isinstance(m, QuantizedExperts) for m in model.modules())
         assert any(".experts." in n for n in ranks[0])  # the expert LoRA is among the all-reduced gradients

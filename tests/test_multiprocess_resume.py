@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftkit import manifest, rundir
+from ftkit.run import manifest
+
+from ftkit.run import rundir
 from test_faults import DRIVER, wait_for
 from test_multiprocess import _torchrun
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ftkit.errors import RecipeError
-from ftkit.recipe import PRESETS, SMALL, TINY, recipe_from_dict
-from ftkit.tokenizer import build_char_tokenizer
+from ftkit.recipe.schema import PRESETS, SMALL, TINY, recipe_from_dict
+from ftkit.model.char_tokenizer import build_char_tokenizer
 
 
 def test_small_preset_dimensions_and_recipe_keys_win():
@@ -22,7 +22,7 @@ def test_small_preset_dimensions_and_recipe_keys_win():
 
 
 def test_resolved_small_recipe_round_trips(tmp_path):
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
 
     recipe = recipe_from_dict({"model": {"base": "small", "tiny": {"layers": 7}}})
     path = tmp_path / "r.yaml"
@@ -38,8 +38,8 @@ def test_small_preset_wrong_type_is_named():
 
 
 def test_small_preset_builds_saves_and_reloads_its_base(tmp_path, monkeypatch):
-    import ftkit.model
-    from ftkit.model import load_base, load_tokenizer
+    import ftkit.model.load
+    from ftkit.model.load import load_base, load_tokenizer
 
     recipe = recipe_from_dict({"model": {"base": "small", "dtype": "float32"}})
     tok = load_tokenizer(recipe.model)
@@ -50,7 +50,7 @@ def test_small_preset_builds_saves_and_reloads_its_base(tmp_path, monkeypatch):
     text = model.config.text_config
     assert (text.num_hidden_layers, text.hidden_size, text.num_experts) == (6, 256, 8)
     assert (tmp_path / "base" / "config.json").is_file()
-    monkeypatch.setattr(ftkit.model, "build_tiny", lambda *a: pytest.fail("must reload RUN/base, not rebuild"))
+    monkeypatch.setattr(ftkit.model.load, "build_tiny", lambda *a: pytest.fail("must reload RUN/base, not rebuild"))
     again = load_base(recipe.model, recipe.quant, tok, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 

@@ -1,4 +1,4 @@
-"""4-bit experts (ftkit.quant): storage, numerics against a dequantized reference, LoRA gradients, standard PEFT
+"""4-bit experts (ftkit.model.quant): storage, numerics against a dequantized reference, LoRA gradients, standard PEFT
 adapters, checkpointing. CPU, tiny model with hidden sizes divisible by the blocksize."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ftkit.compat import enable_decoder_checkpointing
+from ftkit.model.compat import enable_decoder_checkpointing
 from ftkit.errors import FtkitError
-from ftkit.model import attach_lora, build_tiny
-from ftkit.quant import QuantizedExperts, bind_expert_lora, expert_storage, quantize_experts, set_expert_kernel
-from ftkit.recipe import LoraSection, QuantSection, TinySpec
+from ftkit.model.load import attach_lora, build_tiny
+from ftkit.model.quant import QuantizedExperts, bind_expert_lora, expert_storage, quantize_experts, set_expert_kernel
+from ftkit.recipe.schema import LoraSection, QuantSection, TinySpec
 
 SPEC = TinySpec(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, global_head_dim=64, intermediate=128,
                 experts=4, top_k=2, expert_intermediate=64, canvas_length=16)
@@ -282,7 +282,7 @@ def test_bf16_grouped_kernel_is_within_bf16_rounding_of_the_exact_product(expert
     u = 2^-8) after an fp32 sum of n terms (error <= n 2^-24 of the sum of magnitudes), so elementwise
     |got - exact| <= (2u + 2 (n + 1) 2^-24) * (the same products over absolute values): a bound from the arithmetic
     that holds on any CPU."""
-    from ftkit.quant.grouped import low_rank_grouped_linear
+    from ftkit.model.quant.grouped import low_rank_grouped_linear
 
     g = torch.Generator().manual_seed(expert_r)
     experts, hidden, out, counts = 4, 64, 48, [5, 0, 9, 3]
@@ -336,7 +336,7 @@ def test_auto_kernel_follows_transformers_grouped_mm_support(monkeypatch):
 
     from transformers.integrations import moe as hf_moe
 
-    from ftkit.quant.grouped import resolve_kernel
+    from ftkit.model.quant.grouped import resolve_kernel
 
     cuda = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
     offsets = torch.zeros(4, dtype=torch.int32)
@@ -421,7 +421,7 @@ def test_cuda_auto_kernel_is_grouped_on_this_gpu_and_deterministic(full, char_to
     idx = torch.randint(0, SPEC.experts, (512, SPEC.top_k), device="cuda", generator=g)
     w = torch.rand(512, SPEC.top_k, device="cuda", generator=g)
     experts = _stacks(model)[1][0].experts
-    from ftkit.quant.grouped import resolve_kernel
+    from ftkit.model.quant.grouped import resolve_kernel
 
     if torch.cuda.get_device_capability() >= (9, 0):  # H100 / H200: every torch with grouped_mm runs it here
         assert resolve_kernel("auto", x, experts.gate_up_proj, torch.zeros(1, device="cuda")) == "grouped"
@@ -438,7 +438,7 @@ def test_cuda_auto_kernel_is_grouped_on_this_gpu_and_deterministic(full, char_to
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_dequantize_rows_equals_the_rows_of_the_whole_stack(double_quant):
     w = torch.randn(6, 96, 64, generator=torch.Generator().manual_seed(0))
-    from ftkit.quant.nf4 import NF4Tensor
+    from ftkit.model.quant.nf4 import NF4Tensor
 
     storage = NF4Tensor(w, quant_type="nf4", blocksize=64, double_quant=double_quant, compute_dtype=torch.float32)
     assert storage.rows_sliceable()
@@ -453,7 +453,7 @@ def test_dequantize_rows_equals_the_rows_of_the_whole_stack(double_quant):
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_expert_chunks_give_the_same_outputs_and_gradients_with_a_slice_dense_at_a_time(full, char_tokenizer, chunk,
                                                                                        monkeypatch):
-    from ftkit.quant.nf4 import NF4Tensor
+    from ftkit.model.quant.nf4 import NF4Tensor
 
     rows_seen = []
     original = NF4Tensor.dequantize_rows

@@ -1,4 +1,4 @@
-"""Loading a 4-bit base without ever holding all dense experts on the compute device (ftkit.model.load_base):
+"""Loading a 4-bit base without ever holding all dense experts on the compute device (ftkit.model.load.load_base):
 the experts modules load on the CPU (device_map), accelerate's dispatch is undone, and quantize_experts moves one
 dense tensor at a time to the device and quantizes it there.
 
@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from ftkit.errors import FtkitError
-from ftkit.model import (
+from ftkit.model.load import (
     attach_lora, bnb_config, build_tiny, expert_module_names, experts_on_cpu_device_map, load_base, quant_device,
     reclaim_offloaded_experts, tiny_config,
 )
-from ftkit.quant import expert_storage, quantize_experts
-from ftkit.quant.experts import is_fused_experts
-from ftkit.recipe import LoraSection, ModelSection, QuantSection, TinySpec
+from ftkit.model.quant import expert_storage, quantize_experts
+from ftkit.model.quant.experts import is_fused_experts
+from ftkit.recipe.schema import LoraSection, ModelSection, QuantSection, TinySpec
 
 # Every 4-bit nn.Linear's output width is a multiple of 32 (router.proj is `experts` wide): bitsandbytes' CPU
 # inference kernel requires it.
@@ -62,7 +62,7 @@ def _load_on_cpu(base_dir):
                                   if ".experts." in n}
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("ftkit.model.quant_device", lambda: torch.device("cpu"))
+        mp.setattr("ftkit.model.load.quant_device", lambda: torch.device("cpu"))
         mp.setattr(modeling_utils, "accelerate_dispatch", spy)
         model = load_base(ModelSection(base=str(base_dir), dtype="float32"), QUANT, tokenizer=None)
     return model, seen

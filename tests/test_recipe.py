@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from ftkit.errors import RecipeError
-from ftkit.recipe import Recipe, load_recipe, parse_override, recipe_from_dict, schema_rows
+from ftkit.recipe.schema import Recipe, load_recipe, parse_override, recipe_from_dict, schema_rows
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").rglob("*.yaml"))
 
@@ -142,7 +142,7 @@ def test_training_args_reach_the_optimizer_and_scheduler(tmp_path):
     import torch
     from transformers import Trainer
 
-    from ftkit.train import training_arguments
+    from ftkit.sft.run import training_arguments
 
     r = recipe_from_dict({"train": {"learning_rate": 1.5e-4, "lr_scheduler": "cosine_with_min_lr", "warmup_steps": 2,
                                     "max_steps": 10},

@@ -13,9 +13,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ftkit import rundir
+from ftkit.run import rundir
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe import recipe_from_dict
+from ftkit.recipe.schema import recipe_from_dict
 from ftkit.tasks import base as task_base
 from ftkit.tasks.base import Example, Piece, PromptCanvas, RewardParts, Violation, reward_parts
 from test_train import CrashAt
@@ -131,7 +131,7 @@ def test_guided_samples_are_steered_by_the_checker(tmp_path):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-    from ftkit.train import train
+    from ftkit.sft.run import train
 
     out = tmp_path_factory.mktemp("sft") / "run"
     recipe = toy_recipe(out, train={"max_steps": 2, "batch_size": 8, "save_steps": 10})
@@ -177,7 +177,7 @@ def test_run_directory_is_a_standard_run(rl_run, sft_run):
 
 
 def test_before_evaluation_is_the_sft_runs_own_evaluation(rl_run, sft_run):
-    from ftkit.evaluate import evaluate_run
+    from ftkit.evaluation.evaluate import evaluate_run
 
     out, summary = rl_run
     report = evaluate_run(sft_run)  # `ftkit eval` on the SFT run: same task, eval section and seeds

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from ftkit.layout import collate, layout_example
-from ftkit.model import attach_lora, build_tiny
-from ftkit.recipe import DiffusionSection, LoraSection, TinySpec
+from ftkit.diffusion.token_layout import collate, layout_example
+from ftkit.model.load import attach_lora, build_tiny
+from ftkit.recipe.schema import DiffusionSection, LoraSection, TinySpec
 from ftkit.rl.likelihood import ReferencePolicy, position_losses, sequence_loss
 from ftkit.rl.objective import (
     STD_EPS,
@@ -246,7 +246,7 @@ def test_canonical_canvas_fills_free_positions_after_the_first_eos():
 
 
 def test_round_prompts_cover_the_split_once_per_pass_and_are_reproducible(char_tokenizer):
-    from ftkit.recipe import EvalSection, RLSection
+    from ftkit.recipe.schema import EvalSection, RLSection
     from ftkit.rl.rollout import Rollout, derived_seed
 
     examples = list(range(10))
@@ -274,7 +274,7 @@ def test_canonical_canvas_closes_the_turn_at_the_first_stop():
 def test_the_likelihood_counts_the_positions_the_policy_chose(char_tokenizer):
     """Clamped positions and, under token masks, the end-of-turn and fill positions past a one-block layout's
     pieces (only a stop token may go there) are no choice of the policy; with masks off every free position is."""
-    from ftkit.layout import stop_token_ids
+    from ftkit.diffusion.token_layout import stop_token_ids
     from ftkit.rl.rollout import chosen_positions
     from ftkit.tasks.base import Piece, PromptCanvas
 
@@ -291,8 +291,8 @@ def test_the_likelihood_counts_the_positions_the_policy_chose(char_tokenizer):
 def test_token_credit_rewards_each_position_by_the_checker(char_tokenizer):
     """`rl.credit: token`: a chosen position is clean unless the task's checker flags it; a clash flags both clashing
     blank cells and nothing else; a violation without positions (unparsable) flags every chosen position."""
-    from ftkit.layout import stop_token_ids
-    from ftkit.recipe import EvalSection, RLSection
+    from ftkit.diffusion.token_layout import stop_token_ids
+    from ftkit.recipe.schema import EvalSection, RLSection
     from ftkit.rl.rollout import Rollout, chosen_positions
     from ftkit.tasks.base import Violation
 

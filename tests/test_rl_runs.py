@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftkit import rundir
+from ftkit.run import rundir
 from ftkit.errors import FtkitError
-from ftkit.recipe import recipe_from_dict
+from ftkit.recipe.schema import recipe_from_dict
 from test_rl import CrashAt, rl_rows, rl_run, sevens_registered, sft_run, toy_recipe  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +183,8 @@ def test_init_from_files_are_checked_with_one_clear_error(sft_run, tmp_path, dam
 
 
 def test_eval_and_push_of_an_rl_run(run, tmp_path):
-    from ftkit.evaluate import evaluate_run
-    from ftkit.hub import push_run
+    from ftkit.evaluation.evaluate import evaluate_run
+    from ftkit.hub.push import push_run
 
     with pytest.raises(FtkitError, match=r"no eval.json.*ftkit eval"):
         push_run(run, repo="me/toy", dry_run=True)
@@ -205,8 +205,8 @@ def test_eval_and_push_of_an_rl_run(run, tmp_path):
 
 
 def test_push_leaves_out_an_rl_eval_of_another_adapter(run, tmp_path):
-    from ftkit.evaluate import evaluate_run
-    from ftkit.hub import push_run
+    from ftkit.evaluation.evaluate import evaluate_run
+    from ftkit.hub.push import push_run
 
     evaluate_run(run)
     comparison = json.loads((run / "rl_eval.json").read_text())
@@ -249,8 +249,8 @@ def chat_recipe(out: Path, data: Path, **rl):
 def test_a_chat_task_with_a_verifier_is_an_rl_task(tmp_path):
     from test_task_chat import write_jsonl
 
-    from ftkit.layout import TokenRule
-    from ftkit.model import load_tokenizer
+    from ftkit.diffusion.token_layout import TokenRule
+    from ftkit.model.load import load_tokenizer
     from ftkit.rl.run import one_canvas_layouts, rl
     from ftkit.tasks import make_task
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ftkit import rundir
-from ftkit.runlock import LOCK_FILE, RunLock, RunLocked, _process_start
+from ftkit.run import rundir
+from ftkit.run.lock import LOCK_FILE, RunLock, RunLocked, _process_start
 from test_faults import DRIVER, ROOT, kill9, wait_for
 
 

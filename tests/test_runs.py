@@ -11,11 +11,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ftkit import manifest, rundir
+from ftkit.run import manifest
+
+from ftkit.run import rundir
 from ftkit.cli import app
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe import recipe_from_dict
-from ftkit.train import train
+from ftkit.recipe.schema import recipe_from_dict
+from ftkit.sft.run import train
 from test_train import CrashAt, tiny_recipe
 
 PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from ftkit.diffusion.sample import denoise, row_generators
-from ftkit.layout import AllowedTokens
-from ftkit.model import build_tiny
-from ftkit.recipe import TinySpec
-from ftkit.tokenizer import build_char_tokenizer
+from ftkit.diffusion.token_layout import AllowedTokens
+from ftkit.model.load import build_tiny
+from ftkit.recipe.schema import TinySpec
+from ftkit.model.char_tokenizer import build_char_tokenizer
 
 CANVAS = 32
 KNOBS = dict(
@@ -252,7 +252,7 @@ def test_peak_memory_at_the_real_vocabulary_is_chunk_sized():
 
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model import tiny_config
+    from ftkit.model.load import tiny_config
     from ftkit.profiling import PeakLiveBytes
 
     vocab, batch, length, chunk = 262_144, 2, 32, 4
@@ -284,7 +284,7 @@ def test_peak_cuda_memory_at_the_real_vocabulary_and_batch():
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from ftkit.diffusion.sample import default_chunk
-    from ftkit.model import tiny_config
+    from ftkit.model.load import tiny_config
 
     vocab, batch, length = 262_144, 16, 256
     spec = dataclasses.replace(TinySpec(), hidden=64, canvas_length=length)

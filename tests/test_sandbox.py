@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ftkit.sandbox import SandboxPolicy, WeakSandboxRefused, isolation_level, namespaces_available, run_python
+from ftkit.tasks.sandbox import SandboxPolicy, WeakSandboxRefused, isolation_level, namespaces_available, run_python
 
 LEVELS = [
     pytest.param("namespace", marks=pytest.mark.skipif(not namespaces_available(), reason="unshare unavailable")),
@@ -257,7 +257,7 @@ def test_an_unprivileged_user_cannot_read_its_own_token_file(fake_home):
         script.write_text(
             "import json, os, sys\n"
             f"sys.path.insert(0, {str(pkg)!r})\n"
-            "from ftkit.sandbox import run_python, isolation_level\n"
+            "from ftkit.tasks.sandbox import run_python, isolation_level\n"
             f"code = {_peek(token, home)!r}\n"
             f"direct = open({str(token)!r}).read()\n"
             "result = run_python(code)\n"
@@ -287,7 +287,7 @@ def test_an_unprivileged_user_cannot_read_its_own_token_file(fake_home):
 
 @pytest.fixture
 def no_namespaces(monkeypatch):
-    import ftkit.sandbox as sb
+    import ftkit.tasks.sandbox as sb
 
     monkeypatch.setattr(sb, "_namespace_probe", lambda: (False, "unshare: Operation not permitted"))
 
@@ -320,10 +320,10 @@ def _code_run(monkeypatch, allow_weak: bool = False):
 
     import torch
 
-    import ftkit.evaluate as ev
-    from ftkit.recipe import EvalSection, Recipe, TaskSection
+    import ftkit.evaluation.evaluate as ev
+    from ftkit.recipe.schema import EvalSection, Recipe, TaskSection
     from ftkit.tasks import make_task
-    from ftkit.tokenizer import build_char_tokenizer
+    from ftkit.model.char_tokenizer import build_char_tokenizer
     from test_evaluate import oracle_sampler
 
     task = make_task("code_infill", {})
@@ -335,7 +335,7 @@ def _code_run(monkeypatch, allow_weak: bool = False):
     recipe = Recipe(task=TaskSection(name="code_infill", test_size=2),
                     eval=EvalSection(steps=1, batch_size=2, num_examples=2, allow_weak_sandbox=allow_weak,
                                      token_masks=False))
-    from ftkit.layout import layout_example
+    from ftkit.diffusion.token_layout import layout_example
 
     layouts = [layout_example(tokenizer, task.to_prompt_canvas(e), 96, 512) for e in examples]
     real = getattr(ev.evaluate_examples, "real", ev.evaluate_examples)  # not an earlier call's stand-in
@@ -351,7 +351,7 @@ def _code_run(monkeypatch, allow_weak: bool = False):
 
 
 def test_eval_json_records_the_isolation_that_ran_the_code(tmp_path, monkeypatch):
-    import ftkit.evaluate as ev
+    import ftkit.evaluation.evaluate as ev
 
     _code_run(monkeypatch)
     report = ev.evaluate_run(tmp_path)
@@ -363,7 +363,7 @@ def test_eval_json_records_the_isolation_that_ran_the_code(tmp_path, monkeypatch
 def test_eval_on_a_weak_machine_stops_unless_told(tmp_path, monkeypatch, no_namespaces):
     from typer.testing import CliRunner
 
-    import ftkit.evaluate as ev
+    import ftkit.evaluation.evaluate as ev
     from ftkit.cli import app
 
     _code_run(monkeypatch)

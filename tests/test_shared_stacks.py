@@ -9,13 +9,13 @@ import copy
 import pytest
 import torch
 
-from ftkit import rundir
+from ftkit.run import rundir
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.errors import FtkitError
-from ftkit.model import attach_lora, build_tiny
-from ftkit.recipe import DiffusionSection, LoraSection, QuantSection, TinySpec, recipe_from_dict
-from ftkit.shared_lora import stacks_share_adapters
-from ftkit.train import train
+from ftkit.model.load import attach_lora, build_tiny
+from ftkit.recipe.schema import DiffusionSection, LoraSection, QuantSection, TinySpec, recipe_from_dict
+from ftkit.model.shared_stacks import stacks_share_adapters
+from ftkit.sft.run import train
 from test_train import TINY, crash_and_resume, probe_batch, tiny_recipe
 
 SEPARATE = LoraSection(r=4, alpha=8, dense_mlp=True)
@@ -31,7 +31,7 @@ def _randomize(model, seed=0):
 
 
 def _batch(tokenizer):
-    from ftkit.layout import collate, layout_example
+    from ftkit.diffusion.token_layout import collate, layout_example
     from ftkit.tasks.sudoku import SudokuTask
 
     examples = SudokuTask().build_dataset("test", 2, 0)
@@ -84,8 +84,8 @@ def test_saved_adapter_is_standard_and_reloads_tied(char_tokenizer, tmp_path):
 def test_shared_adapter_on_4bit_experts(char_tokenizer):
     """Expert LoRA shared on ftkit's 4-bit experts: bound to the quantized forward, tied, and computing what the
     same adapter computes on the dequantized base."""
-    from ftkit.quant import QuantizedExperts, quantize_experts
-    from ftkit.quant.lora import quantized_wrapper_class
+    from ftkit.model.quant import QuantizedExperts, quantize_experts
+    from ftkit.model.quant.lora import quantized_wrapper_class
 
     spec = TinySpec(**{**TINY, "hidden": 64, "head_dim": 32, "global_head_dim": 32})
     base = build_tiny(spec, char_tokenizer)
@@ -134,7 +134,7 @@ def test_shared_run_resumes_to_the_uninterrupted_run(shared_run, tmp_path):
 
 
 def test_recipe_refuses_shared_stacks_on_one_stack(tmp_path):
-    from ftkit.recipe import RecipeError
+    from ftkit.recipe.schema import RecipeError
 
     data = tiny_recipe(tmp_path).to_dict()
     data["lora"].update(shared_stacks=True, encoder=False)

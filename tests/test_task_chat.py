@@ -10,7 +10,7 @@ import re
 import pytest
 
 from ftkit.errors import FtkitError
-from ftkit.layout import end_of_turn_id, layout_example
+from ftkit.diffusion.token_layout import end_of_turn_id, layout_example
 from ftkit.tasks import make_task
 
 GSM = r"####\s*(-?\d+)"
@@ -134,7 +134,7 @@ def test_columns_and_types_of_prompt_completion_rows(tmp_path):
 
 
 def test_an_over_long_prompt_names_its_row_or_is_skipped(tmp_path, char_tokenizer, caplog):
-    from ftkit.task_data import examples_dataset, load_layouts
+    from ftkit.tasks.data import examples_dataset, load_layouts
 
     rows = chats(5)
     rows[2]["messages"][1]["content"] = "x" * 300
@@ -144,7 +144,7 @@ def test_an_over_long_prompt_names_its_row_or_is_skipped(tmp_path, char_tokenize
     with pytest.raises(FtkitError, match=r"example chat\.jsonl row 3: prompt is \d+ tokens, over train.max_prompt_length=128"):
         load_layouts(strict, ds, char_tokenizer, 32, 128)
     lenient = make_task("chat", {"dataset": str(data), "answer_regex": GSM, "on_bad_row": "skip"})
-    with caplog.at_level(logging.WARNING, logger="ftkit.task_data"):
+    with caplog.at_level(logging.WARNING, logger="ftkit.tasks.data"):
         kept = load_layouts(lenient, examples_dataset(lenient, "all", 100, 0, str(data)), char_tokenizer, 32, 128)
     assert len(kept) == 4 and "skipped 1 of 5" in caplog.text
 
@@ -172,7 +172,7 @@ def test_sources_that_cannot_load_are_one_clear_error(tmp_path):
 
 def test_recipe_validation_catches_verifier_options():
     from ftkit.errors import RecipeError
-    from ftkit.recipe import recipe_from_dict
+    from ftkit.recipe.schema import recipe_from_dict
 
     with pytest.raises(RecipeError, match="answer_regex: not a valid regular expression"):
         recipe_from_dict({"task": {"name": "chat", "options": {"answer_regex": "(("}}})
@@ -230,7 +230,7 @@ def test_eval_on_a_data_file_without_editing_the_recipe(chat_run):
 
 
 def test_generate_goes_block_after_block_and_prints_blocks(chat_run, monkeypatch):
-    from ftkit.generate import generate_one
+    from ftkit.evaluation.generate import generate_one
 
     landed = []
     res = generate_one(chat_run / "run", "What is 2 + 1?", steps=1, max_new_tokens=48,
@@ -238,7 +238,7 @@ def test_generate_goes_block_after_block_and_prints_blocks(chat_run, monkeypatch
     assert 1 <= res.blocks <= 3 and [k for k, _ in landed] == list(range(res.blocks))
     assert landed[-1][1] and not any(last for _, last in landed[:-1])
     # The CLI prints the blocks of a multi-block answer as they land (and nothing extra for a one-block one).
-    import ftkit.generate as gen
+    import ftkit.evaluation.generate as gen
     from typer.testing import CliRunner
 
     from ftkit.cli import app
@@ -255,7 +255,7 @@ def test_generate_goes_block_after_block_and_prints_blocks(chat_run, monkeypatch
 
 def test_an_edited_data_file_is_read_again(tmp_path):
     """The chat task's own data file (task.options.dataset) is part of the cache fingerprint (`data_state`)."""
-    from ftkit.task_data import load_examples
+    from ftkit.tasks.data import load_examples
 
     data = write_jsonl(tmp_path / "chat.jsonl", chats(4))
     task = make_task("chat", {"dataset": str(data), "answer_regex": GSM})

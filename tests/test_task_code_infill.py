@@ -7,10 +7,10 @@ import json
 import pytest
 
 from ftkit.errors import FtkitError
-from ftkit.layout import canvas_to_text, layout_example
+from ftkit.diffusion.token_layout import canvas_to_text, layout_example
 from ftkit.tasks import make_task
 from ftkit.tasks.code_infill import HOLE, load_jsonl
-from ftkit.tokenizer import build_char_tokenizer
+from ftkit.model.char_tokenizer import build_char_tokenizer
 
 ADD = {
     "id": "add",
@@ -220,7 +220,7 @@ def test_layout_round_trip(source):
 
 
 def test_recipes_validate():
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
 
     for path in ["recipes/code_infill.yaml", "recipes/tiny/code_infill.yaml"]:
         assert load_recipe(path).task.name == "code_infill"

@@ -9,8 +9,8 @@ import logging
 import pytest
 
 from ftkit.errors import FtkitError
-from ftkit.layout import layout_example
-from ftkit.task_data import LayoutDataset, examples_dataset, load_examples, load_layouts
+from ftkit.diffusion.token_layout import layout_example
+from ftkit.tasks.data import LayoutDataset, examples_dataset, load_examples, load_layouts
 from ftkit.tasks import make_task
 from ftkit.tasks.sudoku import SudokuTask
 
@@ -66,7 +66,7 @@ def test_examples_come_back_exactly_as_built():
 
 def test_fewer_examples_than_asked_is_said(caplog):
     task = make_task("protein", {"family": "LuxC", "min_length": 90})
-    with caplog.at_level(logging.WARNING, logger="ftkit.task_data"):
+    with caplog.at_level(logging.WARNING, logger="ftkit.tasks.data"):
         got = load_examples(task, "test", 10_000, 0)
     assert 0 < len(got) < 10_000
     assert f"10000 test example(s) asked, {len(got)} built" in caplog.text
@@ -104,13 +104,13 @@ class _Skipping:
 def test_bad_rows_are_skipped_and_counted_or_an_error(char_tokenizer, caplog):
     from datasets import Dataset
 
-    from ftkit.task_data import example_to_row
+    from ftkit.tasks.data import example_to_row
     from ftkit.tasks.base import Example
 
     rows = [example_to_row(Example(id=f"data.jsonl row {i}", question=None, answer="x" * n))
             for i, n in enumerate([3, 40, 5])]
     ds = Dataset.from_list(rows)
-    with caplog.at_level(logging.WARNING, logger="ftkit.task_data"):
+    with caplog.at_level(logging.WARNING, logger="ftkit.tasks.data"):
         kept = load_layouts(_Skipping(), ds, char_tokenizer, 16, 64)
     assert len(kept) == 2
     assert "skipped 1 of 3" in caplog.text and "data.jsonl row 1: canvas is 41 tokens" in caplog.text
@@ -122,13 +122,13 @@ def test_bad_rows_are_skipped_and_counted_or_an_error(char_tokenizer, caplog):
 
 def test_training_data_says_when_the_task_builds_fewer_than_asked(char_tokenizer, caplog):
     """Before: recipes/tiny/code_infill.yaml asked for 2,000 examples and silently trained on ~480."""
-    from ftkit.recipe import recipe_from_dict
-    from ftkit.task_data import build_training_data
+    from ftkit.recipe.schema import recipe_from_dict
+    from ftkit.tasks.data import build_training_data
 
     recipe = recipe_from_dict({"model": {"base": "tiny"}, "task": {"name": "protein", "train_size": 10_000,
                                                                    "options": {"family": "LuxC", "min_length": 90}}})
     task = make_task("protein", recipe.task.options)
-    with caplog.at_level(logging.WARNING, logger="ftkit.task_data"):
+    with caplog.at_level(logging.WARNING, logger="ftkit.tasks.data"):
         data = build_training_data(task, char_tokenizer, recipe, 112)
     assert 0 < len(data) < 10_000
     assert f"10000 train example(s) asked, {len(data)} built" in caplog.text

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from ftkit.errors import FtkitError
-from ftkit.layout import canvas_to_text, layout_example
+from ftkit.diffusion.token_layout import canvas_to_text, layout_example
 from ftkit.tasks import make_task
 from ftkit.tasks.base import Example
 from ftkit.tasks.protein import CANONICAL, IdentityIndex, js_divergence, composition, parse_fasta
-from ftkit.tokenizer import build_char_tokenizer
+from ftkit.model.char_tokenizer import build_char_tokenizer
 
 # Real fragments (LuxC of P. phosphoreum, from pyhmmer's test data) so the entropy filter sees natural text.
 REAL = ("MCNAEFKGDCMIKKIPMIIGGAERDTSEHEYRELTLNSYKVSIPIINQDDVEAIKSQSVENNLNINQIVNFLYTVGQKWKSENYSRRLTYIRDLVRFLGYSPE"
@@ -215,7 +215,7 @@ def test_layout_round_trip(mode):
 
 
 def test_recipes_validate():
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
 
     for path in ["recipes/protein.yaml", "recipes/tiny/protein.yaml"]:
         recipe = load_recipe(path)
@@ -238,7 +238,7 @@ def test_the_quickstart_protein_inputs_fit_the_tiny_recipe():
     import re
     from pathlib import Path
 
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
 
     root = Path(__file__).resolve().parent.parent
     recipe = load_recipe(root / "recipes" / "tiny" / "protein.yaml")

@@ -10,8 +10,8 @@ import pytest
 
 import ftkit.tasks.base as base
 from ftkit.errors import FtkitError
-from ftkit.generate import GenerateResult, _canvas_map, _frame, contact_sheet, example_from_input, trajectory_images
-from ftkit.layout import layout_example
+from ftkit.evaluation.generate import GenerateResult, _canvas_map, _frame, contact_sheet, example_from_input, trajectory_images
+from ftkit.diffusion.token_layout import layout_example
 from ftkit.tasks import get_task, known_tasks, make_task
 from ftkit.tasks.sudoku import SudokuView, grid_cells
 from ftkit.tasks.view import CHANGED_FILL, GIVEN_FILL, VIOLATION_FILL, Frame, TextView, view_of
@@ -84,7 +84,7 @@ def test_an_entry_point_task_works_like_a_builtin(plugin_env):
     assert "echo" in known_tasks()
     task = make_task("echo", {"times": 2})
     assert task.build_dataset("train", 1, 0)[0].answer == "hihi"
-    from ftkit.recipe import recipe_from_dict
+    from ftkit.recipe.schema import recipe_from_dict
 
     recipe = recipe_from_dict({"task": {"name": "echo", "options": {"times": 3}}})
     assert recipe.task.options == {"times": 3}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ftkit.errors import FtkitError
-from ftkit.layout import layout_example
+from ftkit.diffusion.token_layout import layout_example
 from ftkit.tasks import get_task, known_tasks
 from ftkit.tasks.sudoku import (
     HELD_OUT_FILE,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ftkit.errors import FtkitError
-from ftkit.layout import TokenRule, allowed_tokens, layout_example, stop_token_ids, tokens_made_of
+from ftkit.diffusion.token_layout import TokenRule, allowed_tokens, layout_example, stop_token_ids, tokens_made_of
 from ftkit.tasks import make_task
 from ftkit.tasks.base import Piece, PromptCanvas
 

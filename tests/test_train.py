@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from ftkit import rundir
+from ftkit.run import rundir
 from ftkit.errors import FtkitError
-from ftkit.recipe import recipe_from_dict
-from ftkit.train import train
+from ftkit.recipe.schema import recipe_from_dict
+from ftkit.sft.run import train
 
 TINY = {"layers": 2, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
         "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32, "canvas_length": 96}
@@ -224,7 +224,7 @@ def test_logged_loss_is_the_sum_of_its_logged_parts_under_accumulation(tmp_path)
 def test_memory_lean_recipe_trains_every_lora_parameter(tmp_path):
     """The real recipe's memory settings on the tiny model: both stacks checkpointed, chunked loss, 8-bit AdamW,
     a smaller expert rank — every LoRA tensor still trains and the settings are really in force."""
-    from ftkit.checkpointing import CheckpointedEncoderLayer
+    from ftkit.model.checkpointing import CheckpointedEncoderLayer
 
     class Inspect(Snapshot):
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
@@ -257,12 +257,12 @@ def test_mixed_precision_reaches_both_loss_paths(tmp_path, loss_chunk):
     the same autocast itself, so a bf16 run computes the LoRA layers under autocast on either path."""
     from transformers import TrainingArguments
 
-    from ftkit.layout import collate, layout_example
-    from ftkit.model import attach_lora, build_tiny
-    from ftkit.recipe import DiffusionSection, LoraSection, TinySpec
+    from ftkit.diffusion.token_layout import collate, layout_example
+    from ftkit.model.load import attach_lora, build_tiny
+    from ftkit.recipe.schema import DiffusionSection, LoraSection, TinySpec
     from ftkit.tasks.sudoku import SudokuTask
-    from ftkit.tokenizer import build_char_tokenizer
-    from ftkit.trainer import DiffusionTrainer
+    from ftkit.model.char_tokenizer import build_char_tokenizer
+    from ftkit.sft.trainer import DiffusionTrainer
 
     tok = build_char_tokenizer()
     model = attach_lora(build_tiny(TinySpec(**TINY), tok), LoraSection(r=4, alpha=8))
@@ -288,7 +288,7 @@ def test_loss_parts_are_summed_on_the_device_without_a_host_read_per_micro_batch
     import torch
 
     from ftkit.diffusion.loss import LossOutput
-    from ftkit.trainer import DiffusionTrainer
+    from ftkit.sft.trainer import DiffusionTrainer
 
     trainer = DiffusionTrainer.__new__(DiffusionTrainer)
     trainer._sums, trainer._count, trainer.noise_log, trainer._noise_rows = None, 0, None, []

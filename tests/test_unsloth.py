@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe import LoraSection, ModelSection, QuantSection, TinySpec, recipe_from_dict
+from ftkit.recipe.schema import LoraSection, ModelSection, QuantSection, TinySpec, recipe_from_dict
 
 TINY_SUDOKU = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "sudoku.yaml")
 REQUIRED = os.environ.get("FTKIT_REQUIRE_UNSLOTH") == "1"
@@ -56,7 +56,7 @@ def test_unsloth_loading_it_can_honour_validates():
 
 
 def test_a_missing_unsloth_is_one_clear_error(monkeypatch):
-    from ftkit.model import import_fast_diffusion_model
+    from ftkit.model.load import import_fast_diffusion_model
 
     monkeypatch.setitem(sys.modules, "unsloth", None)  # `import unsloth` raises ImportError
     with pytest.raises(FtkitError, match=r"model.loader=unsloth: Unsloth .*pip install -e \"\.\[unsloth\]\""):
@@ -65,7 +65,7 @@ def test_a_missing_unsloth_is_one_clear_error(monkeypatch):
 
 @pytest.fixture(scope="module")
 def base_dir(char_tokenizer, tmp_path_factory):
-    from ftkit.model import build_tiny
+    from ftkit.model.load import build_tiny
 
     path = tmp_path_factory.mktemp("unsloth-base")
     build_tiny(SPEC, char_tokenizer).save_pretrained(path)
@@ -75,8 +75,8 @@ def base_dir(char_tokenizer, tmp_path_factory):
 def _step_grads(model, char_tokenizer) -> dict[str, torch.Tensor]:
     """One diffusion-loss backward on a Sudoku batch; the trainable tensors' gradients."""
     from ftkit.diffusion.loss import diffusion_loss
-    from ftkit.layout import collate, layout_example
-    from ftkit.recipe import DiffusionSection
+    from ftkit.diffusion.token_layout import collate, layout_example
+    from ftkit.recipe.schema import DiffusionSection
     from ftkit.tasks.sudoku import SudokuTask
 
     task = SudokuTask()
@@ -94,7 +94,7 @@ def _step_grads(model, char_tokenizer) -> dict[str, torch.Tensor]:
 def test_unsloth_loads_the_same_weights_and_ftkit_lora_trains_the_experts(base_dir, char_tokenizer):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model import attach_lora, load_with_unsloth
+    from ftkit.model.load import attach_lora, load_with_unsloth
 
     model = load_with_unsloth(str(base_dir), ModelSection(base=str(base_dir), dtype="float32", loader="unsloth"),
                               QuantSection())
@@ -113,8 +113,8 @@ def test_unsloth_loads_the_same_weights_and_ftkit_lora_trains_the_experts(base_d
 def test_checkpointing_both_stacks_keeps_the_gradients_after_unsloth_patched_transformers(base_dir, char_tokenizer):
     """Importing Unsloth patches transformers' gradient checkpointing; ftkit's (decoder through transformers, encoder
     its own) must still give the unchecked step's loss and gradients."""
-    from ftkit.checkpointing import set_gradient_checkpointing
-    from ftkit.model import attach_lora, load_with_unsloth
+    from ftkit.model.checkpointing import set_gradient_checkpointing
+    from ftkit.model.load import attach_lora, load_with_unsloth
 
     model = load_with_unsloth(str(base_dir), ModelSection(base=str(base_dir), dtype="float32", loader="unsloth"),
                               QuantSection())
@@ -138,10 +138,10 @@ def test_unsloth_4bit_then_ftkit_nf4_experts_and_expert_lora(base_dir, char_toke
     it leaves dense quantized by ftkit, and the expert LoRA bound to them."""
     import bitsandbytes as bnb
 
-    from ftkit.model import attach_lora, load_with_unsloth
-    from ftkit.quant import expert_storage
+    from ftkit.model.load import attach_lora, load_with_unsloth
+    from ftkit.model.quant import expert_storage
 
-    monkeypatch.setattr("ftkit.model.quant_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr("ftkit.model.load.quant_device", lambda: torch.device("cpu"))
     quant = QuantSection(mode="4bit", compute_dtype="float32")
     model = load_with_unsloth(str(base_dir), ModelSection(base=str(base_dir), dtype="float32", loader="unsloth"), quant)
     core = model.model

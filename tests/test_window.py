@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftkit.checkpointing import set_gradient_checkpointing
+from ftkit.model.checkpointing import set_gradient_checkpointing
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
 from ftkit.diffusion.loss import choose_blocks, decoder_inputs, diffusion_loss
 from ftkit.diffusion.sample import denoise, row_generators, schedule_kwargs
-from ftkit.layout import collate, layout_example
-from ftkit.model import attach_lora, tiny_config
-from ftkit.recipe import DiffusionSection, EvalSection, LoraSection, TinySpec
+from ftkit.diffusion.token_layout import collate, layout_example
+from ftkit.model.load import attach_lora, tiny_config
+from ftkit.recipe.schema import DiffusionSection, EvalSection, LoraSection, TinySpec
 from ftkit.rl.likelihood import position_losses
 from ftkit.tasks.base import Piece, PromptCanvas
 

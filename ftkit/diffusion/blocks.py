@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ftkit.diffusion.sample import denoise
-from ftkit.layout import allowed_tokens
+from ftkit.diffusion.token_layout import allowed_tokens
 
 # (indices of the rows judged, their full answers so far (n, (k+1) * L)) -> per row, token positions to re-noise
 RowsVerifier = Callable[[list[int], torch.Tensor], list[list[int]]]
@@ -118,7 +118,7 @@ def denoise_blocks(
     sampler: Callable = denoise,
     **sampling,
 ) -> BlocksResult:
-    """Generate the answers of `layouts` (ftkit.layout.Layout: prompt, fixed pieces, block length) block by block.
+    """Generate the answers of `layouts` (ftkit.diffusion.token_layout.Layout: prompt, fixed pieces, block length) block by block.
 
     `generators`: one per row (see `row_generators`), carried from block to block. `sampling`: `denoise`'s keyword
     arguments (steps, schedule, clamp, max_renoise_rounds, record_trajectory...), passed through unchanged.

@@ -28,7 +28,7 @@ from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
 from ftkit.diffusion.head import head_logits
 from ftkit.diffusion.prefix_cache import PrefixCache, prefix_cache_inputs
 from ftkit.diffusion.self_conditioning import injected_soft_embeddings, select_batch, soft_embeddings
-from ftkit.recipe import DiffusionSection
+from ftkit.recipe.schema import DiffusionSection
 
 
 @dataclass
@@ -122,7 +122,7 @@ def choose_blocks(batch: dict[str, torch.Tensor], generator: torch.Generator) ->
     that block (B, L), its start in the sequence (B,), its index (B,)).
 
     An example's block count comes from its response length (`attention_mask` past `prompt_len`); `canvas` is
-    (B, K, L) from `ftkit.layout.collate`, or (B, L) for single-block batches. The draw comes from the loss's
+    (B, K, L) from `ftkit.diffusion.token_layout.collate`, or (B, L) for single-block batches. The draw comes from the loss's
     generator, so a resumed run picks the blocks an uninterrupted one would."""
     blocks = batch["canvas"] if batch["canvas"].dim() == 3 else batch["canvas"][:, None]
     bsz, count, length = blocks.shape

@@ -29,7 +29,7 @@ Design choices:
 - Clamping works twice: the logits at a fixed position are pinned to a one-hot on the given token (so it costs
   nothing in the entropy budget, never blocks stopping, and self-conditioning sees the truth), and the canvas is
   written back from `canvas_init` after every step (so fixed positions never change, whatever the model says).
-- Token masks (`allowed`, built by `ftkit.layout.allowed_tokens`): every other token's logit is -inf at a masked
+- Token masks (`allowed`, built by `ftkit.diffusion.token_layout.allowed_tokens`): every other token's logit is -inf at a masked
   position on every step, before sampling, acceptance, stopping and self-conditioning, so the argmax canvas (the
   output) only holds allowed tokens: Sudoku cells are digits, a protein span is residues, and no stop token comes
   before the last fixed piece. The noise that re-fills rejected positions stays uniform over the vocabulary: it is
@@ -58,7 +58,7 @@ from ftkit.diffusion.head import head_logits
 from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.prefix_cache import prefix_cache_inputs
 from ftkit.diffusion.self_conditioning import injected_soft_embeddings
-from ftkit.layout import AllowedTokens
+from ftkit.diffusion.token_layout import AllowedTokens
 
 # A pinned position's logits: 0 on the given token, this much lower elsewhere (exp(-1e4) is 0 in float32).
 _PINNED_GAP = 1e4
@@ -337,7 +337,7 @@ def denoise(
     random). `generator` is one generator per example (see `row_generators`; then a batch gives exactly what each
     example gives alone) or a single generator that seeds one per row. `verifier(canvas) -> positions per example`
     enables re-noising rounds (see the module docstring). `allowed` masks each position to the tokens its rule allows
-    (`ftkit.layout.allowed_tokens`). `chunk`: canvas positions per vocabulary-wide chunk (default: `default_chunk`);
+    (`ftkit.diffusion.token_layout.allowed_tokens`). `chunk`: canvas positions per vocabulary-wide chunk (default: `default_chunk`);
     results do not depend on it.
     """
     if steps <= 0:

@@ -53,7 +53,7 @@ class ExportFacts:
 def model_card(recipe, summary: dict[str, Any], facts: ExportFacts, name: str) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ftkit.hub import REPO_ID, _dataset, _eval_lines, _training_lines, card_eval_results
+    from ftkit.hub.push import REPO_ID, _dataset, _eval_lines, _training_lines, card_eval_results
 
     task = recipe.task.name
     base_model = recipe.model.base if not recipe.is_tiny and REPO_ID.fullmatch(recipe.model.base) else None

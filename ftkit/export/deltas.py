@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ftkit.errors import FtkitError
-from ftkit.rundir import ADAPTER_WEIGHTS
+from ftkit.run.rundir import ADAPTER_WEIGHTS
 
 PEFT_PREFIX = "base_model.model."
 # fp32 elements of an expert tensor updated at once (16 MB): one expert of the real model's gate_up_proj.
@@ -41,7 +41,7 @@ def lora_targets(base_config, adapter_dir: Path) -> dict[str, LoraTarget]:
     from peft.tuners.lora import LoraLayer, ParamWrapper
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model import expert_pattern_warning_silenced
+    from ftkit.model.load import expert_pattern_warning_silenced
 
     try:
         lora_config = LoraConfig.from_pretrained(str(adapter_dir))
@@ -96,7 +96,7 @@ def add_update(weight: torch.Tensor, target: LoraTarget, adapter: AdapterTensors
         # One fp32 copy (a copy even from fp32: the source may be the reader's), updated in place: addmm_ adds
         # scaling * B @ A without a product temporary.
         return weight.to(torch.float32, copy=True).addmm_(lora_b, lora_a, alpha=target.scaling).to(out_dtype)
-    from ftkit.quant.lora import expert_factors
+    from ftkit.model.quant.lora import expert_factors
 
     per_expert_a, per_expert_b = expert_factors(lora_a, lora_b, target.num_experts)
     if not target.experts_out_in:  # the tensor is (E, in, out): B[e] @ A[e] transposed is A[e]^T @ B[e]^T

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from ftkit import rundir
+from ftkit.run import rundir
 from ftkit.errors import FtkitError
 from ftkit.export.card import ExportFacts, generation_config, model_card
 from ftkit.export.deltas import AdapterTensors, add_update, lora_targets
 from ftkit.export.layout import TIED, UNTIED, output_plan, shard_plan, source_tensors, tied_targets, untie
 from ftkit.export.shards import write_shards
-from ftkit.runlock import holds_run_lock
+from ftkit.run.lock import holds_run_lock
 
 EXPORT_MANIFEST = "ftkit_export.json"
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -45,7 +45,7 @@ def export_form(recipe) -> str:
 def base_weights_dir(recipe, run_dir: Path) -> Path:
     """The folder holding the base model's config and safetensors: the run's base/ (presets), a local directory,
     or the hub snapshot (from the cache when it is there, as training loaded it)."""
-    from ftkit.model import resolve_base
+    from ftkit.model.load import resolve_base
 
     source = resolve_base(recipe.model, run_dir)
     if Path(source).is_dir():
@@ -162,7 +162,7 @@ def _tied_updates(targets: dict, ties: dict[str, str], adapter: AdapterTensors) 
 
 def _own_evaluation(run_dir: Path, recipe, checkpoint: str | None, note) -> dict[str, Any] | None:
     """The run's canonical eval.json, if it evaluated the weights being exported."""
-    from ftkit.evaluate import canonical_problems
+    from ftkit.evaluation.evaluate import canonical_problems
 
     path = run_dir / "eval.json"
     if not path.is_file():
@@ -180,7 +180,7 @@ def _own_evaluation(run_dir: Path, recipe, checkpoint: str | None, note) -> dict
 
 
 def _manifest(run_dir: Path, weights_dir: Path, recipe, facts: ExportFacts, folder: Path) -> dict[str, Any]:
-    from ftkit.evaluate import file_sha256
+    from ftkit.evaluation.evaluate import file_sha256
 
     weights = weights_dir / rundir.weights_file(recipe.is_full)
     return {

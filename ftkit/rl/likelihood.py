@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from ftkit.diffusion.loss import diffusion_loss
-from ftkit.recipe import DiffusionSection
+from ftkit.recipe.schema import DiffusionSection
 
 
 def position_losses(
@@ -46,7 +46,7 @@ def sequence_loss(
     diffusion: DiffusionSection,
     seeds: list[int],
 ) -> torch.Tensor:
-    """(B,) per-token ELBO loss of each canvas in `batch` (`ftkit.layout.collate` keys): the canvas cross-entropy
+    """(B,) per-token ELBO loss of each canvas in `batch` (`ftkit.diffusion.token_layout.collate` keys): the canvas cross-entropy
     averaged over the positions where `free` (B, L) is true, then over one corruption draw per seed."""
     return masked_mean(position_losses(model, batch, diffusion, seeds), free)
 

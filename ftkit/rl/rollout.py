@@ -18,9 +18,9 @@ import torch
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import denoise, schedule_kwargs
-from ftkit.evaluate import MAX_RENOISE_ROUNDS, flagged_tokens, rows_verifier
-from ftkit.layout import Layout, canvas_to_text, end_of_turn_id, stop_token_ids
-from ftkit.recipe import EvalSection, RLSection
+from ftkit.evaluation.evaluate import MAX_RENOISE_ROUNDS, flagged_tokens, rows_verifier
+from ftkit.diffusion.token_layout import Layout, canvas_to_text, end_of_turn_id, stop_token_ids
+from ftkit.recipe.schema import EvalSection, RLSection
 from ftkit.rl.objective import group_advantages, position_advantages, sample_entropy, scale_negatives
 from ftkit.tasks.base import Example, reward_parts
 

@@ -1,7 +1,7 @@
 """`ftkit rl`: recipe -> run directory -> (before eval) -> RLTrainer -> adapter, logs, reward plot, (after eval).
 
 The run directory has `ftkit train`'s layout (recipe.yaml, the PEFT adapter, tokenizer, base/ for tiny,
-checkpoints/, train_log.jsonl, versions.json, summary.json, the lock) and its lifecycle (ftkit.runstart), so
+checkpoints/, train_log.jsonl, versions.json, summary.json, the lock) and its lifecycle (ftkit.run.start), so
 `ftkit eval`, `generate` and `push` work on it, plus:
 
     reference_adapter/   the init_from run's adapter, copied at the start: the KL anchor and the resume point
@@ -24,11 +24,15 @@ from typing import Any
 
 import torch
 
-from ftkit import filecheck, rundir, runstart
+from ftkit.run import filecheck
+
+from ftkit.run import rundir
+
+from ftkit.run import start as runstart
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe import Recipe
-from ftkit.runlock import RunLock
-from ftkit.runstart import Start, copy_adapter, plan_start, print_parameter_groups, reset_logs, save_adapter, stderr_note
+from ftkit.recipe.schema import Recipe
+from ftkit.run.lock import RunLock
+from ftkit.run.start import Start, copy_adapter, plan_start, print_parameter_groups, reset_logs, save_adapter, stderr_note
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ def init_adapter(recipe: Recipe) -> Path | None:
 def _is_full_parameter_run(run_dir: Path) -> bool:
     """A run that trained every weight (`train.trainable: full`) and saved a whole model, not an adapter. Read off
     the raw recipe and the files, so the answer does not depend on this ftkit knowing the key."""
-    from ftkit.recipe import read_yaml
+    from ftkit.recipe.schema import read_yaml
 
     try:
         data = read_yaml(run_dir / rundir.RECIPE_FILE)
@@ -133,7 +137,7 @@ def one_canvas_layouts(task, tokenizer, examples, canvas_length: int, max_prompt
     chat task) is refused, naming how many. An example that does not fit otherwise (a prompt over
     max_prompt_length) is an error, or skipped and counted for a task whose `skip_bad_rows` is true (as in
     training)."""
-    from ftkit.layout import layout_example, task_max_blocks
+    from ftkit.diffusion.token_layout import layout_example, task_max_blocks
 
     max_blocks = task_max_blocks(task)
     kept, layouts, skipped, long_answers = [], [], [], []
@@ -183,7 +187,7 @@ def _copy_reference(init_dir: Path, run_dir: Path) -> None:
 
 
 def _evaluate(model, tokenizer, task, examples, recipe: Recipe, canvas_length: int) -> dict[str, Any]:
-    from ftkit.evaluate import evaluate_examples
+    from ftkit.evaluation.evaluate import evaluate_examples
 
     report = evaluate_examples(model, tokenizer, task, examples, recipe.eval, canvas_length,
                                recipe.train.max_prompt_length, recipe.eval.verifier_renoise)
@@ -195,14 +199,14 @@ def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_a
     or a fresh LoRA — and the reference policy."""
     from transformers import set_seed
 
-    from ftkit.model import attach_lora, load_base
+    from ftkit.model.load import attach_lora, load_base
     from ftkit.rl.likelihood import ReferencePolicy
 
     model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
     if int(model.config.canvas_length) != canvas_length:
         raise FtkitError(f"model canvas_length {model.config.canvas_length} != {canvas_length}")
     if recipe.train.gradient_checkpointing:
-        from ftkit.checkpointing import set_gradient_checkpointing
+        from ftkit.model.checkpointing import set_gradient_checkpointing
 
         set_gradient_checkpointing(model, True, encoder=recipe.train.checkpoint_encoder)
         model.enable_input_require_grads()
@@ -218,11 +222,11 @@ def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_a
 
 
 def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
-    """Run (or resume) `ftkit rl`; the run directory behaves as `ftkit train`'s (ftkit.runstart: one writer, resume
+    """Run (or resume) `ftkit rl`; the run directory behaves as `ftkit train`'s (ftkit.run.start: one writer, resume
     from the newest intact checkpoint, a complete run left as it is, an attempt that saved nothing started over)."""
     from accelerate import PartialState
 
-    from ftkit.train import check_launch
+    from ftkit.sft.run import check_launch
 
     check_rl_recipe(recipe)
     check_launch(recipe)
@@ -242,14 +246,14 @@ def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callba
 
 def _rl(recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bool,
         extra_callbacks: list | None) -> dict[str, Any]:
-    from ftkit.model import load_tokenizer, parameter_groups
-    from ftkit.plots import plot_reward_curve
+    from ftkit.model.load import load_tokenizer, parameter_groups
+    from ftkit.run.plots import plot_reward_curve
     from ftkit.rl.rollout import Rollout
     from ftkit.rl.trainer import RLTrainer, StepItems, collate_items
     from ftkit.tasks import make_task
-    from ftkit.threads import apply_threads
-    from ftkit.train import training_arguments
-    from ftkit.trainer import JsonlLogCallback, LogLineCallback
+    from ftkit.run.threads import apply_threads
+    from ftkit.sft.run import training_arguments
+    from ftkit.sft.trainer import JsonlLogCallback, LogLineCallback
 
     threads = apply_threads(recipe.train.cpu_threads)  # before any work: the load average must not count ours
     stderr_note(threads.describe())
@@ -349,7 +353,7 @@ def _rl(recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bo
 
 
 def _comparison(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    from ftkit.evaluate import file_sha256
+    from ftkit.evaluation.evaluate import file_sha256
 
     metrics = [k for k in after["metrics"] if k in before["metrics"] and not k.startswith("count")]
     return {
@@ -371,7 +375,7 @@ def _comparison(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], r
 
 def _summary(recipe: Recipe, rows, totals: dict[str, Any], elapsed: float, cpu_seconds: float, resumed_step: int,
              comparison: dict[str, Any] | None, trainable: int) -> dict[str, Any]:
-    from ftkit.threads import machine_description
+    from ftkit.run.threads import machine_description
 
     logged = [r for r in rows if "reward" in r]
     first, last = (logged[0], logged[-1]) if logged else ({}, {})

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ftkit.layout import collate
-from ftkit.recipe import DiffusionSection, RLSection
+from ftkit.diffusion.token_layout import collate
+from ftkit.recipe.schema import DiffusionSection, RLSection
 from ftkit.rl.likelihood import ReferencePolicy, masked_mean, position_losses, sequence_loss
 from ftkit.rl.objective import policy_terms, token_policy_terms
 from ftkit.rl.rollout import Rollout, Round, derived_seed
-from ftkit.trainer import DiffusionTrainer
+from ftkit.sft.trainer import DiffusionTrainer
 
 
 class StepItems(torch.utils.data.Dataset):

@@ -9,10 +9,10 @@ completion column named in the recipe (with an optional `system_prompt`). With n
 
 A bad row (missing column value, wrong type, empty answer, a reference without an `answer_regex` match) is an error
 naming the file and the row, or, with `on_bad_row: skip`, left out and counted; so is a row whose prompt is over
-`train.max_prompt_length` tokens (checked when it is tokenized, see ftkit.task_data).
+`train.max_prompt_length` tokens (checked when it is tokenized, see ftkit.tasks.data).
 
 The canvas is the assistant's answer (one free piece); an answer longer than the canvas is trained and generated
-block after block (`multi_block`). Answers are checked by the recipe's verifier (ftkit.verifiers).
+block after block (`multi_block`). Answers are checked by the recipe's verifier (ftkit.tasks.verifiers).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from ftkit.errors import FtkitError
 from ftkit.tasks.base import Example, Piece, PromptCanvas, Violation, register, stratified_means
-from ftkit.verifiers import ExactChecker, make_checker
+from ftkit.tasks.verifiers import ExactChecker, make_checker
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "developer", "user", "assistant")
@@ -47,7 +47,7 @@ class ChatOptions:
     completion_column: str | None = None
     system_prompt: str | None = None  # a system turn before the prompt (prompt/completion rows)
     on_bad_row: Literal["error", "skip"] = "error"
-    verifier: str = "exact"  # exact | regex | json_schema | python:module:function | none (ftkit.verifiers)
+    verifier: str = "exact"  # exact | regex | json_schema | python:module:function | none (ftkit.tasks.verifiers)
     answer_regex: str | None = None  # exact: compare only this regex's first group, e.g. "####\\s*(.+)"
     pattern: str | None = None  # regex: the whole answer must match it
     schema: dict[str, Any] | str | None = None  # json_schema: an inline schema or a .json file
@@ -78,8 +78,8 @@ class ChatTask:
 
     # -- data
     def data_state(self) -> Any:
-        """The local data file's (size, mtime), so an edited file is read again (see ftkit.task_data)."""
-        from ftkit.task_data import file_state
+        """The local data file's (size, mtime), so an edited file is read again (see ftkit.tasks.data)."""
+        from ftkit.tasks.data import file_state
 
         return file_state(self.options.dataset)
 
@@ -209,7 +209,7 @@ def read_json_rows(path: Path) -> list[dict[str, Any]]:
     blame a good row and quote a value the file does not hold."""
     import json
 
-    from ftkit.jsonl import read_objects
+    from ftkit.tasks.jsonl import read_objects
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -251,7 +251,7 @@ def _load_with_datasets(source: str, config: str | None, split: str, revision: s
             return datasets.load_dataset(str(path), split=split)
         if source.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_BUILDERS:
             raise FtkitError(f"{source}: data file not found")
-        from ftkit.hub_access import offline_reason
+        from ftkit.hub.access import offline_reason
 
         hub_reason = offline_reason()  # the Hub unreachable: the cache only, at once (no minute of retries)
         return datasets.load_dataset(source, config, split=split, revision=revision)
@@ -259,7 +259,7 @@ def _load_with_datasets(source: str, config: str | None, split: str, revision: s
         raise
     except Exception as e:
         if hub_reason is not None:
-            from ftkit.hub_access import not_cached
+            from ftkit.hub.access import not_cached
 
             raise FtkitError(not_cached("task.options.dataset", source, hub_reason)) from None
         if isinstance(e, ValueError):

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ftkit.errors import FtkitError
-from ftkit.jsonl import read_objects
+from ftkit.tasks.jsonl import read_objects
 from ftkit.tasks.base import (
     PLACEHOLDER,
     Example,
@@ -343,7 +343,7 @@ class CodeInfillTask:
                                  self._line_positions(example, output, getattr(e, "lineno", None))))
             return out
         if q["test"] and q["entry_point"] and self.options.run_tests:
-            from ftkit.sandbox import run_python
+            from ftkit.tasks.sandbox import run_python
 
             result = run_python(f"{program}\n\n{q['test']}\n\ncheck({q['entry_point']})\n",
                                 timeout_s=self.options.test_timeout_s)

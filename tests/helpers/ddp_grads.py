@@ -1,7 +1,7 @@
 """One DDP training step of the diffusion loss, for tests/test_multiprocess.py.
 
 usage: torchrun --nproc_per_node 2 tests/helpers/ddp_grads.py OUT_DIR LOSS_CHUNK [4bit] [shared]
-Each rank builds the same tiny LoRA model (with `4bit`: its experts quantized by ftkit.quant, fp32 compute; with
+Each rank builds the same tiny LoRA model (with `4bit`: its experts quantized by ftkit.model.quant, fp32 compute; with
 `shared`: one adapter for both stacks, lora.shared_stacks), takes
 its own batch, runs the same forward/backward twice through a DistributedDataParallel wrapper over gloo and saves its LoRA
 gradients to OUT_DIR/rank{R}.pt and the names of the buffers DDP syncs before each forward to
@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from ftkit.diffusion.loss import diffusion_loss
-from ftkit.layout import collate, layout_example
-from ftkit.model import attach_lora, build_tiny
-from ftkit.recipe import DiffusionSection, LoraSection, QuantSection, TinySpec
+from ftkit.diffusion.token_layout import collate, layout_example
+from ftkit.model.load import attach_lora, build_tiny
+from ftkit.recipe.schema import DiffusionSection, LoraSection, QuantSection, TinySpec
 from ftkit.tasks.sudoku import SudokuTask
-from ftkit.tokenizer import build_char_tokenizer
+from ftkit.model.char_tokenizer import build_char_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from test_train import TINY  # noqa: E402  (the tests' tiny model, shared)
@@ -33,7 +33,7 @@ def setup(world: int, quantized: bool = False, shared: bool = False):
     spec = TinySpec(**TINY)
     base = build_tiny(spec, tok)
     if quantized:
-        from ftkit.quant import quantize_experts
+        from ftkit.model.quant import quantize_experts
 
         quantize_experts(base, QuantSection(mode="4bit", compute_dtype="float32", blocksize=64))
     torch.manual_seed(0)  # PEFT draws lora_A from the global RNG

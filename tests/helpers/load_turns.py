@@ -1,4 +1,4 @@
-"""Each process of a torchrun launch calls ftkit.model.load_in_turns with a stand-in load that records when it ran.
+"""Each process of a torchrun launch calls ftkit.model.load.load_in_turns with a stand-in load that records when it ran.
 
 usage: torchrun --nproc_per_node N tests/helpers/load_turns.py OUT_DIR
 Writes OUT_DIR/rank{R}.json: {"rank", "local_rank", "start", "end", "returned"} (wall-clock seconds).
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ftkit.model import load_in_turns
+from ftkit.model.load import load_in_turns
 
 
 def main(out: Path) -> None:

@@ -1,4 +1,4 @@
-"""Runs `ftkit.train.train` in a child process for the fault tests, slowed down where the parent wants to kill it.
+"""Runs `ftkit.sft.run.train` in a child process for the fault tests, slowed down where the parent wants to kill it.
 
 usage: train_driver.py OUTPUT_DIR [--step-sleep S] [--slow-save-step N] [--gate FILE --gate-step K] [--soak]
                                   [--max-steps N] [--save-steps N] [--resume]
@@ -25,8 +25,8 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from test_train import tiny_recipe  # noqa: E402
 
-from ftkit.train import train  # noqa: E402
-from ftkit.trainer import JsonlLogCallback  # noqa: E402
+from ftkit.sft.run import train  # noqa: E402
+from ftkit.sft.trainer import JsonlLogCallback  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")

@@ -10,7 +10,7 @@
       checkpoints/checkpoint-N/       Trainer checkpoints (adapter, optimizer, RNG, state, manifest.json), written
                                       atomically
       checkpoints/damaged-checkpoint-N/  a checkpoint `--resume` found damaged, moved aside (never deleted)
-      .ftkit.lock                     the one-writer lock (ftkit.runlock)
+      .ftkit.lock                     the one-writer lock (ftkit.run.lock)
       train_log.jsonl                 one JSON object per logging step
       noise_loss.jsonl                (noise level t, canvas loss) per training example
       loss.png, noise_loss.png        plots
@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ftkit import filecheck, manifest
+from ftkit.run import filecheck
+
+from ftkit.run import manifest
 from ftkit.errors import FtkitError
 
 RECIPE_FILE = "recipe.yaml"
@@ -92,7 +94,7 @@ def weights_sha256(folder: Path, full: bool) -> str | None:
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' own pattern (trainer_utils._re_checkpoint)
 DAMAGED_PREFIX = "damaged-"
 # What `ftkit train` writes before it has anything worth keeping: an attempt that died before its first checkpoint
-# leaves only these, and the next attempt may clear them (ftkit.train).
+# leaves only these, and the next attempt may clear them (ftkit.sft.run).
 ATTEMPT_FILES = (RECIPE_FILE, VERSIONS, TRAIN_LOG, NOISE_LOG, "loss.png", "noise_loss.png", ".staging-adapter",
                  BASE_DIR, *TOKENIZER_REQUIRED, *TOKENIZER_OPTIONAL, f"{CHECKPOINTS}/.staging")
 
@@ -174,7 +176,7 @@ def require_directory(run_dir: str | Path) -> Path:
         hint = ""
         if run_dir.suffix.lower() in (".yaml", ".yml"):
             try:
-                from ftkit.recipe import read_yaml
+                from ftkit.recipe.schema import read_yaml
 
                 output_dir = (read_yaml(run_dir).get("train") or {}).get("output_dir")
             except (FtkitError, AttributeError):
@@ -259,7 +261,7 @@ def foreign_entries(run_dir: Path) -> list[str]:
     clear files of theirs that happen to have a run file's name. A training command writes versions.json before
     anything else it keeps, so that file marks a run directory. The lock file does not: any command that takes it
     creates it (a failed one may leave it), so it is ignored rather than taken as a sign of a run."""
-    from ftkit.runlock import LOCK_FILE
+    from ftkit.run.lock import LOCK_FILE
 
     if not run_dir.is_dir() or (run_dir / VERSIONS).exists():
         return []
@@ -347,7 +349,7 @@ RECIPE_SECTIONS = ("model", "quant", "lora", "diffusion", "train", "task", "eval
 def load_run_recipe(run_dir: Path):
     """The run's recipe.yaml, checked for being cut short: train writes every section and ends the file with a
     newline (a cut inside a line loses it; a cut between lines loses the last section's keys at most)."""
-    from ftkit.recipe import load_recipe, read_yaml
+    from ftkit.recipe.schema import load_recipe, read_yaml
 
     path = run_dir / RECIPE_FILE
     fix = f"rewrite it with `ftkit validate RECIPE [OVERRIDES] > {path}` (the recipe and overrides of the run)"
@@ -398,7 +400,7 @@ def load_run(run_dir: str | Path, adapter: bool = True, checkpoint: str | None =
     one is an FtkitError naming it and what to do."""
     import torch
 
-    from ftkit.model import load_base, load_full_model
+    from ftkit.model.load import load_base, load_full_model
     from ftkit.tasks import make_task
 
     run_dir = require_run_dir(run_dir)
@@ -428,8 +430,8 @@ def load_adapter(base, adapter_dir: Path, trainable: bool = False, shared_stacks
     further keeps one adapter)."""
     from peft import PeftModel
 
-    from ftkit.model import expert_pattern_warning_silenced
-    from ftkit.quant import bind_expert_lora
+    from ftkit.model.load import expert_pattern_warning_silenced
+    from ftkit.model.quant import bind_expert_lora
 
     try:
         with expert_pattern_warning_silenced():
@@ -440,7 +442,7 @@ def load_adapter(base, adapter_dir: Path, trainable: bool = False, shared_stacks
             f"{adapter_dir}: the adapter does not fit this base model (made for another base?): {first[:300]}"
         ) from None
     if shared_stacks:
-        from ftkit.shared_lora import share_stack_adapters
+        from ftkit.model.shared_stacks import share_stack_adapters
 
         try:
             share_stack_adapters(model, verify=True)

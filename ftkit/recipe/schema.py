@@ -138,7 +138,7 @@ class TrainSection:
     max_prompt_length: int = 512
     num_workers: int = 0
     # Intra-op CPU threads for train and eval (0 = OMP_NUM_THREADS if set, else the CPUs this process may use that
-    # other work leaves idle; see ftkit/threads.py).
+    # other work leaves idle; see ftkit/run/threads.py).
     cpu_threads: int = 0
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
 

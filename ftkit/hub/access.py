@@ -47,7 +47,7 @@ def offline_reason() -> str | None:
         _unreachable = _probe()
         if _unreachable is not None:
             _go_offline()
-            from ftkit.rundir import say
+            from ftkit.run.rundir import say
 
             say(f"note: the Hugging Face Hub cannot be reached ({_unreachable}); using the local cache only")
     return _unreachable  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from ftkit.errors import FtkitError
-from ftkit.quant.experts import QuantizedExperts
+from ftkit.model.quant.experts import QuantizedExperts
 
 
 def expert_factors(weight_a, weight_b, num_experts: int):

@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from ftkit import rundir
-from ftkit.compat import checkpointing_arguments
+from ftkit.run import rundir
+from ftkit.model.compat import checkpointing_arguments
 from ftkit.errors import FtkitError
-from ftkit.layout import Layout, collate
-from ftkit.recipe import Recipe
-from ftkit.threads import machine_description
-from ftkit.runlock import RunLock
-from ftkit.runstart import (Start, copy_adapter, plan_start, print_parameter_groups, reset_logs, save_adapter,
+from ftkit.diffusion.token_layout import Layout, collate
+from ftkit.recipe.schema import Recipe
+from ftkit.run.threads import machine_description
+from ftkit.run.lock import RunLock
+from ftkit.run.start import (Start, copy_adapter, plan_start, print_parameter_groups, reset_logs, save_adapter,
                             stderr_note)
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _training_arguments(TrainingArguments, recipe: Recipe, run_dir: Path, t, cud
         data_seed=t.seed,
         bf16=bf16,
         use_cpu=not cuda,
-        # Decoder layers (transformers' GradientCheckpointingLayer); the encoder's are ftkit.checkpointing's, in
+        # Decoder layers (transformers' GradientCheckpointingLayer); the encoder's are ftkit.model.checkpointing's, in
         # train(). Non-reentrant: reentrant checkpointing would replay the encoder's cache writes.
         **checkpointing_arguments(t.gradient_checkpointing, {"use_reentrant": False} if t.gradient_checkpointing else None),
         remove_unused_columns=False,
@@ -163,13 +163,13 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
            extra_callbacks: list | None) -> dict[str, Any]:
     from transformers import set_seed
 
-    from ftkit.model import (attach_lora, check_full_training, load_base, load_in_turns, load_tokenizer,
+    from ftkit.model.load import (attach_lora, check_full_training, load_base, load_in_turns, load_tokenizer,
                              make_fully_trainable, parameter_groups)
-    from ftkit.plots import plot_loss_curve, plot_noise_vs_loss
-    from ftkit.task_data import build_training_data
+    from ftkit.run.plots import plot_loss_curve, plot_noise_vs_loss
+    from ftkit.tasks.data import build_training_data
     from ftkit.tasks import make_task
-    from ftkit.threads import apply_threads
-    from ftkit.trainer import DiffusionTrainer, JsonlLogCallback, LogLineCallback
+    from ftkit.run.threads import apply_threads
+    from ftkit.sft.trainer import DiffusionTrainer, JsonlLogCallback, LogLineCallback
 
     threads = apply_threads(recipe.train.cpu_threads)  # before any work: the load average must not count ours
     if dist.is_main_process:
@@ -187,7 +187,7 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
             canvas_length = int(config.canvas_length)
             if recipe.is_full:
                 check_full_training(config, recipe.model.base)
-        # Built once per fingerprint and cached (ftkit.task_data); other processes read what the main one made.
+        # Built once per fingerprint and cached (ftkit.tasks.data); other processes read what the main one made.
         with dist.main_process_first():
             train_data = build_training_data(task, tokenizer, recipe, canvas_length)
 
@@ -203,7 +203,7 @@ def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, crea
         if int(model.config.canvas_length) != canvas_length:
             raise FtkitError(f"model canvas_length {model.config.canvas_length} != {canvas_length}")
         if recipe.train.gradient_checkpointing:
-            from ftkit.checkpointing import set_gradient_checkpointing
+            from ftkit.model.checkpointing import set_gradient_checkpointing
 
             set_gradient_checkpointing(model, True, encoder=recipe.train.checkpoint_encoder)
             model.enable_input_require_grads()

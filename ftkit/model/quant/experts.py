@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ftkit.errors import FtkitError
-from ftkit.mixins import add_mixin
-from ftkit.quant.grouped import KERNELS, FrozenQuantizedGroupedLinear, low_rank_grouped_linear, resolve_kernel
-from ftkit.quant.nf4 import NF4Tensor
+from ftkit.model.mixins import add_mixin
+from ftkit.model.quant.grouped import KERNELS, FrozenQuantizedGroupedLinear, low_rank_grouped_linear, resolve_kernel
+from ftkit.model.quant.nf4 import NF4Tensor
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -38,7 +38,7 @@ class QuantizedExperts(nn.Module):
         return getattr(self, f"{name}_nf4")
 
     def lora_factors(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        # Filled by ftkit.quant.lora.QuantizedExpertLora for the duration of its forward.
+        # Filled by ftkit.model.quant.lora.QuantizedExpertLora for the duration of its forward.
         return self.__dict__.setdefault("_active_lora", {}).get(name, [])
 
     def _project(self, name: str, x: torch.Tensor, offsets: torch.Tensor, kernel: str, slices) -> torch.Tensor:
@@ -53,7 +53,7 @@ class QuantizedExperts(nn.Module):
         if parametrize.is_parametrized(self):
             raise FtkitError(
                 "a plain PEFT ParamWrapper is active on 4-bit experts (its LoRA would be ignored): call "
-                "ftkit.quant.bind_expert_lora(model) after attaching or loading the adapter"
+                "ftkit.model.quant.bind_expert_lora(model) after attaching or loading the adapter"
             )
         num_tokens, top_k = top_k_index.shape
         compute_dtype = self.storage("gate_up_proj").compute_dtype
@@ -144,7 +144,7 @@ def expert_storage(model: nn.Module) -> list[NF4Tensor]:
 
 
 def quantize_experts(model: nn.Module, quant, device: torch.device | str | None = None) -> QuantStats:
-    """Quantize every fused expert tensor of `model` in place (quant: ftkit.recipe.QuantSection).
+    """Quantize every fused expert tensor of `model` in place (quant: ftkit.recipe.schema.QuantSection).
 
     `device`: where the NF4 storage lives (default: where each dense tensor is). The dense tensors may sit elsewhere
     (the CPU, when `load_base` keeps them off the GPU): they are moved there one at a time, so the device never holds

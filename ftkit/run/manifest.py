@@ -13,8 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftkit import filecheck
-
+from ftkit.run import filecheck
 MANIFEST = "manifest.json"
 FORMAT = 1
 # Checked structurally when a checkpoint has no manifest (one written before manifests existed).

@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 
 from ftkit.errors import FtkitError
-from ftkit.recipe import PRESETS, LoraSection, ModelSection, QuantSection, TinySpec
+from ftkit.recipe.schema import PRESETS, LoraSection, ModelSection, QuantSection, TinySpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,7 +127,7 @@ def _hub_failure(base: str, what: str, error: OSError, reason: str | None) -> Ft
     """The one line for a model.base that did not load: offline (or the Hub unreachable) and not cached, or the
     loader's own reason."""
     if reason is not None:
-        from ftkit.hub_access import not_cached
+        from ftkit.hub.access import not_cached
 
         return FtkitError(not_cached("model.base", base, reason))
     where = "" if Path(base).exists() else f"no local directory {Path(base).resolve()}, and "
@@ -135,10 +135,10 @@ def _hub_failure(base: str, what: str, error: OSError, reason: str | None) -> Ft
 
 
 def _hub_reason(base: str) -> str | None:
-    """For a hub id: why the Hub cannot be used, if it cannot (ftkit.hub_access: fails fast instead of retrying)."""
+    """For a hub id: why the Hub cannot be used, if it cannot (ftkit.hub.access: fails fast instead of retrying)."""
     if base_is_local(base):
         return None
-    from ftkit.hub_access import offline_reason
+    from ftkit.hub.access import offline_reason
 
     return offline_reason()
 
@@ -149,7 +149,7 @@ def load_tokenizer(model_cfg: ModelSection, run_dir: Path | None = None):
     if model_cfg.base in PRESETS:
         if run_dir is not None and (run_dir / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(run_dir)
-        from ftkit.tokenizer import build_char_tokenizer
+        from ftkit.model.char_tokenizer import build_char_tokenizer
 
         return build_char_tokenizer()
     reason = _hub_reason(model_cfg.base)
@@ -166,7 +166,7 @@ def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: 
     `model.loader: unsloth` loads either through Unsloth's FastDiffusionModel instead (`load_with_unsloth`)."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.compat import check_transformers
+    from ftkit.model.compat import check_transformers
 
     check_transformers()
     if model_cfg.base in PRESETS:
@@ -196,7 +196,7 @@ def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: 
             kwargs["device_map"] = experts_on_cpu_device_map(config, device)
     model = _load(DiffusionGemmaForBlockDiffusion, source, "weights", **kwargs)
     if quant.mode == "4bit" and quant.experts:
-        from ftkit.quant import quantize_experts
+        from ftkit.model.quant import quantize_experts
 
         reclaim_offloaded_experts(model)
         quantize_experts(model, quant, device=device)  # one dense expert tensor on `device` at a time
@@ -238,7 +238,7 @@ def load_with_unsloth(source: str, model_cfg: ModelSection, quant: QuantSection)
     except OSError as e:
         raise FtkitError(f"model.base={source!r}: Unsloth cannot load it ({e.__class__.__name__}: {e})") from None
     if quantized and quant.experts:
-        from ftkit.quant import quantize_experts
+        from ftkit.model.quant import quantize_experts
 
         quantize_experts(model, quant, device=device)
     return _freeze(model)
@@ -493,13 +493,13 @@ def attach_lora(model: torch.nn.Module, lora: LoraSection):
     with expert_pattern_warning_silenced():
         peft_model = get_peft_model(model, config)
     if lora.shared_stacks:
-        from ftkit.shared_lora import share_stack_adapters
+        from ftkit.model.shared_stacks import share_stack_adapters
 
         share_stack_adapters(peft_model)  # one adapter for both stacks, before the optimizer sees the parameters
-    from ftkit.quant import bind_expert_lora, exclude_quantized_state_from_ddp
+    from ftkit.model.quant import bind_expert_lora, exclude_quantized_state_from_ddp
 
     if params:
-        bind_expert_lora(peft_model)  # no-op unless ftkit.quant made the experts 4-bit
+        bind_expert_lora(peft_model)  # no-op unless ftkit.model.quant made the experts 4-bit
     # The PEFT model is what the Trainer hands to DDP: keep DDP off the 4-bit expert storage (no-op if unquantized).
     exclude_quantized_state_from_ddp(peft_model)
     return peft_model

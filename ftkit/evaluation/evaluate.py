@@ -42,11 +42,11 @@ from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
 from ftkit.errors import FtkitError
-from ftkit.layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
-from ftkit.recipe import EvalSection
-from ftkit.runlock import holds_run_lock
-from ftkit.sandbox import SandboxPolicy
-from ftkit.task_data import load_examples
+from ftkit.diffusion.token_layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
+from ftkit.recipe.schema import EvalSection
+from ftkit.run.lock import holds_run_lock
+from ftkit.tasks.sandbox import SandboxPolicy
+from ftkit.tasks.data import load_examples
 from ftkit.tasks.base import Example, Violation
 
 log = logging.getLogger(__name__)
@@ -319,15 +319,15 @@ def best_of_n(task, examples: list[Example], samples: list[EvalReport]) -> EvalR
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:
-    """Readers never see half a report (see `ftkit.rundir.atomic_write_json`)."""
-    from ftkit.rundir import atomic_write_json
+    """Readers never see half a report (see `ftkit.run.rundir.atomic_write_json`)."""
+    from ftkit.run.rundir import atomic_write_json
 
     return atomic_write_json(path, data)
 
 
 def _load_run(run_dir: Path, adapter: bool, checkpoint: str | None = None):
     # Late import: rundir pulls in the model loaders; tests replace this function with in-memory pieces.
-    from ftkit.rundir import load_run
+    from ftkit.run.rundir import load_run
 
     return load_run(run_dir, adapter=adapter, checkpoint=checkpoint)
 
@@ -410,7 +410,7 @@ def check_answer_budget(task, max_new_tokens: int | None) -> None:
 def measured_weights(run_dir: Path, recipe, base_only: bool, adapter_dir) -> dict[str, Any]:
     """Which weights an evaluation measures, as its result records them: the base model, the run's final adapter
     (or full model), or a checkpoint's; with the sha256 of the trained weights (`rundir.weights_sha256`)."""
-    from ftkit.rundir import weights_file, weights_sha256
+    from ftkit.run.rundir import weights_file, weights_sha256
 
     if base_only:
         return {"source": "base", "model": recipe.model.base}
@@ -433,7 +433,7 @@ def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[st
     Checked from its content, so an eval.json written by an older ftkit or copied in is judged the same way: one
     that does not record the hash of the weights it measured, or another hash than the run's final weights have, is
     not the evaluation of the weights `ftkit push` uploads."""
-    from ftkit.rundir import weights_file, weights_sha256
+    from ftkit.run.rundir import weights_file, weights_sha256
 
     weights = weights_file(recipe.is_full)
     problems = []
@@ -492,7 +492,7 @@ def evaluate_run(
     `.png`). With `compare_verifier`, plain and verifier-guided sampling run on the same examples and seeds, plus
     plain best-of-n at the verifier row's decoder forwards; all are stored under `modes`.
     """
-    from ftkit.rundir import require_directory
+    from ftkit.run.rundir import require_directory
 
     run_dir = require_directory(run_dir)
     for name, value in (("steps", steps), ("num_examples", num_examples), ("max_new_tokens", max_new_tokens)):
@@ -511,7 +511,7 @@ def evaluate_run(
     run = _load_run(run_dir, adapter=not base_only, checkpoint=checkpoint)
     recipe = run.recipe
     check_answer_budget(run.task, max_new_tokens)
-    from ftkit.threads import apply_threads
+    from ftkit.run.threads import apply_threads
 
     threads = apply_threads(recipe.train.cpu_threads)
     cfg = recipe.eval
@@ -546,7 +546,7 @@ def evaluate_run(
     if data_path is None and num_examples is not None and len(examples) < num_examples:
         notes.append(f"-n {num_examples}: the {cfg.split} split has {len(examples)} examples (task.{cfg.split}_size); "
                      "evaluated all of them")
-    from ftkit.rundir import say
+    from ftkit.run.rundir import say
 
     for note in notes:
         say(f"note: {note}")
@@ -619,7 +619,7 @@ def evaluate_run(
         sweep = {"run_dir": str(run_dir), "mode": primary, "adapter": not base_only, "split": cfg.split,
                  "num_examples": len(examples), "points": points}
         write_json_atomic(run_dir / f"{stem}_sweep.json", sweep)
-        from ftkit.plots import plot_metrics_vs_steps
+        from ftkit.run.plots import plot_metrics_vs_steps
 
         plot_metrics_vs_steps(points, run_dir / f"{stem}_sweep.png",
                               title=f"{recipe.task.name} ({cfg.split}, {'adapter' if not base_only else 'base'}, {primary})")

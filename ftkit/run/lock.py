@@ -7,7 +7,7 @@ error a second command prints; it is left in place when the holder dies, which i
 and reported when the next command takes it over.
 
 Under a multi-process launch (torchrun, accelerate launch) only the main process takes the lock, for the whole
-launch; the other ranks never touch it (ftkit.train hands them the main process's verdict).
+launch; the other ranks never touch it (ftkit.sft.run hands them the main process's verdict).
 """
 
 from __future__ import annotations

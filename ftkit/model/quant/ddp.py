@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ftkit.quant.experts import EXPERT_TENSORS, QuantizedExperts
-from ftkit.quant.nf4 import NF4Tensor
+from ftkit.model.quant.experts import EXPERT_TENSORS, QuantizedExperts
+from ftkit.model.quant.nf4 import NF4Tensor
 
 
 def quantized_state_names(model: nn.Module) -> list[str]:

@@ -9,7 +9,7 @@ range the differences are, each detected by the feature itself (never by compari
   activation_checkpointing_kwargs=)` and `model.activation_checkpointing_enable/disable` (5.17-5.22 have only the
   `gradient_checkpointing*` names; 5.23 keeps them as deprecated aliases). `checkpointing_arguments`,
   `enable_decoder_checkpointing` and `disable_decoder_checkpointing` pick whichever the installed release has.
-- The encoder layer's cache argument: `past_key_values` through 5.23, `cache` from 5.24 on (ftkit.checkpointing
+- The encoder layer's cache argument: `past_key_values` through 5.23, `cache` from 5.24 on (ftkit.model.checkpointing
   finds it by either name, via `ENCODER_CACHE_ARGUMENTS`, and refuses a cache it cannot find).
 - transformers 5.17 (fixed in 5.18) resumes a multi-process CPU run's optimizer state with `map_location=cpu:N`,
   which torch cannot restore; `restore_indexed_cpu_locations` teaches torch.load that location.

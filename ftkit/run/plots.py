@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftkit.rundir import atomic_write
+from ftkit.run.rundir import atomic_write
 
 
 def _pyplot():

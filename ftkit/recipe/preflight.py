@@ -28,13 +28,13 @@ def _first_line(error: BaseException) -> str:
 def _config(recipe, tokenizer):
     from transformers import AutoConfig
 
-    from ftkit.model import tiny_config
+    from ftkit.model.load import tiny_config
 
     model = recipe.model
     if recipe.is_tiny:
         return tiny_config(model.tiny, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
                            tokenizer.bos_token_id)
-    from ftkit.model import base_is_local
+    from ftkit.model.load import base_is_local
 
     base_is_local(model.base)  # a local path that does not exist is an error, never a hub id
     try:
@@ -49,7 +49,7 @@ def _uncached_hub_model(model, where: str) -> str:
     an owner/name id)."""
     from pathlib import Path
 
-    from ftkit.hub_access import offline_reason
+    from ftkit.hub.access import offline_reason
 
     local = f"no local directory {Path(model.base).resolve()} and nothing in the local Hugging Face cache"
     reason = offline_reason()
@@ -76,7 +76,7 @@ def check_model(recipe, where: str) -> list[str]:
 
     tokenizer = None
     if recipe.is_tiny:
-        from ftkit.tokenizer import build_char_tokenizer
+        from ftkit.model.char_tokenizer import build_char_tokenizer
 
         tokenizer = build_char_tokenizer()
     section = "model.tiny" if recipe.is_tiny else "model"
@@ -93,7 +93,7 @@ def check_model(recipe, where: str) -> list[str]:
         raise RecipeError(f"{where}: the model of `{section}` does not build: {_first_line(e)}") from None
     parameters = sum(p.numel() for p in model.parameters())
     if recipe.is_full:
-        from ftkit.model import check_full_training
+        from ftkit.model.load import check_full_training
 
         try:
             check_full_training(config, recipe.model.base)
@@ -109,7 +109,7 @@ def check_model(recipe, where: str) -> list[str]:
 
 
 def _attach(model, recipe, where: str):
-    from ftkit.model import attach_lora, expert_pattern_warning_silenced, make_fully_trainable
+    from ftkit.model.load import attach_lora, expert_pattern_warning_silenced, make_fully_trainable
 
     if recipe.is_full:
         return make_fully_trainable(model)
@@ -125,7 +125,7 @@ def _attach(model, recipe, where: str):
 def _smoke_step(recipe, tokenizer, parameters: int, where: str) -> str:
     """One forward + backward of the recipe's loss on the real tiny model, CPU, float32."""
     from ftkit.diffusion.loss import diffusion_loss
-    from ftkit.model import build_tiny
+    from ftkit.model.load import build_tiny
 
     if parameters > SMOKE_MAX_PARAMETERS:
         return f"no training step run: {parameters:,} parameters is over the preflight's {SMOKE_MAX_PARAMETERS:,}"

@@ -5,7 +5,7 @@
 accumulation matches a large batch. Noise is drawn from a generator seeded by (seed, optimizer step, micro-batch,
 process): a resumed run draws exactly the noise an uninterrupted one would. Checkpoints are written to a staging
 directory and renamed into place, so a kill during a save never leaves a half-written `checkpoint-N`; each carries a
-manifest (ftkit.manifest) that `--resume` and `eval --checkpoint` verify.
+manifest (ftkit.run.manifest) that `--resume` and `eval --checkpoint` verify.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from ftkit import manifest
-from ftkit.compat import restore_indexed_cpu_locations
+from ftkit.run import manifest
+from ftkit.model.compat import restore_indexed_cpu_locations
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.errors import FtkitError
-from ftkit.recipe import DiffusionSection
-from ftkit.rundir import replace_dir
+from ftkit.recipe.schema import DiffusionSection
+from ftkit.run.rundir import replace_dir
 
 BATCH_KEYS = ("input_ids", "attention_mask", "prompt_len", "canvas", "fixed")
 LOSS_PARTS = ("diffusion_loss", "encoder_loss", "noise_level", "self_conditioned")  # logged beside `loss`

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftkit import rundir
+from ftkit.run import rundir
 from ftkit.errors import FtkitError
-from ftkit.runlock import RunLock
+from ftkit.run.lock import RunLock
 
 # What a resumed run must share with the run it continues: the adapter continues on the same base.
 SAME_ON_RESUME = ("model", "lora", "quant")

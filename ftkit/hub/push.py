@@ -5,7 +5,7 @@ temporary folder uploaded with one `create_commit`), so a dry run shows exactly 
 The token is never printed: every message built from a hub error is scrubbed of it.
 
 Only the run's canonical result is published: `eval.json`, the recipe's own evaluation of the final adapter
-(`ftkit.evaluate.canonical_problems` says why a file is not). A run without one is refused unless
+(`ftkit.evaluation.evaluate.canonical_problems` says why a file is not). A run without one is refused unless
 `allow_no_eval`; other result files (`eval_train_n2.json`, `eval_base.json`...) are never uploaded or cited.
 The model card is built with huggingface_hub's `ModelCard` / `ModelCardData`: `base_model` + `library_name: peft`
 make the Hub list it as an adapter of the base model, and the canonical metrics go into `model-index`.
@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftkit import rundir
+from ftkit.run import rundir
 from ftkit.errors import FtkitError
-from ftkit.runlock import holds_run_lock
+from ftkit.run.lock import holds_run_lock
 
 HUB_UPLOAD_DIR = "hub_upload"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PLACEHOLDER_REPO = "YOUR_USER/YOUR_REPO"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
-EVAL_FILE = "eval.json"  # the canonical result (ftkit.evaluate.CANONICAL)
+EVAL_FILE = "eval.json"  # the canonical result (ftkit.evaluation.evaluate.CANONICAL)
 RUN_FILES = (rundir.RECIPE_FILE, rundir.SUMMARY, "loss.png", "reward.png")  # copied when present
 RL_EVAL_FILE = "rl_eval.json"  # an RL run's before/after (ftkit.rl.run.RL_EVAL)
 CARD_TAGS = ("diffusion-gemma", "block-diffusion", "ftkit")
@@ -105,7 +105,7 @@ def _find_token() -> str:
 def plan_push(run_dir: Path, repo: str | None = None, private: bool | None = None, need_repo: bool = True,
               allow_no_eval: bool = False) -> PushPlan:
     """Check the run and what would be pushed; every refusal is one FtkitError saying what to do."""
-    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import load_recipe
 
     run_dir = rundir.require_run_dir(run_dir)
     recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
@@ -148,7 +148,7 @@ def _rl_comparison(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
 
 
 def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[str, Any] | None, list[str]]:
-    from ftkit.evaluate import canonical_problems
+    from ftkit.evaluation.evaluate import canonical_problems
 
     path = run_dir / EVAL_FILE
     if not path.is_file():
@@ -269,7 +269,7 @@ def model_card(plan: PushPlan) -> str:
     """The README.md of the upload: front matter from `card_metadata`, then the body."""
     from huggingface_hub import ModelCard
 
-    from ftkit.model import TIED_NOTE
+    from ftkit.model.load import TIED_NOTE
 
     recipe = plan.recipe
     summary = _read_json(plan.run_dir / rundir.SUMMARY)
@@ -334,8 +334,8 @@ def _quant_text(quant) -> str:
 
 
 def lora_target_lines(lora) -> list[str]:
-    """Human-readable LoRA targets, from the same switches `ftkit.model.lora_targets` turns into PEFT targets."""
-    from ftkit.model import lora_targets
+    """Human-readable LoRA targets, from the same switches `ftkit.model.load.lora_targets` turns into PEFT targets."""
+    from ftkit.model.load import lora_targets
 
     regex, params = lora_targets(lora)
     stacks = " and ".join(s for s, on in (("encoder", lora.encoder), ("decoder", lora.decoder)) if on)
@@ -526,7 +526,7 @@ def push_export(folder, repo: str | None = None, private: bool | None = None, dr
                 allow_no_eval: bool = False) -> str:
     """Upload an export folder's own files (those its ftkit_export.json lists) in one commit; the card's
     placeholder repo id becomes the real one. Refused without the run's evaluation unless `allow_no_eval`."""
-    from ftkit import filecheck
+    from ftkit.run import filecheck
     from ftkit.export import EXPORT_MANIFEST
 
     folder = Path(folder)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import FtkitError
-from ftkit.rundir import atomic_write
+from ftkit.run.rundir import atomic_write
 from ftkit.tasks.base import Example, Violation
 from ftkit.tasks.view import INK, UNKNOWN_CELL, WHITE, Frame, font, view_of
 
@@ -176,8 +176,8 @@ def weights_label(run) -> str:
 
 def run_task_name(run_dir) -> str:
     """The task a run was trained on, from its recipe alone (no model loaded)."""
-    from ftkit.recipe import load_recipe
-    from ftkit.rundir import RECIPE_FILE, require_run_dir
+    from ftkit.recipe.schema import load_recipe
+    from ftkit.run.rundir import RECIPE_FILE, require_run_dir
 
     return load_recipe(require_run_dir(run_dir) / RECIPE_FILE).task.name
 
@@ -191,8 +191,8 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
     `on_block(k, text, last)` gets each block's text as it lands."""
     from ftkit.diffusion.blocks import denoise_blocks
     from ftkit.diffusion.sample import row_generators, schedule_kwargs
-    from ftkit.layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
-    from ftkit.rundir import load_run
+    from ftkit.diffusion.token_layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
+    from ftkit.run.rundir import load_run
 
     for flag, value in (("--steps", steps), ("--max-new-tokens", max_new_tokens)):
         if value is not None and value <= 0:
@@ -207,7 +207,7 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
                              f"`ftkit generate {run_dir} -i INPUT` for it")
 
     run = load_run(run_dir, adapter=not base_only)
-    from ftkit.evaluate import check_answer_budget
+    from ftkit.evaluation.evaluate import check_answer_budget
 
     check_answer_budget(run.task, max_new_tokens)
     cfg = run.recipe.eval
@@ -222,7 +222,7 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
 
     verifier = None
     if cfg.verifier_renoise:
-        from ftkit.evaluate import rows_verifier
+        from ftkit.evaluation.evaluate import rows_verifier
 
         verifier = rows_verifier(run.tokenizer, run.task, [example])
 

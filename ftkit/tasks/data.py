@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import FtkitError
-from ftkit.layout import Layout, layout_example, task_max_blocks
+from ftkit.diffusion.token_layout import Layout, layout_example, task_max_blocks
 from ftkit.tasks.base import Example
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import copy
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ftkit.compat import ENCODER_CACHE_ARGUMENTS, SUPPORTED, disable_decoder_checkpointing, enable_decoder_checkpointing
-from ftkit.mixins import add_mixin, remove_mixin
+from ftkit.model.compat import ENCODER_CACHE_ARGUMENTS, SUPPORTED, disable_decoder_checkpointing, enable_decoder_checkpointing
+from ftkit.model.mixins import add_mixin, remove_mixin
 
 
 class _ReplayCache:
@@ -46,7 +46,7 @@ def _cache_is_empty(cache, layer_idx: int) -> bool:
 def _find_cache(args: tuple, kwargs: dict) -> tuple[str, object]:
     """(argument name, cache) of the KV cache this encoder layer call writes into; ("", None) without one.
 
-    The name changed across transformers releases (ftkit.compat.ENCODER_CACHE_ARGUMENTS). A cache passed any other
+    The name changed across transformers releases (ftkit.model.compat.ENCODER_CACHE_ARGUMENTS). A cache passed any other
     way would be written twice by the recompute, silently, so it is refused instead."""
     from transformers.cache_utils import Cache
 

@@ -1,0 +1,1 @@
+"""`ftkit eval`, `ftkit generate` / `solve`: denoise, check, score and report."""

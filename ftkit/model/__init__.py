@@ -1,0 +1,1 @@
+"""DiffusionGemma itself: its structure (arch), loading, LoRA, quantization, checkpointing, version compat."""

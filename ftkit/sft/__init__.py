@@ -1,0 +1,1 @@
+"""`ftkit train`: supervised diffusion fine-tuning (the recipe's run and its transformers Trainer)."""
