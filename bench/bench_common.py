@@ -17,8 +17,16 @@ hf_logging.disable_progress_bar()  # keep the printed tables readable
 
 # The real model's widths (google/diffusiongemma-26B-A4B-it); only the layer count varies in the benchmark.
 TRUE_WIDTH = dict(
-    hidden_size=2816, num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2, head_dim=256,
-    global_head_dim=512, num_experts=128, moe_intermediate_size=704, top_k_experts=8, intermediate_size=2112,
+    hidden_size=2816,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    num_global_key_value_heads=2,
+    head_dim=256,
+    global_head_dim=512,
+    num_experts=128,
+    moe_intermediate_size=704,
+    top_k_experts=8,
+    intermediate_size=2112,
     vocab_size=262144,
 )
 TRUE_CANVAS = 256
@@ -41,21 +49,51 @@ def true_width_config(layers: int):
     from transformers import DiffusionGemmaConfig, DiffusionGemmaTextConfig, Gemma4VisionConfig
 
     text = DiffusionGemmaTextConfig(
-        num_hidden_layers=layers, layer_types=layer_types(layers), sliding_window=1024, max_position_embeddings=8192,
-        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, **TRUE_WIDTH,
+        num_hidden_layers=layers,
+        layer_types=layer_types(layers),
+        sliding_window=1024,
+        max_position_embeddings=8192,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=BOS,
+        **TRUE_WIDTH,
     )
-    vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, head_dim=8, position_embedding_size=64)
-    return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=TRUE_CANVAS,
-                                boi_token_id=None, eoi_token_id=None, image_token_id=None)
+    vision = Gemma4VisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        position_embedding_size=64,
+    )
+    return DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=vision,
+        canvas_length=TRUE_CANVAS,
+        boi_token_id=None,
+        eoi_token_id=None,
+        image_token_id=None,
+    )
 
 
 def tiny_spec(layers: int):
     from ftkit.recipe.schema import TinySpec
 
     # Hidden sizes divisible by the 4-bit blocksize (64).
-    return TinySpec(layers=layers, hidden=128, heads=4, kv_heads=2, head_dim=32, global_head_dim=64, intermediate=128,
-                    experts=8, top_k=2, expert_intermediate=64, canvas_length=32)
+    return TinySpec(
+        layers=layers,
+        hidden=128,
+        heads=4,
+        kv_heads=2,
+        head_dim=32,
+        global_head_dim=64,
+        intermediate=128,
+        experts=8,
+        top_k=2,
+        expert_intermediate=64,
+        canvas_length=32,
+    )
 
 
 def build_checkpoint(path: Path, layers: int, tiny: bool) -> dict:
@@ -65,8 +103,8 @@ def build_checkpoint(path: Path, layers: int, tiny: bool) -> dict:
     if path.exists():
         shutil.rmtree(path)
     if tiny:
-        from ftkit.model.load import build_tiny
         from ftkit.model.char_tokenizer import build_char_tokenizer
+        from ftkit.model.load import build_tiny
 
         model = build_tiny(tiny_spec(layers), build_char_tokenizer())
     else:
@@ -94,8 +132,15 @@ def synthetic_batch(batch: int, prompt: int, canvas: int, vocab: int, seed: int 
     for _ in range(batch):
         prompt_ids = [BOS] + torch.randint(4, vocab, (prompt - 1,), generator=g).tolist()
         canvas_ids = torch.randint(4, vocab, (canvas,), generator=g).tolist()
-        layouts.append(Layout(prompt_ids=prompt_ids, canvas_ids=canvas_ids, fixed=[False] * canvas,
-                              content_length=canvas, char_starts=[]))
+        layouts.append(
+            Layout(
+                prompt_ids=prompt_ids,
+                canvas_ids=canvas_ids,
+                fixed=[False] * canvas,
+                content_length=canvas,
+                char_starts=[],
+            )
+        )
     return collate(layouts, PAD)
 
 
@@ -162,6 +207,10 @@ def table(rows: list[dict], columns: list[str]) -> str:
         return str(v)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)] if cells else [len(c) for c in columns]
+    widths = (
+        [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+        if cells
+        else [len(c) for c in columns]
+    )
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in cells)])

@@ -54,15 +54,18 @@ def rows(run_dir: Path) -> list[tuple[str, str, str, dict, float]]:
         for masks in (False, True):
             report = evaluate_run(run_dir, base_only=base, compare_verifier=True, token_masks=masks)
             for mode, result in report["modes"].items():
-                out.append((model, "on" if masks else "off", mode, result["metrics"],
-                            result["decoder_forwards_per_example"]))
+                out.append(
+                    (model, "on" if masks else "off", mode, result["metrics"], result["decoder_forwards_per_example"])
+                )
     return out
 
 
 def table(task: str, found: list[tuple[str, str, str, dict, float]]) -> str:
     cols = [c for c in COLUMNS[task] if any(c in m for *_, m, _ in found)]
-    lines = ["| model | masks | mode | " + " | ".join(cols) + " | fwd/example |",
-             "|---|---|---|" + "---:|" * (len(cols) + 1)]
+    lines = [
+        "| model | masks | mode | " + " | ".join(cols) + " | fwd/example |",
+        "|---|---|---|" + "---:|" * (len(cols) + 1),
+    ]
     for model, masks, mode, metrics, forwards in found:
         cells = [f"{100 * metrics[c]:.1f}%" if c in metrics else "" for c in cols]
         lines.append(f"| {model} | {masks} | {mode} | " + " | ".join(cells) + f" | {forwards:.1f} |")

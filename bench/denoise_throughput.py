@@ -46,11 +46,20 @@ def run_ftkit(model, prompt_ids, prompt_mask, canvas_length, knobs, seed):
     batch = prompt_ids.shape[0]
     canvas_init = torch.zeros(batch, canvas_length, dtype=torch.long, device=prompt_ids.device)
     fixed = torch.zeros_like(canvas_init, dtype=torch.bool)
-    result = denoise(model, prompt_ids, prompt_mask, canvas_init, fixed, steps=knobs["steps"],
-                     temperature_min=knobs["t_min"], temperature_max=knobs["t_max"],
-                     entropy_bound=knobs["entropy_bound"], stability_threshold=knobs["stability"],
-                     confidence_threshold=knobs["confidence"],
-                     generator=torch.Generator(device=prompt_ids.device).manual_seed(seed))
+    result = denoise(
+        model,
+        prompt_ids,
+        prompt_mask,
+        canvas_init,
+        fixed,
+        steps=knobs["steps"],
+        temperature_min=knobs["t_min"],
+        temperature_max=knobs["t_max"],
+        entropy_bound=knobs["entropy_bound"],
+        stability_threshold=knobs["stability"],
+        confidence_threshold=knobs["confidence"],
+        generator=torch.Generator(device=prompt_ids.device).manual_seed(seed),
+    )
     return float(result.tokens_per_forward), result.forward_passes
 
 
@@ -63,11 +72,17 @@ def run_generate(model, prompt_ids, prompt_mask, canvas_length, knobs, seed):
     # tokens_per_forward, which would then count the whole canvas while ftkit counts up to the first EOS.
     text = model.config.get_text_config()
     out = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=canvas_length,
-        max_denoising_steps=knobs["steps"], t_min=knobs["t_min"], t_max=knobs["t_max"],
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=canvas_length,
+        max_denoising_steps=knobs["steps"],
+        t_min=knobs["t_min"],
+        t_max=knobs["t_max"],
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=knobs["entropy_bound"]),
-        stability_threshold=knobs["stability"], confidence_threshold=knobs["confidence"],
-        eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+        stability_threshold=knobs["stability"],
+        confidence_threshold=knobs["confidence"],
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
     )
     return float(out.tokens_per_forward.float().mean()), None
 
@@ -89,8 +104,14 @@ def main(argv=None) -> int:
     batch = args.batch or (2 if args.tiny else 8)
     prompt = args.prompt or (16 if args.tiny else 64)
     repeats = args.repeats or (1 if args.tiny else 3)
-    knobs = dict(steps=args.steps or (8 if args.tiny else 48), t_min=0.4, t_max=0.8, entropy_bound=0.1,
-                 stability=1, confidence=0.005)
+    knobs = dict(
+        steps=args.steps or (8 if args.tiny else 48),
+        t_min=0.4,
+        t_max=0.8,
+        entropy_bound=0.1,
+        stability=1,
+        confidence=0.005,
+    )
 
     path = Path(args.workdir) / f"denoise-L{layers}{'-tiny' if args.tiny else ''}"
     facts = bc.build_checkpoint(path, layers, args.tiny)
@@ -99,21 +120,31 @@ def main(argv=None) -> int:
     data = bc.synthetic_batch(batch, prompt, facts["canvas"], facts["vocab"])
     prompt_ids = data["input_ids"][:, :prompt].to(bc.device())
     prompt_mask = torch.ones_like(prompt_ids)
-    print(f"device={bc.device()} tiny={args.tiny} layers={layers} batch={batch} prompt={prompt} "
-          f"canvas={facts['canvas']} experts_4bit={args.experts_4bit} {knobs}")
+    print(
+        f"device={bc.device()} tiny={args.tiny} layers={layers} batch={batch} prompt={prompt} "
+        f"canvas={facts['canvas']} experts_4bit={args.experts_4bit} {knobs}"
+    )
 
     rows = []
     for name, sampler in (("ftkit denoise", run_ftkit), ("transformers generate", run_generate)):
         stats = {}
 
-        def call():
+        def call(stats=stats, sampler=sampler):  # bound now: called inside this iteration only
             stats["tpf"], stats["passes"] = sampler(model, prompt_ids, prompt_mask, facts["canvas"], knobs, seed=0)
 
         bc.free_memory()
         times = bc.timed(call, repeats, warmup=1)
         seconds = bc.median(times)
-        rows.append({"sampler": name, "canvases_s": batch / seconds, "s_per_call": seconds,
-                     "tokens_per_forward": stats["tpf"], "forward_passes": stats["passes"], "peak_gb": bc.peak_gb()})
+        rows.append(
+            {
+                "sampler": name,
+                "canvases_s": batch / seconds,
+                "s_per_call": seconds,
+                "tokens_per_forward": stats["tpf"],
+                "forward_passes": stats["passes"],
+                "peak_gb": bc.peak_gb(),
+            }
+        )
     print("\ncanvases_s = batch / median wall time of one call (prompt encoding included)")
     print(bc.table(rows, ["sampler", "canvases_s", "s_per_call", "tokens_per_forward", "forward_passes", "peak_gb"]))
     return 0

@@ -49,16 +49,33 @@ class PeakSampler:
 
 
 def make_run(root: Path, layers: int) -> Path:
+    from ftkit.model.char_tokenizer import build_char_tokenizer
     from ftkit.model.load import attach_lora, build_tiny
     from ftkit.recipe.schema import recipe_from_dict
-    from ftkit.model.char_tokenizer import build_char_tokenizer
 
-    tiny = {"layers": layers, "hidden": 512, "heads": 4, "kv_heads": 2, "head_dim": 64, "global_head_dim": 64,
-            "intermediate": 512, "experts": 32, "top_k": 2, "expert_intermediate": 512, "canvas_length": 32}
+    tiny = {
+        "layers": layers,
+        "hidden": 512,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 64,
+        "global_head_dim": 64,
+        "intermediate": 512,
+        "experts": 32,
+        "top_k": 2,
+        "expert_intermediate": 512,
+        "canvas_length": 32,
+    }
     run = root / "run"
     run.mkdir(parents=True)
-    recipe = recipe_from_dict({"model": {"base": "tiny", "tiny": tiny}, "task": {"name": "sudoku"},
-                               "lora": {"r": 8, "alpha": 16, "dense_mlp": True}, "train": {"output_dir": str(run)}})
+    recipe = recipe_from_dict(
+        {
+            "model": {"base": "tiny", "tiny": tiny},
+            "task": {"name": "sudoku"},
+            "lora": {"r": 8, "alpha": 16, "dense_mlp": True},
+            "train": {"output_dir": str(run)},
+        }
+    )
     (run / "recipe.yaml").write_text(recipe.to_yaml())
     tok = build_char_tokenizer()
     tok.save_pretrained(run)
@@ -100,8 +117,12 @@ def real_model_bound(shard_bytes: int) -> dict[str, float]:
     largest = max(gate_up, embed)
     factors = (experts * r * hidden + 2 * expert_inter * r * experts) * 4  # gate_up's expert LoRA, fp32
     chunk = 4 * 2**20 * 4 + factors
-    return {"largest tensor (embeddings)": largest / 1e9, "expert gate_up_proj of one layer": gate_up / 1e9,
-            "shard": shard_bytes / 1e9, "bound": bound(shard_bytes, largest, chunk) / 1e9}
+    return {
+        "largest tensor (embeddings)": largest / 1e9,
+        "expert gate_up_proj of one layer": gate_up / 1e9,
+        "shard": shard_bytes / 1e9,
+        "bound": bound(shard_bytes, largest, chunk) / 1e9,
+    }
 
 
 def main() -> None:
@@ -131,8 +152,10 @@ def main() -> None:
             ("largest tensor", f"{max(sizes) / 2**20:.1f} MiB"),
             ("max shard size", f"{args.shard_mb} MiB"),
             ("peak anonymous RSS above baseline", f"{(sampler.peak - sampler.baseline) / 2**20:.1f} MiB"),
-            ("bound: max(shard, largest) + largest + 16 MiB fp32 chunk",
-             f"{bound(args.shard_mb * 2**20, max(sizes), 16 * 2**20) / 2**20:.1f} MiB"),
+            (
+                "bound: max(shard, largest) + largest + 16 MiB fp32 chunk",
+                f"{bound(args.shard_mb * 2**20, max(sizes), 16 * 2**20) / 2**20:.1f} MiB",
+            ),
         ]
         width = max(len(k) for k, _ in rows)
         print(f"ftkit export host memory, {args.layers}-layer random-init model")

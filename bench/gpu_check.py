@@ -94,19 +94,44 @@ def plan(mode: str, work: Path) -> list[Step]:
     pytest = [PY, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rs", "tests"]
     # The real Sudoku recipe, shortened: 20 steps, a checkpoint every 10, 16 test puzzles. The eval settings go into
     # the recipe, so `ftkit eval RUN` is the run's own evaluation and writes eval.json.
-    overrides = {"model.base": ckpt, "train.output_dir": run, "train.max_steps": 20, "train.warmup_steps": 2,
-                 "train.logging_steps": 5, "train.save_steps": 10, "task.train_size": 200, "task.test_size": 16,
-                 "eval.num_examples": 16}
+    overrides = {
+        "model.base": ckpt,
+        "train.output_dir": run,
+        "train.max_steps": 20,
+        "train.warmup_steps": 2,
+        "train.logging_steps": 5,
+        "train.save_steps": 10,
+        "task.train_size": 200,
+        "task.test_size": 16,
+        "eval.num_examples": 16,
+    }
     denoise_steps: list[str] = []
-    throughput = [PY, "bench/train_throughput.py", "--methods", "ftkit-4bit,peft-4bit,unsloth-4bit", "--grad-ckpt",
-                  "--loss-chunk", "128", "--workdir", str(work / "throughput")]
+    throughput = [
+        PY,
+        "bench/train_throughput.py",
+        "--methods",
+        "ftkit-4bit,peft-4bit,unsloth-4bit",
+        "--grad-ckpt",
+        "--loss-chunk",
+        "128",
+        "--workdir",
+        str(work / "throughput"),
+    ]
     memory = [PY, "bench/memory_budget.py", "--loss-chunk", "128", "--workdir", str(work / "memory")]
     if smoke:
         pytest.append("--collect-only")
         # bitsandbytes' 4-bit load needs CUDA (ftkit refuses it on the CPU); everything else is the recipe's.
-        overrides |= {"model.dtype": "float32", "quant.mode": "none", "train.max_steps": 2, "train.save_steps": 1,
-                      "train.batch_size": 2, "task.train_size": 8, "task.test_size": 2, "eval.num_examples": 2,
-                      "eval.steps": 2}
+        overrides |= {
+            "model.dtype": "float32",
+            "quant.mode": "none",
+            "train.max_steps": 2,
+            "train.save_steps": 1,
+            "train.batch_size": 2,
+            "task.train_size": 8,
+            "task.test_size": 2,
+            "eval.num_examples": 2,
+            "eval.steps": 2,
+        }
         denoise_steps = ["--steps", "2"]
         throughput += ["--tiny", "--layers", "1,2", "--steps", "1", "--warmup", "0"]
         memory += ["--skip-activations", "--budget-layers", "2"]
@@ -121,8 +146,12 @@ def plan(mode: str, work: Path) -> list[Step]:
     steps = [
         Step("1-env", "bundle and image: versions, every runtime dependency through ftkit's code", 0, [env_check]),
         Step("2-pytest-gpu", "pytest -m gpu" + (" (collect only: no GPU)" if smoke else ""), 0, [pytest]),
-        Step("3-cli", "ftkit train / eval / generate on a 2-layer " + ("tiny" if smoke else "true-width") + " checkpoint",
-             0, [build, train, evaluate, generate]),
+        Step(
+            "3-cli",
+            "ftkit train / eval / generate on a 2-layer " + ("tiny" if smoke else "true-width") + " checkpoint",
+            0,
+            [build, train, evaluate, generate],
+        ),
         Step("4-throughput", "bench/train_throughput.py: ftkit 4-bit vs PEFT 4-bit vs Unsloth", 0, [throughput]),
         Step("5-memory", "bench/memory_budget.py: measured peak vs prediction", 0, [memory]),
     ]
@@ -215,8 +244,9 @@ def read_log(out: Path, step: Step) -> str:
 
 
 def check_pytest(step: Step, text: str, smoke: bool) -> None:
-    summary = [line for line in text.splitlines() if re.search(r"\b(passed|failed|skipped|error|collected|selected)\b",
-                                                                   line)]
+    summary = [
+        line for line in text.splitlines() if re.search(r"\b(passed|failed|skipped|error|collected|selected)\b", line)
+    ]
     step.highlights = summary[-6:]
     if step.status != "pass":
         return
@@ -239,8 +269,10 @@ def check_cli(step: Step, work: Path) -> None:
     if evaluation.exists():
         data = json.loads(evaluation.read_text())
         metrics = {k: v.get("all") if isinstance(v, dict) else v for k, v in data.get("metrics", {}).items()}
-        step.highlights.append(f"eval.json ({data.get('primary')}, {data.get('num_examples')} puzzles): "
-                               + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+        step.highlights.append(
+            f"eval.json ({data.get('primary')}, {data.get('num_examples')} puzzles): "
+            + ", ".join(f"{k}={v}" for k, v in metrics.items())
+        )
     missing = [p.name for p in (summary, evaluation) if not p.exists()]
     if missing and step.status == "pass":
         step.status, step.why = "fail", f"the run wrote no {', '.join(missing)}"
@@ -273,11 +305,14 @@ def missing_packages(text: str, hidden: dict[str, str]) -> list[str]:
         dist = hidden.get(name) if kind == "module" else (name if name in hidden_dists else None)
         what = f"`{name}`" + (f" (distribution {dist})" if kind == "module" and dist else "")
         if dist:
-            lines.append(f"MISSING on the device: {what}, installed here but neither on the GPU image nor in "
-                         f"bench/gpu_bundle.txt: add {dist}==VERSION to the bundle")
+            lines.append(
+                f"MISSING on the device: {what}, installed here but neither on the GPU image nor in "
+                f"bench/gpu_bundle.txt: add {dist}==VERSION to the bundle"
+            )
         else:
-            lines.append(f"MISSING: {what} could not be found (add its distribution to bench/gpu_bundle.txt if ftkit "
-                         "needs it)")
+            lines.append(
+                f"MISSING: {what} could not be found (add its distribution to bench/gpu_bundle.txt if ftkit needs it)"
+            )
     return lines
 
 
@@ -287,8 +322,11 @@ def highlights(steps: list[Step], out: Path, work: Path, smoke: bool, hidden: di
             continue
         text = read_log(out, step)
         if step.name.endswith("env"):
-            step.highlights = [line for line in text.splitlines()
-                               if line.startswith(("FAIL", "warn", "note", "bundle:", "  task", "  verifiers", "  bits"))]
+            step.highlights = [
+                line
+                for line in text.splitlines()
+                if line.startswith(("FAIL", "warn", "note", "bundle:", "  task", "  verifiers", "  bits"))
+            ]
         elif step.name.endswith("pytest-gpu"):
             check_pytest(step, text, smoke)
         elif step.name.endswith("cli"):
@@ -308,20 +346,28 @@ def highlights(steps: list[Step], out: Path, work: Path, smoke: bool, hidden: di
 def environment(mode: str, env: dict, hidden: dict[str, str]) -> list[str]:
     lines = [f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", f"- mode: {mode}", f"- host: {platform.node()}"]
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         lines.append(f"- nvidia-smi: {smi.stdout.strip() or smi.stderr.strip()}")
     except (OSError, subprocess.TimeoutExpired) as e:
         lines.append(f"- nvidia-smi: not available ({e.__class__.__name__})")
-    probe = ("import torch, transformers, peft, bitsandbytes\n"
-             "print('- python', __import__('sys').version.split()[0])\n"
-             "for m in (torch, transformers, peft, bitsandbytes): print(f'- {m.__name__} {m.__version__} ({m.__file__})')\n"
-             "print('- cuda', torch.cuda.is_available(), torch.version.cuda,"
-             " torch.cuda.get_device_name() if torch.cuda.is_available() else '',"
-             " torch.cuda.get_device_capability() if torch.cuda.is_available() else '')\n")
+    probe = (
+        "import torch, transformers, peft, bitsandbytes\n"
+        "print('- python', __import__('sys').version.split()[0])\n"
+        "for m in (torch, transformers, peft, bitsandbytes): print(f'- {m.__name__} {m.__version__} ({m.__file__})')\n"
+        "print('- cuda', torch.cuda.is_available(), torch.version.cuda,"
+        " torch.cuda.get_device_name() if torch.cuda.is_available() else '',"
+        " torch.cuda.get_device_capability() if torch.cuda.is_available() else '')\n"
+    )
     if hidden:
-        lines.append(f"- rehearsal: {len(set(hidden.values()))} installed distributions hidden (neither on the GPU image "
-                     f"nor in the bundle): {', '.join(sorted(set(hidden.values())))}")
+        lines.append(
+            f"- rehearsal: {len(set(hidden.values()))} installed distributions hidden (neither on the GPU image "
+            f"nor in the bundle): {', '.join(sorted(set(hidden.values())))}"
+        )
     probe_run = subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     lines += probe_run.stdout.strip().splitlines()
     if probe_run.returncode != 0:
@@ -336,8 +382,16 @@ def write_report(out: Path, mode: str, env_lines: list[str], steps: list[Step], 
     for s in steps:
         result = s.status + (f": {s.why}" if s.why else "")
         rows.append(f"| {s.name}: {s.title} | {result} | {s.seconds:.0f} | {s.limit_s} | {s.log} |")
-    body = [f"# ftkit GPU check ({mode})", "", *env_lines, f"- wall time so far: {time.time() - started:.0f} s "
-            "(from the start of bench/gpu_check.sh, bundle unpacking included)", "", *rows, ""]
+    body = [
+        f"# ftkit GPU check ({mode})",
+        "",
+        *env_lines,
+        f"- wall time so far: {time.time() - started:.0f} s "
+        "(from the start of bench/gpu_check.sh, bundle unpacking included)",
+        "",
+        *rows,
+        "",
+    ]
     for s in steps:
         if s.status == "not run":
             continue
@@ -392,9 +446,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/ftkit-gpu-check")
     parser.add_argument("--work", default="/tmp/ftkit-gpu-check-work", help="checkpoints and runs (deleted after)")
     parser.add_argument("--started", type=float, default=None, help="epoch seconds the device command started")
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="wall-clock budget from --started: no step runs past it (7 minutes: a second try fits "
-                             "in the device's 15)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="wall-clock budget from --started: no step runs past it (7 minutes: a second try fits in the device's 15)",
+    )
     parser.add_argument("--steps", default="", help="only these steps, by number (e.g. 1,3); default all")
     args = parser.parse_args(argv)
     if args.mode == "build-checkpoint":
@@ -408,8 +465,13 @@ def main(argv=None) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     smoke = args.mode == "smoke"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     hidden: dict[str, str] = {}
     if smoke:  # only what the device will have: the image's packages and the bundle's
         env, hidden = gpu_env.rehearsal_env(env)
@@ -420,7 +482,10 @@ def main(argv=None) -> int:
         steps = [s for s in steps if int(s.name.split("-")[0]) in wanted]
     write_report(out, args.mode, env_lines, steps, started)
     if not smoke and not any(line.startswith("- cuda True") for line in env_lines):
-        steps[0].status, steps[0].why = "fail", "no CUDA GPU visible to torch (run `bash bench/gpu_check.sh smoke` on a CPU)"
+        steps[0].status, steps[0].why = (
+            "fail",
+            "no CUDA GPU visible to torch (run `bash bench/gpu_check.sh smoke` on a CPU)",
+        )
         write_report(out, args.mode, env_lines, steps, started)
         return 2
     shutil.rmtree(work, ignore_errors=True)

@@ -13,6 +13,7 @@ plus the carried bundle (bench/gpu_bundle.txt).
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import re
 import sys
@@ -99,8 +100,9 @@ def _top_modules(dist: md.Distribution) -> set[str]:
     return names
 
 
-def rehearsal_blocklist(image: set[str] | None = None, bundle: dict[str, str] | None = None
-                        ) -> tuple[dict[str, str], set[str]]:
+def rehearsal_blocklist(
+    image: set[str] | None = None, bundle: dict[str, str] | None = None
+) -> tuple[dict[str, str], set[str]]:
     """({blocked top-level module: its distribution}, {blocked distribution}) for this environment."""
     image = image_packages() if image is None else image
     bundle = bundle_pins() if bundle is None else bundle
@@ -176,7 +178,11 @@ def check_versions(on_device: bool) -> list[str]:
         if on_device and have is None:
             problems.append(f"FAIL ftkit needs {req}: not installed")
         elif have is not None and req.specifier and not req.specifier.contains(have, prereleases=True):
-            where = "installed" if on_device else ("the bundle pins" if name in pins else "the bundle carries none; the image has")
+            where = (
+                "installed"
+                if on_device
+                else ("the bundle pins" if name in pins else "the bundle carries none; the image has")
+            )
             problems.append(f"FAIL ftkit needs {req}: {where} {have}")
     for name, version in pins.items():
         dist = installed.get(name)
@@ -184,8 +190,9 @@ def check_versions(on_device: bool) -> list[str]:
             problems.append(f"FAIL {name}=={version}: not installed (was the bundle unpacked onto PYTHONPATH?)")
             continue
         if Version(dist.version) != Version(version):
-            problems.append(f"{'FAIL' if on_device else 'note'} {name}: {dist.version} installed, the bundle pins "
-                            f"{version}")
+            problems.append(
+                f"{'FAIL' if on_device else 'note'} {name}: {dist.version} installed, the bundle pins {version}"
+            )
         for req in _requirements(dist):
             other = canonical(req.name)
             have = version_of(other) if other in pins or other in image or on_device else None
@@ -206,17 +213,24 @@ def exercise_dependencies() -> None:
     for info in pkgutil.walk_packages(ftkit.__path__, "ftkit."):
         if not info.name.endswith(".__main__"):
             importlib.import_module(info.name)  # module-level imports of every module
-    from ftkit.tasks.data import load_examples
-    from ftkit.tasks import make_task
     from ftkit.model.char_tokenizer import build_char_tokenizer
+    from ftkit.tasks import make_task
+    from ftkit.tasks.data import load_examples
     from ftkit.tasks.verifiers import make_checker
 
     build_char_tokenizer()  # trl: DiffusionGemma's chat template
     with tempfile.TemporaryDirectory() as tmp:
         chat_rows = Path(tmp) / "chat.jsonl"
-        chat_rows.write_text("".join(
-            '{"messages": [{"role": "user", "content": "2+%d?"}, {"role": "assistant", "content": "%d"}]}\n'
-            % (i, 2 + i) for i in range(12)), encoding="utf-8")
+        chat_rows.write_text(
+            "".join(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": f"2+{i}?"}, {"role": "assistant", "content": str(2 + i)}]}
+                )
+                + "\n"
+                for i in range(12)
+            ),
+            encoding="utf-8",
+        )
         tasks = {  # each task the way its dependency is used: data (datasets cache), layout, checks, metrics
             "sudoku": {},
             "protein": {"family": "LuxC"},  # pyhmmer: built-in sequences and the HMM metrics
@@ -240,8 +254,13 @@ def exercise_dependencies() -> None:
     from ftkit.model.quant.nf4 import NF4Tensor
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    NF4Tensor(torch.randn(2, 64, 64, device=device), quant_type="nf4", blocksize=64, double_quant=True,
-              compute_dtype=torch.float32).dequantize(torch.float32)
+    NF4Tensor(
+        torch.randn(2, 64, 64, device=device),
+        quant_type="nf4",
+        blocksize=64,
+        double_quant=True,
+        compute_dtype=torch.float32,
+    ).dequantize(torch.float32)
     print(f"  bitsandbytes NF4 round trip on {device}: ok")
 
 

@@ -27,8 +27,14 @@ from transformers import TrainerCallback
 DEFAULT_RECIPE = "recipes/quickstart.yaml"
 DEFAULT_METRICS = ("cell_accuracy_blanks/easy", "rows_valid/easy", "solve_rate/easy", "cell_accuracy_blanks")
 # Uniformly random digits: 1/9 of the blanks right; a row of k blanks is valid with probability k!/9^k (~0).
-CHANCE = {"cell_accuracy_blanks": 1 / 9, "rows_valid": 0.0, "columns_valid": 0.0, "boxes_valid": 0.0,
-          "solve_rate": 0.0, "exact_match": 0.0}
+CHANCE = {
+    "cell_accuracy_blanks": 1 / 9,
+    "rows_valid": 0.0,
+    "columns_valid": 0.0,
+    "boxes_valid": 0.0,
+    "solve_rate": 0.0,
+    "exact_match": 0.0,
+}
 TIMES_FILE = "checkpoint_seconds.json"
 
 
@@ -38,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", help="recipe overrides KEY.PATH=VALUE")
     p.add_argument("-o", "--out", default="runs/learning-curve", help="output folder (the run goes to OUT/run)")
     p.add_argument("--every", type=int, default=100, help="checkpoint (and evaluate) every N optimizer steps")
-    p.add_argument("-n", "--num-examples", type=int, default=None, help="held-out examples (default: eval.num_examples)")
+    p.add_argument(
+        "-n", "--num-examples", type=int, default=None, help="held-out examples (default: eval.num_examples)"
+    )
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma list; the first is the headline")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoints of an existing OUT/run")
     args = p.parse_args(argv)
@@ -58,8 +66,10 @@ class CheckpointClock(TrainerCallback):
         self.start = (time.perf_counter(), time.process_time())
 
     def on_save(self, args, state, control, **kw):
-        self.times[str(state.global_step)] = [round(time.perf_counter() - self.start[0], 2),
-                                              round(time.process_time() - self.start[1], 2)]
+        self.times[str(state.global_step)] = [
+            round(time.perf_counter() - self.start[0], 2),
+            round(time.process_time() - self.start[1], 2),
+        ]
         self.path.write_text(json.dumps(self.times, indent=1))
 
 
@@ -69,22 +79,25 @@ def train_with_checkpoints(recipe_path: str, overrides: list[str], run_dir: Path
 
     probe = load_recipe(recipe_path, overrides)
     keep = probe.train.max_steps // every + 1
-    recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir={run_dir}", f"train.save_steps={every}",
-                                       f"train.save_total_limit={keep}"])
+    recipe = load_recipe(
+        recipe_path,
+        [*overrides, f"train.output_dir={run_dir}", f"train.save_steps={every}", f"train.save_total_limit={keep}"],
+    )
     train(recipe, progress=False, extra_callbacks=[CheckpointClock(run_dir.parent / TIMES_FILE)])
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
     from ftkit.run import rundir
+
     root = run_dir / rundir.CHECKPOINTS
     return sorted(int(p.name.split("-")[1]) for p in root.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
 
 
 def evaluate_points(run_dir: Path, num_examples: int | None) -> list[dict]:
     """Step 0 (the untrained base) and every checkpoint, on the same examples and seeds."""
-    from ftkit.run import rundir
     from ftkit.evaluation.evaluate import evaluate_run
     from ftkit.recipe.schema import load_recipe
+    from ftkit.run import rundir
 
     recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
     times = {}
@@ -95,17 +108,22 @@ def evaluate_points(run_dir: Path, num_examples: int | None) -> list[dict]:
     tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * recipe.model.tiny.canvas_length
     points = []
     for step in [0, *checkpoint_steps(run_dir)]:
-        report = (evaluate_run(run_dir, num_examples=num_examples, base_only=True) if step == 0
-                  else evaluate_run(run_dir, num_examples=num_examples, checkpoint=f"checkpoint-{step}"))
+        report = (
+            evaluate_run(run_dir, num_examples=num_examples, base_only=True)
+            if step == 0
+            else evaluate_run(run_dir, num_examples=num_examples, checkpoint=f"checkpoint-{step}")
+        )
         logged = [s for s in losses if s <= step]
-        points.append({
-            "step": step,
-            "seconds": times.get(step, [None])[0],
-            "cpu_seconds": times.get(step, [None, None])[1],
-            "canvas_tokens": step * tokens_per_step if recipe.is_tiny else None,
-            "train_loss": losses[max(logged)] if logged and step else None,
-            "metrics": report["metrics"],
-        })
+        points.append(
+            {
+                "step": step,
+                "seconds": times.get(step, [None])[0],
+                "cpu_seconds": times.get(step, [None, None])[1],
+                "canvas_tokens": step * tokens_per_step if recipe.is_tiny else None,
+                "train_loss": losses[max(logged)] if logged and step else None,
+                "metrics": report["metrics"],
+            }
+        )
         print(f"evaluated step {step}", file=sys.stderr, flush=True)
     return points
 
@@ -118,12 +136,19 @@ def print_table(points: list[dict], metrics: list[str]) -> None:
     head = ["step", "seconds", "cpu s", "canvas tok", "train loss", *metrics]
     rows = [head]
     for p in points:
-        rows.append([str(p["step"]), "-" if p["seconds"] is None else f"{p['seconds']:.0f}",
-                     "-" if p["cpu_seconds"] is None else f"{p['cpu_seconds']:.0f}",
-                     "-" if p["canvas_tokens"] is None else f"{p['canvas_tokens']:,}",
-                     "-" if p["train_loss"] is None else f"{p['train_loss']:.3f}",
-                     *[f"{100 * p['metrics'][m]:.1f}%" if m in p["metrics"] else "-" for m in metrics]])
-    rows.append(["chance", "", "", "", "", *[("-" if chance(m) is None else f"{100 * chance(m):.1f}%") for m in metrics]])
+        rows.append(
+            [
+                str(p["step"]),
+                "-" if p["seconds"] is None else f"{p['seconds']:.0f}",
+                "-" if p["cpu_seconds"] is None else f"{p['cpu_seconds']:.0f}",
+                "-" if p["canvas_tokens"] is None else f"{p['canvas_tokens']:,}",
+                "-" if p["train_loss"] is None else f"{p['train_loss']:.3f}",
+                *[f"{100 * p['metrics'][m]:.1f}%" if m in p["metrics"] else "-" for m in metrics],
+            ]
+        )
+    rows.append(
+        ["chance", "", "", "", "", *[("-" if chance(m) is None else f"{100 * chance(m):.1f}%") for m in metrics]]
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for i, r in enumerate(rows):
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))

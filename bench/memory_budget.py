@@ -134,8 +134,13 @@ def verify_nf4_formula() -> list[dict]:
     for shape in [(4096, 2816), (2816, 2112), (1000, 33)]:
         source = torch.randn(shape, dtype=torch.bfloat16)
         packed, state = bnbf.quantize_4bit(source, blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4")
-        rows.append({"check": f"quantize_4bit {shape}", "measured_B": quant_state_bytes(packed, state),
-                     "formula_B": nf4_bytes(source.numel())})
+        rows.append(
+            {
+                "check": f"quantize_4bit {shape}",
+                "measured_B": quant_state_bytes(packed, state),
+                "formula_B": nf4_bytes(source.numel()),
+            }
+        )
     return rows
 
 
@@ -150,26 +155,31 @@ def load_in_4bit_config():
 def tiny_load_in_4bit_check(workdir: Path) -> dict:
     """A tiny checkpoint loaded the way load_base loads the real one (transformers load_in_4bit, bf16): are the tied
     encoder/decoder Linear4bit weights one tensor, and do its 4-bit weights take what the formula says?"""
-    from transformers import DiffusionGemmaForBlockDiffusion
     import bitsandbytes as bnb
+    from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model.load import build_tiny
     from ftkit.model.char_tokenizer import build_char_tokenizer
+    from ftkit.model.load import build_tiny
 
     path = workdir / "tiny-4bit"
     build_tiny(bc.tiny_spec(2), build_char_tokenizer()).to(torch.bfloat16).save_pretrained(path)
     quant = load_in_4bit_config()
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     with quiet():
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quant,
-                                                                device_map={"": device})
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            path, dtype=torch.bfloat16, quantization_config=quant, device_map={"": device}
+        )
     enc = model.model.encoder.language_model.layers[0].self_attn.q_proj
     dec = model.model.decoder.layers[0].self_attn.q_proj
     weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
     measured = sum(quant_state_bytes(w.data, w.quant_state) for w in weights.values())
     formula = sum(nf4_bytes(math.prod(w.quant_state.shape)) for w in weights.values())
-    return {"tied_shared": enc.weight is dec.weight, "measured_B": measured, "formula_B": formula,
-            "tensors": len(weights)}
+    return {
+        "tied_shared": enc.weight is dec.weight,
+        "measured_B": measured,
+        "formula_B": formula,
+        "tensors": len(weights),
+    }
 
 
 def config_for(layers: int, vocab: int = REAL_VOCAB, default_vision: bool = False):
@@ -180,9 +190,14 @@ def config_for(layers: int, vocab: int = REAL_VOCAB, default_vision: bool = Fals
     cfg = bc.true_width_config(layers)
     cfg.text_config.vocab_size = vocab
     if default_vision:
-        cfg = DiffusionGemmaConfig(text_config=cfg.text_config, vision_config=Gemma4VisionConfig(),
-                                   canvas_length=bc.TRUE_CANVAS, boi_token_id=None, eoi_token_id=None,
-                                   image_token_id=None)
+        cfg = DiffusionGemmaConfig(
+            text_config=cfg.text_config,
+            vision_config=Gemma4VisionConfig(),
+            canvas_length=bc.TRUE_CANVAS,
+            boi_token_id=None,
+            eoi_token_id=None,
+            image_token_id=None,
+        )
     return cfg
 
 
@@ -196,9 +211,9 @@ def meta_model(cfg) -> torch.nn.Module:
 def bnb_4bit_module_names(cfg) -> set[str]:
     """Names of the modules transformers turns into Linear4bit under load_base's quantization config, from
     transformers' own code (its skip patterns match from the start of a name or as a suffix)."""
+    import bitsandbytes as bnb
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.auto import AutoHfQuantizer
-    import bitsandbytes as bnb
 
     model = meta_model(cfg)
     quant = load_in_4bit_config()
@@ -209,8 +224,16 @@ def bnb_4bit_module_names(cfg) -> set[str]:
     return {name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
 
-WEIGHT_GROUPS = ("embeddings = lm_head (tied)", "attention q/k/v/o", "dense MLP", "experts", "router",
-                 "self-conditioning MLP", "norms / scales", "vision tower + projection")
+WEIGHT_GROUPS = (
+    "embeddings = lm_head (tied)",
+    "attention q/k/v/o",
+    "dense MLP",
+    "experts",
+    "router",
+    "self-conditioning MLP",
+    "norms / scales",
+    "vision tower + projection",
+)
 
 
 def weight_group(name: str) -> str:
@@ -290,11 +313,16 @@ def weights_table(w: Weights, layers: int) -> str:
     for name, g in w.groups.items():
         label = f"{name} (1-layer stand-in, as built)" if name.startswith("vision") else name
         rows.append(_weight_row(label, g))
-    rows.append(_weight_row(f"text model total ({layers} layers)", _sum_groups(
-        [g for n, g in w.groups.items() if not n.startswith("vision")])))
+    rows.append(
+        _weight_row(
+            f"text model total ({layers} layers)",
+            _sum_groups([g for n, g in w.groups.items() if not n.startswith("vision")]),
+        )
+    )
     rows.append(_weight_row("vision tower: Gemma4VisionConfig() defaults (ASSUMED)", w.vision_assumed))
-    return bc.table(rows, ["group", "params", "tensors", "bf16_GB", "plain_4bit_GB", "ftkit_4bit_GB",
-                           "bnb_4bit_tensors"])
+    return bc.table(
+        rows, ["group", "params", "tensors", "bf16_GB", "plain_4bit_GB", "ftkit_4bit_GB", "bnb_4bit_tensors"]
+    )
 
 
 def _sum_groups(groups: list[WeightGroup]) -> WeightGroup:
@@ -306,9 +334,15 @@ def _sum_groups(groups: list[WeightGroup]) -> WeightGroup:
 
 
 def _weight_row(label: str, g: WeightGroup) -> dict:
-    return {"group": label, "params": g.params, "tensors": g.tensors, "bf16_GB": gb(g.bf16),
-            "plain_4bit_GB": gb(g.plain_4bit), "ftkit_4bit_GB": gb(g.ftkit_4bit),
-            "bnb_4bit_tensors": g.quantized_by_bnb}
+    return {
+        "group": label,
+        "params": g.params,
+        "tensors": g.tensors,
+        "bf16_GB": gb(g.bf16),
+        "plain_4bit_GB": gb(g.plain_4bit),
+        "ftkit_4bit_GB": gb(g.ftkit_4bit),
+        "bnb_4bit_tensors": g.quantized_by_bnb,
+    }
 
 
 def skip_list_findings(w: Weights) -> list[str]:
@@ -318,8 +352,10 @@ def skip_list_findings(w: Weights) -> list[str]:
     for group in ("router", "self-conditioning MLP", "vision tower + projection"):
         g = w.groups[group]
         if g.quantized_by_bnb:
-            notes.append(f"{group}: {g.quantized_by_bnb} tensor(s) become Linear4bit although load_base keeps it "
-                         f"in full precision (ftkit.model.load.KEEP_UNQUANTIZED)")
+            notes.append(
+                f"{group}: {g.quantized_by_bnb} tensor(s) become Linear4bit although load_base keeps it "
+                f"in full precision (ftkit.model.load.KEEP_UNQUANTIZED)"
+            )
     return notes
 
 
@@ -359,8 +395,15 @@ def lora_config(plan: LoraPlan, r: int, layers: int):
     rank_pattern = {}
     if plan.expert_rank is not None and plan.expert_rank != r:
         rank_pattern = {r"experts\.(gate_up_proj|down_proj)": plan.expert_rank}
-    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=regex or [],
-                      target_parameters=params or None, rank_pattern=rank_pattern, bias="none")
+    return LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=regex or [],
+        target_parameters=params or None,
+        rank_pattern=rank_pattern,
+        bias="none",
+    )
 
 
 def lora_formula_params(model: torch.nn.Module, config, plan: LoraPlan, r: int) -> int:
@@ -411,10 +454,17 @@ def verify_adam8bit() -> dict:
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    measured = sum(v.numel() * v.element_size() for p in params for k, v in opt.state[p].items()
-                   if torch.is_tensor(v) and not k.startswith("qmap"))
-    return {"check": f"bnb AdamW8bit states {shapes}", "measured_B": measured,
-            "formula_B": sum(adam8bit_state_bytes(math.prod(s)) for s in shapes)}
+    measured = sum(
+        v.numel() * v.element_size()
+        for p in params
+        for k, v in opt.state[p].items()
+        if torch.is_tensor(v) and not k.startswith("qmap")
+    )
+    return {
+        "check": f"bnb AdamW8bit states {shapes}",
+        "measured_B": measured,
+        "formula_B": sum(adam8bit_state_bytes(math.prod(s)) for s in shapes),
+    }
 
 
 OPTIMIZERS = {
@@ -449,9 +499,19 @@ def count_lora(plans: list[LoraPlan], r: int, layers: int) -> list[LoraRow]:
 
 
 def lora_table(rows: list[LoraRow]) -> str:
-    out = [{"config": row.plan.name, "trainable (PEFT)": row.trainable, "formula": row.formula,
-            "match": "yes" if row.trainable == row.formula else "NO", "dtype": str(row.dtype).removeprefix("torch."),
-            "(a)_GB": gb(row.bytes["a"]), "(b)_GB": gb(row.bytes["b"]), "(c)_GB": gb(row.bytes["c"])} for row in rows]
+    out = [
+        {
+            "config": row.plan.name,
+            "trainable (PEFT)": row.trainable,
+            "formula": row.formula,
+            "match": "yes" if row.trainable == row.formula else "NO",
+            "dtype": str(row.dtype).removeprefix("torch."),
+            "(a)_GB": gb(row.bytes["a"]),
+            "(b)_GB": gb(row.bytes["b"]),
+            "(c)_GB": gb(row.bytes["c"]),
+        }
+        for row in rows
+    ]
     return bc.table(out, ["config", "trainable (PEFT)", "formula", "match", "dtype", "(a)_GB", "(b)_GB", "(c)_GB"])
 
 
@@ -481,8 +541,15 @@ class LiveBytes(TorchDispatchMode):
     tensors (last dim == vocab) x vocab_scale; tensors computed from weights alone, and weight-gradient-shaped
     tensors during backward, x 1; all others x batch_scale. `label` (set by layer hooks) attributes what is held."""
 
-    def __init__(self, ignore: set[int], weights: set[int], vocab: int, vocab_scale: float, batch_scale: float,
-                 weight_shapes: set[tuple[int, ...]]):
+    def __init__(
+        self,
+        ignore: set[int],
+        weights: set[int],
+        vocab: int,
+        vocab_scale: float,
+        batch_scale: float,
+        weight_shapes: set[tuple[int, ...]],
+    ):
         super().__init__()
         self.ignore, self.weights, self.vocab = ignore, weights, vocab
         self.vocab_scale, self.batch_scale, self.weight_shapes = vocab_scale, batch_scale, weight_shapes
@@ -589,12 +656,14 @@ def labelled_layers(model, meter: LiveBytes):
         def hook(module, args, kwargs=None):
             previous.append(meter.label)
             meter.label = label
+
         return hook
 
     def leave(stack):
         def hook(module, args, output):
             meter.label = previous.pop() if previous else "outside layers"
             meter.relabel(output, f"{stack}/layer output")
+
         return hook
 
     for stack, layers in stacks.items():
@@ -664,8 +733,11 @@ def _load_base_on_gpu(cfg, layers: int, args):
         torch.set_default_dtype(previous)
     bc.free_memory()
     with quiet():
-        model = load_base(ModelSection(base=str(path), dtype=args.dtype),
-                          QuantSection(mode="4bit", compute_dtype=args.dtype), tokenizer=None)
+        model = load_base(
+            ModelSection(base=str(path), dtype=args.dtype),
+            QuantSection(mode="4bit", compute_dtype=args.dtype),
+            tokenizer=None,
+        )
     shutil.rmtree(path, ignore_errors=True)
     return model
 
@@ -721,8 +793,8 @@ def ckpt_input_bytes(layers: int, batch: int, args, checkpointed: bool) -> int:
 
 
 def measure_step(model, layers: int, batch_size: int, args, checkpointed: bool) -> StepResult:
-    from ftkit.model.checkpointing import set_gradient_checkpointing
     from ftkit.diffusion.loss import diffusion_loss
+    from ftkit.model.checkpointing import set_gradient_checkpointing
     from ftkit.profiling import LargestTensor, SavedActivations
     from ftkit.recipe.schema import DiffusionSection
 
@@ -741,15 +813,17 @@ def measure_step(model, layers: int, batch_size: int, args, checkpointed: bool) 
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
         bc.free_memory()
-    result = StepResult(layers, checkpointed, batch_size, ckpt_inputs_B=ckpt_input_bytes(layers, batch_size, args,
-                                                                                          checkpointed))
+    result = StepResult(
+        layers, checkpointed, batch_size, ckpt_inputs_B=ckpt_input_bytes(layers, batch_size, args, checkpointed)
+    )
     if torch.cuda.is_available():
         result.gpu_resident_B = torch.cuda.memory_allocated()
     weights = storage_ptrs([*model.parameters(), *model.buffers()])
     states = [t for s in (optimizer.state.values() if optimizer else []) for t in s.values() if torch.is_tensor(t)]
     ignore = weights | storage_ptrs([p.grad for p in trainable]) | storage_ptrs(batch.values()) | storage_ptrs(states)
-    meter = LiveBytes(ignore, weights, args.vocab, REAL_VOCAB / args.vocab, args.target_batch / batch_size,
-                      trainable_shapes(model))
+    meter = LiveBytes(
+        ignore, weights, args.vocab, REAL_VOCAB / args.vocab, args.target_batch / batch_size, trainable_shapes(model)
+    )
     generator = torch.Generator(device=dev).manual_seed(0)
     with meter, LargestTensor(last_dim=args.vocab) as largest, labelled_layers(model, meter):
         start = time.perf_counter()
@@ -791,8 +865,10 @@ def measure_activations(args) -> tuple[list[StepResult], list[StepResult], dict[
         if args.check_batch and layers == min(args.layer_list):
             r = measure_step(model, layers, args.check_batch, args, True)
             checks.append(r)
-            print(f"  L={layers} checkpointed=True batch={args.check_batch}: fwd {r.fwd_s:.1f}s bwd {r.bwd_s:.1f}s",
-                  flush=True)
+            print(
+                f"  L={layers} checkpointed=True batch={args.check_batch}: fwd {r.fwd_s:.1f}s bwd {r.bwd_s:.1f}s",
+                flush=True,
+            )
         del model
         bc.free_memory()
     return results, checks, notes
@@ -804,14 +880,25 @@ def yes_no(flag: bool) -> str:
 
 def measured_table(results: list[StepResult], args) -> str:
     """What the meters saw, at the measured batch and vocabulary."""
-    rows = [{
-        "L": r.layers, "ckpt": yes_no(r.checkpointed), "B": r.batch,
-        "saved_GB": gb(r.saved_B), "saved/example_MB": r.saved_B / r.batch / 1e6,
-        "held_GB": gb(r.held_B), "held-saved_GB": gb(r.held_B - r.saved_B), "ckpt_inputs_GB": gb(r.ckpt_inputs_B),
-        "vocab_live_MB": r.vocab_peak_B / 1e6, "x_fp32_chunk": r.vocab_peak_B / (args.loss_chunk * args.vocab * 4),
-        "largest_vocab_tensor": "x".join(map(str, r.largest_vocab_shape)) or "-",
-        "self_cond": r.self_conditioned, "fwd_s": r.fwd_s, "bwd_s": r.bwd_s,
-    } for r in results]
+    rows = [
+        {
+            "L": r.layers,
+            "ckpt": yes_no(r.checkpointed),
+            "B": r.batch,
+            "saved_GB": gb(r.saved_B),
+            "saved/example_MB": r.saved_B / r.batch / 1e6,
+            "held_GB": gb(r.held_B),
+            "held-saved_GB": gb(r.held_B - r.saved_B),
+            "ckpt_inputs_GB": gb(r.ckpt_inputs_B),
+            "vocab_live_MB": r.vocab_peak_B / 1e6,
+            "x_fp32_chunk": r.vocab_peak_B / (args.loss_chunk * args.vocab * 4),
+            "largest_vocab_tensor": "x".join(map(str, r.largest_vocab_shape)) or "-",
+            "self_cond": r.self_conditioned,
+            "fwd_s": r.fwd_s,
+            "bwd_s": r.bwd_s,
+        }
+        for r in results
+    ]
     return bc.table(rows, list(rows[0]))
 
 
@@ -819,9 +906,15 @@ def projected_table(results: list[StepResult], args) -> str:
     """The same runs projected to the target batch and the real vocabulary; on CUDA beside the allocator's numbers."""
     rows = []
     for r in results:
-        row = {"L": r.layers, "ckpt": yes_no(r.checkpointed), "B": r.batch, "held_GB": gb(r.held_w),
-               "peak_GB": gb(r.peak_w), "peak-held_GB": gb(r.peak_w - r.held_w),
-               "peak_in": "backward" if r.peak_in_backward else "forward"}
+        row = {
+            "L": r.layers,
+            "ckpt": yes_no(r.checkpointed),
+            "B": r.batch,
+            "held_GB": gb(r.held_w),
+            "peak_GB": gb(r.peak_w),
+            "peak-held_GB": gb(r.peak_w - r.held_w),
+            "peak_in": "backward" if r.peak_in_backward else "forward",
+        }
         row.update({f"at_peak_{k}_GB": gb(r.peak_parts_w.get(k, 0.0)) for k in KINDS})
         if torch.cuda.is_available():
             row.update({"gpu_max_alloc-resident_GB": gb(r.gpu_peak_B - r.gpu_resident_B)})
@@ -872,10 +965,17 @@ def held_by_layer_type(r: StepResult, layers: int) -> float:
 
 
 def held_by_label_table(r: StepResult, args) -> str:
-    rows = [{"created in": label, "storages": r.held_count_by_label[label], "held_GB": gb(w),
-             "per_layer_MB": w / max(1, bc.layer_types(r.layers).count(label.split("/")[1])) / 1e6
-             if label.split("/")[-1] in ("sliding_attention", "full_attention") else None}
-            for label, w in sorted(r.held_by_label_w.items())]
+    rows = [
+        {
+            "created in": label,
+            "storages": r.held_count_by_label[label],
+            "held_GB": gb(w),
+            "per_layer_MB": w / max(1, bc.layer_types(r.layers).count(label.split("/")[1])) / 1e6
+            if label.split("/")[-1] in ("sliding_attention", "full_attention")
+            else None,
+        }
+        for label, w in sorted(r.held_by_label_w.items())
+    ]
     return bc.table(rows, ["created in", "storages", "held_GB", "per_layer_MB"])
 
 
@@ -898,18 +998,20 @@ def extrapolate(results: list[StepResult], checkpointed: bool, layers: int, batc
 def fit_table(fits: list[Extrapolation], args) -> str:
     rows = []
     for e in fits:
-        rows.append({
-            "ckpt": yes_no(e.checkpointed),
-            "saved_GB/layer": gb(e.saved_fit.slope) if e.saved_fit else None,
-            f"saved@{e.layers}_GB": gb(e.saved_fit.at(e.layers)) if e.saved_fit else None,
-            "held_GB/layer": gb(e.held_fit.slope) if e.held_fit else None,
-            f"held@{e.layers}_fit_GB": gb(e.held_fit.at(e.layers)) if e.held_fit else None,
-            f"held@{e.layers}_by_type_GB": gb(e.held_by_type),
-            f"peak@{e.layers}_fit_GB": gb(e.peak_fit.at(e.layers)) if e.peak_fit else None,
-            f"transient@L{max(args.layer_list)}_GB": gb(e.transient),
-            "transient_GB/layer": gb(e.transient_fit.slope) if e.transient_fit else None,
-            f"activations@{e.layers}_GB": gb(e.activations),
-        })
+        rows.append(
+            {
+                "ckpt": yes_no(e.checkpointed),
+                "saved_GB/layer": gb(e.saved_fit.slope) if e.saved_fit else None,
+                f"saved@{e.layers}_GB": gb(e.saved_fit.at(e.layers)) if e.saved_fit else None,
+                "held_GB/layer": gb(e.held_fit.slope) if e.held_fit else None,
+                f"held@{e.layers}_fit_GB": gb(e.held_fit.at(e.layers)) if e.held_fit else None,
+                f"held@{e.layers}_by_type_GB": gb(e.held_by_type),
+                f"peak@{e.layers}_fit_GB": gb(e.peak_fit.at(e.layers)) if e.peak_fit else None,
+                f"transient@L{max(args.layer_list)}_GB": gb(e.transient),
+                "transient_GB/layer": gb(e.transient_fit.slope) if e.transient_fit else None,
+                f"activations@{e.layers}_GB": gb(e.activations),
+            }
+        )
     return bc.table(rows, list(rows[0]))
 
 
@@ -917,12 +1019,24 @@ def batch_check_table(results: list[StepResult], checks: list[StepResult], args)
     rows = []
     for check in checks:
         base = next(r for r in results if r.layers == check.layers and r.checkpointed == check.checkpointed)
-        for what, predicted, measured in (("held", base.held_w, check.held_w), ("peak", base.peak_w, check.peak_w),
-                                          ("saved (uniform x batch)", base.saved_B * args.target_batch / base.batch,
-                                           check.saved_B * args.target_batch / check.batch)):
-            rows.append({"L": check.layers, "quantity": what, f"from B={base.batch}_GB": gb(predicted),
-                         f"measured B={check.batch}_GB": gb(measured),
-                         "error_%": 100 * (predicted - measured) / measured if measured else None})
+        for what, predicted, measured in (
+            ("held", base.held_w, check.held_w),
+            ("peak", base.peak_w, check.peak_w),
+            (
+                "saved (uniform x batch)",
+                base.saved_B * args.target_batch / base.batch,
+                check.saved_B * args.target_batch / check.batch,
+            ),
+        ):
+            rows.append(
+                {
+                    "L": check.layers,
+                    "quantity": what,
+                    f"from B={base.batch}_GB": gb(predicted),
+                    f"measured B={check.batch}_GB": gb(measured),
+                    "error_%": 100 * (predicted - measured) / measured if measured else None,
+                }
+            )
     return bc.table(rows, list(rows[0]))
 
 
@@ -938,26 +1052,43 @@ def budget_rows(weights30: Weights, lora30: list[LoraRow], ckpt: Extrapolation, 
         schemes = ("a", "b", "c") if row is lora30[0] else ("b",)
         for scheme in schemes:
             peak = weights_b + vision_b + row.bytes[scheme] + ckpt.activations
-            rows.append({"config": row.plan.name, "opt": scheme, "weights_GB": gb(weights_b),
-                         "vision*_GB": gb(vision_b), "lora+opt_GB": gb(row.bytes[scheme]),
-                         "activations_GB": gb(ckpt.activations), "peak_GB": gb(peak),
-                         f"fits {args.goal_gb:g} GB?": "yes" if peak <= args.goal_gb * GB else "no",
-                         "margin_GB": args.goal_gb - peak / GB})
+            rows.append(
+                {
+                    "config": row.plan.name,
+                    "opt": scheme,
+                    "weights_GB": gb(weights_b),
+                    "vision*_GB": gb(vision_b),
+                    "lora+opt_GB": gb(row.bytes[scheme]),
+                    "activations_GB": gb(ckpt.activations),
+                    "peak_GB": gb(peak),
+                    f"fits {args.goal_gb:g} GB?": "yes" if peak <= args.goal_gb * GB else "no",
+                    "margin_GB": args.goal_gb - peak / GB,
+                }
+            )
     return rows
 
 
-def gpu_check_rows(results: list[StepResult], weights_at: dict[int, Weights], lora_at: dict[int, LoraRow],
-                   args) -> list[dict]:
+def gpu_check_rows(
+    results: list[StepResult], weights_at: dict[int, Weights], lora_at: dict[int, LoraRow], args
+) -> list[dict]:
     """At each measured L: the budget's formula (weights + LoRA/AdamW fp32 (a) + this run's held + transient) vs
     torch.cuda.max_memory_allocated() of the same step."""
     rows = []
     for r in results:
         w = weights_at[r.layers].total("ftkit_4bit")  # the stand-in vision tower the run built
         resident = w + lora_at[r.layers].bytes["a"]
-        rows.append({"L": r.layers, "ckpt": yes_no(r.checkpointed), "B": r.batch,
-                     "pred_resident_GB": gb(resident), "gpu_resident_GB": gb(r.gpu_resident_B),
-                     "pred_peak_GB": gb(resident + r.peak_w), "gpu_max_alloc_GB": gb(r.gpu_peak_B),
-                     "error_%": 100 * (resident + r.peak_w - r.gpu_peak_B) / r.gpu_peak_B if r.gpu_peak_B else None})
+        rows.append(
+            {
+                "L": r.layers,
+                "ckpt": yes_no(r.checkpointed),
+                "B": r.batch,
+                "pred_resident_GB": gb(resident),
+                "gpu_resident_GB": gb(r.gpu_resident_B),
+                "pred_peak_GB": gb(resident + r.peak_w),
+                "gpu_max_alloc_GB": gb(r.gpu_peak_B),
+                "error_%": 100 * (resident + r.peak_w - r.gpu_peak_B) / r.gpu_peak_B if r.gpu_peak_B else None,
+            }
+        )
     return rows
 
 
@@ -970,22 +1101,42 @@ def parse_args(argv):
     parser.add_argument("--layers", default="1,2", help="layer counts measured in part 3 (comma-separated)")
     parser.add_argument("--batch", type=int, default=8 if cuda else 2, help="measured batch (CPU 2, CUDA 8)")
     parser.add_argument("--target-batch", type=int, default=8, help="batch of the budget (the issue's 8)")
-    parser.add_argument("--check-batch", type=int, default=0 if cuda else 8,
-                        help="re-measure the smallest L, checkpointed, at this batch: tests the batch scaling (0: off)")
+    parser.add_argument(
+        "--check-batch",
+        type=int,
+        default=0 if cuda else 8,
+        help="re-measure the smallest L, checkpointed, at this batch: tests the batch scaling (0: off)",
+    )
     parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=REAL_VOCAB if cuda else 8000,
-                        help="vocabulary of the measured model (CPU 8000; the head transient is scaled to 262144)")
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=REAL_VOCAB if cuda else 8000,
+        help="vocabulary of the measured model (CPU 8000; the head transient is scaled to 262144)",
+    )
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (attention; experts in the issue's row)")
     parser.add_argument("--loss-chunk", type=int, default=256, help="DiffusionSection.loss_chunk (lean path)")
-    parser.add_argument("--self-conditioning-p", type=float, default=1.0,
-                        help="1.0: every example takes the self-conditioning pass (the most memory a step takes)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                        help="compute dtype of the measured model (bf16, as ftkit trains)")
+    parser.add_argument(
+        "--self-conditioning-p",
+        type=float,
+        default=1.0,
+        help="1.0: every example takes the self-conditioning pass (the most memory a step takes)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="compute dtype of the measured model (bf16, as ftkit trains)",
+    )
     parser.add_argument("--goal-gb", type=float, default=18.0)
     parser.add_argument("--workdir", default="/tmp/ftkit-memory-budget")
     parser.add_argument("--skip-activations", action="store_true", help="parts 1 and 2 only")
-    parser.add_argument("--budget-layers", type=int, default=bc.REAL_LAYERS,
-                        help="depth of parts 1 and 2 (the real 30; fewer only to smoke-test the script quickly)")
+    parser.add_argument(
+        "--budget-layers",
+        type=int,
+        default=bc.REAL_LAYERS,
+        help="depth of parts 1 and 2 (the real 30; fewer only to smoke-test the script quickly)",
+    )
     args = parser.parse_args(argv)
     args.layer_list = sorted({int(x) for x in args.layers.split(",") if x})
     if args.budget_layers != bc.REAL_LAYERS and not args.skip_activations:
@@ -993,8 +1144,10 @@ def parse_args(argv):
     if args.vocab != REAL_VOCAB:
         clash = vocab_clash(args)
         if clash:
-            parser.error(f"--vocab {args.vocab} equals a model/batch dimension ({clash}): the meters identify "
-                         f"vocabulary-sized tensors by their last dimension; pick another size (e.g. 8000)")
+            parser.error(
+                f"--vocab {args.vocab} equals a model/batch dimension ({clash}): the meters identify "
+                f"vocabulary-sized tensors by their last dimension; pick another size (e.g. 8000)"
+            )
     return args
 
 
@@ -1013,13 +1166,22 @@ def report_weights(args) -> tuple[Weights, list[dict]]:
     weights30 = count_weights(args.budget_layers)
     checks = verify_nf4_formula()
     tiny = tiny_load_in_4bit_check(Path(args.workdir))
-    checks.append({"check": f"tiny checkpoint load_in_4bit: {tiny['tensors']} Linear4bit weights",
-                   "measured_B": tiny["measured_B"], "formula_B": tiny["formula_B"]})
+    checks.append(
+        {
+            "check": f"tiny checkpoint load_in_4bit: {tiny['tensors']} Linear4bit weights",
+            "measured_B": tiny["measured_B"],
+            "formula_B": tiny["formula_B"],
+        }
+    )
     print(weights_table(weights30, args.budget_layers))
-    print(f"bnb NF4, blocksize {NF4_BLOCK}, double quant. Buffers (rotary tables, scalars: "
-          f"{weights30.buffers_numel:,} elements) are not counted.")
-    print(f"Tied encoder/decoder 4-bit linears after load_in_4bit share one tensor: {yes_no(tiny['tied_shared'])} "
-          f"(so they are counted once).")
+    print(
+        f"bnb NF4, blocksize {NF4_BLOCK}, double quant. Buffers (rotary tables, scalars: "
+        f"{weights30.buffers_numel:,} elements) are not counted."
+    )
+    print(
+        f"Tied encoder/decoder 4-bit linears after load_in_4bit share one tensor: {yes_no(tiny['tied_shared'])} "
+        f"(so they are counted once)."
+    )
     for note in skip_list_findings(weights30):
         print(f"NOTE: {note}")
     return weights30, checks
@@ -1043,42 +1205,56 @@ def report_builds(notes: dict[int, dict], args) -> None:
     for layers, n in notes.items():
         if "experts_nf4_B" in n:
             same = yes_no(n["experts_nf4_B"] == n["experts_formula_B"])
-            print(f"L={layers}: experts as ftkit stored them in NF4 {n['experts_nf4_B']:,} B, formula "
-                  f"{n['experts_formula_B']:,} B (match: {same}); expert kernel {n['expert_kernel']}; "
-                  f"build {n['build_s']:.0f}s")
+            print(
+                f"L={layers}: experts as ftkit stored them in NF4 {n['experts_nf4_B']:,} B, formula "
+                f"{n['experts_formula_B']:,} B (match: {same}); expert kernel {n['expert_kernel']}; "
+                f"build {n['build_s']:.0f}s"
+            )
         else:
             formula = count_weights(layers, args.vocab).total("ftkit_4bit")
-            print(f"L={layers}: GPU memory after load_base {gb(n['weights_measured_B']):.3f} GB, ftkit 4-bit formula "
-                  f"{gb(formula):.3f} GB; build {n['build_s']:.0f}s")
+            print(
+                f"L={layers}: GPU memory after load_base {gb(n['weights_measured_B']):.3f} GB, ftkit 4-bit formula "
+                f"{gb(formula):.3f} GB; build {n['build_s']:.0f}s"
+            )
 
 
 def report_activations(args) -> list[StepResult]:
     section("3. Activations, measured at the real widths")
     results, batch_checks, notes = measure_activations(args)
-    print(f"\nMeasured: batch {args.batch} x ({args.prompt} prompt + {bc.TRUE_CANVAS} canvas), vocab {args.vocab}, "
-          f"{args.dtype}, loss_chunk {args.loss_chunk}, LoRA r{args.r} attn+experts, self-conditioning p "
-          f"{args.self_conditioning_p:g}")
+    print(
+        f"\nMeasured: batch {args.batch} x ({args.prompt} prompt + {bc.TRUE_CANVAS} canvas), vocab {args.vocab}, "
+        f"{args.dtype}, loss_chunk {args.loss_chunk}, LoRA r{args.r} attn+experts, self-conditioning p "
+        f"{args.self_conditioning_p:g}"
+    )
     print(measured_table(results, args))
-    print(f"saved = SavedActivations(exclude=model) at the end of the forward; held = LiveBytes: everything the "
-          f"forward left alive (saved + checkpoint inputs + KV cache ...); ckpt_inputs = analytic B x S x H x "
-          f"{dtype_of(args.dtype).itemsize} B per checkpointed layer (S: encoder {args.prompt + bc.TRUE_CANVAS}, "
-          f"decoder {bc.TRUE_CANVAS}), which SavedActivations does not see. vocab_live = vocabulary-sized bytes alive "
-          f"at once (forward + backward); x_fp32_chunk = the same in units of one fp32 logits chunk "
-          f"({args.loss_chunk} x {args.vocab} x 4 B).")
-    print(f"\nProjected to batch {args.target_batch} and vocab {REAL_VOCAB} (LiveBytes weights: vocabulary-sized "
-          f"tensors x {REAL_VOCAB}/{args.vocab}, one chunk of positions whatever the batch; weight-derived and "
-          f"weight-gradient-shaped tensors x 1; all other tensors x {args.target_batch}/B: activations are linear "
-          f"in the batch)")
+    print(
+        f"saved = SavedActivations(exclude=model) at the end of the forward; held = LiveBytes: everything the "
+        f"forward left alive (saved + checkpoint inputs + KV cache ...); ckpt_inputs = analytic B x S x H x "
+        f"{dtype_of(args.dtype).itemsize} B per checkpointed layer (S: encoder {args.prompt + bc.TRUE_CANVAS}, "
+        f"decoder {bc.TRUE_CANVAS}), which SavedActivations does not see. vocab_live = vocabulary-sized bytes alive "
+        f"at once (forward + backward); x_fp32_chunk = the same in units of one fp32 logits chunk "
+        f"({args.loss_chunk} x {args.vocab} x 4 B)."
+    )
+    print(
+        f"\nProjected to batch {args.target_batch} and vocab {REAL_VOCAB} (LiveBytes weights: vocabulary-sized "
+        f"tensors x {REAL_VOCAB}/{args.vocab}, one chunk of positions whatever the batch; weight-derived and "
+        f"weight-gradient-shaped tensors x 1; all other tensors x {args.target_batch}/B: activations are linear "
+        f"in the batch)"
+    )
     print(projected_table(results, args))
     report_builds(notes, args)
     if batch_checks:
-        print(f"\nBatch-scaling check: measured at B={args.batch} vs at B={args.check_batch}, both projected onto "
-              f"batch {args.target_batch}, vocab {REAL_VOCAB}")
+        print(
+            f"\nBatch-scaling check: measured at B={args.batch} vs at B={args.check_batch}, both projected onto "
+            f"batch {args.target_batch}, vocab {REAL_VOCAB}"
+        )
         print(batch_check_table(results, batch_checks, args))
     for r in results:
         if r.layers == max(args.layer_list):
-            print(f"\nHeld at the end of the forward by where it was created, L={r.layers}, checkpointed="
-                  f"{yes_no(r.checkpointed)} (projected to batch {args.target_batch})")
+            print(
+                f"\nHeld at the end of the forward by where it was created, L={r.layers}, checkpointed="
+                f"{yes_no(r.checkpointed)} (projected to batch {args.target_batch})"
+            )
             print(held_by_label_table(r, args))
     return results
 
@@ -1091,39 +1267,50 @@ def report_extrapolation(results: list[StepResult], args) -> Extrapolation:
     ckpt = fits[1]
     largest = max((r for r in results if r.checkpointed), key=lambda r: r.layers)
     types30 = bc.layer_types(bc.REAL_LAYERS)
-    print(f"Fits: a + b*L over L={args.layer_list}. by_type: from the L={largest.layers} run, held outside the layers "
-          f"+ per encoder/decoder layer of each type x the {bc.REAL_LAYERS}-layer mix "
-          f"({types30.count('sliding_attention')} sliding + {types30.count('full_attention')} full) + the layer "
-          f"outputs held (one more per added layer). transient = peak - held (what backward adds on top: a layer's "
-          f"recompute, its dequantized experts, gradients still waiting for their consumer). activations = max(peak "
-          f"fit, max(held fit, by_type) + transient at L={largest.layers}); the second term is a lower bound when "
-          f"the transient grows with L.")
+    print(
+        f"Fits: a + b*L over L={args.layer_list}. by_type: from the L={largest.layers} run, held outside the layers "
+        f"+ per encoder/decoder layer of each type x the {bc.REAL_LAYERS}-layer mix "
+        f"({types30.count('sliding_attention')} sliding + {types30.count('full_attention')} full) + the layer "
+        f"outputs held (one more per added layer). transient = peak - held (what backward adds on top: a layer's "
+        f"recompute, its dequantized experts, gradients still waiting for their consumer). activations = max(peak "
+        f"fit, max(held fit, by_type) + transient at L={largest.layers}); the second term is a lower bound when "
+        f"the transient grows with L."
+    )
     saved30 = ckpt.saved_fit.at(bc.REAL_LAYERS) if ckpt.saved_fit else largest.saved_B * batch_scale
     inputs30 = ckpt_input_bytes(bc.REAL_LAYERS, args.target_batch, args, True)
     head = largest.vocab_peak_B * REAL_VOCAB / args.vocab
-    print(f"Cross-check, checkpointed, {bc.REAL_LAYERS} layers: the brief's sum, saved {gb(saved30):.3f} GB + "
-          f"checkpoint inputs {gb(inputs30):.3f} GB (analytic) + head transient {gb(head):.3f} GB "
-          f"({largest.vocab_peak_B / (args.loss_chunk * args.vocab * 4):.2f} x {args.loss_chunk} x {REAL_VOCAB} x 4 B) "
-          f"= {gb(saved30 + inputs30 + head):.3f} GB, leaves out the KV cache and the backward's layer recompute + "
-          f"dequantized experts; LiveBytes: {gb(ckpt.activations):.3f} GB")
+    print(
+        f"Cross-check, checkpointed, {bc.REAL_LAYERS} layers: the brief's sum, saved {gb(saved30):.3f} GB + "
+        f"checkpoint inputs {gb(inputs30):.3f} GB (analytic) + head transient {gb(head):.3f} GB "
+        f"({largest.vocab_peak_B / (args.loss_chunk * args.vocab * 4):.2f} x {args.loss_chunk} x {REAL_VOCAB} x 4 B) "
+        f"= {gb(saved30 + inputs30 + head):.3f} GB, leaves out the KV cache and the backward's layer recompute + "
+        f"dequantized experts; LiveBytes: {gb(ckpt.activations):.3f} GB"
+    )
     return ckpt
 
 
-def report_budget(weights30: Weights, lora30: list[LoraRow], ckpt: Extrapolation, results: list[StepResult],
-                  args) -> None:
-    section(f"4. Budget at {bc.REAL_LAYERS} layers, batch {args.target_batch} x ({args.prompt} + {bc.TRUE_CANVAS}), "
-            f"both stacks checkpointed, loss_chunk {args.loss_chunk}")
+def report_budget(
+    weights30: Weights, lora30: list[LoraRow], ckpt: Extrapolation, results: list[StepResult], args
+) -> None:
+    section(
+        f"4. Budget at {bc.REAL_LAYERS} layers, batch {args.target_batch} x ({args.prompt} + {bc.TRUE_CANVAS}), "
+        f"both stacks checkpointed, loss_chunk {args.loss_chunk}"
+    )
     rows = budget_rows(weights30, lora30, ckpt, args)
     print(bc.table(rows, list(rows[0])))
-    print(f"weights = ftkit 4-bit text model (table 1); vision* = Gemma4VisionConfig() defaults, ASSUMED for the real "
-          f"checkpoint, quantized as transformers does; lora+opt = table 2; activations = the checkpointed "
-          f"extrapolation above, measured with the issue's LoRA (r{args.r} attn+experts) and used for every row (an "
-          f"upper bound for smaller ranks / fewer targets). GB = 1e9 bytes.")
+    print(
+        f"weights = ftkit 4-bit text model (table 1); vision* = Gemma4VisionConfig() defaults, ASSUMED for the real "
+        f"checkpoint, quantized as transformers does; lora+opt = table 2; activations = the checkpointed "
+        f"extrapolation above, measured with the issue's LoRA (r{args.r} attn+experts) and used for every row (an "
+        f"upper bound for smaller ranks / fewer targets). GB = 1e9 bytes."
+    )
     if torch.cuda.is_available():
         weights_at = {L: count_weights(L, args.vocab) for L in args.layer_list}
         lora_at = {L: count_lora(lora_plans(args.r)[:1], args.r, L)[0] for L in args.layer_list}
-        print("\nGPU check at the measured L: prediction (weights formula + LoRA with AdamW fp32 (a), as the measured "
-              "step ran + LiveBytes peak) vs torch.cuda.max_memory_allocated()")
+        print(
+            "\nGPU check at the measured L: prediction (weights formula + LoRA with AdamW fp32 (a), as the measured "
+            "step ran + LiveBytes peak) vs torch.cuda.max_memory_allocated()"
+        )
         rows = gpu_check_rows(results, weights_at, lora_at, args)
         print(bc.table(rows, list(rows[0])))
 
@@ -1149,8 +1336,9 @@ def main(argv=None) -> int:
         results = timed("3 activations", report_activations, args)
         ckpt = timed("extrapolation", report_extrapolation, results, args)
         timed("4 budget", report_budget, weights30, lora30, ckpt, results, args)
-    print("\nTimings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
-          + f", total {sum(timings.values()):.0f}s")
+    print(
+        "\nTimings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {sum(timings.values()):.0f}s"
+    )
     return 0
 
 

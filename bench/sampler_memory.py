@@ -27,8 +27,17 @@ def measure(batch: int, canvas: int, chunk: int | None, steps: int, device: str)
     from ftkit.profiling import PeakLiveBytes
     from ftkit.recipe.schema import TinySpec
 
-    spec = dataclasses.replace(TinySpec(), hidden=32, heads=2, kv_heads=1, head_dim=16, global_head_dim=32,
-                               intermediate=64, expert_intermediate=32, canvas_length=canvas)
+    spec = dataclasses.replace(
+        TinySpec(),
+        hidden=32,
+        heads=2,
+        kv_heads=1,
+        head_dim=16,
+        global_head_dim=32,
+        intermediate=64,
+        expert_intermediate=32,
+        canvas_length=canvas,
+    )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = DiffusionGemmaForBlockDiffusion(tiny_config(spec, VOCAB)).to(device, dtype).eval()
@@ -36,20 +45,41 @@ def measure(batch: int, canvas: int, chunk: int | None, steps: int, device: str)
     prompt = torch.randint(4, VOCAB, (batch, 16), generator=g, device=device)
     init = torch.randint(4, VOCAB, (batch, canvas), generator=g, device=device)
     fixed = torch.rand(batch, canvas, generator=g, device=device) < 0.3
-    knobs = dict(steps=steps, temperature_min=0.0, temperature_max=0.7, entropy_bound=0.3, stability_threshold=2,
-                 confidence_threshold=0.05)
+    knobs = dict(
+        steps=steps,
+        temperature_min=0.0,
+        temperature_max=0.7,
+        entropy_bound=0.3,
+        stability_threshold=2,
+        confidence_threshold=0.05,
+    )
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if device == "cuda" else 0
     started = time.perf_counter()
     with PeakLiveBytes() as peak:
-        denoise(model, prompt, torch.ones_like(prompt), init, fixed, generator=row_generators(0, batch, device),
-                chunk=chunk, **knobs)
+        denoise(
+            model,
+            prompt,
+            torch.ones_like(prompt),
+            init,
+            fixed,
+            generator=row_generators(0, batch, device),
+            chunk=chunk,
+            **knobs,
+        )
     seconds = time.perf_counter() - started
     cuda_peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
-    return {"batch": batch, "canvas": canvas, "chunk": chunk or default_chunk(VOCAB), "peak": peak.peak,
-            "cuda_peak": cuda_peak, "logits": batch * canvas * VOCAB * 4, "seconds": seconds}
+    return {
+        "batch": batch,
+        "canvas": canvas,
+        "chunk": chunk or default_chunk(VOCAB),
+        "peak": peak.peak,
+        "cuda_peak": cuda_peak,
+        "logits": batch * canvas * VOCAB * 4,
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -66,8 +96,11 @@ def main() -> None:
         for chunk in args.chunk:
             r = measure(batch, args.canvas, chunk or None, args.steps, device)
             cuda = f"{r['cuda_peak'] / 1e6:.0f}" if r["cuda_peak"] is not None else "-"
-            print(f"| {r['batch']} | {r['canvas']} | {r['chunk']} | {r['peak'] / 1e6:.0f} | "
-                  f"{r['peak'] / r['logits']:.2f} | {cuda} | {r['seconds']:.1f} |", flush=True)
+            print(
+                f"| {r['batch']} | {r['canvas']} | {r['chunk']} | {r['peak'] / 1e6:.0f} | "
+                f"{r['peak'] / r['logits']:.2f} | {cuda} | {r['seconds']:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

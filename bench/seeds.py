@@ -43,8 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUDOKU_METRICS = ("cell_accuracy_blanks/easy", "rows_valid/easy", "columns_valid/easy", "boxes_valid/easy",
-                  "cell_accuracy_blanks", "solve_rate")
+SUDOKU_METRICS = (
+    "cell_accuracy_blanks/easy",
+    "rows_valid/easy",
+    "columns_valid/easy",
+    "boxes_valid/easy",
+    "cell_accuracy_blanks",
+    "solve_rate",
+)
 CHAT_METRICS = ("answer_found", "verified")
 RL_METRICS = ("cell_accuracy_blanks", "rows_valid", "columns_valid", "boxes_valid", "solve_rate")
 RL_DATA = "data/sudoku_58-68.csv"
@@ -81,8 +87,13 @@ def _ints(text: str) -> list[int]:
 
 def ftkit(args: list[str], threads: int, log: Path) -> None:
     """One `ftkit` command in its own process (as a user runs it), its output appended to `log`."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     command = [sys.executable, "-m", "ftkit", *args]
     started = time.perf_counter()
     with log.open("a") as f:
@@ -108,8 +119,10 @@ def run_one(fig: Figure, seed: int, threads: int, out: Path) -> dict[str, dict[s
     if fig.name == "rl":
         sft = out / f"quickstart-t{threads}-s{seed}"
         if not (sft / "summary.json").is_file():
-            raise SystemExit(f"{sft}: no quickstart run for seed {seed} at {threads} thread(s); "
-                             f"run `python bench/seeds.py quickstart --seeds {seed} --threads {threads}` first")
+            raise SystemExit(
+                f"{sft}: no quickstart run for seed {seed} at {threads} thread(s); "
+                f"run `python bench/seeds.py quickstart --seeds {seed} --threads {threads}` first"
+            )
         data_eval = "eval_data-" + Path(RL_DATA).stem.replace(".", "_") + ".json"
         if not (run / "summary.json").is_file():
             ftkit(["rl", fig.recipe, f"model.base={sft}", *overrides, "--resume"], threads, log)
@@ -132,7 +145,7 @@ def collect(fig: Figure, out: Path) -> dict[int, dict[int, dict[str, dict[str, f
     for run in sorted(out.glob(f"{fig.name}-t*-s*")):
         if not run.is_dir():
             continue
-        threads, seed = (int(part[1:]) for part in run.name[len(fig.name) + 1:].split("-"))
+        threads, seed = (int(part[1:]) for part in run.name[len(fig.name) + 1 :].split("-"))
         if fig.name == "rl":
             data_eval = "eval_data-" + Path(RL_DATA).stem.replace(".", "_") + ".json"
             before, after = out / f"quickstart-t{threads}-s{seed}" / data_eval, run / data_eval
@@ -140,8 +153,11 @@ def collect(fig: Figure, out: Path) -> dict[int, dict[int, dict[str, dict[str, f
             before, after = run / "eval_base.json", run / "eval.json"
         if before.is_file() and after.is_file():
             summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-            found.setdefault(threads, {})[seed] = {"before": metrics_of(before), "after": metrics_of(after),
-                                                   "train_seconds": summary.get("train_seconds")}
+            found.setdefault(threads, {})[seed] = {
+                "before": metrics_of(before),
+                "after": metrics_of(after),
+                "train_seconds": summary.get("train_seconds"),
+            }
     return found
 
 
@@ -162,11 +178,18 @@ def table(fig: Figure, found) -> list[dict]:
                 continue
             before, after = [b for _, b, _ in pairs], [a for _, _, a in pairs]
             gain = [a - b for _, b, a in pairs]
-            rows.append({
-                "figure": fig.name, "threads": threads, "metric": metric, "seeds": [s for s, _, _ in pairs],
-                "before": spread(before), "after": spread(after), "gain": spread(gain),
-                "after_values": [round(100 * a, 1) for a in after],
-            })
+            rows.append(
+                {
+                    "figure": fig.name,
+                    "threads": threads,
+                    "metric": metric,
+                    "seeds": [s for s, _, _ in pairs],
+                    "before": spread(before),
+                    "after": spread(after),
+                    "gain": spread(gain),
+                    "after_values": [round(100 * a, 1) for a in after],
+                }
+            )
     return rows
 
 
@@ -177,8 +200,22 @@ def print_table(fig: Figure, rows: list[dict], found) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
-        print("| " + " | ".join(str(x) for x in (r["threads"], r["metric"], len(r["seeds"]), r["before"], r["after"],
-                                                 r["gain"], ", ".join(map(str, r["after_values"])))) + " |")
+        print(
+            "| "
+            + " | ".join(
+                str(x)
+                for x in (
+                    r["threads"],
+                    r["metric"],
+                    len(r["seeds"]),
+                    r["before"],
+                    r["after"],
+                    r["gain"],
+                    ", ".join(map(str, r["after_values"])),
+                )
+            )
+            + " |"
+        )
     for threads, seeds in sorted(found.items()):
         secs = [s["train_seconds"] for s in seeds.values() if s.get("train_seconds")]
         if secs:
@@ -197,8 +234,11 @@ def main(argv=None) -> None:
             for seed in _ints(args.seeds):
                 started = time.perf_counter()
                 run_one(fig, seed, threads, out)
-                print(f"{fig.name} seed {seed} at {threads} thread(s): done in {time.perf_counter() - started:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{fig.name} seed {seed} at {threads} thread(s): done in {time.perf_counter() - started:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     found = collect(fig, out)
     rows = table(fig, found)
     print_table(fig, rows, found)

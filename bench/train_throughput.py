@@ -47,7 +47,9 @@ def plain_lora_config(r: int):
     from ftkit.model.load import lora_targets
 
     regex, params = lora_targets(lora_section(r))  # both stacks: no per-layer scoping needed
-    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=regex, target_parameters=params, bias="none")
+    return LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=regex, target_parameters=params, bias="none"
+    )
 
 
 def load_ftkit_4bit(path: Path, tiny: bool, r: int):
@@ -80,8 +82,9 @@ def load_peft_4bit(path: Path, tiny: bool, r: int):
         raise Skipped("benchmarked on CUDA only (bnb Linear4bit)")
     # ftkit's own bnb settings (same modules kept in full precision), without its expert quantization.
     quant = bnb_config(QuantSection(mode="4bit", experts=False))
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quant,
-                                                            device_map={"": torch.cuda.current_device()})
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        path, dtype=torch.bfloat16, quantization_config=quant, device_map={"": torch.cuda.current_device()}
+    )
     return get_peft_model(model, plain_lora_config(r)), "bnb nf4 linears, experts bf16"
 
 
@@ -136,13 +139,21 @@ def load_unsloth_4bit(path: Path, tiny: bool, r: int):
     # return_tokenizer=False: the benchmark checkpoints carry no tokenizer/processor files. attn_implementation is
     # left at Unsloth's default ("eager"); the note below records it.
     model, _ = FastDiffusionModel.from_pretrained(
-        model_name=str(path), dtype=torch.bfloat16 if cuda else torch.float32, load_in_4bit=cuda,
-        device_map={"": torch.cuda.current_device() if cuda else "cpu"}, return_tokenizer=False,
+        model_name=str(path),
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        load_in_4bit=cuda,
+        device_map={"": torch.cuda.current_device() if cuda else "cpu"},
+        return_tokenizer=False,
     )
     # Gradient checkpointing stays off here (Unsloth's default would turn it on): run_method applies --grad-ckpt to
     # every method alike.
     model = FastDiffusionModel.get_peft_model(
-        model, r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", target_modules=UNSLOTH_LORA_TARGETS,
+        model,
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=UNSLOTH_LORA_TARGETS,
         use_gradient_checkpointing=False,
     )
     model = FastDiffusionModel.for_training(model, use_gradient_checkpointing=False)
@@ -157,8 +168,12 @@ def _first_line(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__
 
 
-LOADERS = {"ftkit-4bit": load_ftkit_4bit, "peft-4bit": load_peft_4bit, "peft-bf16": load_peft_bf16,
-           "unsloth-4bit": load_unsloth_4bit}
+LOADERS = {
+    "ftkit-4bit": load_ftkit_4bit,
+    "peft-4bit": load_peft_4bit,
+    "peft-bf16": load_peft_bf16,
+    "unsloth-4bit": load_unsloth_4bit,
+}
 
 
 def expert_gb(model) -> float:
@@ -218,22 +233,26 @@ def run_method(method: str, path: Path, batch: dict, args) -> dict:
         times = bc.timed(step, args.steps, args.warmup)
     except torch.OutOfMemoryError:
         peak = bc.peak_gb()
-        del model, optimizer
+        model = optimizer = None  # free them before the next method loads
         bc.free_memory()
         return {**row, "peak_gb": peak, "note": "out of memory"}
     except Exception as e:  # one method failing its step leaves the others' rows
         print(f"\n{method} (L={args.current_layers}) failed in its training step; full traceback:", flush=True)
         traceback.print_exc()
-        del model, optimizer
+        model = optimizer = None
         bc.free_memory()
         return {**row, "note": f"failed in step: {_first_line(e)} (traceback in the log)"}
     step_s = bc.median(times)
     canvas_tokens = batch["canvas"].numel()
     row.update(
-        step_s=step_s, canvas_tok_s=canvas_tokens / step_s, peak_gb=bc.peak_gb(), experts_gb=expert_gb(model),
-        trainable=sum(p.numel() for p in trainable), note=note,
+        step_s=step_s,
+        canvas_tok_s=canvas_tokens / step_s,
+        peak_gb=bc.peak_gb(),
+        experts_gb=expert_gb(model),
+        trainable=sum(p.numel() for p in trainable),
+        note=note,
     )
-    del model, optimizer
+    model = optimizer = None
     bc.free_memory()
     return row
 
@@ -248,10 +267,17 @@ def main(argv=None) -> int:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5; tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; tiny 1)")
-    parser.add_argument("--grad-ckpt", action="store_true",
-                        help="checkpoint decoder layers (all methods) and encoder layers (ftkit only: its own)")
-    parser.add_argument("--loss-chunk", type=int, default=128,
-                        help="ftkit's DiffusionSection.loss_chunk (0 = the reference path, as the baselines run)")
+    parser.add_argument(
+        "--grad-ckpt",
+        action="store_true",
+        help="checkpoint decoder layers (all methods) and encoder layers (ftkit only: its own)",
+    )
+    parser.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=128,
+        help="ftkit's DiffusionSection.loss_chunk (0 = the reference path, as the baselines run)",
+    )
     parser.add_argument("--workdir", default="/tmp/ftkit-bench", help="where checkpoints are written (then deleted)")
     args = parser.parse_args(argv)
     layers = [int(x) for x in (args.layers or ("1,2" if args.tiny else "2,4,8")).split(",")]
@@ -266,8 +292,10 @@ def main(argv=None) -> int:
     if not args.tiny and not torch.cuda.is_available():
         parser.error("true-width runs need a CUDA GPU; use --tiny on CPU")
 
-    print(f"device={bc.device()} torch={torch.__version__} tiny={args.tiny} batch={args.batch} prompt={args.prompt} "
-          f"r={args.r} steps={args.steps} warmup={args.warmup} grad_ckpt={args.grad_ckpt} loss_chunk={args.loss_chunk}")
+    print(
+        f"device={bc.device()} torch={torch.__version__} tiny={args.tiny} batch={args.batch} prompt={args.prompt} "
+        f"r={args.r} steps={args.steps} warmup={args.warmup} grad_ckpt={args.grad_ckpt} loss_chunk={args.loss_chunk}"
+    )
     rows = []
     for n in layers:
         args.current_layers = n
@@ -295,11 +323,16 @@ def main(argv=None) -> int:
         mem = [r for r in done if r.get("peak_gb") is not None]
         mem_fit = bc.linear_fit([r["layers"] for r in mem], [r["peak_gb"] for r in mem])
         step30 = step_fit.at(bc.REAL_LAYERS)
-        fits.append({
-            "method": method, "s_per_layer": step_fit.slope, "step_s@30": step30,
-            "canvas_tok_s@30": done[0]["canvas_tok_s"] * done[0]["step_s"] / step30 if step30 > 0 else None,
-            "gb_per_layer": mem_fit.slope if mem_fit else None, "peak_gb@30": mem_fit.at(bc.REAL_LAYERS) if mem_fit else None,
-        })
+        fits.append(
+            {
+                "method": method,
+                "s_per_layer": step_fit.slope,
+                "step_s@30": step30,
+                "canvas_tok_s@30": done[0]["canvas_tok_s"] * done[0]["step_s"] / step30 if step30 > 0 else None,
+                "gb_per_layer": mem_fit.slope if mem_fit else None,
+                "peak_gb@30": mem_fit.at(bc.REAL_LAYERS) if mem_fit else None,
+            }
+        )
     if fits:
         print(f"\nLinear fit over layers {layers}, extrapolated to {bc.REAL_LAYERS} layers")
         print(bc.table(fits, ["method", "s_per_layer", "step_s@30", "canvas_tok_s@30", "gb_per_layer", "peak_gb@30"]))

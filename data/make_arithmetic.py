@@ -20,8 +20,16 @@ import json
 import random
 from pathlib import Path
 
-NAMES = [("Mia", "She"), ("Tom", "He"), ("Ana", "She"), ("Leo", "He"), ("Zoe", "She"), ("Sam", "He"), ("Ivy", "She"),
-         ("Max", "He")]
+NAMES = [
+    ("Mia", "She"),
+    ("Tom", "He"),
+    ("Ana", "She"),
+    ("Leo", "He"),
+    ("Zoe", "She"),
+    ("Sam", "He"),
+    ("Ivy", "She"),
+    ("Max", "He"),
+]
 ITEMS = ["apples", "marbles", "stickers", "coins", "books", "shells", "pencils", "cards"]
 GAINS = ["{p} buys {n} more.", "{p} finds {n} more.", "{p} gets {n} from a friend.", "{p} wins {n} more."]
 LOSSES = ["{p} gives {n} to {o}.", "{p} loses {n}.", "{p} sells {n}.", "{p} trades away {n}."]

@@ -25,9 +25,14 @@ def main() -> None:
     parser.add_argument("--max-givens", type=int, default=68)
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--check-against-train", type=int, default=8000, metavar="N",
-                        help="fail if a puzzle is among the first N of the task's training split (seed 0) with "
-                             "these givens; 0 skips the check")
+    parser.add_argument(
+        "--check-against-train",
+        type=int,
+        default=8000,
+        metavar="N",
+        help="fail if a puzzle is among the first N of the task's training split (seed 0) with "
+        "these givens; 0 skips the check",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not 17 <= args.min_givens <= args.max_givens <= 81:

@@ -11,13 +11,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from ftkit.errors import FtkitError
+
 
 class _FlagsWithoutType:
     """A flag takes no value, so its help row shows no type (typer prints `<bool>` there)."""
@@ -53,14 +54,16 @@ out = Console()
 def _print_version(value: bool) -> None:
     if value:
         from ftkit import __version__
+
         out.print(f"ftkit {__version__}", highlight=False)
         raise typer.Exit()
 
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print ftkit's version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print ftkit's version and exit.")
+    ] = False,
 ) -> None:
     """Fine-tune DiffusionGemma (block-diffusion MoE) with LoRA on attention and experts."""
     from ftkit.model.compat import check_transformers
@@ -108,11 +111,15 @@ def _quiet_libraries() -> None:
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
-AllowWeakSandbox = Annotated[bool, typer.Option(
-    "--allow-weak-sandbox",
-    help="Run model-written code (code_infill tests) even where only the weak sandbox (an audit hook, no namespaces) "
-         "is available; same as eval.allow_weak_sandbox: true.")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="Overrides KEY.PATH=VALUE, e.g. train.max_steps=10.")]
+AllowWeakSandbox = Annotated[
+    bool,
+    typer.Option(
+        "--allow-weak-sandbox",
+        help="Run model-written code (code_infill tests) even where only the weak sandbox (an audit hook, no namespaces) "
+        "is available; same as eval.allow_weak_sandbox: true.",
+    ),
+]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides KEY.PATH=VALUE, e.g. train.max_steps=10.")]
 
 
 @app.command(cls=Command)
@@ -140,8 +147,8 @@ def train(
     recipe: RecipeArg,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Overrides train.output_dir.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Overrides model.base (e.g. `tiny`).")] = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Overrides train.output_dir.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Overrides model.base (e.g. `tiny`).")] = None,
 ) -> None:
     """Train a LoRA adapter (or every weight: train.trainable=full) with the diffusion objective; writes the run directory."""
     from ftkit.recipe.schema import load_recipe
@@ -166,8 +173,12 @@ def _run_until_interrupted(run, resolved, resume: bool) -> dict:
     try:
         return run(resolved, resume=resume, progress=sys.stderr.isatty())
     except KeyboardInterrupt:
-        console.print(_interrupted_line(Path(resolved.train.output_dir), resolved.train.save_steps), highlight=False,
-                      soft_wrap=True, markup=False)
+        console.print(
+            _interrupted_line(Path(resolved.train.output_dir), resolved.train.save_steps),
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
         raise typer.Exit(130) from None
 
 
@@ -176,14 +187,17 @@ def _interrupted_line(run_dir: Path, save_steps: int) -> str:
     import shlex
 
     from ftkit.run import rundir
+
     argv = ["ftkit", *sys.argv[1:]]
     if "--resume" not in argv:
         argv.append("--resume")
     command = shlex.join(argv)
     saved = rundir.checkpoints(run_dir)
     if saved:
-        return f"interrupted; last saved checkpoint: {saved[0]} (step {rundir.checkpoint_step(saved[0])}); " \
-               f"resume with: {command}"
+        return (
+            f"interrupted; last saved checkpoint: {saved[0]} (step {rundir.checkpoint_step(saved[0])}); "
+            f"resume with: {command}"
+        )
     return f"interrupted before the first checkpoint (every {save_steps} steps); start again with: {command}"
 
 
@@ -191,8 +205,20 @@ def _print_train_summary(summary: dict, run_dir: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"ftkit train — {run_dir}", show_header=False)
-    for key in ("base_model", "task", "steps", "loss_start", "loss_end", "diffusion_loss_start", "diffusion_loss_end",
-                "encoder_loss_start", "encoder_loss_end", "canvas_tokens_per_second", "trainable_parameters", "train_seconds"):
+    for key in (
+        "base_model",
+        "task",
+        "steps",
+        "loss_start",
+        "loss_end",
+        "diffusion_loss_start",
+        "diffusion_loss_end",
+        "encoder_loss_start",
+        "encoder_loss_end",
+        "canvas_tokens_per_second",
+        "trainable_parameters",
+        "train_seconds",
+    ):
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     out.print(table)
@@ -204,8 +230,10 @@ def rl(
     recipe: RecipeArg,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Overrides train.output_dir.")] = None,
-    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Overrides rl.init_from (a finished `ftkit train` run).")] = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Overrides train.output_dir.")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option("--init-from", help="Overrides rl.init_from (a finished `ftkit train` run).")
+    ] = None,
 ) -> None:
     """Reinforcement learning from the task's verifier (GRPO on the diffusion ELBO); writes the run directory."""
     from ftkit.recipe.schema import load_recipe
@@ -230,8 +258,19 @@ def _print_rl_summary(summary: dict, run_dir: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"ftkit rl — {run_dir}", show_header=False)
-    for key in ("base_model", "task", "init_from", "steps", "reward_start", "reward_end", "success_start",
-                "success_end", "kl_end", "train_seconds", "train_cpu_seconds"):
+    for key in (
+        "base_model",
+        "task",
+        "init_from",
+        "steps",
+        "reward_start",
+        "reward_end",
+        "success_start",
+        "success_end",
+        "kl_end",
+        "train_seconds",
+        "train_cpu_seconds",
+    ):
         value = summary.get(key)
         if key == "kl_end" and value is None:
             value = "n/a (no step kept a sample: every group's rewards were equal)"
@@ -255,17 +294,54 @@ def _print_rl_summary(summary: dict, run_dir: str) -> None:
 @friendly_errors
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train`.")],
-    split: Annotated[Optional[str], typer.Option(help="Dataset split (default: the recipe's eval.split).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: eval.steps).")] = None,
-    num_examples: Annotated[Optional[int], typer.Option("--num-examples", "-n", help="How many examples.")] = None,
-    base: Annotated[bool, typer.Option("--base", help="Evaluate the untrained base model instead: without the adapter (a full run: its initial weights).")] = False,
-    verifier: Annotated[Optional[bool], typer.Option("--verifier/--no-verifier", help="Verifier-guided re-noising.")] = None,
-    compare_verifier: Annotated[bool, typer.Option("--compare-verifier", help="Plain vs verifier-guided on the same examples and seeds, plus plain best-of-n at the verifier's decoder forwards.")] = False,
-    sweep_steps: Annotated[Optional[str], typer.Option("--sweep-steps", help="Comma list, e.g. 1,4,16,64.")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final adapter.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Answer length budget in tokens, block after block (default: eval.max_new_tokens, else one canvas).")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate every example of this data file (the task's format, read as task.data_path) instead of the recipe's split; writes eval_data-<name>.json.")] = None,
-    token_masks: Annotated[Optional[bool], typer.Option("--token-masks/--no-token-masks", help="Mask each position to the tokens the task allows there (default: eval.token_masks).")] = None,
+    split: Annotated[str | None, typer.Option(help="Dataset split (default: the recipe's eval.split).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: eval.steps).")] = None,
+    num_examples: Annotated[int | None, typer.Option("--num-examples", "-n", help="How many examples.")] = None,
+    base: Annotated[
+        bool,
+        typer.Option(
+            "--base",
+            help="Evaluate the untrained base model instead: without the adapter (a full run: its initial weights).",
+        ),
+    ] = False,
+    verifier: Annotated[
+        bool | None, typer.Option("--verifier/--no-verifier", help="Verifier-guided re-noising.")
+    ] = None,
+    compare_verifier: Annotated[
+        bool,
+        typer.Option(
+            "--compare-verifier",
+            help="Plain vs verifier-guided on the same examples and seeds, plus plain best-of-n at the verifier's decoder forwards.",
+        ),
+    ] = False,
+    sweep_steps: Annotated[str | None, typer.Option("--sweep-steps", help="Comma list, e.g. 1,4,16,64.")] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final adapter."
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            help="Answer length budget in tokens, block after block (default: eval.max_new_tokens, else one canvas).",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Evaluate every example of this data file (the task's format, read as task.data_path) instead of the recipe's split; writes eval_data-<name>.json.",
+        ),
+    ] = None,
+    token_masks: Annotated[
+        bool | None,
+        typer.Option(
+            "--token-masks/--no-token-masks",
+            help="Mask each position to the tokens the task allows there (default: eval.token_masks).",
+        ),
+    ] = None,
     allow_weak_sandbox: AllowWeakSandbox = False,
 ) -> None:
     """Constrained denoising on the task's test split (or a data file); writes the result and prints the table.
@@ -277,10 +353,21 @@ def eval_(
 
     sweep = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else None
     with SandboxPolicy(allow_weak=allow_weak_sandbox), EvalProgress(console) as progress:
-        report = evaluate_run(run_dir, split=split, steps=steps, num_examples=num_examples, base_only=base,
-                              verifier_renoise=verifier, sweep_steps=sweep, compare_verifier=compare_verifier,
-                              checkpoint=checkpoint, data_path=str(data) if data is not None else None,
-                              progress=progress, token_masks=token_masks, max_new_tokens=max_new_tokens)
+        report = evaluate_run(
+            run_dir,
+            split=split,
+            steps=steps,
+            num_examples=num_examples,
+            base_only=base,
+            verifier_renoise=verifier,
+            sweep_steps=sweep,
+            compare_verifier=compare_verifier,
+            checkpoint=checkpoint,
+            data_path=str(data) if data is not None else None,
+            progress=progress,
+            token_masks=token_masks,
+            max_new_tokens=max_new_tokens,
+        )
     out.print(render_table(report))
     if report.get("sweep"):
         out.print(render_sweep(report))
@@ -296,12 +383,18 @@ class EvalProgress:
         self.tasks: dict[str, int] = {}
         self.started: dict[str, float] = {}
 
-    def __enter__(self) -> "EvalProgress":
+    def __enter__(self) -> EvalProgress:
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=self.console, transient=True)
+            self.bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
             self.bars.start()
         return self
 
@@ -336,21 +429,48 @@ def _int_list(text: str, flag: str) -> list[int]:
 @friendly_errors
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train`.")],
-    input: Annotated[str, typer.Option("--input", "-i", help="The task input: a puzzle, a motif spec, a code snippet, a question, or @FILE.")],
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps per block (default: eval.steps).")] = None,
+    input: Annotated[
+        str,
+        typer.Option(
+            "--input", "-i", help="The task input: a puzzle, a motif spec, a code snippet, a question, or @FILE."
+        ),
+    ],
+    steps: Annotated[int | None, typer.Option(help="Denoising steps per block (default: eval.steps).")] = None,
     live: Annotated[bool, typer.Option("--live", help="Show the canvas being denoised.")] = False,
-    save_trajectory: Annotated[Optional[Path], typer.Option("--save-trajectory", help="Write the denoising steps as PNG or GIF.")] = None,
-    base: Annotated[bool, typer.Option("--base", help="Use the untrained base model: without the adapter (a full run: its initial weights).")] = False,
+    save_trajectory: Annotated[
+        Path | None, typer.Option("--save-trajectory", help="Write the denoising steps as PNG or GIF.")
+    ] = None,
+    base: Annotated[
+        bool,
+        typer.Option(
+            "--base", help="Use the untrained base model: without the adapter (a full run: its initial weights)."
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Answer length budget in tokens, block after block (default: eval.max_new_tokens, else one canvas).")] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            help="Answer length budget in tokens, block after block (default: eval.max_new_tokens, else one canvas).",
+        ),
+    ] = None,
     allow_weak_sandbox: AllowWeakSandbox = False,
 ) -> None:
     """Denoise one input with the fine-tuned model and print the answer with its constraint check.
 
     An answer longer than one canvas is generated block after block; each block is printed as it lands. An empty
     answer exits with code 1."""
-    _generate(run_dir, input, steps=steps, live=live, save_trajectory=save_trajectory, base=base, seed=seed,
-              max_new_tokens=max_new_tokens, allow_weak_sandbox=allow_weak_sandbox)
+    _generate(
+        run_dir,
+        input,
+        steps=steps,
+        live=live,
+        save_trajectory=save_trajectory,
+        base=base,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        allow_weak_sandbox=allow_weak_sandbox,
+    )
 
 
 def _generate(run_dir: Path, input: str, task_name: str | None = None, **options) -> None:
@@ -387,13 +507,14 @@ def _run_allows_weak_sandbox(run_dir: Path) -> bool:
 def solve(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of a Sudoku run.")],
     puzzle: Annotated[str, typer.Argument(help="81 characters, 0 or . for blanks (or @FILE).")],
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
     live: Annotated[bool, typer.Option("--live", help="Show the grid being denoised.")] = False,
-    save_trajectory: Annotated[Optional[Path], typer.Option("--save-trajectory", help="PNG or GIF of the steps.")] = None,
+    save_trajectory: Annotated[Path | None, typer.Option("--save-trajectory", help="PNG or GIF of the steps.")] = None,
 ) -> None:
     """Solve one Sudoku (shorthand for `generate` on a Sudoku run)."""
-    _generate(run_dir, puzzle, task_name="sudoku", steps=steps, live=live, save_trajectory=save_trajectory, base=False,
-              seed=0)
+    _generate(
+        run_dir, puzzle, task_name="sudoku", steps=steps, live=live, save_trajectory=save_trajectory, base=False, seed=0
+    )
 
 
 def _read_input(text: str) -> str:
@@ -413,9 +534,19 @@ def _read_input(text: str) -> str:
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train` or `ftkit rl`.")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New directory for the standalone model.")],
-    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final weights.")] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint", help="A checkpoint (checkpoint-N, a path, or latest) instead of the final weights."
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype: bfloat16, float16 or float32.")] = "bfloat16",
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard (host RAM holds one shard while it is written).")] = "4GB",
+    max_shard_size: Annotated[
+        str,
+        typer.Option(
+            "--max-shard-size", help="Largest safetensors shard (host RAM holds one shard while it is written)."
+        ),
+    ] = "4GB",
 ) -> None:
     """Merge the adapter into the base (a full fine-tune as it is) and write a model plain transformers loads: config,
     sharded safetensors, tokenizer, generation config (the eval sampler settings), model card."""
@@ -425,8 +556,14 @@ def export(
 
     return_freed_memory_to_os()  # resident memory stays one shard + one tensor (docs/serving.md)
 
-    record = export_run(run_dir, out_dir, checkpoint=checkpoint, dtype=dtype, max_shard_size=max_shard_size,
-                        on_note=lambda note: console.print(f"note: {note}", highlight=False))
+    record = export_run(
+        run_dir,
+        out_dir,
+        checkpoint=checkpoint,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        on_note=lambda note: console.print(f"note: {note}", highlight=False),
+    )
     console.print(f"{record['form']} {record['dtype']} export of {record['weights']} weights", highlight=False)
     out.print(str(out_dir), highlight=False)
 
@@ -434,24 +571,44 @@ def export(
 @app.command(cls=Command)
 @friendly_errors
 def push(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ftkit train`, or an `ftkit export` folder.")],
-    repo: Annotated[Optional[str], typer.Option("--repo", help="Hub repo id user/name (default: hub.repo).")] = None,
-    private: Annotated[Optional[bool], typer.Option("--private/--public", help="Create the repo private.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the exact upload folder locally; upload nothing.")] = False,
-    dry_run_dir: Annotated[Optional[Path], typer.Option("--dry-run-dir", help="Where --dry-run writes (default RUN/hub_upload).")] = None,
-    allow_no_eval: Annotated[bool, typer.Option("--allow-no-eval", help="Push a run that has no eval.json of its own (the card then says it was not evaluated).")] = False,
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run directory written by `ftkit train`, or an `ftkit export` folder.")
+    ],
+    repo: Annotated[str | None, typer.Option("--repo", help="Hub repo id user/name (default: hub.repo).")] = None,
+    private: Annotated[bool | None, typer.Option("--private/--public", help="Create the repo private.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Write the exact upload folder locally; upload nothing.")
+    ] = False,
+    dry_run_dir: Annotated[
+        Path | None, typer.Option("--dry-run-dir", help="Where --dry-run writes (default RUN/hub_upload).")
+    ] = None,
+    allow_no_eval: Annotated[
+        bool,
+        typer.Option(
+            "--allow-no-eval",
+            help="Push a run that has no eval.json of its own (the card then says it was not evaluated).",
+        ),
+    ] = False,
 ) -> None:
     """Upload the adapter, tokenizer, recipe, the run's own eval.json and a model card to the Hugging Face Hub; or,
     given a folder written by `ftkit export`, the merged model with its card and eval.json."""
     from ftkit.hub.push import is_export_dir, push_export, push_run
 
     if is_export_dir(run_dir):
-        url = push_export(run_dir, repo=repo, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir,
-                          allow_no_eval=allow_no_eval)
+        url = push_export(
+            run_dir, repo=repo, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir, allow_no_eval=allow_no_eval
+        )
         out.print(url, highlight=False)
         return
-    url = push_run(run_dir, repo=repo, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir,
-                   allow_no_eval=allow_no_eval, on_note=lambda note: console.print(f"note: {note}", highlight=False))
+    url = push_run(
+        run_dir,
+        repo=repo,
+        private=private,
+        dry_run=dry_run,
+        dry_run_dir=dry_run_dir,
+        allow_no_eval=allow_no_eval,
+        on_note=lambda note: console.print(f"note: {note}", highlight=False),
+    )
     out.print(url, highlight=False)
 
 

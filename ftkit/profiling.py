@@ -32,7 +32,9 @@ class LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or (self.last_dim is not None and (t.ndim == 0 or t.shape[-1] != self.last_dim)):
+            if not isinstance(t, torch.Tensor) or (
+                self.last_dim is not None and (t.ndim == 0 or t.shape[-1] != self.last_dim)
+            ):
                 continue
             if t.numel() * t.element_size() > self.bytes:
                 self.bytes, self.shape, self.op = t.numel() * t.element_size(), tuple(t.shape), str(func)

@@ -15,8 +15,19 @@ from ftkit.tasks.base import Piece, PromptCanvas
 from ftkit.tasks.sudoku import SudokuTask
 
 L = 32
-SPEC = TinySpec(layers=2, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24, intermediate=64,
-                experts=4, top_k=2, expert_intermediate=32, canvas_length=L)
+SPEC = TinySpec(
+    layers=2,
+    hidden=48,
+    heads=2,
+    kv_heads=1,
+    head_dim=24,
+    global_head_dim=24,
+    intermediate=64,
+    experts=4,
+    top_k=2,
+    expert_intermediate=32,
+    canvas_length=L,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +48,43 @@ def test_a_one_block_answer_is_exactly_one_denoise_call(model, char_tokenizer):
     task = SudokuTask()
     ex = task.build_dataset("test", 1, 0)[0]
     lay = layout_example(char_tokenizer, task.to_prompt_canvas(ex), 96, 256)
-    big = attach_lora(build_tiny(TinySpec(layers=1, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24,
-                                          intermediate=64, canvas_length=96), char_tokenizer),
-                      LoraSection(r=4, alpha=8)).eval()
+    big = attach_lora(
+        build_tiny(
+            TinySpec(
+                layers=1,
+                hidden=48,
+                heads=2,
+                kv_heads=1,
+                head_dim=24,
+                global_head_dim=24,
+                intermediate=64,
+                canvas_length=96,
+            ),
+            char_tokenizer,
+        ),
+        LoraSection(r=4, alpha=8),
+    ).eval()
     pad = char_tokenizer.pad_token_id
-    out = denoise_blocks(big, [lay], generators=row_generators(3, 1), max_new_tokens=96,
-                         stop_ids=stop_token_ids(char_tokenizer), pad_id=pad, **knobs(3))
+    out = denoise_blocks(
+        big,
+        [lay],
+        generators=row_generators(3, 1),
+        max_new_tokens=96,
+        stop_ids=stop_token_ids(char_tokenizer),
+        pad_id=pad,
+        **knobs(3),
+    )
     fixed = torch.tensor([lay.fixed])
     canvas = torch.tensor([lay.canvas_ids])
-    direct = denoise(big, torch.tensor([lay.prompt_ids]), torch.ones(1, len(lay.prompt_ids), dtype=torch.long),
-                     torch.where(fixed, canvas, torch.full_like(canvas, pad)), fixed, generator=row_generators(3, 1),
-                     **knobs(3))
+    direct = denoise(
+        big,
+        torch.tensor([lay.prompt_ids]),
+        torch.ones(1, len(lay.prompt_ids), dtype=torch.long),
+        torch.where(fixed, canvas, torch.full_like(canvas, pad)),
+        fixed,
+        generator=row_generators(3, 1),
+        **knobs(3),
+    )
     assert out.blocks == [1] and out.tokens == direct.canvas.tolist()
     assert out.steps_used == direct.steps_used.tolist() and out.forward_passes == direct.forward_passes
 
@@ -61,12 +98,18 @@ class Scripted:
 
     def __call__(self, *, model, prompt_ids, prompt_mask, canvas_init, fixed_mask, generator, verifier, **kw):
         rows = self.script.pop(0)
-        self.calls.append(dict(prompt=[[t for t, m in zip(p, pm) if m] for p, pm in
-                                       zip(prompt_ids.tolist(), prompt_mask.tolist())],
-                               init=canvas_init.clone(), fixed=fixed_mask.clone(), generators=list(generator),
-                               verified=verifier(torch.tensor(rows)) if verifier else None))
-        return DenoiseResult(canvas=torch.tensor(rows), steps_used=torch.full((len(rows),), 2), forward_passes=2,
-                             tokens_per_forward=1.0)
+        self.calls.append(
+            dict(
+                prompt=[[t for t, m in zip(p, pm) if m] for p, pm in zip(prompt_ids.tolist(), prompt_mask.tolist())],
+                init=canvas_init.clone(),
+                fixed=fixed_mask.clone(),
+                generators=list(generator),
+                verified=verifier(torch.tensor(rows)) if verifier else None,
+            )
+        )
+        return DenoiseResult(
+            canvas=torch.tensor(rows), steps_used=torch.full((len(rows),), 2), forward_passes=2, tokens_per_forward=1.0
+        )
 
 
 def test_finished_blocks_become_prompt_and_rows_stop_at_their_stop_token(model, char_tokenizer):
@@ -77,8 +120,16 @@ def test_finished_blocks_become_prompt_and_rows_stop_at_their_stop_token(model, 
     block1 = [[30] * 7 + [eot] + [eos] * (L - 8)]
     sampler = Scripted([block0, block1])
     gens = row_generators(0, 2)
-    out = denoise_blocks(model, [long, short], generators=gens, max_new_tokens=4 * L, stop_ids=(eot, eos),
-                         pad_id=tok.pad_token_id, sampler=sampler, **knobs())
+    out = denoise_blocks(
+        model,
+        [long, short],
+        generators=gens,
+        max_new_tokens=4 * L,
+        stop_ids=(eot, eos),
+        pad_id=tok.pad_token_id,
+        sampler=sampler,
+        **knobs(),
+    )
     first, second = sampler.calls
     assert first["prompt"] == [long.prompt_ids, short.prompt_ids]
     # Block 1 runs the unfinished row only, its prompt extended by its finished block, with the same generator.
@@ -94,8 +145,16 @@ def test_finished_blocks_become_prompt_and_rows_stop_at_their_stop_token(model, 
 def test_budget_cuts_an_answer_that_never_stops(model, char_tokenizer):
     lay = chat_layout(char_tokenizer, "go on")
     sampler = Scripted([[[40] * L], [[41] * L]])
-    out = denoise_blocks(model, [lay], generators=row_generators(0, 1), max_new_tokens=L + 5, stop_ids=(1,),
-                         pad_id=0, sampler=sampler, **knobs())
+    out = denoise_blocks(
+        model,
+        [lay],
+        generators=row_generators(0, 1),
+        max_new_tokens=L + 5,
+        stop_ids=(1,),
+        pad_id=0,
+        sampler=sampler,
+        **knobs(),
+    )
     assert block_budget(lay, L + 5) == 2 and out.blocks == [2]
     assert out.tokens == [[40] * L + [41] * 5]  # max_new_tokens, not whole blocks
 
@@ -107,8 +166,16 @@ def test_fixed_pieces_in_a_later_block_are_given_and_keep_the_loop_going(model, 
     assert lay.num_blocks == 2 and block_budget(lay, L) == 2
     early_stop = [[eot] + [eos] * (L - 1)]
     sampler = Scripted([early_stop, [[50] * L]])
-    out = denoise_blocks(model, [lay], generators=row_generators(0, 1), max_new_tokens=L, stop_ids=(eot, eos),
-                         pad_id=tok.pad_token_id, sampler=sampler, **knobs())
+    out = denoise_blocks(
+        model,
+        [lay],
+        generators=row_generators(0, 1),
+        max_new_tokens=L,
+        stop_ids=(eot, eos),
+        pad_id=tok.pad_token_id,
+        sampler=sampler,
+        **knobs(),
+    )
     assert out.blocks == [2]  # a stop in block 0 does not end an answer whose fixed pieces come later
     init, fixed = sampler.calls[1]["init"][0], sampler.calls[1]["fixed"][0]
     assert fixed[8:11].all() and tok.decode(init[8:11].tolist()) == "END" and not fixed[:8].any()
@@ -126,8 +193,17 @@ def test_the_verifier_judges_whole_answers_and_renoises_inside_the_block(model, 
 
     block0, block1 = [[60] * L], [[61] * 6 + [eot] + [eos] * (L - 7)]
     sampler = Scripted([block0, block1])
-    denoise_blocks(model, [lay], generators=row_generators(0, 1), max_new_tokens=3 * L, stop_ids=(eot, eos),
-                   pad_id=tok.pad_token_id, verifier=verifier, sampler=sampler, **knobs())
+    denoise_blocks(
+        model,
+        [lay],
+        generators=row_generators(0, 1),
+        max_new_tokens=3 * L,
+        stop_ids=(eot, eos),
+        pad_id=tok.pad_token_id,
+        verifier=verifier,
+        sampler=sampler,
+        **knobs(),
+    )
     # Block 0 has no stop and is not the last allowed: not judged. Block 1 ends the answer: judged whole.
     assert sampler.calls[0]["verified"] == [[]]
     assert seen == [([0], (1, 2 * L))]
@@ -142,13 +218,22 @@ def test_real_model_reads_finished_blocks_and_continues_positions(model, char_to
     enc_ids, dec_pos = [], []
     hooks = [
         core.model.encoder.register_forward_pre_hook(
-            lambda m, a, kw: enc_ids.append(kw["input_ids"][kw["attention_mask"].bool()].tolist()), with_kwargs=True),
+            lambda m, a, kw: enc_ids.append(kw["input_ids"][kw["attention_mask"].bool()].tolist()), with_kwargs=True
+        ),
         core.model.decoder.register_forward_pre_hook(
-            lambda m, a, kw: dec_pos.append(kw["decoder_position_ids"][0].tolist()), with_kwargs=True),
+            lambda m, a, kw: dec_pos.append(kw["decoder_position_ids"][0].tolist()), with_kwargs=True
+        ),
     ]
     try:
-        out = denoise_blocks(model, [lay], generators=row_generators(1, 1), max_new_tokens=2 * L, stop_ids=(),
-                             pad_id=char_tokenizer.pad_token_id, **knobs(1))
+        out = denoise_blocks(
+            model,
+            [lay],
+            generators=row_generators(1, 1),
+            max_new_tokens=2 * L,
+            stop_ids=(),
+            pad_id=char_tokenizer.pad_token_id,
+            **knobs(1),
+        )
     finally:
         for h in hooks:
             h.remove()

@@ -4,16 +4,27 @@ the activations kept for backward shrink."""
 import pytest
 import torch
 
-from ftkit.model.checkpointing import CheckpointedEncoderLayer, set_gradient_checkpointing
 from ftkit.diffusion.loss import decoder_inputs, diffusion_loss
 from ftkit.diffusion.token_layout import collate, layout_example
+from ftkit.model.checkpointing import CheckpointedEncoderLayer, set_gradient_checkpointing
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.profiling import SavedActivations
 from ftkit.recipe.schema import DiffusionSection, LoraSection, TinySpec
 from ftkit.tasks.sudoku import SudokuTask
 
-SPEC = TinySpec(layers=3, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24, intermediate=64,
-                experts=4, top_k=2, expert_intermediate=32, canvas_length=96)
+SPEC = TinySpec(
+    layers=3,
+    hidden=48,
+    heads=2,
+    kv_heads=1,
+    head_dim=24,
+    global_head_dim=24,
+    intermediate=64,
+    experts=4,
+    top_k=2,
+    expert_intermediate=32,
+    canvas_length=96,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +46,19 @@ def setup():
 def _set_checkpointing(model, on: bool):
     set_gradient_checkpointing(model, on)
     if on:
-        assert all(isinstance(layer, CheckpointedEncoderLayer)
-                   for layer in model.get_base_model().model.encoder.language_model.layers)
+        assert all(
+            isinstance(layer, CheckpointedEncoderLayer)
+            for layer in model.get_base_model().model.encoder.language_model.layers
+        )
         assert all(layer.gradient_checkpointing for layer in model.get_base_model().model.decoder.layers)
 
 
 def _step(model, batch, chunk):
     model.zero_grad()
     with SavedActivations(exclude=model) as saved:
-        out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=0.5), torch.Generator().manual_seed(4))
+        out = diffusion_loss(
+            model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=0.5), torch.Generator().manual_seed(4)
+        )
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     return out.loss.item(), grads, saved.bytes
@@ -74,8 +89,10 @@ def test_encoder_recompute_writes_the_cache_once(setup):
     core = model.get_base_model()
     kwargs = decoder_inputs(model, batch, batch["canvas"][:, 0])
     calls = []
-    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a: calls.append(m.layer_idx))
-             for layer in core.model.encoder.language_model.layers]
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(lambda m, a: calls.append(m.layer_idx))
+        for layer in core.model.encoder.language_model.layers
+    ]
     model.train()
     try:
         _set_checkpointing(model, True)

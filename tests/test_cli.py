@@ -50,6 +50,7 @@ def test_help(command):
 
 def test_version():
     from ftkit import __version__
+
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.strip() == f"ftkit {__version__}"
 
@@ -78,10 +79,16 @@ def test_validate_catches_what_train_would_fail_on(tmp_path):
     # Builds, then fails in the grouped expert kernel at the first step: validate runs that step.
     assert_clean_error(invoke("validate", TINY, "model.tiny.hidden=7"), "model.tiny", "strides")
     # The sampler settings go through transformers' DiffusionGemmaGenerationConfig.
-    assert_clean_error(invoke("validate", TINY, "eval.entropy_bound=0", "eval.temperature_max=0"),
-                       "`eval.entropy_bound`", "DiffusionGemmaGenerationConfig")
-    assert_clean_error(invoke("validate", TINY, "eval.temperature_min=0.5", "eval.temperature_max=0.5"),
-                       "`eval.temperature_min`", "`eval.temperature_max`")
+    assert_clean_error(
+        invoke("validate", TINY, "eval.entropy_bound=0", "eval.temperature_max=0"),
+        "`eval.entropy_bound`",
+        "DiffusionGemmaGenerationConfig",
+    )
+    assert_clean_error(
+        invoke("validate", TINY, "eval.temperature_min=0.5", "eval.temperature_max=0.5"),
+        "`eval.temperature_min`",
+        "`eval.temperature_max`",
+    )
     # An empty recipe file was all defaults: the 26B hub model and ~50 s of download retries.
     empty = _write(tmp_path / "empty.yaml", "")
     assert_clean_error(invoke("validate", empty), str(empty), "empty")
@@ -112,8 +119,10 @@ def _bad_csv(tmp_path: Path) -> tuple[Path, str]:
 BAD_TRAIN_INPUTS = {
     "unknown_task": (["task.name=chess"], ["`task.name`", "unknown task 'chess'", "sudoku"]),
     "missing_data_file": (["task.data_path=/nonexistent/puzzles.csv"], ["/nonexistent/puzzles.csv", "not found"]),
-    "canvas_too_long": (["model.tiny.canvas_length=85", "task.options.rows_on_lines=true"],
-                        ["canvas is 90 tokens", "canvas_length=85"]),
+    "canvas_too_long": (
+        ["model.tiny.canvas_length=85", "task.options.rows_on_lines=true"],
+        ["canvas is 90 tokens", "canvas_length=85"],
+    ),
     "empty_dataset": (["task.train_size=0"], ["dataset is empty"]),
     "bad_override": (["train.max_steps"], ["KEY.PATH=VALUE"]),
     "bad_task_option": (["task.options.min_givens=5"], ["min_givens"]),
@@ -139,15 +148,19 @@ def test_train_malformed_yaml_names_line(tmp_path):
 def test_train_malformed_sudoku_csv_names_file_and_line(tmp_path):
     csv_path, where = _bad_csv(tmp_path)
     out_dir = tmp_path / "run"
-    assert_clean_error(invoke("train", TINY, f"task.data_path={csv_path}", f"train.output_dir={out_dir}"),
-                       where, "expected 81 cells")
+    assert_clean_error(
+        invoke("train", TINY, f"task.data_path={csv_path}", f"train.output_dir={out_dir}"), where, "expected 81 cells"
+    )
     assert not out_dir.exists()
 
 
 def test_missing_recipe_and_missing_run_dir(tmp_path):
     assert_clean_error(invoke("validate", tmp_path / "nope.yaml"), "not found")
-    for command in (["eval", tmp_path / "nope"], ["generate", tmp_path / "nope", "-i", PUZZLE],
-                    ["push", tmp_path / "nope", "--dry-run"]):
+    for command in (
+        ["eval", tmp_path / "nope"],
+        ["generate", tmp_path / "nope", "-i", PUZZLE],
+        ["push", tmp_path / "nope", "--dry-run"],
+    ):
         line = assert_clean_error(invoke(*command), "nope")
         assert "not found" in line or "no such run directory" in line
 
@@ -162,9 +175,18 @@ TRAIN_OUTPUT: dict[str, str] = {}
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("cli") / "run"
-    result = invoke("train", TINY, "train.max_steps=2", "task.train_size=8", "train.batch_size=4",
-                    "train.logging_steps=1", "train.save_steps=2", "eval.num_examples=2", "eval.steps=1",
-                    f"train.output_dir={run}")
+    result = invoke(
+        "train",
+        TINY,
+        "train.max_steps=2",
+        "task.train_size=8",
+        "train.batch_size=4",
+        "train.logging_steps=1",
+        "train.save_steps=2",
+        "eval.num_examples=2",
+        "eval.steps=1",
+        f"train.output_dir={run}",
+    )
     assert result.exit_code == 0, result.output
     assert (run / "adapter_model.safetensors").is_file()
     TRAIN_OUTPUT["text"] = result.output
@@ -220,7 +242,6 @@ def test_solve_prints_grid_and_writes_trajectories(tiny_run, tmp_path):
 
 def test_generate_one_result(tiny_run):
     from ftkit.evaluation.generate import generate_one
-
     from ftkit.tasks.sudoku import grid_cells
 
     res = generate_one(tiny_run, PUZZLE.replace("0", "."), steps=2, seed=1, save_trajectory=None)
@@ -264,12 +285,15 @@ def test_an_empty_answer_is_a_failure(tiny_run, monkeypatch):
     assert "empty answer" in result.output and "all constraints satisfied" not in result.output
 
 
-@pytest.mark.parametrize("bad_input,needles", [
-    (PUZZLE[:-1], ["expected 81 cells, got 80"]),
-    (PUZZLE[:-1] + "x", ["invalid character 'x'"]),
-    ("55" + PUZZLE[2:], ["repeat 5 in row 1"]),
-    ("   ", ["input is empty"]),
-])
+@pytest.mark.parametrize(
+    "bad_input,needles",
+    [
+        (PUZZLE[:-1], ["expected 81 cells, got 80"]),
+        (PUZZLE[:-1] + "x", ["invalid character 'x'"]),
+        ("55" + PUZZLE[2:], ["repeat 5 in row 1"]),
+        ("   ", ["input is empty"]),
+    ],
+)
 def test_generate_bad_puzzle_is_clean(tiny_run, bad_input, needles):
     assert_clean_error(invoke("generate", tiny_run, "-i", bad_input, "--steps", "1"), *needles)
 
@@ -309,9 +333,9 @@ def test_push_without_adapter_says_train_first(tiny_run, tmp_path):
 
 
 def test_protein_input_length_and_scaffold(char_tokenizer):
+    from ftkit.diffusion.token_layout import layout_example
     from ftkit.errors import FtkitError
     from ftkit.evaluation.generate import example_from_input
-    from ftkit.diffusion.token_layout import layout_example
     from ftkit.tasks import make_task
 
     task = make_task("protein", {"mode": "scaffold"})
@@ -326,9 +350,9 @@ def test_protein_input_length_and_scaffold(char_tokenizer):
 
 
 def test_code_infill_input_hole(char_tokenizer):
+    from ftkit.diffusion.token_layout import layout_example
     from ftkit.errors import FtkitError
     from ftkit.evaluation.generate import example_from_input
-    from ftkit.diffusion.token_layout import layout_example
     from ftkit.tasks import make_task
 
     task = make_task("code_infill")
@@ -348,7 +372,9 @@ def test_code_infill_input_hole(char_tokenizer):
 def test_recipe_reference_is_up_to_date():
     from ftkit.recipe.reference import DOC_PATH, main, render
 
-    assert DOC_PATH.read_text(encoding="utf-8") == render(), "docs/recipe-reference.md is stale: python -m ftkit.recipe.reference"
+    assert DOC_PATH.read_text(encoding="utf-8") == render(), (
+        "docs/recipe-reference.md is stale: python -m ftkit.recipe.reference"
+    )
     assert main(["--check"]) == 0
     from ftkit.recipe.schema import schema_rows
 

@@ -14,9 +14,9 @@ from packaging.version import Version
 from torch import nn
 from typer.testing import CliRunner
 
+from ftkit.errors import FtkitError
 from ftkit.model import compat
 from ftkit.model.checkpointing import CheckpointedEncoderLayer
-from ftkit.errors import FtkitError
 from ftkit.model.mixins import add_mixin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,8 +39,11 @@ def test_versions_in_the_range_pass(version):
 
 @pytest.mark.parametrize("version", ["5.16.1", "5.24.0", "5.25.0", "6.0.0"])
 def test_versions_outside_the_range_are_one_error_naming_it(version):
-    with pytest.raises(FtkitError, match=rf"transformers {version} is not supported: ftkit supports "
-                                         r"transformers<5.24,>=5.17"):
+    with pytest.raises(
+        FtkitError,
+        match=rf"transformers {version} is not supported: ftkit supports "
+        r"transformers<5.24,>=5.17",
+    ):
         compat.check_transformers(Version(version))
 
 
@@ -52,15 +55,18 @@ def test_the_cli_refuses_an_unsupported_transformers_at_startup(monkeypatch):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert lines == ["error: transformers 5.24.0 is not supported: ftkit supports transformers<5.24,>=5.17 "
-                     "(pip install 'transformers<5.24,>=5.17')"]
+    assert lines == [
+        "error: transformers 5.24.0 is not supported: ftkit supports transformers<5.24,>=5.17 "
+        "(pip install 'transformers<5.24,>=5.17')"
+    ]
 
 
 def test_training_arguments_take_the_checkpointing_fields(tmp_path):
     from transformers import TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
-                             **compat.checkpointing_arguments(True, {"use_reentrant": False}))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, **compat.checkpointing_arguments(True, {"use_reentrant": False})
+    )
     assert args.gradient_checkpointing is True  # both names on 5.23 (alias), the only one before
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftkit.model.compat import disable_decoder_checkpointing, enable_decoder_checkpointing
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
 from ftkit.diffusion.loss import (
     chunked_head_token_losses,
@@ -16,6 +15,7 @@ from ftkit.diffusion.loss import (
     head_logits,
 )
 from ftkit.diffusion.token_layout import collate, layout_example
+from ftkit.model.compat import disable_decoder_checkpointing, enable_decoder_checkpointing
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.recipe.schema import DiffusionSection, LoraSection, TinySpec
 from ftkit.tasks.sudoku import SudokuTask
@@ -59,8 +59,11 @@ def test_decoder_inputs_right_align_the_cache_at_the_block_start(tiny_setup):
     """Row 0's block starts at 2, row 1's at 4 (row 1 has a padded last position): each row's prefix ends at the
     cache's last column, the rest is masked; canvas positions continue from the block start."""
     model, _ = tiny_setup
-    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long),
-             "attention_mask": torch.tensor([[1] * 6, [1] * 5 + [0]]), "prompt_len": torch.tensor([2, 4])}
+    batch = {
+        "input_ids": torch.zeros(2, 6, dtype=torch.long),
+        "attention_mask": torch.tensor([[1] * 6, [1] * 5 + [0]]),
+        "prompt_len": torch.tensor([2, 4]),
+    }
     kw = decoder_inputs(model, batch, torch.zeros(2, 3, dtype=torch.long))
     assert kw["decoder_attention_mask"].long().tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1]]
     assert kw["past_key_values"].index.tolist() == [[0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 2, 3]]
@@ -94,8 +97,19 @@ def tiny_setup():
     from ftkit.model.char_tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    spec = TinySpec(layers=2, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24, intermediate=64,
-                    experts=4, top_k=2, expert_intermediate=32, canvas_length=96)
+    spec = TinySpec(
+        layers=2,
+        hidden=48,
+        heads=2,
+        kv_heads=1,
+        head_dim=24,
+        global_head_dim=24,
+        intermediate=64,
+        experts=4,
+        top_k=2,
+        expert_intermediate=32,
+        canvas_length=96,
+    )
     model = attach_lora(build_tiny(spec, tok), LoraSection(r=4, alpha=8))
     task = SudokuTask()
     exs = task.build_dataset("test", 3, 0)
@@ -117,15 +131,22 @@ def test_loss_matches_reference_steps(tiny_setup):
     noisy = torch.where(corrupt, torch.randint(model.config.text_config.vocab_size, (3, 96), generator=g), canvas)
     seq = batch["input_ids"].shape[1]
     cache = (torch.arange(seq)[None] < batch["prompt_len"][:, None]).long()
-    ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=noisy,
-                decoder_attention_mask=torch.cat([cache, torch.ones(3, 96, dtype=torch.long)], 1),
-                decoder_position_ids=batch["prompt_len"][:, None] + torch.arange(96)[None])
+    ref = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=noisy,
+        decoder_attention_mask=torch.cat([cache, torch.ones(3, 96, dtype=torch.long)], 1),
+        decoder_position_ids=batch["prompt_len"][:, None] + torch.arange(96)[None],
+    )
     diff = F.cross_entropy(ref.logits.reshape(-1, ref.logits.shape[-1]), canvas.reshape(-1))
     core = model.get_base_model()
     enc_logits = torch.tanh(core.lm_head(ref.encoder_last_hidden_state).float() / 30.0) * 30.0
     pairs = batch["attention_mask"][:, :-1].bool() & batch["attention_mask"][:, 1:].bool()
-    enc = F.cross_entropy(enc_logits[:, :-1].reshape(-1, enc_logits.shape[-1]),
-                          torch.where(pairs, batch["input_ids"][:, 1:], -100).reshape(-1), ignore_index=-100)
+    enc = F.cross_entropy(
+        enc_logits[:, :-1].reshape(-1, enc_logits.shape[-1]),
+        torch.where(pairs, batch["input_ids"][:, 1:], -100).reshape(-1),
+        ignore_index=-100,
+    )
     assert out.t.tolist() == pytest.approx(t.tolist()) and out.block.tolist() == [0, 0, 0]
     assert out.diffusion.item() == pytest.approx(diff.item(), rel=1e-5)
     assert out.encoder.item() == pytest.approx(enc.item(), rel=1e-5)
@@ -138,8 +159,8 @@ LONG = "".join(chr(ord("a") + (7 * i) % 26) for i in range(200))  # 200 characte
 @pytest.fixture(scope="module")
 def long_batch():
     """A three-block response (201 tokens in 96-token canvases) beside a one-block Sudoku example."""
-    from ftkit.tasks.base import Piece, PromptCanvas
     from ftkit.model.char_tokenizer import build_char_tokenizer
+    from ftkit.tasks.base import Piece, PromptCanvas
 
     tok = build_char_tokenizer()
     long = layout_example(tok, PromptCanvas(prompt="Write.", pieces=(Piece(LONG, False),)), 96, 256, max_blocks=None)
@@ -159,7 +180,9 @@ def test_collate_lays_out_blocks_and_reads_only_real_tokens(long_batch):
     lengths = batch["attention_mask"].sum(1).tolist()
     assert lengths == [len(long.prompt_ids) + 201, len(sudoku.prompt_ids) + 82]
     assert batch["input_ids"][0, lengths[0] - 1].item() == eot
-    assert (encoder_targets(batch["input_ids"], batch["attention_mask"]) != -100).sum(1).tolist() == [n - 1 for n in lengths]
+    assert (encoder_targets(batch["input_ids"], batch["attention_mask"]) != -100).sum(1).tolist() == [
+        n - 1 for n in lengths
+    ]
 
 
 def test_long_example_loss_matches_hand_computation_for_each_block(tiny_setup, long_batch):
@@ -189,15 +212,22 @@ def test_long_example_loss_matches_hand_computation_for_each_block(tiny_setup, l
         seq = batch["input_ids"].shape[1]
         cache = (torch.arange(seq)[None] < start[:, None]).long()
         with torch.no_grad():
-            ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=noisy,
-                        decoder_attention_mask=torch.cat([cache, torch.ones(2, 96, dtype=torch.long)], 1),
-                        decoder_position_ids=start[:, None] + torch.arange(96)[None])
+            ref = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                decoder_input_ids=noisy,
+                decoder_attention_mask=torch.cat([cache, torch.ones(2, 96, dtype=torch.long)], 1),
+                decoder_position_ids=start[:, None] + torch.arange(96)[None],
+            )
         diff = F.cross_entropy(ref.logits.reshape(-1, vocab), target.reshape(-1))
         enc_logits = torch.tanh(model.get_base_model().lm_head(ref.encoder_last_hidden_state).float() / 30.0) * 30.0
         mask = batch["attention_mask"]
         pairs = mask[:, :-1].bool() & mask[:, 1:].bool()
-        enc = F.cross_entropy(enc_logits[:, :-1].reshape(-1, vocab),
-                              torch.where(pairs, batch["input_ids"][:, 1:], -100).reshape(-1), ignore_index=-100)
+        enc = F.cross_entropy(
+            enc_logits[:, :-1].reshape(-1, vocab),
+            torch.where(pairs, batch["input_ids"][:, 1:], -100).reshape(-1),
+            ignore_index=-100,
+        )
         assert out.diffusion.item() == pytest.approx(diff.item(), rel=1e-5), b
         assert out.encoder.item() == pytest.approx(enc.item(), rel=1e-5), b
         assert out.loss.item() == pytest.approx(diff.item() + 0.5 * enc.item(), rel=1e-5), b
@@ -252,9 +282,11 @@ def _batch_sizes(core):
     calls = {"encoder": [], "decoder": []}
     hooks = [
         core.model.encoder.language_model.register_forward_pre_hook(
-            lambda m, a, kw: calls["encoder"].append(kw["inputs_embeds"].shape[0]), with_kwargs=True),
+            lambda m, a, kw: calls["encoder"].append(kw["inputs_embeds"].shape[0]), with_kwargs=True
+        ),
         core.model.decoder.register_forward_pre_hook(
-            lambda m, a, kw: calls["decoder"].append(kw["decoder_input_ids"].shape[0]), with_kwargs=True),
+            lambda m, a, kw: calls["decoder"].append(kw["decoder_input_ids"].shape[0]), with_kwargs=True
+        ),
     ]
     return calls, hooks
 
@@ -285,7 +317,9 @@ def test_lean_path_never_materializes_batch_by_canvas_by_vocab(tiny_setup):
     largest = {}
     for chunk in (0, 50):
         with LargestTensor(last_dim=vocab) as meter:
-            diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=1.0), gen(3)).loss.backward()
+            diffusion_loss(
+                model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=1.0), gen(3)
+            ).loss.backward()
         largest[chunk] = meter.bytes
     assert largest[0] >= full_logits  # the meter sees the reference path's logits
     assert largest[50] <= 50 * vocab * 4 < full_logits  # one chunk of fp32 logits at most
@@ -316,7 +350,9 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_setup):
         model.zero_grad()
         out = diffusion_loss(model, batch, DiffusionSection(), gen(2))
         out.loss.backward()
-        results.append((out.loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]))
+        results.append(
+            (out.loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None])
+        )
     disable_decoder_checkpointing(core)
     model.eval()
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)

@@ -15,10 +15,10 @@ from rich.console import Console
 import ftkit.evaluation.evaluate as ev
 from ftkit.diffusion.sample import DenoiseResult
 from ftkit.diffusion.token_layout import layout_example
+from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, Recipe, TaskSection, TinySpec
 from ftkit.tasks.sudoku import SudokuOptions, SudokuTask
-from ftkit.model.char_tokenizer import build_char_tokenizer
 
 CANVAS = TinySpec().canvas_length  # 96 >= 81 Sudoku cells
 
@@ -54,8 +54,9 @@ def oracle_sampler(layouts, seen):
         for ids, m in zip(prompt_ids.tolist(), prompt_mask.tolist()):
             rows.append(truth[tuple(i for i, keep in zip(ids, m) if keep)])
         canvas = torch.tensor(rows)
-        return DenoiseResult(canvas=canvas, steps_used=torch.ones(len(rows), dtype=torch.long), forward_passes=1,
-                             tokens_per_forward=1.0)
+        return DenoiseResult(
+            canvas=canvas, steps_used=torch.ones(len(rows), dtype=torch.long), forward_passes=1, tokens_per_forward=1.0
+        )
 
     return sample
 
@@ -66,8 +67,17 @@ def test_oracle_outputs_score_perfectly(tokenizer, rows_on_lines, model):
     examples = task.build_dataset("test", 5, seed=0)
     layouts = [layout_example(tokenizer, task.to_prompt_canvas(ex), CANVAS, 512) for ex in examples]
     seen = []
-    report = ev.evaluate_examples(model, tokenizer, task, examples, EvalSection(batch_size=2), CANVAS, 512, False,
-                                  sampler=oracle_sampler(layouts, seen))
+    report = ev.evaluate_examples(
+        model,
+        tokenizer,
+        task,
+        examples,
+        EvalSection(batch_size=2),
+        CANVAS,
+        512,
+        False,
+        sampler=oracle_sampler(layouts, seen),
+    )
     assert len(seen) == 3  # batches of 2, 2, 1
     for key in ("solve_rate", "exact_match", "cell_accuracy_blanks", "givens_preserved", "rows_valid", "boxes_valid"):
         assert report.metrics[key] == 1.0, key
@@ -123,7 +133,7 @@ def test_real_sampler_respects_givens_and_budget(model, tokenizer, task, example
 
     plain = ev.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, False, sampler=recording_denoise)
     assert len(calls) == 2
-    for args, kwargs, result in calls:
+    for _args, kwargs, result in calls:
         canvas_init, fixed = kwargs["canvas_init"], kwargs["fixed_mask"]
         assert fixed.any() and torch.equal(result.canvas[fixed], canvas_init[fixed])  # givens clamped
         assert kwargs["clamp"] and kwargs["verifier"] is None
@@ -146,6 +156,7 @@ def fake_run(model, tokenizer, task):
 
 def test_evaluate_run_writes_files_atomically(tmp_path, monkeypatch, model, tokenizer, task):
     adapters = []
+
     def load_run(run_dir, adapter, checkpoint=None):
         adapters.append(adapter)
         return fake_run(model, tokenizer, task)
@@ -153,6 +164,7 @@ def test_evaluate_run_writes_files_atomically(tmp_path, monkeypatch, model, toke
     monkeypatch.setattr(ev, "_load_run", load_run)
     renames = []
     real_replace = os.replace
+
     def recording_replace(src, dst):
         renames.append((Path(src), Path(dst)))
         real_replace(src, dst)
@@ -160,8 +172,9 @@ def test_evaluate_run_writes_files_atomically(tmp_path, monkeypatch, model, toke
     monkeypatch.setattr(os, "replace", recording_replace)
 
     progress = []
-    report = ev.evaluate_run(tmp_path, sweep_steps=[1, 2], compare_verifier=True,
-                             progress=lambda *args: progress.append(args))
+    report = ev.evaluate_run(
+        tmp_path, sweep_steps=[1, 2], compare_verifier=True, progress=lambda *args: progress.append(args)
+    )
     assert adapters == [True]
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
@@ -252,8 +265,13 @@ def test_result_names():
 def test_canonical_problems(tmp_path):
     recipe = Recipe(task=TaskSection(name="sudoku", test_size=50), eval=EvalSection(num_examples=100, steps=16))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
-    good = {"adapter": True, "checkpoint": None, "num_examples": 50, "eval": dataclasses.asdict(recipe.eval),
-            "adapter_sha256": ev.file_sha256(tmp_path / "adapter_model.safetensors")}
+    good = {
+        "adapter": True,
+        "checkpoint": None,
+        "num_examples": 50,
+        "eval": dataclasses.asdict(recipe.eval),
+        "adapter_sha256": ev.file_sha256(tmp_path / "adapter_model.safetensors"),
+    }
     assert ev.canonical_problems(good, recipe, tmp_path) == []
     partial = {**good, "num_examples": 2, "eval": {**good["eval"], "split": "train"}}  # what older ftkit wrote
     problems = ev.canonical_problems(partial, recipe, tmp_path)
@@ -269,10 +287,23 @@ def test_best_of_n_keeps_the_least_flagged_sample(task, examples):
 
     def report(outputs, steps):
         metrics, violations = ev.score_outputs(task, examples[:2], outputs)
-        records = [{"id": ex.id, "output": o, "violations": [], "steps_used": steps} for ex, o in zip(examples, outputs)]
-        return ev.EvalReport(metrics=metrics, outputs=outputs, records=records, steps=4, verifier_renoise=False,
-                             mean_steps_used=steps, tokens_per_forward=1.0, forward_passes=1, renoised_cells=0,
-                             seconds=1.0, examples_per_second=2.0, num_examples=2)
+        records = [
+            {"id": ex.id, "output": o, "violations": [], "steps_used": steps} for ex, o in zip(examples, outputs)
+        ]
+        return ev.EvalReport(
+            metrics=metrics,
+            outputs=outputs,
+            records=records,
+            steps=4,
+            verifier_renoise=False,
+            mean_steps_used=steps,
+            tokens_per_forward=1.0,
+            forward_passes=1,
+            renoised_cells=0,
+            seconds=1.0,
+            examples_per_second=2.0,
+            num_examples=2,
+        )
 
     best = ev.best_of_n(task, examples[:2], [report([wrong[0], right[1]], 4), report([right[0], wrong[1]], 3)])
     assert best.outputs == right and [r["sample"] for r in best.records] == [1, 0]

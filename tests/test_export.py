@@ -22,8 +22,19 @@ from ftkit.export import export_run
 from ftkit.model.load import attach_lora, build_tiny, make_fully_trainable
 from ftkit.recipe.schema import recipe_from_dict
 
-TINY = {"layers": 2, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
-        "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32, "canvas_length": 32}
+TINY = {
+    "layers": 2,
+    "hidden": 48,
+    "heads": 2,
+    "kv_heads": 1,
+    "head_dim": 24,
+    "global_head_dim": 24,
+    "intermediate": 64,
+    "experts": 4,
+    "top_k": 2,
+    "expert_intermediate": 32,
+    "canvas_length": 32,
+}
 FP32_RELATIVE = 2.0**-14
 
 
@@ -33,10 +44,13 @@ def make_run(root: Path, tokenizer, lora: dict | None = None, full: bool = False
     and the trained model (PEFT, fp32) that the export must reproduce."""
     run = root / "run"
     run.mkdir(parents=True)
-    data = {"model": {"base": "tiny", "dtype": "float32", "tiny": TINY},
-            "lora": {"r": 4, "alpha": 8, "dense_mlp": True, **(lora or {})},
-            "train": {"output_dir": str(run), "trainable": "full" if full else "lora"},
-            "task": {"name": "sudoku"}, "eval": {"steps": 12, "entropy_bound": 0.25, "temperature_max": 0.5}}
+    data = {
+        "model": {"base": "tiny", "dtype": "float32", "tiny": TINY},
+        "lora": {"r": 4, "alpha": 8, "dense_mlp": True, **(lora or {})},
+        "train": {"output_dir": str(run), "trainable": "full" if full else "lora"},
+        "task": {"name": "sudoku"},
+        "eval": {"steps": 12, "entropy_bound": 0.25, "temperature_max": 0.5},
+    }
     recipe = recipe_from_dict(data)
     (run / "recipe.yaml").write_text(recipe.to_yaml())
     tokenizer.save_pretrained(run)
@@ -92,8 +106,11 @@ def assert_logits_match(export_dir, reference, base, tokenizer):
     assert (want - before).abs().max() > 100 * FP32_RELATIVE * scale  # the adapter matters
 
 
-@pytest.mark.parametrize("lora,form", [({}, "untied"), ({"shared_stacks": True}, "tied"), ({"encoder": False}, "untied")],
-                         ids=["separate-stacks", "shared-stacks", "decoder-only"])
+@pytest.mark.parametrize(
+    "lora,form",
+    [({}, "untied"), ({"shared_stacks": True}, "tied"), ({"encoder": False}, "untied")],
+    ids=["separate-stacks", "shared-stacks", "decoder-only"],
+)
 def test_export_computes_base_plus_adapter(tmp_path, char_tokenizer, lora, form):
     """Attention, dense-MLP and expert LoRA, merged: from_pretrained(OUT) gives the PEFT model's logits."""
     run, base, model = make_run(tmp_path, char_tokenizer, lora)

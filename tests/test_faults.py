@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ftkit.run import manifest
-
-from ftkit.run import rundir
-from ftkit.errors import FtkitError
-from ftkit.sft.run import train
 from test_train import tiny_recipe
+
+from ftkit.errors import FtkitError
+from ftkit.run import manifest, rundir
+from ftkit.sft.run import train
 
 DRIVER = Path(__file__).resolve().parent / "helpers" / "train_driver.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_driver(out: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(DRIVER), str(out), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(DRIVER), str(out), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 def default_sigint() -> None:
@@ -77,7 +80,9 @@ def resume_to_the_end(out: Path) -> dict:
 def test_kill9_during_training_then_resume(tmp_path):
     out = tmp_path / "run"
     proc = start_driver(out, "--step-sleep", "0.4")
-    wait_for(lambda: rundir.latest_checkpoint(out) is not None and rundir.latest_checkpoint(out).name == "checkpoint-6", proc)
+    wait_for(
+        lambda: rundir.latest_checkpoint(out) is not None and rundir.latest_checkpoint(out).name == "checkpoint-6", proc
+    )
     time.sleep(0.5)  # somewhere inside step 7
     kill9(proc)
     last = rundir.latest_checkpoint(out)
@@ -89,8 +94,13 @@ def test_kill9_during_training_then_resume(tmp_path):
 def test_kill9_during_checkpoint_write_leaves_no_corrupt_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = start_driver(out, "--slow-save-step", "6")
-    wait_for(lambda: (out / "checkpoints" / ".staging" / "checkpoint-6").is_dir() and
-             any((out / "checkpoints" / ".staging" / "checkpoint-6").iterdir()), proc)
+    wait_for(
+        lambda: (
+            (out / "checkpoints" / ".staging" / "checkpoint-6").is_dir()
+            and any((out / "checkpoints" / ".staging" / "checkpoint-6").iterdir())
+        ),
+        proc,
+    )
     deadline = time.time() + 60
     while "SAVING" not in proc.stdout.readline() and time.time() < deadline:
         pass
@@ -128,14 +138,29 @@ def test_disk_full_on_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_ctrl_c_names_the_last_checkpoint_and_the_exact_resume_command(tmp_path):
     out = tmp_path / "run"
-    args = ["train", "recipes/tiny/sudoku.yaml", f"train.output_dir={out}", "train.max_steps=400", "train.save_steps=2",
-            "task.train_size=32", "train.batch_size=4", "model.tiny.hidden=48", "model.tiny.heads=2",
-            "model.tiny.intermediate=64"]
+    args = [
+        "train",
+        "recipes/tiny/sudoku.yaml",
+        f"train.output_dir={out}",
+        "train.max_steps=400",
+        "train.save_steps=2",
+        "task.train_size=32",
+        "train.batch_size=4",
+        "model.tiny.hidden=48",
+        "model.tiny.heads=2",
+        "model.tiny.intermediate=64",
+    ]
 
     def run_until(argv, predicate) -> str:
-        proc = subprocess.Popen([sys.executable, "-m", "ftkit", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                preexec_fn=default_sigint)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ftkit", *argv],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=default_sigint,
+        )
         wait_for(predicate, proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -146,8 +171,9 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_exact_resume_command(tmp_path)
     lines = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
     newest = rundir.checkpoints(out)[0]
     resume = shlex.join(["ftkit", *args, "--resume"])
-    assert lines == [f"interrupted; last saved checkpoint: {newest} (step {rundir.checkpoint_step(newest)}); "
-                     f"resume with: {resume}"], err
+    assert lines == [
+        f"interrupted; last saved checkpoint: {newest} (step {rundir.checkpoint_step(newest)}); resume with: {resume}"
+    ], err
 
     # The printed command continues the run from that checkpoint.
     step = rundir.checkpoint_step(newest)
@@ -162,9 +188,24 @@ SOAK_KILLS = 15
 
 def _soak_driver(out: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(DRIVER), str(out), "--soak", "--resume", "--step-sleep", "0.02",
-                             "--max-steps", str(SOAK_STEPS), "--save-steps", "2"],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(DRIVER),
+            str(out),
+            "--soak",
+            "--resume",
+            "--step-sleep",
+            "0.02",
+            "--max-steps",
+            str(SOAK_STEPS),
+            "--save-steps",
+            "2",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 def _adapter(folder: Path) -> dict:
@@ -198,7 +239,7 @@ def test_soak_fifteen_random_kills_end_like_the_uninterrupted_run(tmp_path):
         log = tmp_path / f"cycle{i}.log"
         phase, delay = rng.choice(["STEP", "SAVING", "LOGGING"]), rng.uniform(0.0, 0.12)
         proc = _soak_driver(out, log)
-        wait_for(lambda: reached(log, step, phase), proc, timeout=600)
+        wait_for(lambda log=log, step=step, phase=phase: reached(log, step, phase), proc, timeout=600)
         time.sleep(delay)
         kill9(proc)
         kills.append((step, phase, round(delay, 3)))

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_train import Snapshot, crash_and_resume, probe_batch, tiny_recipe
 
-from ftkit.run import rundir
 from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe.schema import recipe_from_dict
+from ftkit.run import rundir
 from ftkit.sft.run import train
-from test_train import Snapshot, crash_and_resume, probe_batch, tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,9 +32,13 @@ def tied_pairs(model):
     """(encoder, decoder) Parameter pairs of one text layer, and (head, embeddings)."""
     core = getattr(model, "get_base_model", lambda: model)()
     enc, dec = core.model.encoder.language_model.layers[0], core.model.decoder.layers[0]
-    return [(enc.self_attn.q_proj.weight, dec.self_attn.q_proj.weight), (enc.experts.gate_up_proj, dec.experts.gate_up_proj),
-            (enc.router.proj.weight, dec.router.proj.weight), (core.lm_head.weight, core.model.decoder.embed_tokens.weight),
-            (core.model.encoder.language_model.embed_tokens.weight, core.model.decoder.embed_tokens.weight)]
+    return [
+        (enc.self_attn.q_proj.weight, dec.self_attn.q_proj.weight),
+        (enc.experts.gate_up_proj, dec.experts.gate_up_proj),
+        (enc.router.proj.weight, dec.router.proj.weight),
+        (core.lm_head.weight, core.model.decoder.embed_tokens.weight),
+        (core.model.encoder.language_model.embed_tokens.weight, core.model.decoder.embed_tokens.weight),
+    ]
 
 
 class FirstStep(Snapshot):
@@ -59,8 +63,17 @@ def test_every_parameter_changes_after_one_step(full_run):
     names = set(snap.before)
     frozen = {n for n in names if n not in snap.trainable}
     assert frozen and all("vision" in n for n in frozen), "only the vision tower (unused by text) stays frozen"
-    for part in ("router.proj", "router.per_expert_scale", "experts.gate_up_proj", "embed_tokens", "self_conditioning",
-                 "q_proj", "mlp.down_proj", "layernorm", "language_model.norm"):
+    for part in (
+        "router.proj",
+        "router.per_expert_scale",
+        "experts.gate_up_proj",
+        "embed_tokens",
+        "self_conditioning",
+        "q_proj",
+        "mlp.down_proj",
+        "layernorm",
+        "language_model.norm",
+    ):
         assert any(part in n for n in snap.trainable), part
     unchanged = sorted(n for n in snap.trainable if torch.equal(snap.before[n], snap.after_one[n]))
     assert unchanged == []
@@ -81,7 +94,11 @@ def test_run_holds_a_full_model_not_an_adapter(full_run):
         keys = set(f.keys())
     # The tied tensors are stored once (transformers keeps the decoder's copy); only the per-stack buffers
     # (layer_scalar) are written for both stacks.
-    encoder = {k.removeprefix("model.encoder.language_model.") for k in keys if k.startswith("model.encoder.language_model.layers.")}
+    encoder = {
+        k.removeprefix("model.encoder.language_model.")
+        for k in keys
+        if k.startswith("model.encoder.language_model.layers.")
+    }
     decoder = {k.removeprefix("model.decoder.") for k in keys if k.startswith("model.decoder.layers.")}
     assert decoder and {k.rsplit(".", 1)[1] for k in encoder & decoder} == {"layer_scalar"}
     assert "lm_head.weight" not in keys and "model.decoder.embed_tokens.weight" in keys
@@ -116,8 +133,9 @@ def test_resume_after_crash_reproduces_the_uninterrupted_run(full_run, tmp_path)
 
 def test_resume_with_another_trainable_is_refused(full_run):
     out, _, _ = full_run
-    lora = recipe_from_dict({**full_recipe(out).to_dict(), "train": {**full_recipe(out).to_dict()["train"],
-                                                                       "trainable": "lora"}})
+    lora = recipe_from_dict(
+        {**full_recipe(out).to_dict(), "train": {**full_recipe(out).to_dict()["train"], "trainable": "lora"}}
+    )
     with pytest.raises(FtkitError, match="train.trainable"):
         train(lora, resume=True, progress=False)
 
@@ -153,15 +171,25 @@ def test_quantized_base_is_refused_at_validation(tmp_path):
 def test_a_base_over_the_limit_is_refused_before_loading_weights(tmp_path):
     """A local base whose config describes the real model's widths (no weights on disk): refused from the
     config alone, and no run directory is left behind."""
+    from ftkit.model.char_tokenizer import build_char_tokenizer
     from ftkit.model.load import tiny_config
     from ftkit.recipe.schema import TinySpec
-    from ftkit.model.char_tokenizer import build_char_tokenizer
 
     base = tmp_path / "big"
     tok = build_char_tokenizer()
     # The real model's depth and expert widths (google/diffusiongemma-26B-A4B-it); the tokenizer is the char one.
-    spec = TinySpec(layers=30, hidden=2816, heads=16, kv_heads=8, head_dim=256, global_head_dim=512, intermediate=2112,
-                    experts=128, top_k=8, expert_intermediate=704)
+    spec = TinySpec(
+        layers=30,
+        hidden=2816,
+        heads=16,
+        kv_heads=8,
+        head_dim=256,
+        global_head_dim=512,
+        intermediate=2112,
+        experts=128,
+        top_k=8,
+        expert_intermediate=704,
+    )
     tiny_config(spec, len(tok)).save_pretrained(base)
     tok.save_pretrained(base)
     data = full_recipe(tmp_path / "run").to_dict()
@@ -172,9 +200,10 @@ def test_a_base_over_the_limit_is_refused_before_loading_weights(tmp_path):
 
 
 def test_count_parameters_matches_a_built_model(char_tokenizer):
+    from test_train import TINY
+
     from ftkit.model.load import build_tiny, count_parameters
     from ftkit.recipe.schema import TinySpec
-    from test_train import TINY
 
     model = build_tiny(TinySpec(**TINY), char_tokenizer)
     assert count_parameters(model.config) == sum(p.numel() for p in model.parameters())
@@ -193,9 +222,19 @@ def test_cli_solve_on_a_full_run(full_run):
     assert json.loads((out / "summary.json").read_text())["trainable"] == "full"
 
 
-QUICK = ["train.max_steps=4", "task.train_size=16", "task.test_size=4", "train.batch_size=4", "train.logging_steps=1",
-         "eval.steps=2", "eval.num_examples=4", "model.tiny.layers=1", "model.tiny.hidden=48", "model.tiny.head_dim=24",
-         "model.tiny.global_head_dim=24"]
+QUICK = [
+    "train.max_steps=4",
+    "task.train_size=16",
+    "task.test_size=4",
+    "train.batch_size=4",
+    "train.logging_steps=1",
+    "eval.steps=2",
+    "eval.num_examples=4",
+    "model.tiny.layers=1",
+    "model.tiny.hidden=48",
+    "model.tiny.head_dim=24",
+    "model.tiny.global_head_dim=24",
+]
 
 
 def test_quickstart_recipe_is_a_full_preset_run():
@@ -213,8 +252,13 @@ def test_learning_curve_bench_trains_evaluates_and_plots(tmp_path):
     import sys
 
     out = tmp_path / "lc"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curve.py"), *QUICK, "--every", "2",
-                           "-o", str(out)], capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "learning_curve.py"), *QUICK, "--every", "2", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(ROOT),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "learning_curve.json").read_text())
     assert [p["step"] for p in data["points"]] == [0, 2, 4]
@@ -237,15 +281,32 @@ def test_rl_on_a_full_run_takes_it_as_the_base(full_run, tmp_path):
         "model": {"base": str(out), "dtype": "float32"},
         "lora": {"r": 4, "alpha": 8, "attention": True, "experts": True, "dense_mlp": True},
         "diffusion": {"self_conditioning_p": 0.0},
-        "train": {"output_dir": str(tmp_path / "rl"), "max_steps": 2, "batch_size": 16, "learning_rate": 1e-2,
-                  "warmup_steps": 0, "lr_scheduler": "constant", "logging_steps": 1, "save_steps": 2},
+        "train": {
+            "output_dir": str(tmp_path / "rl"),
+            "max_steps": 2,
+            "batch_size": 16,
+            "learning_rate": 1e-2,
+            "warmup_steps": 0,
+            "lr_scheduler": "constant",
+            "logging_steps": 1,
+            "save_steps": 2,
+        },
         "task": {"name": "sudoku", "train_size": 24, "test_size": 4},
         "eval": {"num_examples": 2, "steps": 2},
-        "rl": {"init_from": str(out), "group_size": 4, "prompts_per_step": 2, "num_iterations": 2, "elbo_samples": 1,
-               "evaluate": False},
+        "rl": {
+            "init_from": str(out),
+            "group_size": 4,
+            "prompts_per_step": 2,
+            "num_iterations": 2,
+            "elbo_samples": 1,
+            "evaluate": False,
+        },
     }
-    with pytest.raises(FtkitError, match=rf"a full-parameter run .* make it the base: model.base={out} with "
-                                         r"rl.init_from: null"):
+    with pytest.raises(
+        FtkitError,
+        match=rf"a full-parameter run .* make it the base: model.base={out} with "
+        r"rl.init_from: null",
+    ):
         rl(recipe_from_dict(data), progress=False)
     data["rl"]["init_from"] = None
     summary = rl(recipe_from_dict(data), progress=False)

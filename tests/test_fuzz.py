@@ -12,20 +12,28 @@ from ftkit.errors import FtkitError
 from ftkit.recipe.schema import load_recipe, recipe_from_dict, schema_rows
 from ftkit.tasks import get_task
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                         HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
     st.sampled_from(["tiny", "sudoku", "4bit", "none", "1e-3", "cosine", "true", ""]),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                      max_leaves=8)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8,
+)
 
 # Real key paths (so the fuzzer reaches the range checks and task options, not only "unknown key").
-KEYS = [key for key, _, _ in schema_rows()] + [f"task.options.{k}" for k, _, _ in schema_rows(get_task("sudoku").Options)]
+KEYS = [key for key, _, _ in schema_rows()] + [
+    f"task.options.{k}" for k, _, _ in schema_rows(get_task("sudoku").Options)
+]
 
 
 def _nest(pairs: list[tuple[str, object]]) -> dict:
@@ -74,9 +82,36 @@ def test_recipe_overrides(overrides):
 yaml_like = st.one_of(
     st.text(max_size=200),
     st.text(alphabet=string.printable, max_size=200),
-    st.lists(st.sampled_from(["model:", "  base: tiny", "train:", "  max_steps: 3", "- a", "[", "{", "}", "]", ":",
-                              "&a", "*a", "!!python/object:os.system", "? [1]", "  ", "\t", "task:", "  name: x",
-                              "'", '"', "%YAML 1.1", "---", "..."]), max_size=10).map("\n".join),
+    st.lists(
+        st.sampled_from(
+            [
+                "model:",
+                "  base: tiny",
+                "train:",
+                "  max_steps: 3",
+                "- a",
+                "[",
+                "{",
+                "}",
+                "]",
+                ":",
+                "&a",
+                "*a",
+                "!!python/object:os.system",
+                "? [1]",
+                "  ",
+                "\t",
+                "task:",
+                "  name: x",
+                "'",
+                '"',
+                "%YAML 1.1",
+                "---",
+                "...",
+            ]
+        ),
+        max_size=10,
+    ).map("\n".join),
 )
 
 

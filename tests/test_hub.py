@@ -63,14 +63,25 @@ class FakeHub:
                     self._reply(200, {"errors": [], "warnings": []})
                 elif "/preupload/" in path:
                     files = json.loads(body)["files"]
-                    self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                                for f in files]})
+                    self._reply(
+                        200,
+                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                    )
                 elif "/commit/" in path:
                     lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-                    files = {ln["value"]["path"]: base64.b64decode(ln["value"]["content"])
-                             for ln in lines if ln["key"] == "file"}
-                    hub.commits.append({"path": path, "header": lines[0]["value"], "files": files,
-                                        "other": [ln for ln in lines[1:] if ln["key"] != "file"]})
+                    files = {
+                        ln["value"]["path"]: base64.b64decode(ln["value"]["content"])
+                        for ln in lines
+                        if ln["key"] == "file"
+                    }
+                    hub.commits.append(
+                        {
+                            "path": path,
+                            "header": lines[0]["value"],
+                            "files": files,
+                            "other": [ln for ln in lines[1:] if ln["key"] != "file"],
+                        }
+                    )
                     repo = path.split("/api/models/")[1].split("/commit/")[0]
                     self._reply(200, {"commitUrl": f"{hub.endpoint}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
                 else:
@@ -105,9 +116,12 @@ def make_run(root: Path, tiny: bool = True, hub_repo: str | None = None, with_ev
     the recipe's own evaluation (50 test examples, 16 steps) of its adapter."""
     run = root / "run"
     (run / "base").mkdir(parents=True)
-    data = {"model": {"base": "tiny" if tiny else "google/diffusiongemma-26B-A4B-it"},
-            "lora": {"experts": True, "attention": True}, "task": {"name": "sudoku", "test_size": 50},
-            "eval": {"num_examples": 50, "steps": 16}}
+    data = {
+        "model": {"base": "tiny" if tiny else "google/diffusiongemma-26B-A4B-it"},
+        "lora": {"experts": True, "attention": True},
+        "task": {"name": "sudoku", "test_size": 50},
+        "eval": {"num_examples": 50, "steps": 16},
+    }
     if hub_repo:
         data["hub"] = {"repo": hub_repo}
     recipe = recipe_from_dict(data)
@@ -116,9 +130,19 @@ def make_run(root: Path, tiny: bool = True, hub_repo: str | None = None, with_ev
     (run / "adapter_model.safetensors").write_bytes(b"\x00adapter-bytes\x01")
     (run / "tokenizer.json").write_text("{}")
     (run / "tokenizer_config.json").write_text("{}")
-    (run / "summary.json").write_text(json.dumps({
-        "steps": 300, "loss_start": 6.4451, "loss_end": 1.2345, "canvas_tokens_per_second": 4878.8,
-        "trainable_parameters": 198144, "train_seconds": 61.2, "device": "cpu"}))
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "steps": 300,
+                "loss_start": 6.4451,
+                "loss_end": 1.2345,
+                "canvas_tokens_per_second": 4878.8,
+                "trainable_parameters": 198144,
+                "train_seconds": 61.2,
+                "device": "cpu",
+            }
+        )
+    )
     (run / "loss.png").write_bytes(b"\x89PNG fake")
     (run / "train_log.jsonl").write_text("{}\n")  # not part of the upload
     (run / "base" / "config.json").write_text("{}")
@@ -133,16 +157,36 @@ def eval_report(recipe, run: Path, **changes) -> dict:
     from ftkit.evaluation.evaluate import file_sha256
 
     cfg = {**dataclasses.asdict(recipe.eval), **changes.pop("eval", {})}
-    return {"file": "eval.json", "canonical": True, "split": cfg["split"], "adapter": True, "checkpoint": None,
-            "num_examples": 50, "num_examples_requested": 50, "primary": "plain", "eval": cfg,
-            "adapter_sha256": file_sha256(run / "adapter_model.safetensors"),
-            "metrics": {"solve_rate": 0.42, "cell_accuracy_blanks": 0.9, "solve_rate/easy": 0.6, "count": 50.0},
-            "modes": {"plain": {"mean_steps_used": 9.5, "tokens_per_forward": 4.25}}, **changes}
+    return {
+        "file": "eval.json",
+        "canonical": True,
+        "split": cfg["split"],
+        "adapter": True,
+        "checkpoint": None,
+        "num_examples": 50,
+        "num_examples_requested": 50,
+        "primary": "plain",
+        "eval": cfg,
+        "adapter_sha256": file_sha256(run / "adapter_model.safetensors"),
+        "metrics": {"solve_rate": 0.42, "cell_accuracy_blanks": 0.9, "solve_rate/easy": 0.6, "count": 50.0},
+        "modes": {"plain": {"mean_steps_used": 9.5, "tokens_per_forward": 4.25}},
+        **changes,
+    }
 
 
-EXPECTED_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "recipe.yaml", "eval.json", "summary.json", "loss.png", "README.md",
-                  "base/config.json", "base/model.safetensors"}
+EXPECTED_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "recipe.yaml",
+    "eval.json",
+    "summary.json",
+    "loss.png",
+    "README.md",
+    "base/config.json",
+    "base/model.safetensors",
+}
 
 
 def test_push_uploads_one_commit_with_files_and_card(tmp_path):
@@ -208,9 +252,16 @@ def test_card_cites_only_the_canonical_eval(tmp_path):
     older ftkit wrote for `eval --split train -n 2`) is refused, and so is a run without any."""
     run = make_run(tmp_path)
     recipe = recipe_from_dict(__import__("yaml").safe_load((run / "recipe.yaml").read_text()))
-    partial = eval_report(recipe, run, file="eval_train_n2.json", canonical=False, num_examples=2,
-                          num_examples_requested=2, eval={"split": "train"},
-                          metrics={"solve_rate": 0.99, "count": 2.0})
+    partial = eval_report(
+        recipe,
+        run,
+        file="eval_train_n2.json",
+        canonical=False,
+        num_examples=2,
+        num_examples_requested=2,
+        eval={"split": "train"},
+        metrics={"solve_rate": 0.99, "count": 2.0},
+    )
     (run / "eval_train_n2.json").write_text(json.dumps(partial))
     folder = Path(push_run(run, repo="alice/x", dry_run=True))
     card = (folder / "README.md").read_text()
@@ -345,9 +396,10 @@ def test_cli_push_uses_env_token_and_never_prints_it(tmp_path, monkeypatch, capl
 def test_push_of_an_export_uploads_the_merged_model_card_and_eval(tmp_path, char_tokenizer):
     """`ftkit push OUT` on an `ftkit export` folder: one commit of exactly the files the export wrote (merged
     weights, config, generation config, tokenizer, card, the run's eval.json), the card naming the repo."""
+    from test_export import make_run as make_trained_run
+
     from ftkit.export import export_run
     from ftkit.recipe.schema import load_recipe
-    from test_export import make_run as make_trained_run
 
     run, _, _ = make_trained_run(tmp_path, char_tokenizer, {"shared_stacks": True})
     recipe = load_recipe(run / "recipe.yaml")

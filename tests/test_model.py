@@ -8,8 +8,19 @@ from ftkit.model.load import attach_lora, build_tiny, lora_targets, parameter_gr
 from ftkit.recipe.schema import LoraSection, TinySpec
 from ftkit.tasks import Piece, PromptCanvas
 
-SPEC = TinySpec(layers=2, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24, intermediate=64,
-                experts=4, top_k=2, expert_intermediate=32, canvas_length=32)
+SPEC = TinySpec(
+    layers=2,
+    hidden=48,
+    heads=2,
+    kv_heads=1,
+    head_dim=24,
+    global_head_dim=24,
+    intermediate=64,
+    experts=4,
+    top_k=2,
+    expert_intermediate=32,
+    canvas_length=32,
+)
 
 
 def test_target_regex_hits_text_layers_only():
@@ -20,18 +31,25 @@ def test_target_regex_hits_text_layers_only():
     assert not re.fullmatch(regex, "model.encoder.vision_tower.encoder.layers.0.self_attn.q_proj.linear")
     assert not re.fullmatch(regex, "model.decoder.layers.3.mlp.up_proj")  # dense MLP off by default
     regex, params = lora_targets(LoraSection(attention=False, dense_mlp=True, encoder=False), num_layers=2)
-    assert params == ["decoder.layers.0.experts.gate_up_proj", "decoder.layers.0.experts.down_proj",
-                      "decoder.layers.1.experts.gate_up_proj", "decoder.layers.1.experts.down_proj"]
+    assert params == [
+        "decoder.layers.0.experts.gate_up_proj",
+        "decoder.layers.0.experts.down_proj",
+        "decoder.layers.1.experts.gate_up_proj",
+        "decoder.layers.1.experts.down_proj",
+    ]
     assert re.fullmatch(regex, "model.decoder.layers.1.mlp.down_proj")
     assert not re.fullmatch(regex, "model.encoder.language_model.layers.1.mlp.down_proj")
 
 
-@pytest.mark.parametrize("lora", [
-    LoraSection(r=2, alpha=4),
-    LoraSection(r=2, alpha=4, experts=False),
-    LoraSection(r=2, alpha=4, attention=False),
-    LoraSection(r=2, alpha=4, encoder=False),
-])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        LoraSection(r=2, alpha=4),
+        LoraSection(r=2, alpha=4, experts=False),
+        LoraSection(r=2, alpha=4, attention=False),
+        LoraSection(r=2, alpha=4, encoder=False),
+    ],
+)
 def test_attach_lora_switches(char_tokenizer, lora):
     model = attach_lora(build_tiny(SPEC, char_tokenizer), lora)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -67,7 +85,10 @@ def test_layout_pieces_fixed_mask_end_of_turn_and_eos_fill(char_tokenizer):
     assert char_tokenizer.decode(lay.prompt_ids) == "<bos><|turn>user\nhi<turn|>\n<|turn>model\n"
     assert len(lay.prompt_ids) == 1 + 1 + 5 + 2 + 1 + 1 + 1 + 6
     eot = char_tokenizer.convert_tokens_to_ids("<turn|>")
-    assert end_of_turn_id(char_tokenizer) == eot and stop_token_ids(char_tokenizer) == (eot, char_tokenizer.eos_token_id)
+    assert end_of_turn_id(char_tokenizer) == eot and stop_token_ids(char_tokenizer) == (
+        eot,
+        char_tokenizer.eos_token_id,
+    )
     # The canvas: the pieces, the end-of-turn token (free: the model writes it), then the EOS fill.
     assert lay.canvas_ids[:6] == char_tokenizer("abcd\n", add_special_tokens=False).input_ids + [eot]
     assert lay.fixed == [True, True, False, False, True, False, False, False]
@@ -82,13 +103,19 @@ def test_layout_canvas_is_what_the_training_template_supervises(char_tokenizer):
     import importlib.resources
 
     template = (importlib.resources.files("trl") / "chat_templates" / "diffusion_gemma_training.jinja").read_text()
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4, as\nshown"}]
-    rendered = char_tokenizer.apply_chat_template(chat, chat_template=template, tokenize=True, return_dict=True,
-                                                  return_assistant_tokens_mask=True)
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4, as\nshown"},
+    ]
+    rendered = char_tokenizer.apply_chat_template(
+        chat, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, mask = rendered["input_ids"], rendered["assistant_masks"]
     start = mask.index(1)
-    pc = PromptCanvas(prompt="", pieces=(Piece("4, as\nshown", False),), messages=(("system", "Be brief."), ("user", "2+2?")))
+    pc = PromptCanvas(
+        prompt="", pieces=(Piece("4, as\nshown", False),), messages=(("system", "Be brief."), ("user", "2+2?"))
+    )
     lay = layout_example(char_tokenizer, pc, canvas_length=32, max_prompt_length=64)
     assert lay.prompt_ids == ids[:start]
     assert lay.canvas_ids[: lay.content_length] == ids[start : start + lay.content_length]
@@ -100,8 +127,9 @@ def test_tokenizer_without_chat_template_keeps_bos_text_and_eos_fill(char_tokeni
 
     plain = copy.deepcopy(char_tokenizer)
     plain.chat_template = None
-    lay = layout_example(plain, PromptCanvas(prompt="hi", pieces=(Piece("ab", False),)), canvas_length=4,
-                         max_prompt_length=8)
+    lay = layout_example(
+        plain, PromptCanvas(prompt="hi", pieces=(Piece("ab", False),)), canvas_length=4, max_prompt_length=8
+    )
     assert lay.prompt_ids == [plain.bos_token_id] + plain("hi", add_special_tokens=False).input_ids
     assert lay.canvas_ids[2:] == [plain.eos_token_id] * 2 and lay.content_length == 2
     assert stop_token_ids(plain) == (plain.eos_token_id,)
@@ -111,8 +139,11 @@ def test_layout_rejects_a_canvas_longer_than_the_model(char_tokenizer):
     from ftkit.errors import FtkitError
 
     pc = PromptCanvas(prompt="", pieces=(Piece("x" * 8, False),))
-    with pytest.raises(FtkitError, match=r"example e7: canvas is 9 tokens \(its end-of-turn token included\), "
-                                         r"longer than the model's canvas_length=8"):
+    with pytest.raises(
+        FtkitError,
+        match=r"example e7: canvas is 9 tokens \(its end-of-turn token included\), "
+        r"longer than the model's canvas_length=8",
+    ):
         layout_example(char_tokenizer, pc, canvas_length=8, max_prompt_length=32, example_id="e7")
 
 
@@ -124,15 +155,18 @@ def test_expert_rank_is_its_own_and_keeps_alpha_over_r(char_tokenizer, tmp_path)
     from peft import PeftModel
 
     from ftkit.model.quant import quantize_experts
-    from ftkit.run.rundir import load_adapter
     from ftkit.recipe.schema import QuantSection
+    from ftkit.run.rundir import load_adapter
 
     lora = LoraSection(r=4, alpha=8, expert_r=2)
     base = build_tiny(SPEC, char_tokenizer)
     model = attach_lora(copy.deepcopy(base), lora)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n}
     e, hidden = SPEC.experts, SPEC.hidden
-    assert shapes["base_model.model.model.decoder.layers.0.experts.lora_A.default.weight"] == (e * 2, SPEC.expert_intermediate)
+    assert shapes["base_model.model.model.decoder.layers.0.experts.lora_A.default.weight"] == (
+        e * 2,
+        SPEC.expert_intermediate,
+    )
     assert shapes["base_model.model.model.decoder.layers.0.experts.base_layer.lora_A.default.weight"] == (e * 2, hidden)
     assert shapes["base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.default.weight"] == (4, hidden)
     scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
@@ -145,8 +179,11 @@ def test_expert_rank_is_its_own_and_keeps_alpha_over_r(char_tokenizer, tmp_path)
     model.save_pretrained(tmp_path)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, len(char_tokenizer), (2, 6), generator=g)
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                  decoder_input_ids=torch.randint(3, len(char_tokenizer), (2, SPEC.canvas_length), generator=g))
+    inputs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        decoder_input_ids=torch.randint(3, len(char_tokenizer), (2, SPEC.canvas_length), generator=g),
+    )
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     on_4bit = copy.deepcopy(base)
     quantize_experts(on_4bit, QuantSection(mode="4bit", compute_dtype="float32", blocksize=32))
@@ -189,5 +226,8 @@ def test_bnb_keeps_router_self_conditioning_head_and_vision_in_full_precision(ch
     for part in ("router.proj", "self_conditioning.gate_proj", "vision_tower", "lm_head"):
         assert any(part in n for n in kept), part
         assert not any(part in n for n in converted), part
-    assert {"model.decoder.layers.1.self_attn.q_proj", "model.encoder.language_model.layers.0.mlp.down_proj"} <= converted
+    assert {
+        "model.decoder.layers.1.self_attn.q_proj",
+        "model.encoder.language_model.layers.0.mlp.down_proj",
+    } <= converted
     assert all(re.search(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$", n) for n in converted)

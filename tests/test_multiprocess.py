@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftkit.run import rundir
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.recipe.schema import load_recipe
+from ftkit.run import rundir
 
 
 def _torchrun() -> str:
@@ -19,14 +19,30 @@ def _torchrun() -> str:
 
 def test_two_process_training_shares_one_run_dir(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [_torchrun(), "--nproc_per_node", "2", "-m", "ftkit", "train", "recipes/tiny/sudoku.yaml",
-           f"train.output_dir={out}", "train.max_steps=4", "task.train_size=32", "train.batch_size=4",
-           "train.logging_steps=1", "train.save_steps=2", "model.tiny.hidden=48", "model.tiny.head_dim=24",
-           "model.tiny.global_head_dim=24",
-           # the real recipes' memory settings: lean loss path, both stacks checkpointed
-           "diffusion.loss_chunk=32", "train.gradient_checkpointing=true"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          cwd=str(Path(__file__).resolve().parents[1]))
+    cmd = [
+        _torchrun(),
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ftkit",
+        "train",
+        "recipes/tiny/sudoku.yaml",
+        f"train.output_dir={out}",
+        "train.max_steps=4",
+        "task.train_size=32",
+        "train.batch_size=4",
+        "train.logging_steps=1",
+        "train.save_steps=2",
+        "model.tiny.hidden=48",
+        "model.tiny.head_dim=24",
+        "model.tiny.global_head_dim=24",
+        # the real recipes' memory settings: lean loss path, both stacks checkpointed
+        "diffusion.loss_chunk=32",
+        "train.gradient_checkpointing=true",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).resolve().parents[1])
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [r for r in rundir.read_jsonl(out / "train_log.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # logged once (main process), not twice
@@ -53,8 +69,15 @@ def test_ddp_gradients_are_the_mean_over_processes(tmp_path, loss_chunk, quant):
     import ddp_grads
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [_torchrun(), "--nproc_per_node", "2", str(root / "tests" / "helpers" / "ddp_grads.py"), str(tmp_path),
-           str(loss_chunk), *quant.split()]
+    cmd = [
+        _torchrun(),
+        "--nproc_per_node",
+        "2",
+        str(root / "tests" / "helpers" / "ddp_grads.py"),
+        str(tmp_path),
+        str(loss_chunk),
+        *quant.split(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

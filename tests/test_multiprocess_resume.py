@@ -12,20 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from ftkit.run import manifest
-
-from ftkit.run import rundir
 from test_faults import DRIVER, wait_for
 from test_multiprocess import _torchrun
+
+from ftkit.run import manifest, rundir
 
 STEPS = ["--max-steps", "6", "--save-steps", "2"]
 
 
 def launch(out: Path, log: Path, *args: str) -> subprocess.Popen:
     cmd = [_torchrun(), "--nproc_per_node", "2", str(DRIVER), str(out), *STEPS, *args]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        cmd,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _descendants(pid: int) -> list[int]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ftkit.errors import RecipeError
-from ftkit.recipe.schema import PRESETS, SMALL, TINY, recipe_from_dict
 from ftkit.model.char_tokenizer import build_char_tokenizer
+from ftkit.recipe.schema import PRESETS, SMALL, TINY, recipe_from_dict
 
 
 def test_small_preset_dimensions_and_recipe_keys_win():

@@ -10,14 +10,25 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ftkit.model.compat import enable_decoder_checkpointing
 from ftkit.errors import FtkitError
+from ftkit.model.compat import enable_decoder_checkpointing
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.model.quant import QuantizedExperts, bind_expert_lora, expert_storage, quantize_experts, set_expert_kernel
 from ftkit.recipe.schema import LoraSection, QuantSection, TinySpec
 
-SPEC = TinySpec(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, global_head_dim=64, intermediate=128,
-                experts=4, top_k=2, expert_intermediate=64, canvas_length=16)
+SPEC = TinySpec(
+    layers=2,
+    hidden=128,
+    heads=4,
+    kv_heads=2,
+    head_dim=32,
+    global_head_dim=64,
+    intermediate=128,
+    experts=4,
+    top_k=2,
+    expert_intermediate=64,
+    canvas_length=16,
+)
 QUANT = QuantSection(mode="4bit", compute_dtype="float32", blocksize=64)
 LORA = LoraSection(r=4, alpha=8)
 
@@ -235,7 +246,9 @@ def test_device_and_dtype_moves_keep_storage_and_placeholders(quantized):
 def _bf16_grouped_vs_loop(full, char_tokenizer, device, expert_chunk, expert_r):
     """bf16 4-bit experts with expert LoRA of rank `expert_r`: (logits, expert LoRA grads) per kernel."""
     model = copy.deepcopy(full).to(device, torch.bfloat16)
-    quantize_experts(model, QuantSection(mode="4bit", compute_dtype="bfloat16", blocksize=64, expert_chunk=expert_chunk))
+    quantize_experts(
+        model, QuantSection(mode="4bit", compute_dtype="bfloat16", blocksize=64, expert_chunk=expert_chunk)
+    )
     torch.manual_seed(0)
     peft_q = attach_lora(model, LoraSection(r=8, alpha=16, expert_r=expert_r))
     _randomize_lora_b(peft_q)
@@ -299,8 +312,13 @@ def test_bf16_grouped_kernel_is_within_bf16_rounding_of_the_exact_product(expert
     def exact(x, a, b, up, absolute: bool):
         f = (lambda t: t.double().abs()) if absolute else (lambda t: t.double())
         x, a, b, up = map(f, (x, a, b, up))
-        y, gx, ga, gb, start = torch.zeros(rows, out).double(), torch.zeros_like(x), torch.zeros_like(a), \
-            torch.zeros_like(b), 0
+        y, gx, ga, gb, start = (
+            torch.zeros(rows, out).double(),
+            torch.zeros_like(x),
+            torch.zeros_like(a),
+            torch.zeros_like(b),
+            0,
+        )
         for e, end in enumerate(offsets.tolist()):
             xs, us = x[start:end], up[start:end]
             y[start:end] = xs @ a[e].T @ b[e].T
@@ -445,14 +463,16 @@ def test_dequantize_rows_equals_the_rows_of_the_whole_stack(double_quant):
     whole, absmax = storage.dequantize(torch.float32), storage.absmax_fp32()
     for start, stop in ((0, 1), (2, 5), (5, 6), (0, 6)):
         assert torch.equal(storage.dequantize_rows(start, stop, torch.float32, absmax), whole[start:stop])
-    odd = NF4Tensor(torch.randn(3, 5, 7), quant_type="nf4", blocksize=64, double_quant=double_quant,
-                    compute_dtype=torch.float32)
+    odd = NF4Tensor(
+        torch.randn(3, 5, 7), quant_type="nf4", blocksize=64, double_quant=double_quant, compute_dtype=torch.float32
+    )
     assert not odd.rows_sliceable()  # 35 elements per row: rows share 4-bit blocks
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_expert_chunks_give_the_same_outputs_and_gradients_with_a_slice_dense_at_a_time(full, char_tokenizer, chunk,
-                                                                                       monkeypatch):
+def test_expert_chunks_give_the_same_outputs_and_gradients_with_a_slice_dense_at_a_time(
+    full, char_tokenizer, chunk, monkeypatch
+):
     from ftkit.model.quant.nf4 import NF4Tensor
 
     rows_seen = []
@@ -467,7 +487,9 @@ def test_expert_chunks_give_the_same_outputs_and_gradients_with_a_slice_dense_at
     results = {}
     for expert_chunk in (0, chunk):
         model = copy.deepcopy(full)
-        quantize_experts(model, QuantSection(mode="4bit", compute_dtype="float32", blocksize=64, expert_chunk=expert_chunk))
+        quantize_experts(
+            model, QuantSection(mode="4bit", compute_dtype="float32", blocksize=64, expert_chunk=expert_chunk)
+        )
         torch.manual_seed(0)  # PEFT draws lora_A from the global RNG: the same adapter for both
         peft_q = attach_lora(model, LORA)
         _randomize_lora_b(peft_q)
@@ -501,7 +523,7 @@ def test_grouped_expert_layer_reads_nothing_back_to_the_host(quantized, expert_c
     top_k_index = torch.stack([torch.randperm(experts.num_experts, generator=g)[:2] for _ in range(tokens)])
     top_k_weights = torch.rand(tokens, 2, generator=g)
     want = experts(x, top_k_index, top_k_weights)
-    want_grad, = torch.autograd.grad(want.square().sum(), x)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), x)
 
     def host_read(*args, **kwargs):
         raise AssertionError("host read on the grouped expert path")
@@ -510,7 +532,7 @@ def test_grouped_expert_layer_reads_nothing_back_to_the_host(quantized, expert_c
         monkeypatch.setattr(torch.Tensor, name, host_read)
     monkeypatch.setattr(torch, "bincount", host_read)
     got = experts(x, top_k_index, top_k_weights)
-    got_grad, = torch.autograd.grad(got.square().sum(), x)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), x)
     monkeypatch.undo()
     experts.expert_kernel = "loop"
     loop = experts(x, top_k_index, top_k_weights)

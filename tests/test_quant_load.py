@@ -16,8 +16,15 @@ import torch
 
 from ftkit.errors import FtkitError
 from ftkit.model.load import (
-    attach_lora, bnb_config, build_tiny, expert_module_names, experts_on_cpu_device_map, load_base, quant_device,
-    reclaim_offloaded_experts, tiny_config,
+    attach_lora,
+    bnb_config,
+    build_tiny,
+    expert_module_names,
+    experts_on_cpu_device_map,
+    load_base,
+    quant_device,
+    reclaim_offloaded_experts,
+    tiny_config,
 )
 from ftkit.model.quant import expert_storage, quantize_experts
 from ftkit.model.quant.experts import is_fused_experts
@@ -25,8 +32,19 @@ from ftkit.recipe.schema import LoraSection, ModelSection, QuantSection, TinySpe
 
 # Every 4-bit nn.Linear's output width is a multiple of 32 (router.proj is `experts` wide): bitsandbytes' CPU
 # inference kernel requires it.
-SPEC = TinySpec(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, global_head_dim=64, intermediate=128,
-                experts=32, top_k=2, expert_intermediate=64, canvas_length=16)
+SPEC = TinySpec(
+    layers=2,
+    hidden=128,
+    heads=4,
+    kv_heads=2,
+    head_dim=32,
+    global_head_dim=64,
+    intermediate=128,
+    experts=32,
+    top_k=2,
+    expert_intermediate=64,
+    canvas_length=16,
+)
 QUANT = QuantSection(mode="4bit", compute_dtype="float32", blocksize=64)
 LORA = LoraSection(r=4, alpha=8)
 
@@ -58,8 +76,9 @@ def _load_on_cpu(base_dir):
     def spy(model, hf_quantizer, device_map, *args):
         real_dispatch(model, hf_quantizer, device_map, *args)
         seen["offloaded"] = sorted(name for name, device in device_map.items() if device == "cpu")
-        seen["expert_devices"] = {p.device.type for n, p in model.named_parameters(remove_duplicate=False)
-                                  if ".experts." in n}
+        seen["expert_devices"] = {
+            p.device.type for n, p in model.named_parameters(remove_duplicate=False) if ".experts." in n
+        }
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("ftkit.model.load.quant_device", lambda: torch.device("cpu"))
@@ -73,7 +92,9 @@ def _quantized_after_load(base_dir):
     from transformers import DiffusionGemmaForBlockDiffusion
 
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        base_dir, dtype=torch.float32, quantization_config=bnb_config(replace(QUANT, experts=False)),
+        base_dir,
+        dtype=torch.float32,
+        quantization_config=bnb_config(replace(QUANT, experts=False)),
         device_map={"": "cpu"},
     )
     quantize_experts(model, QUANT)
@@ -82,8 +103,10 @@ def _quantized_after_load(base_dir):
 
 def _same_codes(a, b) -> bool:
     return all(
-        torch.equal(x.packed.cpu(), y.packed.cpu()) and torch.equal(x.absmax.cpu(), y.absmax.cpu())
-        and torch.equal(x.absmax2.cpu(), y.absmax2.cpu()) and torch.equal(x.offset.cpu(), y.offset.cpu())
+        torch.equal(x.packed.cpu(), y.packed.cpu())
+        and torch.equal(x.absmax.cpu(), y.absmax.cpu())
+        and torch.equal(x.absmax2.cpu(), y.absmax2.cpu())
+        and torch.equal(x.offset.cpu(), y.offset.cpu())
         for x, y in zip(expert_storage(a), expert_storage(b), strict=True)
     )
 
@@ -122,8 +145,16 @@ def test_device_map_sends_exactly_both_stacks_experts_to_the_cpu():
     assert {d for n, d in placed.items() if ".experts." not in n} == {torch.device("cuda:0")}
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
 def test_quantizing_into_a_device_gives_the_same_codes_and_keeps_the_tie(full, device):
     in_place = copy.deepcopy(full).to(device, torch.bfloat16)
     quantize_experts(in_place, QUANT)
@@ -216,8 +247,19 @@ def test_cuda_load_peak_stays_within_two_dense_expert_tensors_of_the_loaded_mode
     from transformers import DiffusionGemmaForBlockDiffusion
 
     # Experts dominate (6 layers of 16 experts) and the largest nn.Linear is far below one expert tensor.
-    spec = TinySpec(layers=6, hidden=256, heads=4, kv_heads=2, head_dim=64, global_head_dim=64, intermediate=256,
-                    experts=16, top_k=2, expert_intermediate=256, canvas_length=16)
+    spec = TinySpec(
+        layers=6,
+        hidden=256,
+        heads=4,
+        kv_heads=2,
+        head_dim=64,
+        global_head_dim=64,
+        intermediate=256,
+        experts=16,
+        top_k=2,
+        expert_intermediate=256,
+        canvas_length=16,
+    )
     build_tiny(spec, char_tokenizer).save_pretrained(tmp_path)
     quant = QuantSection(mode="4bit", compute_dtype="bfloat16")
     model_cfg = ModelSection(base=str(tmp_path), dtype="bfloat16")
@@ -243,7 +285,9 @@ def test_cuda_load_peak_stays_within_two_dense_expert_tensors_of_the_loaded_mode
 
     # Same codes as loading everything onto the GPU and quantizing there.
     reference = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        tmp_path, dtype=torch.bfloat16, quantization_config=bnb_config(replace(quant, experts=False)),
+        tmp_path,
+        dtype=torch.bfloat16,
+        quantization_config=bnb_config(replace(quant, experts=False)),
         device_map={"": quant_device()},
     )
     quantize_experts(reference, quant)

@@ -72,7 +72,9 @@ def test_overrides_go_through_validation():
 
 
 def test_task_options_validated_by_the_task():
-    with pytest.raises(RecipeError, match=r"unknown key `task\.options\.min_givns`; did you mean `task\.options\.min_givens`"):
+    with pytest.raises(
+        RecipeError, match=r"unknown key `task\.options\.min_givns`; did you mean `task\.options\.min_givens`"
+    ):
         recipe_from_dict({"task": {"name": "sudoku", "options": {"min_givns": 30}}})
     with pytest.raises(RecipeError, match=r"`task\.name`: unknown task 'chess'; known tasks: .*sudoku"):
         recipe_from_dict({"task": {"name": "chess"}})
@@ -132,6 +134,7 @@ def test_cpu_threads_key():
     with pytest.raises(RecipeError, match=r"`train\.cpu_threads` must be >= 0"):
         recipe_from_dict({"train": {"cpu_threads": -1}})
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # training_args: every other TrainingArguments field, validated
 
@@ -144,10 +147,17 @@ def test_training_args_reach_the_optimizer_and_scheduler(tmp_path):
 
     from ftkit.sft.run import training_arguments
 
-    r = recipe_from_dict({"train": {"learning_rate": 1.5e-4, "lr_scheduler": "cosine_with_min_lr", "warmup_steps": 2,
-                                    "max_steps": 10},
-                          "training_args": {"adam_beta1": 0.95, "adam_beta2": 0.99,
-                                            "lr_scheduler_kwargs": {"min_lr": "1.5e-5"}}})
+    r = recipe_from_dict(
+        {
+            "train": {
+                "learning_rate": 1.5e-4,
+                "lr_scheduler": "cosine_with_min_lr",
+                "warmup_steps": 2,
+                "max_steps": 10,
+            },
+            "training_args": {"adam_beta1": 0.95, "adam_beta2": 0.99, "lr_scheduler_kwargs": {"min_lr": "1.5e-5"}},
+        }
+    )
     args = training_arguments(r, tmp_path)
     assert (args.adam_beta1, args.adam_beta2, args.lr_scheduler_kwargs) == (0.95, 0.99, {"min_lr": 1.5e-5})
     trainer = Trainer(model=torch.nn.Linear(2, 1), args=args)
@@ -159,16 +169,22 @@ def test_training_args_reach_the_optimizer_and_scheduler(tmp_path):
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(1.5e-5)
 
 
-@pytest.mark.parametrize("section,needle", [
-    ({"adam_beta": 0.9}, "unknown key `training_args.adam_beta`: not a transformers.TrainingArguments field; did you "
-                         "mean `training_args.adam_beta"),
-    ({"learning_rate": 1e-4}, "`training_args.learning_rate` is set by `train.learning_rate`"),
-    ({"per_device_train_batch_size": 2}, "is set by `train.batch_size`"),
-    ({"bf16": True}, "`training_args.bf16` is not configurable here"),
-    ({"adam_beta1": "high"}, "`training_args.adam_beta1` expects float, got 'high'"),
-    ({"eval_strategy": "sometimes"}, "`training_args.eval_strategy` expects one of 'no', 'steps', 'epoch'"),
-    ({"label_names": [1]}, "`training_args.label_names` expects list | null"),
-])
+@pytest.mark.parametrize(
+    "section,needle",
+    [
+        (
+            {"adam_beta": 0.9},
+            "unknown key `training_args.adam_beta`: not a transformers.TrainingArguments field; did you "
+            "mean `training_args.adam_beta",
+        ),
+        ({"learning_rate": 1e-4}, "`training_args.learning_rate` is set by `train.learning_rate`"),
+        ({"per_device_train_batch_size": 2}, "is set by `train.batch_size`"),
+        ({"bf16": True}, "`training_args.bf16` is not configurable here"),
+        ({"adam_beta1": "high"}, "`training_args.adam_beta1` expects float, got 'high'"),
+        ({"eval_strategy": "sometimes"}, "`training_args.eval_strategy` expects one of 'no', 'steps', 'epoch'"),
+        ({"label_names": [1]}, "`training_args.label_names` expects list | null"),
+    ],
+)
 def test_training_args_are_checked_against_trainingarguments(section, needle):
     with pytest.raises(RecipeError) as e:
         recipe_from_dict({"training_args": section}, where="r.yaml")

@@ -11,20 +11,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import CrashAt
 from typer.testing import CliRunner
 
-from ftkit.run import rundir
 from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe.schema import recipe_from_dict
+from ftkit.run import rundir
 from ftkit.tasks import base as task_base
 from ftkit.tasks.base import Example, Piece, PromptCanvas, RewardParts, Violation, reward_parts
-from test_train import CrashAt
 
 CELLS = 4
 DIGITS = "0123456789"
-TOY_TINY = {"layers": 1, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
-            "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32,
-            "canvas_length": CELLS + 1}  # the cells, then the end-of-turn token
+TOY_TINY = {
+    "layers": 1,
+    "hidden": 48,
+    "heads": 2,
+    "kv_heads": 1,
+    "head_dim": 24,
+    "global_head_dim": 24,
+    "intermediate": 64,
+    "experts": 4,
+    "top_k": 2,
+    "expert_intermediate": 32,
+    "canvas_length": CELLS + 1,
+}  # the cells, then the end-of-turn token
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,10 @@ class SevensTask:
         return [Violation("seven", f"{len(bad)} cell(s) are not 7", bad)] if bad else []
 
     def metrics(self, examples, outputs):
-        rows = [(float(not self.check(e, o)), sum(c == "7" for c in o[: self.options.cells]) / self.options.cells)
-                for e, o in zip(examples, outputs)]
+        rows = [
+            (float(not self.check(e, o)), sum(c == "7" for c in o[: self.options.cells]) / self.options.cells)
+            for e, o in zip(examples, outputs)
+        ]
         return {"solve_rate": sum(r[0] for r in rows) / len(rows), "sevens": sum(r[1] for r in rows) / len(rows)}
 
 
@@ -67,18 +79,38 @@ def sevens_registered():
 
 
 def toy_recipe(out, init_from=None, train=None, rl=None, **sections):
-    return recipe_from_dict({
-        "model": {"base": "tiny", "dtype": "float32", "tiny": TOY_TINY},
-        "lora": {"r": 4, "alpha": 8, "attention": True, "experts": True, "dense_mlp": True},
-        "diffusion": {"self_conditioning_p": 0.0},
-        "train": {"output_dir": str(out), "max_steps": 4, "batch_size": 64, "learning_rate": 1e-2, "warmup_steps": 0,
-                  "lr_scheduler": "constant", "logging_steps": 1, "save_steps": 2, "seed": 0, **(train or {})},
-        "task": {"name": "sevens", "train_size": 16, "test_size": 4},
-        "eval": {"num_examples": 4, "batch_size": 64, "steps": 4},
-        "rl": {"init_from": str(init_from) if init_from else None, "group_size": 8, "prompts_per_step": 4,
-               "num_iterations": 2, "elbo_samples": 1, "kl_coef": 0.01, "evaluate": False, **(rl or {})},
-        **sections,
-    })
+    return recipe_from_dict(
+        {
+            "model": {"base": "tiny", "dtype": "float32", "tiny": TOY_TINY},
+            "lora": {"r": 4, "alpha": 8, "attention": True, "experts": True, "dense_mlp": True},
+            "diffusion": {"self_conditioning_p": 0.0},
+            "train": {
+                "output_dir": str(out),
+                "max_steps": 4,
+                "batch_size": 64,
+                "learning_rate": 1e-2,
+                "warmup_steps": 0,
+                "lr_scheduler": "constant",
+                "logging_steps": 1,
+                "save_steps": 2,
+                "seed": 0,
+                **(train or {}),
+            },
+            "task": {"name": "sevens", "train_size": 16, "test_size": 4},
+            "eval": {"num_examples": 4, "batch_size": 64, "steps": 4},
+            "rl": {
+                "init_from": str(init_from) if init_from else None,
+                "group_size": 8,
+                "prompts_per_step": 4,
+                "num_iterations": 2,
+                "elbo_samples": 1,
+                "kl_coef": 0.01,
+                "evaluate": False,
+                **(rl or {}),
+            },
+            **sections,
+        }
+    )
 
 
 def rl_rows(run_dir: Path) -> list[dict]:
@@ -99,8 +131,12 @@ def test_rl_alone_teaches_the_toy_task(tmp_path, credit, negative_weight):
     from ftkit.rl.run import rl
 
     out = tmp_path / "toy"
-    summary = rl(toy_recipe(out, train={"max_steps": 40, "save_steps": 40},
-                            rl={"credit": credit, "negative_weight": negative_weight}), progress=False)
+    summary = rl(
+        toy_recipe(
+            out, train={"max_steps": 40, "save_steps": 40}, rl={"credit": credit, "negative_weight": negative_weight}
+        ),
+        progress=False,
+    )
     rows = rl_rows(out)
     rewards = [r["reward"] for r in rows]
     assert len(rewards) == 40
@@ -154,24 +190,46 @@ def test_kl_to_the_sft_reference_is_zero_at_step_zero_and_grows(rl_run):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["kl"] == 0.0 and rows[0]["ratio"] == 1.0 and rows[0]["clip_fraction"] == 0.0
     assert rows[-1]["kl"] > 0.0
-    for key in ("reward", "reward_std", "satisfied", "success", "skipped_groups", "sample_entropy", "elbo_loss",
-                "loss", "grad_norm"):
+    for key in (
+        "reward",
+        "reward_std",
+        "satisfied",
+        "success",
+        "skipped_groups",
+        "sample_entropy",
+        "elbo_loss",
+        "loss",
+        "grad_norm",
+    ):
         assert key in rows[0], key
 
 
 def test_run_directory_is_a_standard_run(rl_run, sft_run):
     out, summary = rl_run
-    for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "summary.json", "train_log.jsonl",
-                 "reward.png", "rl_eval.json", "rl_eval_before.json", "tokenizer.json", "base/config.json",
-                 "reference_adapter/adapter_model.safetensors"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "recipe.yaml",
+        "summary.json",
+        "train_log.jsonl",
+        "reward.png",
+        "rl_eval.json",
+        "rl_eval_before.json",
+        "tokenizer.json",
+        "base/config.json",
+        "reference_adapter/adapter_model.safetensors",
+    ):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and not (out / "adapter_config.json").read_text().count("reference")
     run = rundir.load_run(out)  # what `ftkit eval` / `generate` / `push` load
     sft = rundir.load_run(sft_run)
-    changed = [n for n, p in run.model.named_parameters() if "lora_" in n
-               and not torch.equal(p, dict(sft.model.named_parameters())[n])]
+    changed = [
+        n
+        for n, p in run.model.named_parameters()
+        if "lora_" in n and not torch.equal(p, dict(sft.model.named_parameters())[n])
+    ]
     assert changed  # RL moved the SFT adapter
     assert summary["steps"] == 4 and summary["init_from"] == str(sft_run)
 
@@ -184,8 +242,9 @@ def test_before_evaluation_is_the_sft_runs_own_evaluation(rl_run, sft_run):
     comparison = json.loads((out / "rl_eval.json").read_text())
     assert comparison["before"] == report["metrics"]
     assert summary["before"] == report["metrics"] and set(comparison["after"]) == set(report["metrics"])
-    assert comparison["delta"]["solve_rate"] == pytest.approx(comparison["after"]["solve_rate"] -
-                                                              comparison["before"]["solve_rate"])
+    assert comparison["delta"]["solve_rate"] == pytest.approx(
+        comparison["after"]["solve_rate"] - comparison["before"]["solve_rate"]
+    )
 
 
 def test_resume_mid_rl_reproduces_the_uninterrupted_run(rl_run, sft_run, tmp_path):
@@ -205,7 +264,10 @@ def test_resume_mid_rl_reproduces_the_uninterrupted_run(rl_run, sft_run, tmp_pat
     for x, y in zip(a, b):
         for key in ("reward", "loss", "kl", "ratio", "elbo_loss", "sample_entropy"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-9), (x["step"], key)
-    assert json.loads((out / "rl_eval.json").read_text())["after"] == json.loads((full / "rl_eval.json").read_text())["after"]
+    assert (
+        json.loads((out / "rl_eval.json").read_text())["after"]
+        == json.loads((full / "rl_eval.json").read_text())["after"]
+    )
 
 
 def test_existing_run_needs_resume_and_resume_keeps_the_rl_section(rl_run, sft_run):
@@ -214,8 +276,11 @@ def test_existing_run_needs_resume_and_resume_keeps_the_rl_section(rl_run, sft_r
     out, _ = rl_run
     with pytest.raises(FtkitError, match=r"already holds a run \(.*\); pass --resume"):
         rl(toy_recipe(out, init_from=sft_run, rl={"evaluate": True, "elbo_samples": 2}), progress=False)
-    with pytest.raises(FtkitError, match=r"--resume with other settings than the run was started with: "
-                                         r"rl.elbo_samples \(2 -> 3\);"):
+    with pytest.raises(
+        FtkitError,
+        match=r"--resume with other settings than the run was started with: "
+        r"rl.elbo_samples \(2 -> 3\);",
+    ):
         rl(toy_recipe(out, init_from=sft_run, rl={"evaluate": True, "elbo_samples": 3}), resume=True, progress=False)
 
 
@@ -240,18 +305,23 @@ def test_rl_keys_are_validated():
         recipe_from_dict({"rl": {"credit": "tokens"}})
 
 
-@pytest.mark.parametrize("train, lora, needle", [
-    ({"save_steps": 3}, {}, "`train.save_steps`=3 must be a multiple of `rl.num_iterations`=2"),
-    ({"grad_accum": 2}, {}, "`train.grad_accum` must be 1"),
-    ({}, {"dropout": 0.1, "experts": False}, "`lora.dropout` must be 0"),
-])
+@pytest.mark.parametrize(
+    "train, lora, needle",
+    [
+        ({"save_steps": 3}, {}, "`train.save_steps`=3 must be a multiple of `rl.num_iterations`=2"),
+        ({"grad_accum": 2}, {}, "`train.grad_accum` must be 1"),
+        ({}, {"dropout": 0.1, "experts": False}, "`lora.dropout` must be 0"),
+    ],
+)
 def test_rl_needs_of_other_sections_are_checked_before_loading(tmp_path, train, lora, needle):
     from ftkit.rl.run import check_rl_recipe, rl
 
     data = toy_recipe(tmp_path / "x", train=train).to_dict()
     data["lora"].update(lora)
     recipe = recipe_from_dict(data)
-    with pytest.raises(RecipeError, match=f"r.yaml: {needle}".replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(
+        RecipeError, match=f"r.yaml: {needle}".replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+    ):
         check_rl_recipe(recipe, where="r.yaml")
     with pytest.raises(RecipeError):
         rl(recipe, progress=False)
@@ -263,8 +333,9 @@ def test_init_from_must_be_a_finished_run_of_the_same_model(sft_run, tmp_path):
 
     with pytest.raises(FtkitError, match="rl.init_from=.*nowhere: no such run directory"):
         rl(toy_recipe(tmp_path / "a", init_from=tmp_path / "nowhere"), progress=False)
-    other = recipe_from_dict({**toy_recipe(tmp_path / "b", init_from=sft_run).to_dict(),
-                              "lora": {"r": 8, "alpha": 16, "dense_mlp": True}})
+    other = recipe_from_dict(
+        {**toy_recipe(tmp_path / "b", init_from=sft_run).to_dict(), "lora": {"r": 8, "alpha": 16, "dense_mlp": True}}
+    )
     with pytest.raises(FtkitError, match=r"its `lora` section differs from this recipe's"):
         rl(other, progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -305,12 +376,12 @@ def test_sudoku_reward_needs_no_solution():
     blind = Example(ex.id, ex.question, answer="", meta=ex.meta)  # the reward must not look at the answer
     assert task.reward(blind, ex.answer) == RewardParts(1.0, 1.0)
     blank = next(i for i, q in enumerate(ex.question) if q == "0")
-    wrong = ex.answer[:blank] + ("1" if ex.answer[blank] != "1" else "2") + ex.answer[blank + 1:]
+    wrong = ex.answer[:blank] + ("1" if ex.answer[blank] != "1" else "2") + ex.answer[blank + 1 :]
     parts = task.reward(blind, wrong)
     # one cell changed: its row, column and box each lose one distinct digit
     assert parts.success == 0.0 and parts.satisfied == pytest.approx(1 - 3 / (27 * 9))
     given = next(i for i, q in enumerate(ex.question) if q != "0")
-    changed = ex.answer[:given] + "?" + ex.answer[given + 1:]
+    changed = ex.answer[:given] + "?" + ex.answer[given + 1 :]
     assert task.reward(blind, changed).satisfied == pytest.approx(1 - 3 / (27 * 9))
     assert task.reward(blind, "").satisfied == 0.0
 
@@ -323,7 +394,7 @@ def test_protein_reward_parts():
     assert task.reward(ex, ex.answer) == RewardParts(1.0, 1.0)
     start, residues = ex.question["motif"][0]
     junk = "".join("BJOUXZ"[k % 6] for k in range(len(residues)))  # not residues, and not a low-complexity run
-    broken = ex.answer[:start] + junk + ex.answer[start + len(residues):]
+    broken = ex.answer[:start] + junk + ex.answer[start + len(residues) :]
     parts = task.reward(ex, broken)
     n_fixed = sum(len(r) for _, r in ex.question["motif"])
     canonical = 1 - len(residues) / len(broken)
@@ -357,9 +428,12 @@ def test_rl_on_cuda_with_the_memory_lean_settings(tmp_path, credit):
     from ftkit.rl.run import rl
 
     out = tmp_path / "cuda"
-    recipe = toy_recipe(out, train={"max_steps": 4, "save_steps": 2, "gradient_checkpointing": True,
-                                    "optim": "adamw_bnb_8bit"}, rl={"evaluate": True, **credit},
-                        diffusion={"self_conditioning_p": 0.5, "loss_chunk": 2})
+    recipe = toy_recipe(
+        out,
+        train={"max_steps": 4, "save_steps": 2, "gradient_checkpointing": True, "optim": "adamw_bnb_8bit"},
+        rl={"evaluate": True, **credit},
+        diffusion={"self_conditioning_p": 0.5, "loss_chunk": 2},
+    )
     summary = rl(recipe, progress=False)
     rows = rl_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and summary["device"] == "cuda"

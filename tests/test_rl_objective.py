@@ -22,8 +22,19 @@ from ftkit.rl.objective import (
 )
 from ftkit.tasks.sudoku import SudokuTask
 
-TINY = {"layers": 2, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
-        "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32, "canvas_length": 96}
+TINY = {
+    "layers": 2,
+    "hidden": 48,
+    "heads": 2,
+    "kv_heads": 1,
+    "head_dim": 24,
+    "global_head_dim": 24,
+    "intermediate": 64,
+    "experts": 4,
+    "top_k": 2,
+    "expert_intermediate": 32,
+    "canvas_length": 96,
+}
 
 
 def test_group_advantages_by_hand():
@@ -31,8 +42,9 @@ def test_group_advantages_by_hand():
     advantages, kept = group_advantages(rewards)
     assert kept.tolist() == [True, False, True]
     std1 = math.sqrt(4 * 0.25 / 3)  # Bessel-corrected
-    assert advantages[0].tolist() == pytest.approx([0.5 / (std1 + STD_EPS), -0.5 / (std1 + STD_EPS)] * 1 + [
-        -0.5 / (std1 + STD_EPS), 0.5 / (std1 + STD_EPS)])
+    assert advantages[0].tolist() == pytest.approx(
+        [0.5 / (std1 + STD_EPS), -0.5 / (std1 + STD_EPS)] * 1 + [-0.5 / (std1 + STD_EPS), 0.5 / (std1 + STD_EPS)]
+    )
     assert advantages[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # all-equal group: skipped, no signal
     std3 = math.sqrt((0.09 + 0.01 + 0.01 + 0.09) / 3)
     assert advantages[2].tolist() == pytest.approx([d / (std3 + STD_EPS) for d in (-0.3, -0.1, 0.1, 0.3)], rel=1e-5)
@@ -72,8 +84,12 @@ def test_no_reference_means_no_kl_and_ratio_one_at_the_sampling_policy():
 
 def test_position_advantages_by_hand():
     # P=2 groups of G=3 samples over L=4 positions; position 3 is clamped (not chosen) in both groups.
-    clean = torch.tensor([[[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]],
-                          [[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]]])
+    clean = torch.tensor(
+        [
+            [[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]],
+            [[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]],
+        ]
+    )
     success = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
     chosen = torch.tensor([[True, True, True, False], [True, True, True, False]])
     advantages, kept = position_advantages(clean, success, chosen, satisfied_weight=0.5, success_weight=0.5)
@@ -149,8 +165,10 @@ def tiny_policy(char_tokenizer):
     model = attach_lora(build_tiny(TinySpec(**TINY), char_tokenizer), LoraSection(r=4, alpha=8, dense_mlp=True))
     task = SudokuTask()
     examples = task.build_dataset("test", 3, 0)
-    batch = collate([layout_example(char_tokenizer, task.to_prompt_canvas(e), 96, 256) for e in examples],
-                    char_tokenizer.pad_token_id)
+    batch = collate(
+        [layout_example(char_tokenizer, task.to_prompt_canvas(e), 96, 256) for e in examples],
+        char_tokenizer.pad_token_id,
+    )
     # B != 0 so the adapter changes the policy (a fresh adapter is the base exactly).
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -169,8 +187,12 @@ def test_sequence_loss_is_the_training_loss_on_free_positions_and_coupled_by_see
         first = sequence_loss(model, batch, free, cfg, [11])
         second = sequence_loss(model, batch, free, cfg, [12])
         both = sequence_loss(model, batch, free, cfg, [11, 12])
-        tokens = diffusion_loss(model, batch, DiffusionSection(self_conditioning_p=0.5, loss_chunk=32, encoder_loss_weight=0.0),
-                                torch.Generator().manual_seed(11)).token_losses
+        tokens = diffusion_loss(
+            model,
+            batch,
+            DiffusionSection(self_conditioning_p=0.5, loss_chunk=32, encoder_loss_weight=0.0),
+            torch.Generator().manual_seed(11),
+        ).token_losses
     # The draws are the training objective's for that seed (t, corruption, self-conditioning gate), so the current,
     # sampling and reference policies evaluated with one seed are coupled; the mean runs over free positions only.
     assert torch.equal(first, (tokens * free).sum(1) / free.sum(1))
@@ -253,8 +275,9 @@ def test_round_prompts_cover_the_split_once_per_pass_and_are_reproducible(char_t
     rollout = Rollout(None, char_tokenizer, examples, [], RLSection(prompts_per_step=5), EvalSection(), seed=3)
     first_pass = rollout.prompts_for(0) + rollout.prompts_for(1)
     assert sorted(first_pass) == examples and first_pass != examples
-    assert rollout.prompts_for(1) == Rollout(None, char_tokenizer, examples, [], RLSection(prompts_per_step=5),
-                                             EvalSection(), seed=3).prompts_for(1)
+    assert rollout.prompts_for(1) == Rollout(
+        None, char_tokenizer, examples, [], RLSection(prompts_per_step=5), EvalSection(), seed=3
+    ).prompts_for(1)
     assert sorted(rollout.prompts_for(2) + rollout.prompts_for(3)) == examples
     assert len({derived_seed(3, "sample", r, i) for r in range(4) for i in range(8)}) == 32
 
@@ -278,14 +301,39 @@ def test_the_likelihood_counts_the_positions_the_policy_chose(char_tokenizer):
     from ftkit.rl.rollout import chosen_positions
     from ftkit.tasks.base import Piece, PromptCanvas
 
-    pc = PromptCanvas(prompt="p", pieces=(Piece("12", True), Piece("345", False, "0123456789"), Piece("6", True),
-                                          Piece("78", False)))
+    pc = PromptCanvas(
+        prompt="p", pieces=(Piece("12", True), Piece("345", False, "0123456789"), Piece("6", True), Piece("78", False))
+    )
     lay = layout_example(char_tokenizer, pc, 12, 64)  # 8 answer tokens, end of turn, 3 fill
     stops = stop_token_ids(char_tokenizer)
-    assert chosen_positions(lay, stops, token_masks=True) == [False, False, True, True, True, False, True, True,
-                                                              False, False, False, False]
-    assert chosen_positions(lay, stops, token_masks=False) == [False, False, True, True, True, False, True, True,
-                                                               True, True, True, True]
+    assert chosen_positions(lay, stops, token_masks=True) == [
+        False,
+        False,
+        True,
+        True,
+        True,
+        False,
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    assert chosen_positions(lay, stops, token_masks=False) == [
+        False,
+        False,
+        True,
+        True,
+        True,
+        False,
+        True,
+        True,
+        True,
+        True,
+        True,
+        True,
+    ]
 
 
 def test_token_credit_rewards_each_position_by_the_checker(char_tokenizer):

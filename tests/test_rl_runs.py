@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_rl import CrashAt, rl_rows, rl_run, sevens_registered, sft_run, toy_recipe  # noqa: F401 (fixtures)
 
-from ftkit.run import rundir
 from ftkit.errors import FtkitError
 from ftkit.recipe.schema import recipe_from_dict
-from test_rl import CrashAt, rl_rows, rl_run, sevens_registered, sft_run, toy_recipe  # noqa: F401 (fixtures)
+from ftkit.run import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 RL_KW = {"evaluate": True, "elbo_samples": 2}  # the rl section of test_rl's rl_run
@@ -127,8 +127,11 @@ def test_a_damaged_reference_copy_stops_resume_with_one_clear_error(run, sft_run
     shutil.rmtree(run / "checkpoints" / "checkpoint-4")
     weights = run / "reference_adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:50])
-    with pytest.raises(FtkitError, match=r"reference_adapter/adapter_model.safetensors: truncated .*the copy of "
-                                         r"rl.init_from's adapter this run started from"):
+    with pytest.raises(
+        FtkitError,
+        match=r"reference_adapter/adapter_model.safetensors: truncated .*the copy of "
+        r"rl.init_from's adapter this run started from",
+    ):
         rl(toy_recipe(run, init_from=sft_run, rl=RL_KW), resume=True, progress=False)
 
 
@@ -136,8 +139,11 @@ def test_resume_keeps_the_rl_section(run, sft_run):
     from ftkit.rl.run import rl
 
     shutil.rmtree(run / "checkpoints" / "checkpoint-4")
-    with pytest.raises(FtkitError, match=r"--resume with other settings than the run was started with: "
-                                         r"rl.kl_coef \(\d.*-> 0.5\);"):
+    with pytest.raises(
+        FtkitError,
+        match=r"--resume with other settings than the run was started with: "
+        r"rl.kl_coef \(\d.*-> 0.5\);",
+    ):
         rl(toy_recipe(run, init_from=sft_run, rl={**RL_KW, "kl_coef": 0.5}), resume=True, progress=False)
 
 
@@ -151,18 +157,34 @@ def _damage_truncated_adapter(r: Path) -> None:
 
 
 INIT_DAMAGE = [
-    ("truncated adapter", _damage_truncated_adapter, r"adapter_model.safetensors: truncated .*adapter RL would continue"),
-    ("no adapter", lambda r: [(r / n).unlink() for n in ("adapter_model.safetensors", "adapter_config.json",
-                                                          "summary.json")],
-     r"the run has no final adapter \(unfinished\?"),
-    ("cut recipe", lambda r: (r / "recipe.yaml").write_text((r / "recipe.yaml").read_text()[:-3]),
-     r"recipe.yaml: incomplete \(its last line is cut"),
+    (
+        "truncated adapter",
+        _damage_truncated_adapter,
+        r"adapter_model.safetensors: truncated .*adapter RL would continue",
+    ),
+    (
+        "no adapter",
+        lambda r: [(r / n).unlink() for n in ("adapter_model.safetensors", "adapter_config.json", "summary.json")],
+        r"the run has no final adapter \(unfinished\?",
+    ),
+    (
+        "cut recipe",
+        lambda r: (r / "recipe.yaml").write_text((r / "recipe.yaml").read_text()[:-3]),
+        r"recipe.yaml: incomplete \(its last line is cut",
+    ),
     ("deleted tokenizer", lambda r: (r / "tokenizer.json").unlink(), r"tokenizer.json: missing"),
-    ("truncated base", lambda r: (r / "base" / "model.safetensors").write_bytes(b"x" * 10),
-     r"base/model.safetensors: truncated"),
-    ("full-parameter run", lambda r: (r / "recipe.yaml").write_text(
-        (r / "recipe.yaml").read_text().replace("  trainable: lora\n", "  trainable: full\n")),
-     r"a full-parameter run \(train.trainable: full\); ftkit rl continues a LoRA adapter only"),
+    (
+        "truncated base",
+        lambda r: (r / "base" / "model.safetensors").write_bytes(b"x" * 10),
+        r"base/model.safetensors: truncated",
+    ),
+    (
+        "full-parameter run",
+        lambda r: (r / "recipe.yaml").write_text(
+            (r / "recipe.yaml").read_text().replace("  trainable: lora\n", "  trainable: full\n")
+        ),
+        r"a full-parameter run \(train.trainable: full\); ftkit rl continues a LoRA adapter only",
+    ),
 ]
 
 
@@ -231,19 +253,43 @@ def test_a_full_parameter_rl_recipe_is_refused(tmp_path):
 
 
 def chat_recipe(out: Path, data: Path, **rl):
-    tiny = {"layers": 1, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
-            "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32, "canvas_length": 24}
-    return recipe_from_dict({
-        "model": {"base": "tiny", "dtype": "float32", "tiny": tiny},
-        "lora": {"r": 4, "alpha": 8},
-        "diffusion": {"self_conditioning_p": 0.0},
-        "train": {"output_dir": str(out), "max_steps": 2, "batch_size": 8, "learning_rate": 1e-2, "warmup_steps": 0,
-                  "save_steps": 2, "logging_steps": 1},
-        "task": {"name": "chat", "train_size": 16, "test_size": 4,
-                 "options": {"dataset": str(data), "verifier": "exact", "answer_regex": r"####\s*(-?\d+)"}},
-        "eval": {"num_examples": 4, "batch_size": 8, "steps": 2},
-        "rl": {"group_size": 2, "prompts_per_step": 2, "elbo_samples": 1, "evaluate": True, **rl},
-    })
+    tiny = {
+        "layers": 1,
+        "hidden": 48,
+        "heads": 2,
+        "kv_heads": 1,
+        "head_dim": 24,
+        "global_head_dim": 24,
+        "intermediate": 64,
+        "experts": 4,
+        "top_k": 2,
+        "expert_intermediate": 32,
+        "canvas_length": 24,
+    }
+    return recipe_from_dict(
+        {
+            "model": {"base": "tiny", "dtype": "float32", "tiny": tiny},
+            "lora": {"r": 4, "alpha": 8},
+            "diffusion": {"self_conditioning_p": 0.0},
+            "train": {
+                "output_dir": str(out),
+                "max_steps": 2,
+                "batch_size": 8,
+                "learning_rate": 1e-2,
+                "warmup_steps": 0,
+                "save_steps": 2,
+                "logging_steps": 1,
+            },
+            "task": {
+                "name": "chat",
+                "train_size": 16,
+                "test_size": 4,
+                "options": {"dataset": str(data), "verifier": "exact", "answer_regex": r"####\s*(-?\d+)"},
+            },
+            "eval": {"num_examples": 4, "batch_size": 8, "steps": 2},
+            "rl": {"group_size": 2, "prompts_per_step": 2, "elbo_samples": 1, "evaluate": True, **rl},
+        }
+    )
 
 
 def test_a_chat_task_with_a_verifier_is_an_rl_task(tmp_path):
@@ -254,9 +300,13 @@ def test_a_chat_task_with_a_verifier_is_an_rl_task(tmp_path):
     from ftkit.rl.run import one_canvas_layouts, rl
     from ftkit.tasks import make_task
 
-    data = write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": f"#### {i + 1}"}]}
-        for i in range(30)])
+    data = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": f"#### {i + 1}"}]}
+            for i in range(30)
+        ],
+    )
     recipe = chat_recipe(tmp_path / "run", data)
     # Laid out as `ftkit eval` lays a chat answer out: open-ended (the reference answer's length is not given away).
     task = make_task("chat", recipe.task.options)
@@ -285,10 +335,13 @@ def test_answers_longer_than_one_canvas_are_refused(tmp_path):
     from ftkit.rl.run import rl
 
     data = write_jsonl(tmp_path / "chat.jsonl", chats(30, long_every=3))
-    with pytest.raises(FtkitError, match=r"task chat: \d+ of \d+ training answers are longer than one canvas "
-                                         r"\(first: example chat.jsonl row \d+, \d+ tokens with its end-of-turn token; "
-                                         r"canvas_length=24\); ftkit rl samples and scores one canvas per answer and "
-                                         r"does not support multi-block answers"):
+    with pytest.raises(
+        FtkitError,
+        match=r"task chat: \d+ of \d+ training answers are longer than one canvas "
+        r"\(first: example chat.jsonl row \d+, \d+ tokens with its end-of-turn token; "
+        r"canvas_length=24\); ftkit rl samples and scores one canvas per answer and "
+        r"does not support multi-block answers",
+    ):
         rl(chat_recipe(tmp_path / "run", data), progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -303,15 +356,37 @@ def test_one_writer_and_ctrl_c_through_the_cli(tmp_path):
     from test_faults import default_sigint, wait_for
 
     out = tmp_path / "run"
-    args = ["rl", "recipes/tiny/sudoku_rl.yaml", f"train.output_dir={out}", "rl.init_from=null", "rl.evaluate=false",
-            "rl.group_size=2", "rl.prompts_per_step=2", "rl.elbo_samples=1", "train.max_steps=400",
-            "train.save_steps=2", "task.train_size=16", "train.batch_size=4", "eval.steps=2", "model.tiny.layers=1",
-            "model.tiny.hidden=48", "model.tiny.heads=2", "model.tiny.intermediate=64"]
+    args = [
+        "rl",
+        "recipes/tiny/sudoku_rl.yaml",
+        f"train.output_dir={out}",
+        "rl.init_from=null",
+        "rl.evaluate=false",
+        "rl.group_size=2",
+        "rl.prompts_per_step=2",
+        "rl.elbo_samples=1",
+        "train.max_steps=400",
+        "train.save_steps=2",
+        "task.train_size=16",
+        "train.batch_size=4",
+        "eval.steps=2",
+        "model.tiny.layers=1",
+        "model.tiny.hidden=48",
+        "model.tiny.heads=2",
+        "model.tiny.intermediate=64",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 
     def start(argv) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "ftkit", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
+        return subprocess.Popen(
+            [sys.executable, "-m", "ftkit", *argv],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=default_sigint,
+        )
 
     def interrupt(proc) -> str:
         proc.send_signal(signal.SIGINT)
@@ -322,11 +397,19 @@ def test_one_writer_and_ctrl_c_through_the_cli(tmp_path):
     first = start(args)
     try:
         wait_for(lambda: (out / "checkpoints" / "checkpoint-2").is_dir(), first)
-        second = subprocess.run([sys.executable, "-m", "ftkit", *args, "--resume"], cwd=ROOT, capture_output=True,
-                                text=True, env=env, timeout=300)
+        second = subprocess.run(
+            [sys.executable, "-m", "ftkit", *args, "--resume"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
         assert second.returncode == 2 and len(errors) == 1, second.stderr
-        assert f"in use by pid {first.pid} on {socket.gethostname()}: `ftkit rl recipes/tiny/sudoku_rl.yaml" in errors[0]
+        assert (
+            f"in use by pid {first.pid} on {socket.gethostname()}: `ftkit rl recipes/tiny/sudoku_rl.yaml" in errors[0]
+        )
         err = interrupt(first)
     finally:
         if first.poll() is None:
@@ -334,8 +417,9 @@ def test_one_writer_and_ctrl_c_through_the_cli(tmp_path):
     newest = rundir.checkpoints(out)[0]
     resume = shlex.join(["ftkit", *args, "--resume"])
     lines = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
-    assert lines == [f"interrupted; last saved checkpoint: {newest} (step {rundir.checkpoint_step(newest)}); "
-                     f"resume with: {resume}"], err
+    assert lines == [
+        f"interrupted; last saved checkpoint: {newest} (step {rundir.checkpoint_step(newest)}); resume with: {resume}"
+    ], err
 
     step = rundir.checkpoint_step(newest)
     again = start(shlex.split(resume)[1:])

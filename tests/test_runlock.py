@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_faults import DRIVER, ROOT, kill9, wait_for
 
 from ftkit.run import rundir
 from ftkit.run.lock import LOCK_FILE, RunLock, RunLocked, _process_start
-from test_faults import DRIVER, ROOT, kill9, wait_for
 
 
 def _dead_pid() -> int:
@@ -33,24 +33,38 @@ def test_a_second_holder_is_refused_naming_the_first(tmp_path):
 
 
 def test_the_lock_of_a_dead_process_is_taken_over_saying_so(tmp_path, capsys):
-    dead = {"pid": _dead_pid(), "host": socket.gethostname(), "command": "ftkit train r.yaml", "purpose": "train",
-            "processes": 2, "started": "2025-01-01 10:00:00 +0000", "process_start": "1"}
+    dead = {
+        "pid": _dead_pid(),
+        "host": socket.gethostname(),
+        "command": "ftkit train r.yaml",
+        "purpose": "train",
+        "processes": 2,
+        "started": "2025-01-01 10:00:00 +0000",
+        "process_start": "1",
+    }
     (tmp_path / LOCK_FILE).write_text(json.dumps(dead))
     with RunLock(tmp_path, "train") as lock:
         assert lock.taken_over == dead
         holder = json.loads((tmp_path / LOCK_FILE).read_text())
         assert holder["pid"] == os.getpid() and holder["purpose"] == "train"
     err = capsys.readouterr().err
-    assert f"taking over the lock of pid {dead['pid']} on {dead['host']}, 2 processes: `ftkit train r.yaml` " \
-           "(started 2025-01-01 10:00:00 +0000), which is no longer running" in err
+    assert (
+        f"taking over the lock of pid {dead['pid']} on {dead['host']}, 2 processes: `ftkit train r.yaml` "
+        "(started 2025-01-01 10:00:00 +0000), which is no longer running" in err
+    )
 
 
 def test_a_live_holder_is_refused_even_where_flock_is_not_enforced(tmp_path):
     """On a filesystem that ignores flock the record of a live holder on this host still keeps a second one out."""
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        live = {"pid": sleeper.pid, "host": socket.gethostname(), "command": "ftkit train r.yaml",
-                "started": "now", "process_start": _process_start(sleeper.pid)}
+        live = {
+            "pid": sleeper.pid,
+            "host": socket.gethostname(),
+            "command": "ftkit train r.yaml",
+            "started": "now",
+            "process_start": _process_start(sleeper.pid),
+        }
         (tmp_path / LOCK_FILE).write_text(json.dumps(live))
         with pytest.raises(RunLocked, match=rf"in use by pid {sleeper.pid} .*does not enforce locks"):
             RunLock(tmp_path, "train").acquire()
@@ -60,26 +74,34 @@ def test_a_live_holder_is_refused_even_where_flock_is_not_enforced(tmp_path):
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ftkit", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ftkit", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_two_real_processes_one_writer_then_takeover(tmp_path):
     out, gate, log = tmp_path / "run", tmp_path / "gate", tmp_path / "first.log"
     # The first writer stops after step 4 (checkpoint-3 saved) and waits there, holding the lock, writing nothing.
-    first = subprocess.Popen([sys.executable, str(DRIVER), str(out), "--gate", str(gate), "--gate-step", "4"],
-                             stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first = subprocess.Popen(
+        [sys.executable, str(DRIVER), str(out), "--gate", str(gate), "--gate-step", "4"],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         wait_for(lambda: "GATED" in log.read_text(), first)
         before = _snapshot(out)
-        for args in (("train", "recipes/tiny/sudoku.yaml", f"train.output_dir={out}"),
-                     ("train", "recipes/tiny/sudoku.yaml", f"train.output_dir={out}", "--resume"),
-                     ("eval", out, "-n", "1")):
+        for args in (
+            ("train", "recipes/tiny/sudoku.yaml", f"train.output_dir={out}"),
+            ("train", "recipes/tiny/sudoku.yaml", f"train.output_dir={out}", "--resume"),
+            ("eval", out, "-n", "1"),
+        ):
             proc = _cli(*args)
             assert proc.returncode == 2, proc.stderr
             errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
@@ -90,8 +112,13 @@ def test_two_real_processes_one_writer_then_takeover(tmp_path):
     finally:
         kill9(first)
 
-    second = subprocess.run([sys.executable, str(DRIVER), str(out), "--resume"], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    second = subprocess.run(
+        [sys.executable, str(DRIVER), str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"taking over the lock of pid {first.pid}" in second.stderr
     assert "resuming from checkpoint-3 (step 3 of 12)" in second.stderr

@@ -9,16 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import CrashAt, tiny_recipe
 from typer.testing import CliRunner
 
-from ftkit.run import manifest
-
-from ftkit.run import rundir
 from ftkit.cli import app
 from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe.schema import recipe_from_dict
+from ftkit.run import manifest, rundir
 from ftkit.sft.run import train
-from test_train import CrashAt, tiny_recipe
 
 PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
 
@@ -88,7 +86,9 @@ def test_manifest_catches_truncation_changed_bytes_and_missing_files(run):
     weights = ckpt / "optimizer.pt"
     data = weights.read_bytes()
     weights.write_bytes(data[:-10])
-    assert manifest.verify(ckpt) == manifest.Damage("optimizer.pt", f"{len(data) - 10} bytes, the manifest says {len(data)}")
+    assert manifest.verify(ckpt) == manifest.Damage(
+        "optimizer.pt", f"{len(data) - 10} bytes, the manifest says {len(data)}"
+    )
     weights.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # same size, one bit flipped
     assert manifest.verify(ckpt) == manifest.Damage("optimizer.pt", "contents differ from the manifest (sha256)")
     weights.unlink()
@@ -121,22 +121,43 @@ def _cut_before_section(path: Path, section: str) -> None:
 
 
 DAMAGE = [
-    ("truncated adapter", lambda r: _truncate(r / "adapter_model.safetensors", 100),
-     ["adapter_model.safetensors: truncated", "--checkpoint latest", "--resume"]),
-    ("deleted adapter", lambda r: (r / "adapter_model.safetensors").unlink(),
-     ["adapter_model.safetensors: missing", "--checkpoint latest"]),
-    ("truncated adapter config", lambda r: _truncate(r / "adapter_config.json"),
-     ["adapter_config.json: not valid JSON", "--checkpoint latest"]),
+    (
+        "truncated adapter",
+        lambda r: _truncate(r / "adapter_model.safetensors", 100),
+        ["adapter_model.safetensors: truncated", "--checkpoint latest", "--resume"],
+    ),
+    (
+        "deleted adapter",
+        lambda r: (r / "adapter_model.safetensors").unlink(),
+        ["adapter_model.safetensors: missing", "--checkpoint latest"],
+    ),
+    (
+        "truncated adapter config",
+        lambda r: _truncate(r / "adapter_config.json"),
+        ["adapter_config.json: not valid JSON", "--checkpoint latest"],
+    ),
     ("deleted tokenizer", lambda r: (r / "tokenizer.json").unlink(), ["tokenizer.json: missing", "restore it"]),
-    ("truncated tokenizer config", lambda r: _truncate(r / "tokenizer_config.json"),
-     ["tokenizer_config.json: not valid JSON", "restore it"]),
-    ("recipe cut inside a line", lambda r: _truncate(r / "recipe.yaml", len((r / "recipe.yaml").read_bytes()) - 3),
-     ["recipe.yaml: incomplete (its last line is cut", "ftkit validate RECIPE"]),
-    ("recipe cut between sections", lambda r: _cut_before_section(r / "recipe.yaml", "eval"),
-     ["recipe.yaml: incomplete (no `eval` section", "ftkit validate RECIPE"]),
+    (
+        "truncated tokenizer config",
+        lambda r: _truncate(r / "tokenizer_config.json"),
+        ["tokenizer_config.json: not valid JSON", "restore it"],
+    ),
+    (
+        "recipe cut inside a line",
+        lambda r: _truncate(r / "recipe.yaml", len((r / "recipe.yaml").read_bytes()) - 3),
+        ["recipe.yaml: incomplete (its last line is cut", "ftkit validate RECIPE"],
+    ),
+    (
+        "recipe cut between sections",
+        lambda r: _cut_before_section(r / "recipe.yaml", "eval"),
+        ["recipe.yaml: incomplete (no `eval` section", "ftkit validate RECIPE"],
+    ),
     ("recipe emptied", lambda r: (r / "recipe.yaml").write_text(""), ["recipe.yaml: incomplete (no `model` section"]),
-    ("truncated base weights", lambda r: _truncate(r / "base" / "model.safetensors"),
-     ["base/model.safetensors: truncated", "random-init base weights"]),
+    (
+        "truncated base weights",
+        lambda r: _truncate(r / "base" / "model.safetensors"),
+        ["base/model.safetensors: truncated", "random-init base weights"],
+    ),
     ("deleted base config", lambda r: (r / "base" / "config.json").unlink(), ["base/config.json: missing"]),
 ]
 
@@ -225,9 +246,15 @@ def test_a_crash_before_the_first_checkpoint_blocks_nothing(tmp_path, capsys):
     assert "an earlier attempt saved no checkpoint; starting over" in capsys.readouterr().err
 
     # ... and so does --resume with another model section: there is nothing to resume, so nothing to mismatch.
-    changed = recipe_from_dict({**tiny_recipe(out, max_steps=3).to_dict(),
-                                "model": {**tiny_recipe(out).to_dict()["model"],
-                                          "tiny": {**tiny_recipe(out).to_dict()["model"]["tiny"], "init_seed": 5}}})
+    changed = recipe_from_dict(
+        {
+            **tiny_recipe(out, max_steps=3).to_dict(),
+            "model": {
+                **tiny_recipe(out).to_dict()["model"],
+                "tiny": {**tiny_recipe(out).to_dict()["model"]["tiny"], "init_seed": 5},
+            },
+        }
+    )
     summary = train(changed, resume=True, progress=False)
     assert summary["steps"] == 3 and summary["resumed_from_step"] == 0
     assert manifest.sha256(out / "base" / "model.safetensors") != crashed_base  # the new base, not the leftover
@@ -251,8 +278,11 @@ def test_a_directory_ftkit_did_not_make_is_not_written_into(tmp_path):
     (mine / "recipe.yaml").write_text("my own recipe\n")
     (mine / "tokenizer.json").write_text("{}")  # a name a run file also has: must not be cleared
     before = {p.name: p.read_text() for p in mine.iterdir()}
-    with pytest.raises(FtkitError, match=r"project: exists and is not an ftkit run directory \(it holds recipe.yaml, "
-                                         r"tokenizer.json\); choose another train.output_dir"):
+    with pytest.raises(
+        FtkitError,
+        match=r"project: exists and is not an ftkit run directory \(it holds recipe.yaml, "
+        r"tokenizer.json\); choose another train.output_dir",
+    ):
         train(tiny_recipe(mine), progress=False)
     assert {p.name: p.read_text() for p in mine.iterdir()} == before  # untouched, no lock file either
     empty = tmp_path / "empty"

@@ -7,9 +7,9 @@ import torch
 
 from ftkit.diffusion.sample import denoise, row_generators
 from ftkit.diffusion.token_layout import AllowedTokens
+from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.model.load import build_tiny
 from ftkit.recipe.schema import TinySpec
-from ftkit.model.char_tokenizer import build_char_tokenizer
 
 CANVAS = 32
 KNOBS = dict(
@@ -47,8 +47,9 @@ def batch(tokenizer):
 
 def test_clamp_keeps_fixed_positions_identical_through_trajectory(model, batch):
     prompt, mask, canvas, fixed = batch
-    res = denoise(model, prompt, mask, canvas, fixed, steps=5, generator=row_generators(0, 3), record_trajectory=True,
-                  **KNOBS)
+    res = denoise(
+        model, prompt, mask, canvas, fixed, steps=5, generator=row_generators(0, 3), record_trajectory=True, **KNOBS
+    )
     assert len(res.trajectory) == 1 + 5  # the start, then one canvas per step (a random model never stops early)
     for step, snapshot in enumerate(res.trajectory):
         assert torch.equal(snapshot[fixed], canvas[fixed]), f"a fixed position changed at trajectory entry {step}"
@@ -56,8 +57,18 @@ def test_clamp_keeps_fixed_positions_identical_through_trajectory(model, batch):
     assert not torch.equal(res.trajectory[0][~fixed], res.trajectory[-1][~fixed])  # free positions do move
 
     # Without clamping the same positions are free to drift: the check above would catch it.
-    loose = denoise(model, prompt, mask, canvas, fixed, steps=5, generator=row_generators(0, 3), clamp=False,
-                    record_trajectory=True, **KNOBS)
+    loose = denoise(
+        model,
+        prompt,
+        mask,
+        canvas,
+        fixed,
+        steps=5,
+        generator=row_generators(0, 3),
+        clamp=False,
+        record_trajectory=True,
+        **KNOBS,
+    )
     assert any(not torch.equal(s[fixed], canvas[fixed]) for s in loose.trajectory)
 
 
@@ -66,8 +77,16 @@ def test_batch_equals_one_at_a_time(model, batch):
     together = denoise(model, prompt, mask, canvas, fixed, steps=4, generator=row_generators(7, 3), **KNOBS)
     for b in range(3):
         n = int(mask[b].sum())
-        alone = denoise(model, prompt[b : b + 1, :n], mask[b : b + 1, :n], canvas[b : b + 1], fixed[b : b + 1], steps=4,
-                        generator=row_generators(7, 1, offset=b), **KNOBS)
+        alone = denoise(
+            model,
+            prompt[b : b + 1, :n],
+            mask[b : b + 1, :n],
+            canvas[b : b + 1],
+            fixed[b : b + 1],
+            steps=4,
+            generator=row_generators(7, 1, offset=b),
+            **KNOBS,
+        )
         assert torch.equal(alone.canvas[0], together.canvas[b]), f"example {b} differs when batched"
         assert alone.steps_used[0] == together.steps_used[b]
 
@@ -90,8 +109,9 @@ def test_confident_model_stops_early(model, batch, tokenizer):
     # The sampler runs the head on flattened positions; one chunk holds them all, in (example, position) order.
     handle = model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias.reshape(out.shape).to(out.dtype))
     try:
-        res = denoise(model, prompt, mask, canvas, fixed, steps=20, generator=row_generators(0, 3), chunk=3 * CANVAS,
-                      **KNOBS)
+        res = denoise(
+            model, prompt, mask, canvas, fixed, steps=20, generator=row_generators(0, 3), chunk=3 * CANVAS, **KNOBS
+        )
     finally:
         handle.remove()
     assert res.steps_used.tolist() == [KNOBS["stability_threshold"] + 1] * 3
@@ -118,8 +138,19 @@ def test_verifier_renoises_only_reported_free_positions(model, batch):
         calls.append(c.clone())
         return [reported, [], []] if len(calls) == 1 else [[], [], []]
 
-    res = denoise(model, prompt, mask, canvas, fixed, steps=steps, generator=row_generators(0, 3), verifier=verifier,
-                  max_renoise_rounds=3, record_trajectory=True, **KNOBS)
+    res = denoise(
+        model,
+        prompt,
+        mask,
+        canvas,
+        fixed,
+        steps=steps,
+        generator=row_generators(0, 3),
+        verifier=verifier,
+        max_renoise_rounds=3,
+        record_trajectory=True,
+        **KNOBS,
+    )
     assert len(calls) == 2  # round 1 re-noised, round 2 found nothing
     assert torch.equal(calls[0], plain.canvas)  # the first pass is the plain sampler's, draw for draw
     assert res.renoised_cells == 2 and res.renoise_rounds == 1
@@ -140,8 +171,16 @@ def test_verifier_renoises_only_reported_free_positions(model, batch):
 def test_rejects_bad_temperatures(model, batch):
     prompt, mask, canvas, fixed = batch
     with pytest.raises(ValueError, match="temperature"):
-        denoise(model, prompt, mask, canvas, fixed, steps=2, generator=torch.Generator().manual_seed(0),
-                **{**KNOBS, "temperature_max": 0.0})
+        denoise(
+            model,
+            prompt,
+            mask,
+            canvas,
+            fixed,
+            steps=2,
+            generator=torch.Generator().manual_seed(0),
+            **{**KNOBS, "temperature_max": 0.0},
+        )
 
 
 def test_pinned_logits_are_one_hot_and_free_ones_untouched():
@@ -159,16 +198,31 @@ def test_pinned_logits_are_one_hot_and_free_ones_untouched():
 
 def test_single_generator_is_reproducible(model, batch):
     prompt, mask, canvas, fixed = batch
-    runs = [denoise(model, prompt, mask, canvas, fixed, steps=2, generator=torch.Generator().manual_seed(5), **KNOBS)
-            for _ in range(2)]
+    runs = [
+        denoise(model, prompt, mask, canvas, fixed, steps=2, generator=torch.Generator().manual_seed(5), **KNOBS)
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0].canvas, runs[1].canvas)
 
 
 def test_chunking_does_not_change_results(model, batch):
     """Everything over the vocabulary runs a chunk of positions at a time; the chunk size is invisible."""
     prompt, mask, canvas, fixed = batch
-    runs = [denoise(model, prompt, mask, canvas, fixed, steps=4, generator=row_generators(3, 3), chunk=chunk,
-                    record_trajectory=True, **KNOBS) for chunk in (None, 1, 7)]
+    runs = [
+        denoise(
+            model,
+            prompt,
+            mask,
+            canvas,
+            fixed,
+            steps=4,
+            generator=row_generators(3, 3),
+            chunk=chunk,
+            record_trajectory=True,
+            **KNOBS,
+        )
+        for chunk in (None, 1, 7)
+    ]
     for other in runs[1:]:
         assert torch.equal(other.canvas, runs[0].canvas)
         assert other.steps_used.tolist() == runs[0].steps_used.tolist()
@@ -238,9 +292,17 @@ def test_allowed_tokens_hold_on_the_output_and_every_step(model, batch, tokenize
     assert (res.canvas[:, 24:] == eos).all()
     assert torch.equal(res.canvas[fixed], canvas[fixed])
     # With rules the batch is still the sum of its examples.
-    alone = denoise(model, prompt[1:2, :12], mask[1:2, :12], canvas[1:2], fixed[1:2], steps=4,
-                    generator=row_generators(0, 1, offset=1),
-                    allowed=AllowedTokens(rules.table, rules.index[1:2]), **KNOBS)
+    alone = denoise(
+        model,
+        prompt[1:2, :12],
+        mask[1:2, :12],
+        canvas[1:2],
+        fixed[1:2],
+        steps=4,
+        generator=row_generators(0, 1, offset=1),
+        allowed=AllowedTokens(rules.table, rules.index[1:2]),
+        **KNOBS,
+    )
     assert torch.equal(alone.canvas[0], res.canvas[1])
 
 
@@ -256,8 +318,17 @@ def test_peak_memory_at_the_real_vocabulary_is_chunk_sized():
     from ftkit.profiling import PeakLiveBytes
 
     vocab, batch, length, chunk = 262_144, 2, 32, 4
-    spec = dataclasses.replace(TinySpec(), hidden=32, heads=2, kv_heads=1, head_dim=16, global_head_dim=32,
-                               intermediate=64, expert_intermediate=32, canvas_length=length)
+    spec = dataclasses.replace(
+        TinySpec(),
+        hidden=32,
+        heads=2,
+        kv_heads=1,
+        head_dim=16,
+        global_head_dim=32,
+        intermediate=64,
+        expert_intermediate=32,
+        canvas_length=length,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         big = DiffusionGemmaForBlockDiffusion(tiny_config(spec, vocab)).eval()
@@ -266,8 +337,17 @@ def test_peak_memory_at_the_real_vocabulary_is_chunk_sized():
     canvas = torch.randint(4, vocab, (batch, length), generator=g)
     fixed = torch.rand(batch, length, generator=g) < 0.3
     with PeakLiveBytes() as peak:
-        res = denoise(big, prompt, torch.ones_like(prompt), canvas, fixed, steps=2, generator=row_generators(0, batch),
-                      chunk=chunk, **KNOBS)
+        res = denoise(
+            big,
+            prompt,
+            torch.ones_like(prompt),
+            canvas,
+            fixed,
+            steps=2,
+            generator=row_generators(0, batch),
+            chunk=chunk,
+            **KNOBS,
+        )
     full_logits = batch * length * vocab * 4
     chunk_bytes = chunk * vocab * 4
     assert peak.peak <= 5 * chunk_bytes < full_logits / 2, f"peak {peak.peak / 1e6:.0f} MB"
@@ -296,8 +376,16 @@ def test_peak_cuda_memory_at_the_real_vocabulary_and_batch():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    denoise(model, prompt, torch.ones_like(prompt), canvas, fixed, steps=2,
-            generator=row_generators(0, batch, device="cuda"), **KNOBS)
+    denoise(
+        model,
+        prompt,
+        torch.ones_like(prompt),
+        canvas,
+        fixed,
+        steps=2,
+        generator=row_generators(0, batch, device="cuda"),
+        **KNOBS,
+    )
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     budget = batch * length * vocab * 2 + 5 * default_chunk(vocab) * vocab * 4
@@ -314,8 +402,12 @@ def test_decoder_with_soft_embeddings_equals_the_models_self_conditioning_path(m
     prompt, mask, canvas, _ = batch
     cache, decoder_mask, positions = _encode_prompt(model, prompt, mask, CANVAS)
     previous = 3 * torch.randn(3, CANVAS, len(tokenizer), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(past_key_values=cache, decoder_input_ids=canvas, decoder_attention_mask=decoder_mask,
-                  decoder_position_ids=positions)
+    kwargs = dict(
+        past_key_values=cache,
+        decoder_input_ids=canvas,
+        decoder_attention_mask=decoder_mask,
+        decoder_position_ids=positions,
+    )
     reference = model(**kwargs, self_conditioning_logits=previous).logits
     embed = model.model.decoder.embed_tokens
     soft = previous.softmax(-1).to(embed.weight.dtype) @ embed.weight * embed.embed_scale.to(embed.weight.dtype)

@@ -223,9 +223,12 @@ def test_generated_code_sees_a_minimal_read_only_tree(fake_home, monkeypatch):
     allowed |= {Path(p).parts[1] for p in (sys.prefix, sys.base_prefix, "/usr/bin/python3")}
     assert set(seen["root"]) <= allowed, seen["root"]
     assert not {"root", "home", "work", "etc", "var"} & set(seen["root"])
-    writes = run_python("import os\nfor p in ('/x', '/usr/x', '/tmp/x'):\n"
-                        "    try:\n        open(p, 'w')\n        print('wrote', p)\n"
-                        "    except OSError as e:\n        print(type(e).__name__)\n", isolation="namespace")
+    writes = run_python(
+        "import os\nfor p in ('/x', '/usr/x', '/tmp/x'):\n"
+        "    try:\n        open(p, 'w')\n        print('wrote', p)\n"
+        "    except OSError as e:\n        print(type(e).__name__)\n",
+        isolation="namespace",
+    )
     assert "wrote" not in writes.stdout and len(writes.stdout.split()) == 3, writes
 
 
@@ -237,8 +240,10 @@ def test_prelude_refuses_reading_outside_the_interpreter_and_work_dir(fake_home)
     assert seen["token"] == "PermissionError" and "hf_" not in result.stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
-                    reason="switches to a throwaway unprivileged uid, which needs root")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
+    reason="switches to a throwaway unprivileged uid, which needs root",
+)
 def test_an_unprivileged_user_cannot_read_its_own_token_file(fake_home):
     """ftkit run by an ordinary user (not root): the sandbox keeps that user's own token file (mode 600) from the
     code, although the user itself can read it."""
@@ -262,12 +267,18 @@ def test_an_unprivileged_user_cannot_read_its_own_token_file(fake_home):
             f"direct = open({str(token)!r}).read()\n"
             "result = run_python(code)\n"
             "print(json.dumps({'uid': os.getuid(), 'direct': direct, 'level': result.isolation, 'ok': result.ok,\n"
-            "                  'seen': result.stdout, 'stderr': result.stderr}))\n")
+            "                  'seen': result.stdout, 'stderr': result.stderr}))\n"
+        )
         for p in pkg.rglob("*"):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3",
-                               "-I", str(script)], capture_output=True, text=True, timeout=120,
-                              env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, cwd=str(pkg))
+        proc = subprocess.run(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-I", str(script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
+            cwd=str(pkg),
+        )
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout)
         assert report["uid"] == uid and report["direct"] == "hf_FakeTokenThatMustNotLeak"  # the user can read it
@@ -296,9 +307,14 @@ def test_weak_sandbox_needs_an_opt_in(no_namespaces):
     with pytest.raises(WeakSandboxRefused) as err:
         run_python("print('ran')")
     message = str(err.value)
-    for needle in ("not a security boundary", "unshare: Operation not permitted",
-                   "kernel.apparmor_restrict_unprivileged_userns=0", "kernel.unprivileged_userns_clone=1",
-                   "--allow-weak-sandbox", "eval.allow_weak_sandbox: true"):
+    for needle in (
+        "not a security boundary",
+        "unshare: Operation not permitted",
+        "kernel.apparmor_restrict_unprivileged_userns=0",
+        "kernel.unprivileged_userns_clone=1",
+        "--allow-weak-sandbox",
+        "eval.allow_weak_sandbox: true",
+    ):
         assert needle in message
     with SandboxPolicy(allow_weak=True) as outer:
         with SandboxPolicy() as inner:  # an enclosing scope's opt-in is enough
@@ -309,8 +325,13 @@ def test_weak_sandbox_needs_an_opt_in(no_namespaces):
         run_python("print('ran')")
 
 
-ADD = {"prefix": "def add(a, b):\n    total = a\n", "middle": "    total += b\n", "suffix": "    return total\n",
-       "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n", "entry_point": "add"}
+ADD = {
+    "prefix": "def add(a, b):\n    total = a\n",
+    "middle": "    total += b\n",
+    "suffix": "    return total\n",
+    "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
+    "entry_point": "add",
+}
 
 
 def _code_run(monkeypatch, allow_weak: bool = False):
@@ -319,22 +340,27 @@ def _code_run(monkeypatch, allow_weak: bool = False):
     from types import SimpleNamespace
 
     import torch
-
-    import ftkit.evaluation.evaluate as ev
-    from ftkit.recipe.schema import EvalSection, Recipe, TaskSection
-    from ftkit.tasks import make_task
-    from ftkit.model.char_tokenizer import build_char_tokenizer
     from test_evaluate import oracle_sampler
 
+    import ftkit.evaluation.evaluate as ev
+    from ftkit.model.char_tokenizer import build_char_tokenizer
+    from ftkit.recipe.schema import EvalSection, Recipe, TaskSection
+    from ftkit.tasks import make_task
+
     task = make_task("code_infill", {})
-    examples = [task._example(f"add{i}", "user", ADD["prefix"], ADD["middle"], ADD["suffix"], test=ADD["test"],
-                              entry_point="add") for i in range(2)]
+    examples = [
+        task._example(
+            f"add{i}", "user", ADD["prefix"], ADD["middle"], ADD["suffix"], test=ADD["test"], entry_point="add"
+        )
+        for i in range(2)
+    ]
     monkeypatch.setattr(ev, "load_examples", lambda *a, **k: examples)  # not through the data cache
     tokenizer = build_char_tokenizer()
     # The oracle sampler answers without a model, so there is no vocabulary to build token masks for.
-    recipe = Recipe(task=TaskSection(name="code_infill", test_size=2),
-                    eval=EvalSection(steps=1, batch_size=2, num_examples=2, allow_weak_sandbox=allow_weak,
-                                     token_masks=False))
+    recipe = Recipe(
+        task=TaskSection(name="code_infill", test_size=2),
+        eval=EvalSection(steps=1, batch_size=2, num_examples=2, allow_weak_sandbox=allow_weak, token_masks=False),
+    )
     from ftkit.diffusion.token_layout import layout_example
 
     layouts = [layout_example(tokenizer, task.to_prompt_canvas(e), 96, 512) for e in examples]
@@ -345,8 +371,13 @@ def _code_run(monkeypatch, allow_weak: bool = False):
 
     with_oracle.real = real
     monkeypatch.setattr(ev, "evaluate_examples", with_oracle)
-    run = SimpleNamespace(recipe=dataclasses.replace(recipe), model=torch.nn.Linear(1, 1), tokenizer=tokenizer, task=task,
-                          canvas_length=96)
+    run = SimpleNamespace(
+        recipe=dataclasses.replace(recipe),
+        model=torch.nn.Linear(1, 1),
+        tokenizer=tokenizer,
+        task=task,
+        canvas_length=96,
+    )
     monkeypatch.setattr(ev, "_load_run", lambda run_dir, adapter, checkpoint=None: run)
 
 

@@ -8,15 +8,15 @@ import copy
 
 import pytest
 import torch
+from test_train import TINY, crash_and_resume, probe_batch, tiny_recipe
 
-from ftkit.run import rundir
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.errors import FtkitError
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import DiffusionSection, LoraSection, QuantSection, TinySpec, recipe_from_dict
 from ftkit.model.shared_stacks import stacks_share_adapters
+from ftkit.recipe.schema import DiffusionSection, LoraSection, QuantSection, TinySpec, recipe_from_dict
+from ftkit.run import rundir
 from ftkit.sft.run import train
-from test_train import TINY, crash_and_resume, probe_batch, tiny_recipe
 
 SEPARATE = LoraSection(r=4, alpha=8, dense_mlp=True)
 SHARED = LoraSection(r=4, alpha=8, dense_mlp=True, shared_stacks=True)
@@ -35,8 +35,10 @@ def _batch(tokenizer):
     from ftkit.tasks.sudoku import SudokuTask
 
     examples = SudokuTask().build_dataset("test", 2, 0)
-    return collate([layout_example(tokenizer, SudokuTask().to_prompt_canvas(e), TINY["canvas_length"], 256)
-                    for e in examples], tokenizer.pad_token_id)
+    return collate(
+        [layout_example(tokenizer, SudokuTask().to_prompt_canvas(e), TINY["canvas_length"], 256) for e in examples],
+        tokenizer.pad_token_id,
+    )
 
 
 def test_one_adapter_trains_with_the_sum_of_both_stacks_gradients(char_tokenizer):
@@ -45,7 +47,9 @@ def test_one_adapter_trains_with_the_sum_of_both_stacks_gradients(char_tokenizer
     separate = attach_lora(copy.deepcopy(base), SEPARATE)
     assert stacks_share_adapters(shared) and not stacks_share_adapters(separate)
     trainable = lambda m: {n: p for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
-    assert 2 * sum(p.numel() for p in trainable(shared).values()) == sum(p.numel() for p in trainable(separate).values())
+    assert 2 * sum(p.numel() for p in trainable(shared).values()) == sum(
+        p.numel() for p in trainable(separate).values()
+    )
     _randomize(shared)
     # The separate model holds the same values in both stacks: it computes the same function.
     separate.load_state_dict(shared.state_dict())
@@ -164,9 +168,9 @@ def test_rl_continues_a_shared_adapter_as_one(tmp_path):
     """`ftkit rl` from a shared-stacks SFT run: the copied adapter is re-tied, trained as one, saved with equal
     stacks (so it exports tied), and its reference policy is the SFT adapter (KL 0 at the first step)."""
     from safetensors.torch import load_file
+    from test_rl import SevensTask, rl_rows, toy_recipe
 
     from ftkit.rl.run import rl
-    from test_rl import SevensTask, rl_rows, toy_recipe
     from ftkit.tasks import base as task_base
 
     shared = {"r": 4, "alpha": 8, "attention": True, "experts": True, "dense_mlp": True, "shared_stacks": True}

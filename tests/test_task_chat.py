@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from ftkit.errors import FtkitError
 from ftkit.diffusion.token_layout import end_of_turn_id, layout_example
+from ftkit.errors import FtkitError
 from ftkit.tasks import make_task
 
 GSM = r"####\s*(-?\d+)"
@@ -22,9 +22,15 @@ def chats(n=40, long_every=0):
         answer = f"{i} + 1 = {i + 1}\n#### {i + 1}"
         if long_every and i % long_every == 0:
             answer = "".join(f"step {k}: {i} + {k} = {i + k}\n" for k in range(12)) + f"#### {i + 11}"
-        rows.append({"messages": [{"role": "system", "content": "Be exact."},
-                                  {"role": "user", "content": f"What is {i} + 1?"},
-                                  {"role": "assistant", "content": answer}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Be exact."},
+                    {"role": "user", "content": f"What is {i} + 1?"},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
     return rows
 
 
@@ -44,10 +50,12 @@ def test_messages_jsonl_splits_and_layout(tmp_path, char_tokenizer):
     assert ex.id == "chat.jsonl row 4" and ex.answer == "3 + 1 = 4\n#### 4"
     assert ex.question["messages"] == (("system", "Be exact."), ("user", "What is 3 + 1?"))
     lay = layout_example(char_tokenizer, task.to_prompt_canvas(ex), 32, 128, ex.id, max_blocks=None)
-    assert char_tokenizer.decode(lay.prompt_ids) == ("<bos><|turn>system\nBe exact.<turn|>\n<|turn>user\nWhat is 3 + 1?"
-                                                    "<turn|>\n<|turn>model\n")
-    assert lay.canvas_ids[: lay.content_length] == (char_tokenizer(ex.answer, add_special_tokens=False).input_ids
-                                                    + [end_of_turn_id(char_tokenizer)])
+    assert char_tokenizer.decode(lay.prompt_ids) == (
+        "<bos><|turn>system\nBe exact.<turn|>\n<|turn>user\nWhat is 3 + 1?<turn|>\n<|turn>model\n"
+    )
+    assert lay.canvas_ids[: lay.content_length] == (
+        char_tokenizer(ex.answer, add_special_tokens=False).input_ids + [end_of_turn_id(char_tokenizer)]
+    )
     assert task.check(ex, ex.answer) == [] and task.metrics([ex], [ex.answer])["verified"] == 1.0
 
 
@@ -76,8 +84,16 @@ def test_prompt_completion_columns_from_other_formats(tmp_path, kind):
     else:
         ds.save_to_disk(str(tmp_path / "tmp"))
         source = next((tmp_path / "tmp").glob("*.arrow"))
-    task = make_task("chat", {"dataset": str(source), "prompt_column": "question", "completion_column": "answer",
-                              "system_prompt": "Answer.", "verifier": "none"})
+    task = make_task(
+        "chat",
+        {
+            "dataset": str(source),
+            "prompt_column": "question",
+            "completion_column": "answer",
+            "system_prompt": "Answer.",
+            "verifier": "none",
+        },
+    )
     every = task.build_dataset("all", 100, 0)
     assert sorted(e.answer for e in every) == sorted(f"a{i}" for i in range(12))
     assert every[0].question["messages"][0] == ("system", "Answer.")
@@ -87,25 +103,46 @@ def test_a_test_split_of_its_own(tmp_path):
     """With test_split, train reads all of its split and test all of the other (as for GSM8K on the Hub)."""
     from datasets import Dataset, DatasetDict
 
-    DatasetDict({"train": Dataset.from_list([{"q": f"q{i}", "a": f"#### {i}"} for i in range(20)]),
-                 "test": Dataset.from_list([{"q": f"t{i}", "a": f"#### {i}"} for i in range(5)])}
-                ).save_to_disk(str(tmp_path / "dd"))
-    task = make_task("chat", {"dataset": str(tmp_path / "dd"), "test_split": "test", "prompt_column": "q",
-                              "completion_column": "a", "answer_regex": r"####\s*(.+)"})
+    DatasetDict(
+        {
+            "train": Dataset.from_list([{"q": f"q{i}", "a": f"#### {i}"} for i in range(20)]),
+            "test": Dataset.from_list([{"q": f"t{i}", "a": f"#### {i}"} for i in range(5)]),
+        }
+    ).save_to_disk(str(tmp_path / "dd"))
+    task = make_task(
+        "chat",
+        {
+            "dataset": str(tmp_path / "dd"),
+            "test_split": "test",
+            "prompt_column": "q",
+            "completion_column": "a",
+            "answer_regex": r"####\s*(.+)",
+        },
+    )
     assert len(task.build_dataset("train", 100, 0)) == 20
-    assert sorted(e.question["messages"][-1][1] for e in task.build_dataset("test", 100, 0)) == [f"t{i}" for i in range(5)]
+    assert sorted(e.question["messages"][-1][1] for e in task.build_dataset("test", 100, 0)) == [
+        f"t{i}" for i in range(5)
+    ]
     with pytest.raises(FtkitError, match="no split 'dev'"):
-        make_task("chat", {"dataset": str(tmp_path / "dd"), "train_split": "dev", "prompt_column": "q",
-                           "completion_column": "a"}).build_dataset("train", 5, 0)
+        make_task(
+            "chat",
+            {"dataset": str(tmp_path / "dd"), "train_split": "dev", "prompt_column": "q", "completion_column": "a"},
+        ).build_dataset("train", 5, 0)
 
 
 BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "hi"}]}, "the last turn must be the assistant's answer"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "the answer (completion) is empty"),
+    (
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+        "the answer (completion) is empty",
+    ),
     ({"messages": "hello"}, "must be a non-empty list"),
     ({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "turn 1: expected"),
     ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}, "turn 1: expected"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no marker"}]}, "no match of task.options.answer_regex"),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no marker"}]},
+        "no match of task.options.answer_regex",
+    ),
     ({"other": 1}, "`messages` is missing"),
 ]
 
@@ -125,8 +162,16 @@ def test_a_bad_row_is_an_error_naming_file_and_row_or_skipped_and_counted(tmp_pa
 
 def test_columns_and_types_of_prompt_completion_rows(tmp_path):
     data = write_jsonl(tmp_path / "pc.jsonl", [{"q": "a", "a": "b"}, {"q": "c", "a": 3}, {"q": "e"}])
-    task = make_task("chat", {"dataset": str(data), "prompt_column": "q", "completion_column": "a", "verifier": "none",
-                              "on_bad_row": "error"})
+    task = make_task(
+        "chat",
+        {
+            "dataset": str(data),
+            "prompt_column": "q",
+            "completion_column": "a",
+            "verifier": "none",
+            "on_bad_row": "error",
+        },
+    )
     with pytest.raises(FtkitError, match="pc.jsonl row 2|pc.jsonl: "):
         task.build_dataset("all", 10, 0)
     with pytest.raises(FtkitError, match="prompt_column and completion_column go together"):
@@ -141,7 +186,9 @@ def test_an_over_long_prompt_names_its_row_or_is_skipped(tmp_path, char_tokenize
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     strict = make_task("chat", {"dataset": str(data), "answer_regex": GSM})
     ds = examples_dataset(strict, "all", 100, 0, str(data))
-    with pytest.raises(FtkitError, match=r"example chat\.jsonl row 3: prompt is \d+ tokens, over train.max_prompt_length=128"):
+    with pytest.raises(
+        FtkitError, match=r"example chat\.jsonl row 3: prompt is \d+ tokens, over train.max_prompt_length=128"
+    ):
         load_layouts(strict, ds, char_tokenizer, 32, 128)
     lenient = make_task("chat", {"dataset": str(data), "answer_regex": GSM, "on_bad_row": "skip"})
     with caplog.at_level(logging.WARNING, logger="ftkit.tasks.data"):
@@ -151,8 +198,11 @@ def test_an_over_long_prompt_names_its_row_or_is_skipped(tmp_path, char_tokenize
 
 def test_sources_that_cannot_load_are_one_clear_error(tmp_path):
     hub = make_task("chat", {"dataset": "openai/gsm8k", "config": "main"})
-    with pytest.raises(FtkitError, match=r"task.options.dataset='openai/gsm8k': no such local path .*, not in the "
-                                         r"local Hugging Face cache, and the Hub cannot be used \(offline mode is on"):
+    with pytest.raises(
+        FtkitError,
+        match=r"task.options.dataset='openai/gsm8k': no such local path .*, not in the "
+        r"local Hugging Face cache, and the Hub cannot be used \(offline mode is on",
+    ):
         hub.build_dataset("train", 5, 0)
     with pytest.raises(FtkitError, match="data file not found"):
         make_task("chat", {"dataset": str(tmp_path / "missing.jsonl")}).build_dataset("train", 5, 0)
@@ -178,7 +228,9 @@ def test_recipe_validation_catches_verifier_options():
         recipe_from_dict({"task": {"name": "chat", "options": {"answer_regex": "(("}}})
     with pytest.raises(RecipeError, match="on_bad_row"):
         recipe_from_dict({"task": {"name": "chat", "options": {"on_bad_row": "ignore"}}})
-    ok = recipe_from_dict({"task": {"name": "chat", "options": {"verifier": "json_schema", "schema": {"type": "object"}}}})
+    ok = recipe_from_dict(
+        {"task": {"name": "chat", "options": {"verifier": "json_schema", "schema": {"type": "object"}}}}
+    )
     assert ok.task.options["schema"] == {"type": "object"}
 
 
@@ -186,8 +238,19 @@ def test_recipe_validation_catches_verifier_options():
 # The three commands on a tiny chat run
 
 
-TINY = {"layers": 1, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
-        "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32, "canvas_length": 16}
+TINY = {
+    "layers": 1,
+    "hidden": 48,
+    "heads": 2,
+    "kv_heads": 1,
+    "head_dim": 24,
+    "global_head_dim": 24,
+    "intermediate": 64,
+    "experts": 4,
+    "top_k": 2,
+    "expert_intermediate": 32,
+    "canvas_length": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -199,13 +262,25 @@ def chat_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("chat")
     data = write_jsonl(root / "train.jsonl", chats(24, long_every=4))
-    recipe = {"model": {"base": "tiny", "dtype": "float32", "tiny": TINY},
-              "lora": {"r": 4, "alpha": 8, "dense_mlp": True},
-              "train": {"output_dir": str(root / "run"), "max_steps": 2, "batch_size": 4, "logging_steps": 1,
-                        "save_steps": 2, "max_prompt_length": 128},
-              "task": {"name": "chat", "train_size": 24, "test_size": 4,
-                       "options": {"dataset": str(data), "answer_regex": GSM}},
-              "eval": {"num_examples": 2, "batch_size": 2, "steps": 2, "max_new_tokens": 48}}
+    recipe = {
+        "model": {"base": "tiny", "dtype": "float32", "tiny": TINY},
+        "lora": {"r": 4, "alpha": 8, "dense_mlp": True},
+        "train": {
+            "output_dir": str(root / "run"),
+            "max_steps": 2,
+            "batch_size": 4,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "max_prompt_length": 128,
+        },
+        "task": {
+            "name": "chat",
+            "train_size": 24,
+            "test_size": 4,
+            "options": {"dataset": str(data), "answer_regex": GSM},
+        },
+        "eval": {"num_examples": 2, "batch_size": 2, "steps": 2, "max_new_tokens": 48},
+    }
     (root / "chat.yaml").write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["train", str(root / "chat.yaml")])
     assert result.exit_code == 0, result.output
@@ -233,14 +308,19 @@ def test_generate_goes_block_after_block_and_prints_blocks(chat_run, monkeypatch
     from ftkit.evaluation.generate import generate_one
 
     landed = []
-    res = generate_one(chat_run / "run", "What is 2 + 1?", steps=1, max_new_tokens=48,
-                       on_block=lambda k, text, last: landed.append((k, last)))
+    res = generate_one(
+        chat_run / "run",
+        "What is 2 + 1?",
+        steps=1,
+        max_new_tokens=48,
+        on_block=lambda k, text, last: landed.append((k, last)),
+    )
     assert 1 <= res.blocks <= 3 and [k for k, _ in landed] == list(range(res.blocks))
     assert landed[-1][1] and not any(last for _, last in landed[:-1])
     # The CLI prints the blocks of a multi-block answer as they land (and nothing extra for a one-block one).
-    import ftkit.evaluation.generate as gen
     from typer.testing import CliRunner
 
+    import ftkit.evaluation.generate as gen
     from ftkit.cli import app
 
     def scripted(*args, on_block=None, **kwargs):

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from ftkit.errors import FtkitError
 from ftkit.diffusion.token_layout import canvas_to_text, layout_example
+from ftkit.errors import FtkitError
+from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.tasks import make_task
 from ftkit.tasks.code_infill import HOLE, load_jsonl
-from ftkit.model.char_tokenizer import build_char_tokenizer
 
 ADD = {
     "id": "add",
@@ -20,8 +20,12 @@ ADD = {
     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
     "entry_point": "add",
 }
-LOOP = {"id": "loop", "prefix": "def first(xs):\n    for x in xs:\n", "middle": "        return x\n",
-        "suffix": "    return None\n"}
+LOOP = {
+    "id": "loop",
+    "prefix": "def first(xs):\n    for x in xs:\n",
+    "middle": "        return x\n",
+    "suffix": "    return None\n",
+}
 
 
 def write_jsonl(tmp_path, records, name="data.jsonl"):
@@ -31,8 +35,15 @@ def write_jsonl(tmp_path, records, name="data.jsonl"):
 
 
 def user_example(task, record):
-    return task._example(record["id"], "user", record["prefix"], record["middle"], record["suffix"],
-                         test=record.get("test"), entry_point=record.get("entry_point"))
+    return task._example(
+        record["id"],
+        "user",
+        record["prefix"],
+        record["middle"],
+        record["suffix"],
+        test=record.get("test"),
+        entry_point=record.get("entry_point"),
+    )
 
 
 # -- data
@@ -185,7 +196,7 @@ def test_humaneval_ground_truth_passes_and_wrong_fills_fail():
     for e in examples:
         start = len(e.question["prefix"])
         end = len(e.answer) - len(e.question["suffix"])
-        indent = e.answer[start : end][: len(e.answer[start:end]) - len(e.answer[start:end].lstrip())]
+        indent = e.answer[start:end][: len(e.answer[start:end]) - len(e.answer[start:end].lstrip())]
         broken.append(e.answer[:start] + indent + "raise ValueError\n" + e.answer[end:])
     bad = task.metrics(examples, broken)
     assert bad["pass_rate"] == 0.0 and bad["exact_match"] == 0.0 and bad["prefix_suffix_preserved"] == 1.0

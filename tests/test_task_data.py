@@ -8,10 +8,10 @@ import logging
 
 import pytest
 
-from ftkit.errors import FtkitError
 from ftkit.diffusion.token_layout import layout_example
-from ftkit.tasks.data import LayoutDataset, examples_dataset, load_examples, load_layouts
+from ftkit.errors import FtkitError
 from ftkit.tasks import make_task
+from ftkit.tasks.data import LayoutDataset, examples_dataset, load_examples, load_layouts
 from ftkit.tasks.sudoku import SudokuTask
 
 
@@ -76,8 +76,10 @@ def test_layouts_match_layout_example_and_are_cached(char_tokenizer):
     task = make_task("sudoku")
     ds = examples_dataset(task, "test", 4, 0)
     layouts = load_layouts(task, ds, char_tokenizer, 96, 256)
-    direct = [layout_example(char_tokenizer, task.to_prompt_canvas(ex), 96, 256, ex.id, token_rules=False)
-              for ex in task.build_dataset("test", 4, 0)]
+    direct = [
+        layout_example(char_tokenizer, task.to_prompt_canvas(ex), 96, 256, ex.id, token_rules=False)
+        for ex in task.build_dataset("test", 4, 0)
+    ]
     assert [LayoutDataset(layouts)[i] for i in range(4)] == direct
     again = load_layouts(task, ds, char_tokenizer, 96, 256)
     assert again.cache_files == layouts.cache_files  # the same Arrow file, read back
@@ -104,11 +106,13 @@ class _Skipping:
 def test_bad_rows_are_skipped_and_counted_or_an_error(char_tokenizer, caplog):
     from datasets import Dataset
 
-    from ftkit.tasks.data import example_to_row
     from ftkit.tasks.base import Example
+    from ftkit.tasks.data import example_to_row
 
-    rows = [example_to_row(Example(id=f"data.jsonl row {i}", question=None, answer="x" * n))
-            for i, n in enumerate([3, 40, 5])]
+    rows = [
+        example_to_row(Example(id=f"data.jsonl row {i}", question=None, answer="x" * n))
+        for i, n in enumerate([3, 40, 5])
+    ]
     ds = Dataset.from_list(rows)
     with caplog.at_level(logging.WARNING, logger="ftkit.tasks.data"):
         kept = load_layouts(_Skipping(), ds, char_tokenizer, 16, 64)
@@ -125,8 +129,12 @@ def test_training_data_says_when_the_task_builds_fewer_than_asked(char_tokenizer
     from ftkit.recipe.schema import recipe_from_dict
     from ftkit.tasks.data import build_training_data
 
-    recipe = recipe_from_dict({"model": {"base": "tiny"}, "task": {"name": "protein", "train_size": 10_000,
-                                                                   "options": {"family": "LuxC", "min_length": 90}}})
+    recipe = recipe_from_dict(
+        {
+            "model": {"base": "tiny"},
+            "task": {"name": "protein", "train_size": 10_000, "options": {"family": "LuxC", "min_length": 90}},
+        }
+    )
     task = make_task("protein", recipe.task.options)
     with caplog.at_level(logging.WARNING, logger="ftkit.tasks.data"):
         data = build_training_data(task, char_tokenizer, recipe, 112)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from ftkit.errors import FtkitError
 from ftkit.diffusion.token_layout import canvas_to_text, layout_example
+from ftkit.errors import FtkitError
+from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.tasks import make_task
 from ftkit.tasks.base import Example
-from ftkit.tasks.protein import CANONICAL, IdentityIndex, js_divergence, composition, parse_fasta
-from ftkit.model.char_tokenizer import build_char_tokenizer
+from ftkit.tasks.protein import CANONICAL, IdentityIndex, composition, js_divergence, parse_fasta
 
 # Real fragments (LuxC of P. phosphoreum, from pyhmmer's test data) so the entropy filter sees natural text.
-REAL = ("MCNAEFKGDCMIKKIPMIIGGAERDTSEHEYRELTLNSYKVSIPIINQDDVEAIKSQSVENNLNINQIVNFLYTVGQKWKSENYSRRLTYIRDLVRFLGYSPE"
-        "MAKLEANWISMILSSKSALYDIVETELGSRHIVDEWLPQGDCYVKAMPKGKSVHLLAGNVPLSGVTSIIRAILTKNECIIKTSSADPFTAIALASSFIDTDE")
+REAL = (
+    "MCNAEFKGDCMIKKIPMIIGGAERDTSEHEYRELTLNSYKVSIPIINQDDVEAIKSQSVENNLNINQIVNFLYTVGQKWKSENYSRRLTYIRDLVRFLGYSPE"
+    "MAKLEANWISMILSSKSALYDIVETELGSRHIVDEWLPQGDCYVKAMPKGKSVHLLAGNVPLSGVTSIIRAILTKNECIIKTSSADPFTAIALASSFIDTDE"
+)
 
 
 def write(tmp_path, text: str, name: str = "data.faa"):
@@ -139,8 +141,14 @@ def test_low_complexity_violations():
 # -- metrics
 
 
-CONSTRAINT_METRICS = ["validity", "canonical_fraction", "length_ok", "length_exact", "fixed_preserved",
-                      "low_complexity_free"]
+CONSTRAINT_METRICS = [
+    "validity",
+    "canonical_fraction",
+    "length_ok",
+    "length_exact",
+    "fixed_preserved",
+    "low_complexity_free",
+]
 
 
 @pytest.mark.parametrize("mode", ["unconditional", "scaffold"])
@@ -276,8 +284,9 @@ def test_novelty_does_not_depend_on_the_string_hash_seed():
     results = set()
     for seed in ("1", "2", "3"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        done = subprocess.run([sys.executable, "-c", NOVELTY_SCRIPT], env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", NOVELTY_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         results.add(done.stdout.strip())
     assert len(results) == 1, results

@@ -9,14 +9,21 @@ from pathlib import Path
 import pytest
 
 import ftkit.tasks.base as base
-from ftkit.errors import FtkitError
-from ftkit.evaluation.generate import GenerateResult, _canvas_map, _frame, contact_sheet, example_from_input, trajectory_images
 from ftkit.diffusion.token_layout import layout_example
+from ftkit.errors import FtkitError
+from ftkit.evaluation.generate import (
+    GenerateResult,
+    _canvas_map,
+    _frame,
+    contact_sheet,
+    example_from_input,
+    trajectory_images,
+)
 from ftkit.tasks import get_task, known_tasks, make_task
 from ftkit.tasks.sudoku import SudokuView, grid_cells
 from ftkit.tasks.view import CHANGED_FILL, GIVEN_FILL, VIOLATION_FILL, Frame, TextView, view_of
 
-PLUGIN = '''
+PLUGIN = """
 from dataclasses import dataclass
 
 from ftkit.tasks.base import Example, Piece, PromptCanvas
@@ -52,7 +59,7 @@ class EchoTask:
 
 class FakeSudoku(EchoTask):
     name = "sudoku"
-'''
+"""
 
 
 @pytest.fixture
@@ -63,13 +70,15 @@ def plugin_env(tmp_path, monkeypatch):
     dist = tmp_path / "echo_plugin-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: echo-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(textwrap.dedent("""\
+    (dist / "entry_points.txt").write_text(
+        textwrap.dedent("""\
         [ftkit.tasks]
         echo = echo_plugin:EchoTask
         broken = broken_plugin:Task
         sudoku = echo_plugin:FakeSudoku
         misnamed = echo_plugin:EchoTask
-        """))
+        """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     known_tasks()  # the built-in modules are imported (and registered) before the registry is saved
     saved = dict(base._REGISTRY)
@@ -125,10 +134,23 @@ def _result(task_name, char_tokenizer, text, frames_tokens, violations=()):
     lay = layout_example(char_tokenizer, pc, 112, 512)
     cmap = _canvas_map(pc.pieces, lay.char_starts)
     frames = [_frame(char_tokenizer, tokens, cmap, f"step {i}") for i, tokens in enumerate(frames_tokens)]
-    return GenerateResult(task_name=task_name, run_dir=Path("r"), example=ex, output=frames[-1].text,
-                          violations=list(violations), steps_used=1, steps_budget=1, forward_passes=1,
-                          tokens_per_forward=1.0, renoised_cells=0, weights="fine-tuned adapter", canvas_map=cmap,
-                          answer=frames[-1], view=view_of(task), frames=frames)
+    return GenerateResult(
+        task_name=task_name,
+        run_dir=Path("r"),
+        example=ex,
+        output=frames[-1].text,
+        violations=list(violations),
+        steps_used=1,
+        steps_budget=1,
+        forward_passes=1,
+        tokens_per_forward=1.0,
+        renoised_cells=0,
+        weights="fine-tuned adapter",
+        canvas_map=cmap,
+        answer=frames[-1],
+        view=view_of(task),
+        frames=frames,
+    )
 
 
 def test_protein_trajectory_sheet_is_a_readable_grid_with_a_key(char_tokenizer):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ftkit.errors import FtkitError
 from ftkit.diffusion.token_layout import layout_example
+from ftkit.errors import FtkitError
 from ftkit.tasks import get_task, known_tasks
 from ftkit.tasks.sudoku import (
     HELD_OUT_FILE,
@@ -48,8 +48,15 @@ def test_registered_and_unknown_name():
 def test_golden_solution_has_no_violations_and_scores_100(task, example):
     assert task.check(example, SOLUTION) == []
     m = task.metrics([example], [SOLUTION])
-    for key in ("solve_rate", "exact_match", "cell_accuracy_blanks", "givens_preserved", "rows_valid",
-                "columns_valid", "boxes_valid"):
+    for key in (
+        "solve_rate",
+        "exact_match",
+        "cell_accuracy_blanks",
+        "givens_preserved",
+        "rows_valid",
+        "columns_valid",
+        "boxes_valid",
+    ):
         assert m[key] == 1.0, key
     assert QUIZ.count("0") == 51 and example.meta["difficulty"] == "medium"  # 30 givens
     assert m["count/medium"] == 1.0 and "count/easy" not in m
@@ -118,7 +125,7 @@ def test_held_out_file_is_committed_and_valid():
     pairs = load_csv(HELD_OUT_FILE)
     assert len(pairs) == 200
     assert {difficulty(sum(1 for x in q if x)) for q, _ in pairs[:50]} == {"easy", "medium", "hard"}
-    for quiz, sol in pairs[:5]:
+    for quiz, _sol in pairs[:5]:
         assert count_solutions(quiz) == 1
 
 
@@ -127,8 +134,9 @@ def test_the_rl_recipes_easier_held_out_file_matches_its_script(tmp_path):
     data/make_sudoku.py writes: unique-solution puzzles of 58-68 givens, none in the recipe's training split."""
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "easy.csv"
-    subprocess.run([sys.executable, str(root / "data" / "make_sudoku.py"), "--out", str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(root / "data" / "make_sudoku.py"), "--out", str(out)], check=True, capture_output=True
+    )
     assert out.read_bytes() == (root / "data" / "sudoku_58-68.csv").read_bytes()
     pairs = load_csv(out)
     assert len(pairs) == 400

@@ -7,6 +7,8 @@ import os
 import pytest
 
 from ftkit.run import threads
+
+
 @pytest.fixture
 def machine(monkeypatch):
     """A machine of `cpus` CPUs, `allowed` of them in this process's affinity mask, `load` busy."""

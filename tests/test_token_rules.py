@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftkit.errors import FtkitError
 from ftkit.diffusion.token_layout import TokenRule, allowed_tokens, layout_example, stop_token_ids, tokens_made_of
+from ftkit.errors import FtkitError
 from ftkit.tasks import make_task
 from ftkit.tasks.base import Piece, PromptCanvas
 
@@ -34,8 +34,10 @@ def test_sudoku_cells_take_digits_separators_are_fixed_and_the_fill_stops(char_t
 def test_free_text_cannot_stop_before_the_last_fixed_piece(char_tokenizer):
     stops = frozenset(stop_token_ids(char_tokenizer))
     specials = frozenset(char_tokenizer.all_special_ids) | stops
-    pc = PromptCanvas("p", (Piece("def f():\n", True), Piece("    x = 1\n", False), Piece("    return x\n", True),
-                            Piece("# tail", False)))
+    pc = PromptCanvas(
+        "p",
+        (Piece("def f():\n", True), Piece("    x = 1\n", False), Piece("    return x\n", True), Piece("# tail", False)),
+    )
     lay = layout_example(char_tokenizer, pc, 64, 512)
     middle = lay.allowed[9:19]
     tail = lay.allowed[32:38]

@@ -6,23 +6,46 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from ftkit.run import rundir
 from ftkit.errors import FtkitError
 from ftkit.recipe.schema import recipe_from_dict
+from ftkit.run import rundir
 from ftkit.sft.run import train
 
-TINY = {"layers": 2, "hidden": 48, "heads": 2, "kv_heads": 1, "head_dim": 24, "global_head_dim": 24,
-        "intermediate": 64, "experts": 4, "top_k": 2, "expert_intermediate": 32, "canvas_length": 96}
+TINY = {
+    "layers": 2,
+    "hidden": 48,
+    "heads": 2,
+    "kv_heads": 1,
+    "head_dim": 24,
+    "global_head_dim": 24,
+    "intermediate": 64,
+    "experts": 4,
+    "top_k": 2,
+    "expert_intermediate": 32,
+    "canvas_length": 96,
+}
 
 
 def tiny_recipe(out, **train):
-    return recipe_from_dict({
-        "model": {"base": "tiny", "dtype": "float32", "tiny": TINY},
-        "lora": {"r": 4, "alpha": 8, "attention": True, "experts": True, "dense_mlp": True},
-        "train": {"output_dir": str(out), "max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 1,
-                  "logging_steps": 1, "save_steps": 3, "save_total_limit": 3, "seed": 3, **train},
-        "task": {"name": "sudoku", "train_size": 24, "test_size": 4},
-    })
+    return recipe_from_dict(
+        {
+            "model": {"base": "tiny", "dtype": "float32", "tiny": TINY},
+            "lora": {"r": 4, "alpha": 8, "attention": True, "experts": True, "dense_mlp": True},
+            "train": {
+                "output_dir": str(out),
+                "max_steps": 6,
+                "batch_size": 4,
+                "learning_rate": 1e-2,
+                "warmup_steps": 1,
+                "logging_steps": 1,
+                "save_steps": 3,
+                "save_total_limit": 3,
+                "seed": 3,
+                **train,
+            },
+            "task": {"name": "sudoku", "train_size": 24, "test_size": 4},
+        }
+    )
 
 
 def probe_batch(seed=0):
@@ -71,7 +94,9 @@ def test_every_lora_parameter_changed_and_base_did_not(trained):
     assert kinds == {"experts", "attn", "mlp"}
     unchanged = [n for n in lora if torch.equal(snap.before[n], snap.after[n])]
     assert unchanged == []
-    changed_base = [n for n in snap.before if n not in snap.trainable and not torch.equal(snap.before[n], snap.after[n])]
+    changed_base = [
+        n for n in snap.before if n not in snap.trainable and not torch.equal(snap.before[n], snap.after[n])
+    ]
     assert changed_base == []
     frozen = [n for n in snap.before if n not in snap.trainable]
     for part in ("router", "experts.base_layer", "embed_tokens", "q_proj.base_layer"):
@@ -80,8 +105,17 @@ def test_every_lora_parameter_changed_and_base_did_not(trained):
 
 def test_run_dir_contents_and_falling_loss(trained):
     out, _, summary = trained
-    for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "versions.json", "summary.json",
-                 "train_log.jsonl", "loss.png", "tokenizer.json", "base/config.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "recipe.yaml",
+        "versions.json",
+        "summary.json",
+        "train_log.jsonl",
+        "loss.png",
+        "tokenizer.json",
+        "base/config.json",
+    ):
         assert (out / name).is_file(), name
     rows = [r for r in rundir.read_jsonl(out / "train_log.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -195,13 +229,21 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, monkeypatch):
     import ftkit.diffusion.loss as loss_mod
 
     monkeypatch.setattr(loss_mod, "sample_noise_level", lambda b, eps, gen, dev: torch.full((b,), 0.5, device=dev))
-    monkeypatch.setattr(loss_mod, "corrupt_canvas", lambda canvas, t, vocab, gen: (
-        torch.where(torch.arange(canvas.shape[1]) % 2 == 0, (canvas * 7 + 3) % vocab, canvas), None))
+    monkeypatch.setattr(
+        loss_mod,
+        "corrupt_canvas",
+        lambda canvas, t, vocab, gen: (
+            torch.where(torch.arange(canvas.shape[1]) % 2 == 0, (canvas * 7 + 3) % vocab, canvas),
+            None,
+        ),
+    )
     grads = []
     for batch, accum in ((4, 1), (2, 2)):
         cap = GradCapture()
         recipe = tiny_recipe(tmp_path / f"b{batch}", max_steps=1, batch_size=batch, grad_accum=accum, max_grad_norm=1e9)
-        recipe = recipe_from_dict({**recipe.to_dict(), "diffusion": {"self_conditioning_p": 0.0, "encoder_loss_weight": 0.0}})
+        recipe = recipe_from_dict(
+            {**recipe.to_dict(), "diffusion": {"self_conditioning_p": 0.0, "encoder_loss_weight": 0.0}}
+        )
         train(recipe, progress=False, extra_callbacks=[cap])
         grads.append(cap.grads)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
@@ -230,15 +272,22 @@ def test_memory_lean_recipe_trains_every_lora_parameter(tmp_path):
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
             super().on_train_begin(args, state, control, model=model, **kw)
             self.optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
-            self.encoder_checkpointed = all(isinstance(layer, CheckpointedEncoderLayer)
-                                            for layer in model.get_base_model().model.encoder.language_model.layers)
-            self.expert_a = [tuple(p.shape) for n, p in model.named_parameters()
-                             if "experts.lora_A" in n and ".decoder.layers.0." in n]
+            self.encoder_checkpointed = all(
+                isinstance(layer, CheckpointedEncoderLayer)
+                for layer in model.get_base_model().model.encoder.language_model.layers
+            )
+            self.expert_a = [
+                tuple(p.shape)
+                for n, p in model.named_parameters()
+                if "experts.lora_A" in n and ".decoder.layers.0." in n
+            ]
 
-    recipe = tiny_recipe(tmp_path / "lean", gradient_checkpointing=True, optim="adamw_bnb_8bit", max_steps=3,
-                         save_steps=10)
-    recipe = recipe_from_dict({**recipe.to_dict(), "diffusion": {"loss_chunk": 40},
-                               "lora": {**recipe.to_dict()["lora"], "expert_r": 2}})
+    recipe = tiny_recipe(
+        tmp_path / "lean", gradient_checkpointing=True, optim="adamw_bnb_8bit", max_steps=3, save_steps=10
+    )
+    recipe = recipe_from_dict(
+        {**recipe.to_dict(), "diffusion": {"loss_chunk": 40}, "lora": {**recipe.to_dict()["lora"], "expert_r": 2}}
+    )
     snap = Inspect()
     summary = train(recipe, progress=False, extra_callbacks=[snap])
     # bitsandbytes' AdamW in 8-bit mode (it keeps 32-bit states only for tensors under min_8bit_size elements,
@@ -258,23 +307,26 @@ def test_mixed_precision_reaches_both_loss_paths(tmp_path, loss_chunk):
     from transformers import TrainingArguments
 
     from ftkit.diffusion.token_layout import collate, layout_example
+    from ftkit.model.char_tokenizer import build_char_tokenizer
     from ftkit.model.load import attach_lora, build_tiny
     from ftkit.recipe.schema import DiffusionSection, LoraSection, TinySpec
-    from ftkit.tasks.sudoku import SudokuTask
-    from ftkit.model.char_tokenizer import build_char_tokenizer
     from ftkit.sft.trainer import DiffusionTrainer
+    from ftkit.tasks.sudoku import SudokuTask
 
     tok = build_char_tokenizer()
     model = attach_lora(build_tiny(TinySpec(**TINY), tok), LoraSection(r=4, alpha=8))
     task = SudokuTask()
-    batch = collate([layout_example(tok, task.to_prompt_canvas(e), 96, 256) for e in task.build_dataset("test", 2, 0)],
-                    tok.pad_token_id)
+    batch = collate(
+        [layout_example(tok, task.to_prompt_canvas(e), 96, 256) for e in task.build_dataset("test", 2, 0)],
+        tok.pad_token_id,
+    )
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[])
     trainer = DiffusionTrainer(model=model, args=args, diffusion=DiffusionSection(loss_chunk=loss_chunk))
     seen = []
     lora_a = next(m for n, m in model.named_modules() if n.endswith("decoder.layers.0.self_attn.q_proj.lora_A.default"))
     hook = lora_a.register_forward_hook(
-        lambda m, a, out: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype)))
+        lambda m, a, out: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype))
+    )
     try:
         trainer.compute_loss(model, batch)
     finally:
@@ -292,9 +344,18 @@ def test_loss_parts_are_summed_on_the_device_without_a_host_read_per_micro_batch
 
     trainer = DiffusionTrainer.__new__(DiffusionTrainer)
     trainer._sums, trainer._count, trainer.noise_log, trainer._noise_rows = None, 0, None, []
-    outs = [LossOutput(loss=torch.tensor(1.0), diffusion=torch.tensor(d), encoder=torch.tensor(2.0 * d),
-                       t_mean=torch.tensor(0.5), self_conditioned=torch.tensor(0.25), t=torch.rand(2),
-                       per_example=torch.rand(2)) for d in (1.0, 3.0)]
+    outs = [
+        LossOutput(
+            loss=torch.tensor(1.0),
+            diffusion=torch.tensor(d),
+            encoder=torch.tensor(2.0 * d),
+            t_mean=torch.tensor(0.5),
+            self_conditioned=torch.tensor(0.25),
+            t=torch.rand(2),
+            per_example=torch.rand(2),
+        )
+        for d in (1.0, 3.0)
+    ]
 
     def host_read(*args, **kwargs):
         raise AssertionError("host read per micro-batch")

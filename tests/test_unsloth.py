@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -29,22 +28,43 @@ needs_unsloth = pytest.mark.skipif(
 )
 
 # Widths that are multiples of 32 where bitsandbytes' CPU 4-bit kernel needs it (as tests/test_quant_load.py).
-SPEC = TinySpec(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, global_head_dim=64, intermediate=128,
-                experts=32, top_k=2, expert_intermediate=64, canvas_length=96)
+SPEC = TinySpec(
+    layers=2,
+    hidden=128,
+    heads=4,
+    kv_heads=2,
+    head_dim=32,
+    global_head_dim=64,
+    intermediate=128,
+    experts=32,
+    top_k=2,
+    expert_intermediate=64,
+    canvas_length=96,
+)
 LORA = LoraSection(r=4, alpha=8, attention=True, experts=True, dense_mlp=True)
 
 
 def _recipe(model=None, quant=None):
-    return {"model": {"base": "tiny", "dtype": "float32", **(model or {})}, "quant": quant or {},
-            "task": {"name": "sudoku"}}
+    return {
+        "model": {"base": "tiny", "dtype": "float32", **(model or {})},
+        "quant": quant or {},
+        "task": {"name": "sudoku"},
+    }
 
 
-@pytest.mark.parametrize("model, quant, key", [
-    ({}, {"mode": "8bit"}, "quant.mode"),
-    ({"loader": "unsloth"}, {"mode": "4bit", "quant_type": "fp4", "compute_dtype": "float32"}, "quant.quant_type"),
-    ({"loader": "unsloth"}, {"mode": "4bit", "double_quant": False, "compute_dtype": "float32"}, "quant.double_quant"),
-    ({"loader": "unsloth"}, {"mode": "4bit", "compute_dtype": "bfloat16"}, "quant.compute_dtype"),
-])
+@pytest.mark.parametrize(
+    "model, quant, key",
+    [
+        ({}, {"mode": "8bit"}, "quant.mode"),
+        ({"loader": "unsloth"}, {"mode": "4bit", "quant_type": "fp4", "compute_dtype": "float32"}, "quant.quant_type"),
+        (
+            {"loader": "unsloth"},
+            {"mode": "4bit", "double_quant": False, "compute_dtype": "float32"},
+            "quant.double_quant",
+        ),
+        ({"loader": "unsloth"}, {"mode": "4bit", "compute_dtype": "bfloat16"}, "quant.compute_dtype"),
+    ],
+)
 def test_what_unsloth_loading_cannot_honour_is_refused(model, quant, key):
     with pytest.raises(RecipeError, match=rf"`{key}`"):
         recipe_from_dict(_recipe(model, quant))
@@ -81,8 +101,10 @@ def _step_grads(model, char_tokenizer) -> dict[str, torch.Tensor]:
 
     task = SudokuTask()
     exs = task.build_dataset("test", 2, 0)
-    batch = collate([layout_example(char_tokenizer, task.to_prompt_canvas(e), SPEC.canvas_length, 256) for e in exs],
-                    char_tokenizer.pad_token_id)
+    batch = collate(
+        [layout_example(char_tokenizer, task.to_prompt_canvas(e), SPEC.canvas_length, 256) for e in exs],
+        char_tokenizer.pad_token_id,
+    )
     model.train()
     out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=0), torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss)
@@ -96,8 +118,9 @@ def test_unsloth_loads_the_same_weights_and_ftkit_lora_trains_the_experts(base_d
 
     from ftkit.model.load import attach_lora, load_with_unsloth
 
-    model = load_with_unsloth(str(base_dir), ModelSection(base=str(base_dir), dtype="float32", loader="unsloth"),
-                              QuantSection())
+    model = load_with_unsloth(
+        str(base_dir), ModelSection(base=str(base_dir), dtype="float32", loader="unsloth"), QuantSection()
+    )
     assert getattr(model, "_unsloth_slow_diffusion", False)  # it really went through FastDiffusionModel
     assert model.config._attn_implementation == "sdpa"  # the recipe's, not Unsloth's default (eager)
     reference = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir, dtype=torch.float32).state_dict()
@@ -116,8 +139,9 @@ def test_checkpointing_both_stacks_keeps_the_gradients_after_unsloth_patched_tra
     from ftkit.model.checkpointing import set_gradient_checkpointing
     from ftkit.model.load import attach_lora, load_with_unsloth
 
-    model = load_with_unsloth(str(base_dir), ModelSection(base=str(base_dir), dtype="float32", loader="unsloth"),
-                              QuantSection())
+    model = load_with_unsloth(
+        str(base_dir), ModelSection(base=str(base_dir), dtype="float32", loader="unsloth"), QuantSection()
+    )
     model = attach_lora(model, LORA)
     with torch.no_grad():  # PEFT starts lora_B at zero, which would hide most gradient paths
         for name, p in model.named_parameters():
@@ -163,10 +187,22 @@ def test_tiny_sudoku_trains_and_evaluates_with_the_unsloth_loader(tmp_path):
 
     run = tmp_path / "run"
     runner = CliRunner()
-    trained = runner.invoke(app, ["train", TINY_SUDOKU, "model.loader=unsloth", "train.max_steps=3",
-                                  "task.train_size=8", "train.batch_size=4", "train.logging_steps=1",
-                                  "train.save_steps=3", "eval.num_examples=2", "eval.steps=2",
-                                  f"train.output_dir={run}"])
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            TINY_SUDOKU,
+            "model.loader=unsloth",
+            "train.max_steps=3",
+            "task.train_size=8",
+            "train.batch_size=4",
+            "train.logging_steps=1",
+            "train.save_steps=3",
+            "eval.num_examples=2",
+            "eval.steps=2",
+            f"train.output_dir={run}",
+        ],
+    )
     assert trained.exit_code == 0, trained.output
     assert "FastDiffusionModel" in trained.output  # Unsloth's own load banner
     summary = json.loads((run / "summary.json").read_text())

@@ -64,9 +64,16 @@ def test_regex_full_match_points_where_it_breaks():
         make_checker("regex")
 
 
-SCHEMA = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
-          "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
-                         "tags": {"type": "array", "items": {"type": "string"}}}}
+SCHEMA = {
+    "type": "object",
+    "required": ["name", "age"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+}
 
 
 def test_value_spans():
@@ -102,15 +109,22 @@ def test_python_checker(tmp_path, monkeypatch):
         "from ftkit.tasks.base import Violation\n"
         "def even(output, example):\n    return output.strip().isdigit() and int(output) % 2 == 0\n"
         "def spans(output, example):\n    return [('vowel', 'no vowels', [i for i, c in enumerate(output) if c in 'aeiou'])]\n"
-        "def broken(output, example):\n    raise ValueError('boom')\n")
+        "def broken(output, example):\n    raise ValueError('boom')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     even = make_checker("python:my_checks:even")
     assert even("42", ex("")) == [] and even("7", ex(""))[0].positions == (0,)
     assert make_checker("python:my_checks:spans")("xa", ex("")) == [Violation("vowel", "no vowels", (1,))]
-    with pytest.raises(FtkitError, match=r"python:my_checks:broken raised ValueError on example data.jsonl row 3: boom"):
+    with pytest.raises(
+        FtkitError, match=r"python:my_checks:broken raised ValueError on example data.jsonl row 3: boom"
+    ):
         make_checker("python:my_checks:broken")("x", ex(""))
-    for spec, needle in (("python:nowhere_mod:f", "cannot import"), ("python:my_checks:missing", "no function"),
-                         ("python:my_checks", "expected python:module:function"), ("fuzzy", "expected one of")):
+    for spec, needle in (
+        ("python:nowhere_mod:f", "cannot import"),
+        ("python:my_checks:missing", "no function"),
+        ("python:my_checks", "expected python:module:function"),
+        ("fuzzy", "expected one of"),
+    ):
         with pytest.raises(FtkitError, match=needle):
             make_checker(spec)
 

@@ -10,20 +10,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftkit.model.checkpointing import set_gradient_checkpointing
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
 from ftkit.diffusion.loss import choose_blocks, decoder_inputs, diffusion_loss
 from ftkit.diffusion.sample import denoise, row_generators, schedule_kwargs
 from ftkit.diffusion.token_layout import collate, layout_example
+from ftkit.model.checkpointing import set_gradient_checkpointing
 from ftkit.model.load import attach_lora, tiny_config
 from ftkit.recipe.schema import DiffusionSection, EvalSection, LoraSection, TinySpec
 from ftkit.rl.likelihood import position_losses
 from ftkit.tasks.base import Piece, PromptCanvas
 
 W, L = 24, 8
-SPEC = TinySpec(layers=3, hidden=48, heads=2, kv_heads=1, head_dim=24, global_head_dim=24, intermediate=64,
-                experts=4, top_k=2, expert_intermediate=32, canvas_length=L)
+SPEC = TinySpec(
+    layers=3,
+    hidden=48,
+    heads=2,
+    kv_heads=1,
+    head_dim=24,
+    global_head_dim=24,
+    intermediate=64,
+    experts=4,
+    top_k=2,
+    expert_intermediate=32,
+    canvas_length=L,
+)
 # Prompt lengths 18, 30, 46, 83 (the chat template adds 16 tokens): one shorter than the window, three longer;
 # answers of 4, 2, 1 and 3 blocks, so block starts fall on both sides of the window and of each other.
 PROMPTS = ["Hi", "Add these two.", "Count the letters of this line", "Read all of this and then answer: " * 2]
@@ -60,8 +71,10 @@ def model(char_tokenizer):
 
 @pytest.fixture(scope="module")
 def layouts(char_tokenizer):
-    return [layout_example(char_tokenizer, PromptCanvas(prompt=p, pieces=(Piece(a, False),)), L, 256, max_blocks=None)
-            for p, a in zip(PROMPTS, ANSWERS)]
+    return [
+        layout_example(char_tokenizer, PromptCanvas(prompt=p, pieces=(Piece(a, False),)), L, 256, max_blocks=None)
+        for p, a in zip(PROMPTS, ANSWERS)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +92,11 @@ def alone_logits(model, prefix: torch.Tensor, canvas: torch.Tensor) -> torch.Ten
     """(L, vocab) decoder logits for `canvas` after `prefix`, the row alone, as generation computes them."""
     n = prefix.shape[0]
     with torch.no_grad():
-        return model(input_ids=prefix[None], decoder_input_ids=canvas[None],
-                     decoder_position_ids=torch.arange(n, n + canvas.shape[0])[None]).logits[0]
+        return model(
+            input_ids=prefix[None],
+            decoder_input_ids=canvas[None],
+            decoder_position_ids=torch.arange(n, n + canvas.shape[0])[None],
+        ).logits[0]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -111,8 +127,12 @@ def expected_token_losses(model, batch, eps: float, seed: int):
     target, start, block = choose_blocks(batch, g)
     t = sample_noise_level(target.shape[0], eps, g, target.device)
     noisy, _ = corrupt_canvas(target, t, model.config.text_config.vocab_size, g)
-    rows = [F.cross_entropy(alone_logits(model, batch["input_ids"][b, : int(start[b])], noisy[b]), target[b],
-                            reduction="none") for b in range(target.shape[0])]
+    rows = [
+        F.cross_entropy(
+            alone_logits(model, batch["input_ids"][b, : int(start[b])], noisy[b]), target[b], reduction="none"
+        )
+        for b in range(target.shape[0])
+    ]
     return torch.stack(rows), block
 
 
@@ -149,8 +169,9 @@ def test_rl_likelihood_scores_each_row_as_alone(model, batch):
 
 def _loss_and_grads(model, batch, chunk: int, p: float, seed: int):
     model.zero_grad()
-    out = diffusion_loss(model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=p),
-                         torch.Generator().manual_seed(seed))
+    out = diffusion_loss(
+        model, batch, DiffusionSection(loss_chunk=chunk, self_conditioning_p=p), torch.Generator().manual_seed(seed)
+    )
     out.loss.backward()
     return out, {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad and q.grad is not None}
 
@@ -189,8 +210,13 @@ def test_without_a_binding_window_the_old_layout_gives_the_same_logits(char_toke
     start = batch["prompt_len"]
     seq = batch["input_ids"].shape[1]
     old_mask = torch.cat([(torch.arange(seq)[None] < start[:, None]).long(), torch.ones(4, L, dtype=torch.long)], 1)
-    old = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=canvas,
-               decoder_attention_mask=old_mask, decoder_position_ids=start[:, None] + torch.arange(L)[None])
+    old = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=canvas,
+        decoder_attention_mask=old_mask,
+        decoder_position_ids=start[:, None] + torch.arange(L)[None],
+    )
     wide, narrow = windowed_model(char_tokenizer, 512), windowed_model(char_tokenizer, W)
     with torch.no_grad():
         new_wide = wide(**decoder_inputs(wide, batch, canvas)).logits
@@ -217,8 +243,15 @@ def test_denoise_a_row_batched_equals_the_row_alone(model, layouts, char_tokeniz
     together = denoise(model, prompt, mask, init, fixed, generator=row_generators(5, 4), **knobs())
     for b, lay in enumerate(layouts):
         n = len(lay.prompt_ids)
-        alone = denoise(model, prompt[b : b + 1, :n], mask[b : b + 1, :n], init[b : b + 1], fixed[b : b + 1],
-                        generator=row_generators(5, 1, offset=b), **knobs())
+        alone = denoise(
+            model,
+            prompt[b : b + 1, :n],
+            mask[b : b + 1, :n],
+            init[b : b + 1],
+            fixed[b : b + 1],
+            generator=row_generators(5, 1, offset=b),
+            **knobs(),
+        )
         assert alone.canvas[0].tolist() == together.canvas[b].tolist(), f"row {b} differs when batched"
         assert alone.steps_used[0] == together.steps_used[b]
 

@@ -74,15 +74,17 @@ def _block_inputs(layouts, rows: list[int], answers: list[list[int]], k: int, pa
     return prompt_ids.to(device), prompt_mask.to(device), canvas_init.to(device), fixed.to(device)
 
 
-def _block_verifier(verifier: RowsVerifier, rows: list[int], answers, k: int, length: int, stops: set[int],
-                    budgets: list[int]):
+def _block_verifier(
+    verifier: RowsVerifier, rows: list[int], answers, k: int, length: int, stops: set[int], budgets: list[int]
+):
     """`denoise`'s verifier for block k: judges a row only when this block ends its answer (a stop token, or its
     last allowed block): an unfinished answer is not wrong yet. Positions outside the block are dropped."""
 
     def verify(canvas: torch.Tensor) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in rows]
-        ends = [i for i, (r, row) in enumerate(zip(rows, canvas.tolist()))
-                if stops.intersection(row) or k + 1 >= budgets[r]]
+        ends = [
+            i for i, (r, row) in enumerate(zip(rows, canvas.tolist())) if stops.intersection(row) or k + 1 >= budgets[r]
+        ]
         if not ends:
             return out
         previous = torch.tensor([answers[rows[i]] for i in ends], dtype=torch.long, device=canvas.device)
@@ -137,8 +139,14 @@ def denoise_blocks(
     answers: list[list[int]] = [[] for _ in layouts]
     steps_used = [0] * len(layouts)
     done = [False] * len(layouts)
-    result = BlocksResult(tokens=[], steps_used=steps_used, forward_passes=0, tokens_per_forward=0.0,
-                          renoised_cells=0, blocks=[0] * len(layouts))
+    result = BlocksResult(
+        tokens=[],
+        steps_used=steps_used,
+        forward_passes=0,
+        tokens_per_forward=0.0,
+        renoised_cells=0,
+        blocks=[0] * len(layouts),
+    )
     k = 0
     while True:
         rows = [r for r in range(len(layouts)) if not done[r] and k < budgets[r]]
@@ -147,8 +155,13 @@ def denoise_blocks(
         prompt_ids, prompt_mask, canvas_init, fixed = _block_inputs(layouts, rows, answers, k, pad_id, device)
         block_verify = _block_verifier(verifier, rows, answers, k, length, stops, budgets) if verifier else None
         out = sampler(
-            model=model, prompt_ids=prompt_ids, prompt_mask=prompt_mask, canvas_init=canvas_init, fixed_mask=fixed,
-            generator=[generators[r] for r in rows], verifier=block_verify,
+            model=model,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            canvas_init=canvas_init,
+            fixed_mask=fixed,
+            generator=[generators[r] for r in rows],
+            verifier=block_verify,
             allowed=allowed_tokens([layouts[r] for r in rows], vocab_size, device, block=k) if vocab_size else None,
             **sampling,
         )

@@ -92,8 +92,12 @@ def encoder_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> to
     return torch.where(pair_ok, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
 
 
-def decoder_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], canvas_ids: torch.Tensor,
-                   block_start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def decoder_inputs(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    canvas_ids: torch.Tensor,
+    block_start: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Model kwargs for a training forward: the encoder reads the whole clean sequence and writes a `PrefixCache`
     holding each row's positions before its block start (default: the prompt's end, i.e. block 0), right-aligned,
     so the decoder sees what generation gives that block (prompt + earlier blocks, the sliding window applied per
@@ -117,7 +121,9 @@ def with_fresh_cache(kwargs: dict) -> dict:
     return {**kwargs, "past_key_values": PrefixCache(used.config, used.index)}
 
 
-def choose_blocks(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def choose_blocks(
+    batch: dict[str, torch.Tensor], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One response block per example, uniformly among its blocks, as the reference draws it: (the clean canvas of
     that block (B, L), its start in the sequence (B,), its index (B,)).
 
@@ -226,8 +232,11 @@ def _lean_losses(core, kwargs, target, enc_targets, sc_mask, chunk: int):
       its soft embeddings are computed `chunk` positions at a time (`self_conditioning.py`);
     - head + cross-entropy are chunked and recomputed in backward: no (B, L, vocab) tensor exists at any point.
     It calls the encoder and decoder directly; under DDP the caller runs it through `as_wrapper_forward`."""
-    encoded = core.model.encoder(input_ids=kwargs["input_ids"], attention_mask=kwargs["attention_mask"],
-                                 past_key_values=kwargs["past_key_values"])
+    encoded = core.model.encoder(
+        input_ids=kwargs["input_ids"],
+        attention_mask=kwargs["attention_mask"],
+        past_key_values=kwargs["past_key_values"],
+    )
     cache = encoded.past_key_values
     decoder_kwargs = {key: kwargs[key] for key in DECODER_KEYS}
     soft = None

@@ -50,20 +50,23 @@ class PrefixCache(DynamicCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if key_states.shape[-2] != self.index.shape[1]:
-            raise ValueError(f"PrefixCache is written once by an encoder pass over {self.index.shape[1]} positions; "
-                             f"layer {layer_idx} got {key_states.shape[-2]}")
+            raise ValueError(
+                f"PrefixCache is written once by an encoder pass over {self.index.shape[1]} positions; "
+                f"layer {layer_idx} got {key_states.shape[-2]}"
+            )
         # The encoder attends over the full states it returns; only what the layer stores is re-arranged.
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         kept = layer.keys.shape[-2]
-        index = self.index[:, self.index.shape[1] - kept:].to(keys.device)[:, None, :, None]
+        index = self.index[:, self.index.shape[1] - kept :].to(keys.device)[:, None, :, None]
         layer.keys = keys.gather(2, index.expand(-1, keys.shape[1], -1, keys.shape[-1]))
         layer.values = values.gather(2, index.expand(-1, values.shape[1], -1, values.shape[-1]))
         return keys, values
 
 
-def prefix_cache_inputs(core: torch.nn.Module, attention_mask: torch.Tensor, prefix_len: torch.Tensor,
-                        canvas_length: int) -> tuple[PrefixCache, torch.Tensor, torch.Tensor]:
+def prefix_cache_inputs(
+    core: torch.nn.Module, attention_mask: torch.Tensor, prefix_len: torch.Tensor, canvas_length: int
+) -> tuple[PrefixCache, torch.Tensor, torch.Tensor]:
     """For an encoder pass over `attention_mask`'s (B, S) sequence and a canvas after each row's first `prefix_len`
     positions: (an empty PrefixCache for that pass, the decoder's (B, S + L) attention mask, the canvas's (B, L)
     position ids)."""

@@ -243,9 +243,25 @@ class _Round:
 
 
 def _denoise_pass(
-    core, cache, decoder_mask, decoder_positions, start, pinned, pinned_values, running_rows, gens, *,
-    steps, temperature_min, temperature_max, entropy_bound, stability_threshold, confidence_threshold, trajectory,
-    allowed, chunk,
+    core,
+    cache,
+    decoder_mask,
+    decoder_positions,
+    start,
+    pinned,
+    pinned_values,
+    running_rows,
+    gens,
+    *,
+    steps,
+    temperature_min,
+    temperature_max,
+    entropy_bound,
+    stability_threshold,
+    confidence_threshold,
+    trajectory,
+    allowed,
+    chunk,
 ) -> _Round:
     """One full denoising pass (at most `steps` decoder calls) for the rows in `running_rows`; others are frozen."""
     batch, length = start.shape
@@ -343,8 +359,10 @@ def denoise(
     if steps <= 0:
         raise ValueError(f"steps must be > 0, got {steps}")
     if temperature_max <= 0 or temperature_min < 0 or temperature_min > temperature_max:
-        raise ValueError(f"need 0 <= temperature_min <= temperature_max and temperature_max > 0, got "
-                         f"{temperature_min}, {temperature_max}")
+        raise ValueError(
+            f"need 0 <= temperature_min <= temperature_max and temperature_max > 0, got "
+            f"{temperature_min}, {temperature_max}"
+        )
     core = core_model(model)
     device = prompt_ids.device
     batch, length = canvas_init.shape
@@ -356,8 +374,12 @@ def denoise(
     if allowed is not None and tuple(allowed.index.shape) != (batch, length):
         raise ValueError(f"allowed.index has shape {tuple(allowed.index.shape)}, the canvas {(batch, length)}")
     knobs = dict(
-        steps=steps, temperature_min=temperature_min, temperature_max=temperature_max, entropy_bound=entropy_bound,
-        stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
+        steps=steps,
+        temperature_min=temperature_min,
+        temperature_max=temperature_max,
+        entropy_bound=entropy_bound,
+        stability_threshold=stability_threshold,
+        confidence_threshold=confidence_threshold,
         allowed=None if allowed is None else AllowedTokens(allowed.table.to(device), allowed.index.to(device)),
         chunk=chunk or default_chunk(vocab),
     )
@@ -370,8 +392,19 @@ def denoise(
     start = _uniform_tokens(everyone, length, vocab, gens, device)
     if trajectory is not None:
         trajectory.append(torch.where(pinned, canvas_init, start))
-    result = _denoise_pass(core, cache, decoder_mask, decoder_positions, start, pinned, canvas_init, everyone, gens,
-                           trajectory=trajectory, **knobs)
+    result = _denoise_pass(
+        core,
+        cache,
+        decoder_mask,
+        decoder_positions,
+        start,
+        pinned,
+        canvas_init,
+        everyone,
+        gens,
+        trajectory=trajectory,
+        **knobs,
+    )
     canvas, steps_used, passes = result.canvas, result.steps.clone(), result.passes
 
     renoised_cells, rounds = 0, 0
@@ -395,8 +428,19 @@ def denoise(
         if trajectory is not None:
             trajectory.append(start.clone())
         # Everything but the re-noised positions is pinned to the current answer for this round.
-        result = _denoise_pass(core, cache, decoder_mask, decoder_positions, start, ~renoise, canvas, rows, gens,
-                               trajectory=trajectory, **knobs)
+        result = _denoise_pass(
+            core,
+            cache,
+            decoder_mask,
+            decoder_positions,
+            start,
+            ~renoise,
+            canvas,
+            rows,
+            gens,
+            trajectory=trajectory,
+            **knobs,
+        )
         canvas = torch.where(rows[:, None], result.canvas, canvas)
         steps_used += result.steps
         passes += result.passes

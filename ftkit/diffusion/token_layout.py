@@ -132,7 +132,9 @@ def tokens_made_of(tokenizer, chars: str) -> frozenset[int]:
     return found
 
 
-def _position_rules(tokenizer, pieces, piece_lengths: list[int], length: int, open_ended: bool) -> list[TokenRule | None]:
+def _position_rules(
+    tokenizer, pieces, piece_lengths: list[int], length: int, open_ended: bool
+) -> list[TokenRule | None]:
     """One rule per position of a `length`-token response (see the module docstring)."""
     specials = _special_ids(tokenizer)
     stops = frozenset(stop_token_ids(tokenizer))
@@ -171,8 +173,15 @@ def task_max_blocks(task) -> int | None:
     return None if getattr(task, "multi_block", False) else 1
 
 
-def layout_example(tokenizer, pc: PromptCanvas, canvas_length: int, max_prompt_length: int, example_id: str = "?",
-                   max_blocks: int | None = 1, token_rules: bool = True) -> Layout:
+def layout_example(
+    tokenizer,
+    pc: PromptCanvas,
+    canvas_length: int,
+    max_prompt_length: int,
+    example_id: str = "?",
+    max_blocks: int | None = 1,
+    token_rules: bool = True,
+) -> Layout:
     """Tokenize an example. A response longer than one canvas is an error unless `max_blocks` allows more blocks
     (None: any number; a task opts in with `multi_block = True`). A one-block layout fixes the answer's length
     (its token rules end the text where the pieces end); with more blocks allowed the answer is open-ended.
@@ -217,8 +226,11 @@ def layout_example(tokenizer, pc: PromptCanvas, canvas_length: int, max_prompt_l
         content_length=content,
         char_starts=starts,
         canvas_length=canvas_length,
-        allowed=_position_rules(tokenizer, pc.pieces, [len(ids) for ids in piece_ids], blocks * canvas_length,
-                                open_ended=max_blocks != 1) if token_rules else [],
+        allowed=_position_rules(
+            tokenizer, pc.pieces, [len(ids) for ids in piece_ids], blocks * canvas_length, open_ended=max_blocks != 1
+        )
+        if token_rules
+        else [],
     )
 
 

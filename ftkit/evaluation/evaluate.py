@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,13 @@ import torch
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
-from ftkit.errors import FtkitError
 from ftkit.diffusion.token_layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
+from ftkit.errors import FtkitError
 from ftkit.recipe.schema import EvalSection
 from ftkit.run.lock import holds_run_lock
-from ftkit.tasks.sandbox import SandboxPolicy
-from ftkit.tasks.data import load_examples
 from ftkit.tasks.base import Example, Violation
+from ftkit.tasks.data import load_examples
+from ftkit.tasks.sandbox import SandboxPolicy
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,10 @@ class EvalReport:
         if self.samples > 1:
             return f"plain sampling, best of {self.samples} (up to {self.steps} steps each)"
         if self.verifier_renoise:
-            return (f"verifier-guided sampling (up to {self.steps} steps, then up to {self.max_renoise_rounds} "
-                    f"re-noising rounds of up to {self.steps})")
+            return (
+                f"verifier-guided sampling (up to {self.steps} steps, then up to {self.max_renoise_rounds} "
+                f"re-noising rounds of up to {self.steps})"
+            )
         return f"plain sampling (up to {self.steps} steps)"
 
 
@@ -175,16 +177,23 @@ def _lay_out(task, tokenizer, examples: list[Example], canvas_length: int, max_p
     kept, layouts, skipped = [], [], []
     for ex in examples:
         try:
-            layouts.append(layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length,
-                                          ex.id, max_blocks))
+            layouts.append(
+                layout_example(
+                    tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length, ex.id, max_blocks
+                )
+            )
             kept.append(ex)
         except FtkitError as e:
             if not getattr(task, "skip_bad_rows", False):
                 raise
             skipped.append(str(e))
     if skipped:
-        log.warning("evaluation: skipped %d of %d example(s) that do not fit the model (first: %s)", len(skipped),
-                    len(examples), skipped[0])
+        log.warning(
+            "evaluation: skipped %d of %d example(s) that do not fit the model (first: %s)",
+            len(skipped),
+            len(examples),
+            skipped[0],
+        )
     if not kept:
         raise FtkitError("evaluation: no example fits the model (see the warning above)")
     return kept, layouts
@@ -256,8 +265,13 @@ def evaluate_examples(
     metrics, violations = score_outputs(task, examples, outputs)
     seconds = time.perf_counter() - started
     records = [
-        {"id": ex.id, "output": out, "violations": sorted({v.constraint for v in vs}), "steps_used": used,
-         "blocks": n_blocks}
+        {
+            "id": ex.id,
+            "output": out,
+            "violations": sorted({v.constraint for v in vs}),
+            "steps_used": used,
+            "blocks": n_blocks,
+        }
         for ex, out, vs, used, n_blocks in zip(examples, outputs, violations, steps_used, blocks)
     ]
     n = len(examples)
@@ -305,12 +319,20 @@ def best_of_n(task, examples: list[Example], samples: list[EvalReport]) -> EvalR
     n = len(examples)
     seconds = sum(rep.seconds for rep in samples)
     return EvalReport(
-        metrics=metrics, outputs=outputs, records=records, steps=samples[0].steps, verifier_renoise=False,
+        metrics=metrics,
+        outputs=outputs,
+        records=records,
+        steps=samples[0].steps,
+        verifier_renoise=False,
         mean_steps_used=sum(steps_used) / n,
         # Kept tokens per decoder forward of all samples: the discarded samples' forwards count too.
         tokens_per_forward=sum(rep.tokens_per_forward for rep in samples) / len(samples) ** 2,
-        forward_passes=sum(rep.forward_passes for rep in samples), renoised_cells=0, seconds=seconds,
-        examples_per_second=n / seconds if seconds > 0 else float("inf"), num_examples=n, samples=len(samples),
+        forward_passes=sum(rep.forward_passes for rep in samples),
+        renoised_cells=0,
+        seconds=seconds,
+        examples_per_second=n / seconds if seconds > 0 else float("inf"),
+        num_examples=n,
+        samples=len(samples),
     )
 
 
@@ -352,16 +374,27 @@ def _name_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
-def result_name(recipe, cfg: EvalSection, size: int | None, *, base: bool = False, checkpoint: str | None = None,
-                data_path: str | None = None, full: bool = False) -> tuple[str, list[str]]:
+def result_name(
+    recipe,
+    cfg: EvalSection,
+    size: int | None,
+    *,
+    base: bool = False,
+    checkpoint: str | None = None,
+    data_path: str | None = None,
+    full: bool = False,
+) -> tuple[str, list[str]]:
     """(file stem, what differs from the recipe's own evaluation). No differences: "eval", the canonical result.
     `size` None: every example of `data_path` (no size in the name)."""
     own = recipe.eval
     parts, why = [], []
     if base:
         parts.append("base")
-        why.append("the untrained base model (a full run: its initial weights)" if full
-                   else "the base model without the adapter")
+        why.append(
+            "the untrained base model (a full run: its initial weights)"
+            if full
+            else "the base model without the adapter"
+        )
     if checkpoint is not None:
         parts.append(_name_part(checkpoint))
         why.append(f"{'model' if full else 'adapter'} of {checkpoint}")
@@ -403,8 +436,10 @@ def check_answer_budget(task, max_new_tokens: int | None) -> None:
     """--max-new-tokens only means something for a task whose answers run block after block; elsewhere the answer's
     length is fixed by its pieces, and a flag that changes nothing is an error, not silently ignored."""
     if max_new_tokens is not None and task_max_blocks(task) is not None:
-        raise FtkitError(f"--max-new-tokens: a {task.name} answer has a fixed length (one canvas), so an answer "
-                         "budget changes nothing; it applies to tasks whose answers run block after block (chat)")
+        raise FtkitError(
+            f"--max-new-tokens: a {task.name} answer has a fixed length (one canvas), so an answer "
+            "budget changes nothing; it applies to tasks whose answers run block after block (chat)"
+        )
 
 
 def measured_weights(run_dir: Path, recipe, base_only: bool, adapter_dir) -> dict[str, Any]:
@@ -440,8 +475,10 @@ def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[st
     cfg = report.get("eval") if isinstance(report.get("eval"), dict) else {}
     own = recipe.eval
     if report.get("adapter") is not True or report.get("checkpoint"):
-        problems.append("it evaluates " + ("the base model" if report.get("adapter") is False
-                                           else f"checkpoint {report.get('checkpoint')}"))
+        problems.append(
+            "it evaluates "
+            + ("the base model" if report.get("adapter") is False else f"checkpoint {report.get('checkpoint')}")
+        )
     if cfg.get("split") != own.split:
         problems.append(f"split {cfg.get('split')!r}, the recipe's is {own.split!r}")
     if report.get("num_examples_requested", report.get("num_examples")) != canonical_size(recipe):
@@ -461,8 +498,10 @@ def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[st
     if holds is None:
         problems.append(f"the run has no final {weights}")
     elif made_with is None:
-        problems.append(f"it does not record which weights it measured (no hash of {weights}: made before the run "
-                        "had its final weights, or by an older ftkit)")
+        problems.append(
+            f"it does not record which weights it measured (no hash of {weights}: made before the run "
+            "had its final weights, or by an older ftkit)"
+        )
     elif made_with != holds:
         problems.append(f"it was made with another {weights} than the run holds now")
     return problems
@@ -541,25 +580,37 @@ def evaluate_run(
     notes = []
     if checkpoint is None and checkpoint_name is not None:
         # Training has not finished: what exists is a checkpoint, whose result must never pass for the final one.
-        notes.append(f"the run has no final {'model' if recipe.is_full else 'adapter'} yet (training has not "
-                     f"finished): this evaluated its newest checkpoint, {checkpoint_name}")
+        notes.append(
+            f"the run has no final {'model' if recipe.is_full else 'adapter'} yet (training has not "
+            f"finished): this evaluated its newest checkpoint, {checkpoint_name}"
+        )
     if data_path is None and num_examples is not None and len(examples) < num_examples:
-        notes.append(f"-n {num_examples}: the {cfg.split} split has {len(examples)} examples (task.{cfg.split}_size); "
-                     "evaluated all of them")
+        notes.append(
+            f"-n {num_examples}: the {cfg.split} split has {len(examples)} examples (task.{cfg.split}_size); "
+            "evaluated all of them"
+        )
     from ftkit.run.rundir import say
 
     for note in notes:
         say(f"note: {note}")
-    stem, differences = result_name(recipe, cfg, size, base=base_only, checkpoint=checkpoint_name, data_path=data_path,
-                                    full=recipe.is_full)
+    stem, differences = result_name(
+        recipe, cfg, size, base=base_only, checkpoint=checkpoint_name, data_path=data_path, full=recipe.is_full
+    )
 
     sandbox = SandboxPolicy(allow_weak=cfg.allow_weak_sandbox)  # and records the isolation model code ran in
 
     def run_mode(with_verifier: bool, n_steps: int, seed: int = cfg.seed, label: str | None = None) -> EvalReport:
         with sandbox:
             return evaluate_examples(
-                run.model, run.tokenizer, run.task, examples, dataclasses.replace(cfg, steps=n_steps, seed=seed),
-                run.canvas_length, recipe.train.max_prompt_length, with_verifier, progress=progress,
+                run.model,
+                run.tokenizer,
+                run.task,
+                examples,
+                dataclasses.replace(cfg, steps=n_steps, seed=seed),
+                run.canvas_length,
+                recipe.train.max_prompt_length,
+                with_verifier,
+                progress=progress,
                 label=label or (VERIFIER if with_verifier else PLAIN),
             )
 
@@ -600,7 +651,7 @@ def evaluate_run(
         "metrics": modes[primary].metrics,
         "modes": {k: v.to_dict() for k, v in modes.items()},
         "notes": notes,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu_threads": threads.threads,
     }
     if weights["source"] == "final":
@@ -610,19 +661,36 @@ def evaluate_run(
     if sweep_steps:
         points = []
         for n_steps in sorted(set(sweep_steps)):
-            rep = modes[primary] if n_steps == cfg.steps else run_mode(cfg.verifier_renoise, n_steps,
-                                                                      label=f"sweep {n_steps} steps")
-            points.append({
-                "steps": n_steps, "metrics": rep.metrics, "mean_steps_used": rep.mean_steps_used,
-                "tokens_per_forward": rep.tokens_per_forward, "seconds": rep.seconds,
-            })
-        sweep = {"run_dir": str(run_dir), "mode": primary, "adapter": not base_only, "split": cfg.split,
-                 "num_examples": len(examples), "points": points}
+            rep = (
+                modes[primary]
+                if n_steps == cfg.steps
+                else run_mode(cfg.verifier_renoise, n_steps, label=f"sweep {n_steps} steps")
+            )
+            points.append(
+                {
+                    "steps": n_steps,
+                    "metrics": rep.metrics,
+                    "mean_steps_used": rep.mean_steps_used,
+                    "tokens_per_forward": rep.tokens_per_forward,
+                    "seconds": rep.seconds,
+                }
+            )
+        sweep = {
+            "run_dir": str(run_dir),
+            "mode": primary,
+            "adapter": not base_only,
+            "split": cfg.split,
+            "num_examples": len(examples),
+            "points": points,
+        }
         write_json_atomic(run_dir / f"{stem}_sweep.json", sweep)
         from ftkit.run.plots import plot_metrics_vs_steps
 
-        plot_metrics_vs_steps(points, run_dir / f"{stem}_sweep.png",
-                              title=f"{recipe.task.name} ({cfg.split}, {'adapter' if not base_only else 'base'}, {primary})")
+        plot_metrics_vs_steps(
+            points,
+            run_dir / f"{stem}_sweep.png",
+            title=f"{recipe.task.name} ({cfg.split}, {'adapter' if not base_only else 'base'}, {primary})",
+        )
         report["sweep"] = points
         report["sweep_files"] = [f"{stem}_sweep.json", f"{stem}_sweep.png"]
 
@@ -662,18 +730,22 @@ def describe_file(report: dict[str, Any]) -> str:
     run_dir = Path(report["run_dir"])
     path = run_dir / report["file"]
     weights = report.get("weights") or {}
-    measured = (f" of {weights['checkpoint']}" if weights.get("source") == "checkpoint" else "")
+    measured = f" of {weights['checkpoint']}" if weights.get("source") == "checkpoint" else ""
     if report.get("canonical"):
         lines = [f"wrote {path}: the run's own evaluation (published by `ftkit push`)"]
     else:
-        lines = [f"wrote {path}{measured} ({', '.join(report.get('differs_from_recipe') or [])}); the run's own "
-                 f"result {CANONICAL} is not touched"]
+        lines = [
+            f"wrote {path}{measured} ({', '.join(report.get('differs_from_recipe') or [])}); the run's own "
+            f"result {CANONICAL} is not touched"
+        ]
     sweep = report.get("sweep_files") or []
     if sweep:
         steps = ", ".join(str(p["steps"]) for p in report.get("sweep") or [])
         what = {".json": f"the metrics at each step count ({steps})", ".png": "their plot against steps"}
-        lines += [f"wrote {run_dir / name}: {what.get(Path(name).suffix, 'the sweep')}, with the settings of "
-                  f"{report['file']}" for name in sweep]
+        lines += [
+            f"wrote {run_dir / name}: {what.get(Path(name).suffix, 'the sweep')}, with the settings of {report['file']}"
+            for name in sweep
+        ]
     return "\n".join(lines)
 
 
@@ -688,8 +760,12 @@ def render_sweep(report: dict[str, Any]):
     for col in ("steps", *names, "decoder forwards / example", "seconds"):
         table.add_column(col, justify="right")
     for p in points:
-        table.add_row(str(p["steps"]), *[_fmt(n, p["metrics"][n]) for n in names],
-                      f"{p['mean_steps_used']:.1f}", f"{p['seconds']:.1f}")
+        table.add_row(
+            str(p["steps"]),
+            *[_fmt(n, p["metrics"][n]) for n in names],
+            f"{p['mean_steps_used']:.1f}",
+            f"{p['seconds']:.1f}",
+        )
     return table
 
 
@@ -710,8 +786,13 @@ def render_table(report: dict[str, Any]):
 
     title = "Evaluation"
     if "task" in report:
-        what = ("base model" if not report.get("adapter", True)
-                else "trained full model" if report.get("full_model") else "adapter")
+        what = (
+            "base model"
+            if not report.get("adapter", True)
+            else "trained full model"
+            if report.get("full_model")
+            else "adapter"
+        )
         title += f": {report['task']} ({report.get('split')}, {what})"
     notes = report.get("notes") or []
     table = Table(title=Text(title), caption=Text("; ".join(notes)) if notes else None)
@@ -719,7 +800,7 @@ def render_table(report: dict[str, Any]):
     for s in strata:
         table.add_column(s, justify="right")
 
-    for mode_name, mode in modes.items():
+    for mode in modes.values():
         table.add_row(Text(_mode_label(mode), style="bold"), *[""] * len(strata))
         names: list[str] = []
         for key in mode["metrics"]:

@@ -28,8 +28,10 @@ def example_from_input(task, text: str) -> Example:
     """The task's `example_from_input(text)`: raw user input -> an example (free pieces hold placeholders)."""
     parse = getattr(task, "example_from_input", None)
     if not callable(parse):
-        raise FtkitError(f"generate: task {task.name!r} does not read raw input (it has no `example_from_input` "
-                         "method; see docs/tasks.md)")
+        raise FtkitError(
+            f"generate: task {task.name!r} does not read raw input (it has no `example_from_input` "
+            "method; see docs/tasks.md)"
+        )
     return parse(text)
 
 
@@ -85,8 +87,11 @@ class GenerateResult:
             offsets.append(cursor)
             cursor += len(text)
         positions = {p for v in self.violations for p in v.positions}
-        return {i for i, (start, text) in enumerate(zip(offsets, self.answer.pieces))
-                if any(start <= p < start + max(1, len(text)) for p in positions)}
+        return {
+            i
+            for i, (start, text) in enumerate(zip(offsets, self.answer.pieces))
+            if any(start <= p < start + max(1, len(text)) for p in positions)
+        }
 
     def render(self):
         from rich.console import Group
@@ -102,8 +107,10 @@ class GenerateResult:
                 parts.append(Text(f"  - {v.constraint}: {v.detail}", style="red"))
         elif not self.empty:
             parts.append(Text("✓ all constraints satisfied", style="bold green"))
-        stats = (f"steps used {self.steps_used} / {self.steps_budget * self.blocks} · forward passes "
-                 f"{self.forward_passes} · tokens per forward {self.tokens_per_forward:.2f}")
+        stats = (
+            f"steps used {self.steps_used} / {self.steps_budget * self.blocks} · forward passes "
+            f"{self.forward_passes} · tokens per forward {self.tokens_per_forward:.2f}"
+        )
         if self.blocks > 1:
             stats += f" · blocks {self.blocks}"
         if self.renoised_cells:
@@ -170,8 +177,10 @@ def weights_label(run) -> str:
         return "base model: its untrained initial weights" if full else "base model, no adapter"
     if Path(run.adapter_dir).resolve() == Path(run.run_dir).resolve():
         return "fine-tuned model" if full else "fine-tuned adapter"
-    return (f"{Path(run.adapter_dir).name}: the run has no final {'model' if full else 'adapter'} yet, so its newest "
-            "checkpoint answers")
+    return (
+        f"{Path(run.adapter_dir).name}: the run has no final {'model' if full else 'adapter'} yet, so its newest "
+        "checkpoint answers"
+    )
 
 
 def run_task_name(run_dir) -> str:
@@ -182,10 +191,19 @@ def run_task_name(run_dir) -> str:
     return load_recipe(require_run_dir(run_dir) / RECIPE_FILE).task.name
 
 
-def generate_one(run_dir, text: str, steps: int | None = None, live: bool = False, save_trajectory=None,
-                 base_only: bool = False, seed: int = 0, console=None, max_new_tokens: int | None = None,
-                 task_name: str | None = None,
-                 on_block: Callable[[int, str, bool], None] | None = None) -> GenerateResult:
+def generate_one(
+    run_dir,
+    text: str,
+    steps: int | None = None,
+    live: bool = False,
+    save_trajectory=None,
+    base_only: bool = False,
+    seed: int = 0,
+    console=None,
+    max_new_tokens: int | None = None,
+    task_name: str | None = None,
+    on_block: Callable[[int, str, bool], None] | None = None,
+) -> GenerateResult:
     """Denoise one raw input with the run's model (clamped fixed pieces, block after block); check it; optionally
     show/save the steps. `task_name`: refuse a run of another task before loading anything (`ftkit solve`).
     `on_block(k, text, last)` gets each block's text as it lands."""
@@ -203,8 +221,9 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
     if task_name is not None:
         trained = run_task_name(run_dir)
         if trained != task_name:
-            raise FtkitError(f"{run_dir}: a {trained} run, not a {task_name} run; use "
-                             f"`ftkit generate {run_dir} -i INPUT` for it")
+            raise FtkitError(
+                f"{run_dir}: a {trained} run, not a {task_name} run; use `ftkit generate {run_dir} -i INPUT` for it"
+            )
 
     run = load_run(run_dir, adapter=not base_only)
     from ftkit.evaluation.evaluate import check_answer_budget
@@ -213,8 +232,9 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
     cfg = run.recipe.eval
     example = example_from_input(run.task, text)
     pc = run.task.to_prompt_canvas(example)
-    lay = layout_example(run.tokenizer, pc, run.canvas_length, run.recipe.train.max_prompt_length, "input",
-                         task_max_blocks(run.task))
+    lay = layout_example(
+        run.tokenizer, pc, run.canvas_length, run.recipe.train.max_prompt_length, "input", task_max_blocks(run.task)
+    )
     cmap = _canvas_map(pc.pieces, lay.char_starts)
     stops = stop_token_ids(run.tokenizer)
     device = next(run.model.parameters()).device
@@ -232,9 +252,17 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
 
     n_steps = steps or cfg.steps
     result = denoise_blocks(
-        run.model, [lay], generators=row_generators(seed, 1, device),
-        max_new_tokens=max_new_tokens or cfg.max_new_tokens or run.canvas_length, stop_ids=stops, pad_id=pad_id,
-        verifier=verifier, on_block=landed, steps=n_steps, **schedule_kwargs(cfg), clamp=True,
+        run.model,
+        [lay],
+        generators=row_generators(seed, 1, device),
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens or run.canvas_length,
+        stop_ids=stops,
+        pad_id=pad_id,
+        verifier=verifier,
+        on_block=landed,
+        steps=n_steps,
+        **schedule_kwargs(cfg),
+        clamp=True,
         record_trajectory=live or traj_path is not None,
         vocab_size=run.model.config.get_text_config().vocab_size if cfg.token_masks else None,
     )
@@ -251,11 +279,22 @@ def generate_one(run_dir, text: str, steps: int | None = None, live: bool = Fals
                 frames.append(_frame(run.tokenizer, tokens[: k * length] + canvas[0].tolist(), cmap, label))
         frames.append(answer)
     out = GenerateResult(
-        task_name=run.task.name, run_dir=Path(run_dir), example=example, output=output,
-        violations=run.task.check(example, output), steps_used=int(result.steps_used[0]), steps_budget=n_steps,
-        forward_passes=result.forward_passes, tokens_per_forward=float(result.tokens_per_forward),
-        renoised_cells=result.renoised_cells, weights=weights_label(run), canvas_map=cmap, answer=answer,
-        view=view_of(run.task), blocks=result.blocks[0], frames=frames,
+        task_name=run.task.name,
+        run_dir=Path(run_dir),
+        example=example,
+        output=output,
+        violations=run.task.check(example, output),
+        steps_used=int(result.steps_used[0]),
+        steps_budget=n_steps,
+        forward_passes=result.forward_passes,
+        tokens_per_forward=float(result.tokens_per_forward),
+        renoised_cells=result.renoised_cells,
+        weights=weights_label(run),
+        canvas_map=cmap,
+        answer=answer,
+        view=view_of(run.task),
+        blocks=result.blocks[0],
+        frames=frames,
     )
     if live:
         replay_live(out, console=console)

@@ -25,7 +25,9 @@ def generation_config(base_dir: Path | None, recipe):
         try:
             config = DiffusionGemmaGenerationConfig.from_pretrained(str(base_dir))
         except (OSError, ValueError, TypeError) as e:
-            raise FtkitError(f"{base_dir}/generation_config.json: cannot read it ({e.__class__.__name__}: {e})") from None
+            raise FtkitError(
+                f"{base_dir}/generation_config.json: cannot read it ({e.__class__.__name__}: {e})"
+            ) from None
     e = recipe.eval
     config.max_denoising_steps = e.steps
     config.sampler_config = EntropyBoundSamplerConfig(entropy_bound=e.entropy_bound)
@@ -60,47 +62,82 @@ def model_card(recipe, summary: dict[str, Any], facts: ExportFacts, name: str) -
     _, _, hub_dataset = _dataset(recipe)
     kind = ["full-finetune"] if facts.source == "full" else ["lora", "merged"]
     data = ModelCardData(
-        base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
         tags=[*EXPORT_TAGS, *kind, task] + ([f"{recipe.model.base}-random-init"] if recipe.is_tiny else []),
-        datasets=[hub_dataset] if hub_dataset else None, model_name=name,
+        datasets=[hub_dataset] if hub_dataset else None,
+        model_name=name,
         eval_results=card_eval_results(recipe, facts.evaluation) or None,
     )
     what = "full fine-tune" if facts.source == "full" else "LoRA fine-tune, merged"
     lines = [f"# DiffusionGemma {what} for `{task}` (ftkit export)", ""]
     if recipe.is_tiny:
-        lines += ["> [!NOTE]", f"> The base is a random-init *{recipe.model.base}* DiffusionGemma (an ftkit preset), "
-                  "not the pretrained model: a small task model; the results below say nothing about the real one.", ""]
-    layout = ("**tied**: the released checkpoint's layout and size (one set of text weights serves the encoder and "
-              "the decoder)" if facts.form == "tied" else
-              "**untied** (`tie_word_embeddings: false`): the encoder and the decoder carried separate adapters, so "
-              "their merged text weights differ and both are stored; transformers loads it, vLLM's single-backbone "
-              "DiffusionGemma does not")
-    merged = ("the adapter folded into the base weights in fp32, each tensor rounded once to "
-              f"{facts.dtype}" if facts.source == "adapter" else f"the trained weights, cast to {facts.dtype}")
+        lines += [
+            "> [!NOTE]",
+            f"> The base is a random-init *{recipe.model.base}* DiffusionGemma (an ftkit preset), "
+            "not the pretrained model: a small task model; the results below say nothing about the real one.",
+            "",
+        ]
+    layout = (
+        "**tied**: the released checkpoint's layout and size (one set of text weights serves the encoder and "
+        "the decoder)"
+        if facts.form == "tied"
+        else "**untied** (`tie_word_embeddings: false`): the encoder and the decoder carried separate adapters, so "
+        "their merged text weights differ and both are stored; transformers loads it, vLLM's single-backbone "
+        "DiffusionGemma does not"
+    )
+    merged = (
+        f"the adapter folded into the base weights in fp32, each tensor rounded once to {facts.dtype}"
+        if facts.source == "adapter"
+        else f"the trained weights, cast to {facts.dtype}"
+    )
     revision = f" (revision `{recipe.model.revision}`)" if recipe.model.revision else ""
-    lines += ["## Model", "",
-              f"- **Base model:** `{recipe.model.base}`{revision}",
-              "- **Architecture:** `DiffusionGemmaForBlockDiffusion`",
-              f"- **Weights:** {merged}; no PEFT needed to load them",
-              f"- **Layout:** {layout}",
-              "- **From:** the run's final weights" if facts.checkpoint is None
-              else f"- **From:** checkpoint `{facts.checkpoint}` (not the run's final weights)",
-              "- **Generation config:** the run's eval sampler settings (steps, entropy bound, temperatures, stopping); "
-              "ftkit's constrained decoding (clamped pieces, token masks, verifier re-noising) is not part of it", ""]
+    lines += [
+        "## Model",
+        "",
+        f"- **Base model:** `{recipe.model.base}`{revision}",
+        "- **Architecture:** `DiffusionGemmaForBlockDiffusion`",
+        f"- **Weights:** {merged}; no PEFT needed to load them",
+        f"- **Layout:** {layout}",
+        "- **From:** the run's final weights"
+        if facts.checkpoint is None
+        else f"- **From:** checkpoint `{facts.checkpoint}` (not the run's final weights)",
+        "- **Generation config:** the run's eval sampler settings (steps, entropy bound, temperatures, stopping); "
+        "ftkit's constrained decoding (clamped pieces, token masks, verifier re-noising) is not part of it",
+        "",
+    ]
     if facts.source == "adapter" and recipe.quant.mode == "4bit":
-        lines += ["The adapter was trained on a 4-bit base and is merged onto the full-precision base it was quantized "
-                  "from (the usual QLoRA merge): outputs differ from the 4-bit training model by the 4-bit "
-                  "quantization error of the base.", ""]
+        lines += [
+            "The adapter was trained on a 4-bit base and is merged onto the full-precision base it was quantized "
+            "from (the usual QLoRA merge): outputs differ from the 4-bit training model by the 4-bit "
+            "quantization error of the base.",
+            "",
+        ]
     lines += ["## Training", "", *_training_lines(summary, recipe), ""]
     lines += ["## Evaluation", ""]
     if facts.evaluation is None:
         lines += ["Not evaluated: no `ftkit eval` of these weights was found in the run (`eval.json`).", ""]
     else:
-        lines += [*_eval_lines(facts.evaluation), "", "Measured by `ftkit eval` on the unmerged adapter of the run "
-                  "(`eval.json` here); the merged weights compute the same model up to one bf16 rounding per weight.", ""]
-    lines += ["## How to load", "", "```python", "import torch",
-              "from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion", "",
-              'model = DiffusionGemmaForBlockDiffusion.from_pretrained("PATH_OR_REPO", dtype=torch.bfloat16)',
-              'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")', "```", "",
-              "Serving with vLLM (tied exports only): see ftkit's docs/serving.md.", ""]
+        lines += [
+            *_eval_lines(facts.evaluation),
+            "",
+            "Measured by `ftkit eval` on the unmerged adapter of the run "
+            "(`eval.json` here); the merged weights compute the same model up to one bf16 rounding per weight.",
+            "",
+        ]
+    lines += [
+        "## How to load",
+        "",
+        "```python",
+        "import torch",
+        "from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion",
+        "",
+        'model = DiffusionGemmaForBlockDiffusion.from_pretrained("PATH_OR_REPO", dtype=torch.bfloat16)',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
+        "```",
+        "",
+        "Serving with vLLM (tied exports only): see ftkit's docs/serving.md.",
+        "",
+    ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))

@@ -56,8 +56,9 @@ def lora_targets(base_config, adapter_dir: Path) -> dict[str, LoraTarget]:
         owner = name.removeprefix(PEFT_PREFIX).replace(".base_layer", "")
         if isinstance(module, ParamWrapper):
             tensor = f"{owner}.{module.parameter_name}"
-            target = LoraTarget(name, float(module.scaling["default"]), int(module.num_experts),
-                                bool(module._did_swap_in_out_features))
+            target = LoraTarget(
+                name, float(module.scaling["default"]), int(module.num_experts), bool(module._did_swap_in_out_features)
+            )
         else:
             tensor = f"{owner}.weight"
             target = LoraTarget(name, float(module.scaling["default"]))
@@ -81,14 +82,18 @@ class AdapterTensors:
     def factors(self, target: LoraTarget) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [k for k in target.keys if k not in self.names]
         if missing:
-            raise FtkitError(f"{self.path}: no tensor {missing[0]} (the adapter does not match its adapter_config.json)")
+            raise FtkitError(
+                f"{self.path}: no tensor {missing[0]} (the adapter does not match its adapter_config.json)"
+            )
         return tuple(self.file.get_tensor(k).float() for k in target.keys)
 
     def same_factors(self, a: LoraTarget, b: LoraTarget) -> bool:
         return a.scaling == b.scaling and all(torch.equal(x, y) for x, y in zip(self.factors(a), self.factors(b)))
 
 
-def add_update(weight: torch.Tensor, target: LoraTarget, adapter: AdapterTensors, out_dtype: torch.dtype) -> torch.Tensor:
+def add_update(
+    weight: torch.Tensor, target: LoraTarget, adapter: AdapterTensors, out_dtype: torch.dtype
+) -> torch.Tensor:
     """`weight` + its LoRA update, computed in fp32 and rounded once to `out_dtype`. A 3-D expert tensor is done a
     few experts at a time, so no full-size fp32 copy of it ever exists."""
     lora_a, lora_b = adapter.factors(target)

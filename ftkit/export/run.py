@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from ftkit.run import rundir
 from ftkit.errors import FtkitError
 from ftkit.export.card import ExportFacts, generation_config, model_card
 from ftkit.export.deltas import AdapterTensors, add_update, lora_targets
 from ftkit.export.layout import TIED, UNTIED, output_plan, shard_plan, source_tensors, tied_targets, untie
 from ftkit.export.shards import write_shards
+from ftkit.run import rundir
 from ftkit.run.lock import holds_run_lock
 
 EXPORT_MANIFEST = "ftkit_export.json"
@@ -53,11 +53,18 @@ def base_weights_dir(recipe, run_dir: Path) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, revision=recipe.model.revision,
-                                      allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"]))
+        return Path(
+            snapshot_download(
+                source,
+                revision=recipe.model.revision,
+                allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"],
+            )
+        )
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one line
-        raise FtkitError(f"model.base={source!r}: cannot get the base weights to merge onto "
-                         f"({e.__class__.__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+        raise FtkitError(
+            f"model.base={source!r}: cannot get the base weights to merge onto "
+            f"({e.__class__.__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
+        ) from None
 
 
 def _load_config(folder: Path):
@@ -75,8 +82,14 @@ def _check_out(out: Path) -> None:
 
 
 @holds_run_lock("export")
-def export_run(run_dir, out, checkpoint: str | None = None, dtype: str = "bfloat16",
-               max_shard_size: str | int = DEFAULT_SHARD_SIZE, on_note=None) -> dict[str, Any]:
+def export_run(
+    run_dir,
+    out,
+    checkpoint: str | None = None,
+    dtype: str = "bfloat16",
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    on_note=None,
+) -> dict[str, Any]:
     """Export the run's final weights (or `checkpoint`'s) into `out`; returns what ftkit_export.json records."""
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -128,8 +141,14 @@ def export_run(run_dir, out, checkpoint: str | None = None, dtype: str = "bfloat
         evaluation = _own_evaluation(run_dir, recipe, checkpoint, notes)
         if evaluation is not None:
             shutil.copyfile(run_dir / "eval.json", staging / "eval.json")
-        facts = ExportFacts(form=form, dtype=dtype, source="full" if recipe.is_full else "adapter",
-                            base=str(base_dir), checkpoint=checkpoint, evaluation=evaluation)
+        facts = ExportFacts(
+            form=form,
+            dtype=dtype,
+            source="full" if recipe.is_full else "adapter",
+            base=str(base_dir),
+            checkpoint=checkpoint,
+            evaluation=evaluation,
+        )
         summary = _read_json(run_dir / rundir.SUMMARY)
         (staging / "README.md").write_text(model_card(recipe, summary, facts, out.name), encoding="utf-8")
         record = _manifest(run_dir, weights_dir, recipe, facts, staging)
@@ -154,9 +173,11 @@ def _tied_updates(targets: dict, ties: dict[str, str], adapter: AdapterTensors) 
             continue
         twin = targets.get(source)
         if twin is None or not adapter.same_factors(target, twin):
-            raise FtkitError(f"{adapter.path}: {tensor} and the tensor it is tied to ({source}) carry different "
-                             "LoRA updates, so the tied layout cannot hold them: the run was not trained with "
-                             "lora.shared_stacks")
+            raise FtkitError(
+                f"{adapter.path}: {tensor} and the tensor it is tied to ({source}) carry different "
+                "LoRA updates, so the tied layout cannot hold them: the run was not trained with "
+                "lora.shared_stacks"
+            )
     return kept
 
 

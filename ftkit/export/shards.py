@@ -48,8 +48,12 @@ class SourceReader:
         return self.files[path].get_tensor(key)
 
 
-def write_shards(folder: Path, shards: list[list[OutputTensor]], make: Callable[[OutputTensor, SourceReader], torch.Tensor],
-                 on_shard: Callable[[int, int], None] | None = None) -> list[str]:
+def write_shards(
+    folder: Path,
+    shards: list[list[OutputTensor]],
+    make: Callable[[OutputTensor, SourceReader], torch.Tensor],
+    on_shard: Callable[[int, int], None] | None = None,
+) -> list[str]:
     """Write `shards` into `folder` (with transformers' index when there are several); `make(tensor, reader)` gives
     each tensor's values. Returns the file names written."""
     from safetensors.torch import save_file
@@ -62,8 +66,10 @@ def write_shards(folder: Path, shards: list[list[OutputTensor]], make: Callable[
         for planned in shard:
             value = make(planned, reader)
             if tuple(value.shape) != planned.source.shape or value.dtype != planned.dtype:
-                raise AssertionError(f"{planned.key}: made {tuple(value.shape)} {value.dtype}, planned "
-                                     f"{planned.source.shape} {planned.dtype}")
+                raise AssertionError(
+                    f"{planned.key}: made {tuple(value.shape)} {value.dtype}, planned "
+                    f"{planned.source.shape} {planned.dtype}"
+                )
             tensors[planned.key] = value.contiguous()
             weight_map[planned.key] = name
             total += planned.nbytes

@@ -70,5 +70,7 @@ def not_cached(key: str, name: str, reason: str) -> str:
     nor something in the Hugging Face cache, while the Hub cannot be used."""
     from pathlib import Path
 
-    return (f"{key}={name!r}: no such local path ({Path(name).resolve()}), not in the local Hugging Face cache, and "
-            f"the Hub cannot be used ({reason}); connect to the network, or set {key} to a local copy")
+    return (
+        f"{key}={name!r}: no such local path ({Path(name).resolve()}), not in the local Hugging Face cache, and "
+        f"the Hub cannot be used ({reason}); connect to the network, or set {key} to a local copy"
+    )

@@ -26,15 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftkit.run import rundir
 from ftkit.errors import FtkitError
+from ftkit.run import rundir
 from ftkit.run.lock import holds_run_lock
 
 HUB_UPLOAD_DIR = "hub_upload"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PLACEHOLDER_REPO = "YOUR_USER/YOUR_REPO"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 EVAL_FILE = "eval.json"  # the canonical result (ftkit.evaluation.evaluate.CANONICAL)
 RUN_FILES = (rundir.RECIPE_FILE, rundir.SUMMARY, "loss.png", "reward.png")  # copied when present
 RL_EVAL_FILE = "rl_eval.json"  # an RL run's before/after (ftkit.rl.run.RL_EVAL)
@@ -58,9 +65,17 @@ class PushPlan:
 
 
 @holds_run_lock("push")
-def push_run(run_dir, repo: str | None = None, private: bool | None = None, dry_run: bool = False,
-             dry_run_dir=None, endpoint: str | None = None, token: str | None = None,
-             allow_no_eval: bool = False, on_note=None) -> str:
+def push_run(
+    run_dir,
+    repo: str | None = None,
+    private: bool | None = None,
+    dry_run: bool = False,
+    dry_run_dir=None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    allow_no_eval: bool = False,
+    on_note=None,
+) -> str:
     """Upload the run (adapter, tokenizer, recipe, canonical eval, summary, loss plot, model card) in one commit and
     return the repo URL; with `dry_run`, write the upload folder locally and return its path instead. A run without
     a canonical eval.json is refused unless `allow_no_eval`; `on_note(text)` hears what was left out."""
@@ -102,8 +117,13 @@ def _find_token() -> str:
     return token
 
 
-def plan_push(run_dir: Path, repo: str | None = None, private: bool | None = None, need_repo: bool = True,
-              allow_no_eval: bool = False) -> PushPlan:
+def plan_push(
+    run_dir: Path,
+    repo: str | None = None,
+    private: bool | None = None,
+    need_repo: bool = True,
+    allow_no_eval: bool = False,
+) -> PushPlan:
     """Check the run and what would be pushed; every refusal is one FtkitError saying what to do."""
     from ftkit.recipe.schema import load_recipe
 
@@ -121,11 +141,21 @@ def plan_push(run_dir: Path, repo: str | None = None, private: bool | None = Non
     if repo is not None and not REPO_ID.fullmatch(repo):
         raise FtkitError(f"repo {repo!r}: expected a hub repo id of the form USER/NAME")
     if recipe.is_tiny and not recipe.is_full and not (run_dir / "base" / "config.json").is_file():
-        raise FtkitError(f"{run_dir}: a {recipe.model.base}-preset run must hold its base weights in base/; train first")
+        raise FtkitError(
+            f"{run_dir}: a {recipe.model.base}-preset run must hold its base weights in base/; train first"
+        )
     evaluation, notes = _canonical_eval(run_dir, recipe, allow_no_eval)
     rl_comparison, rl_notes = _rl_comparison(run_dir)
-    return PushPlan(run_dir, recipe, repo, recipe.hub.private if private is None else private, evaluation,
-                    full_model=recipe.is_full, notes=tuple(notes + rl_notes), rl_comparison=rl_comparison)
+    return PushPlan(
+        run_dir,
+        recipe,
+        repo,
+        recipe.hub.private if private is None else private,
+        evaluation,
+        full_model=recipe.is_full,
+        notes=tuple(notes + rl_notes),
+        rl_comparison=rl_comparison,
+    )
 
 
 def is_rl_run(summary: dict[str, Any]) -> bool:
@@ -154,16 +184,20 @@ def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[st
     if not path.is_file():
         if allow_no_eval:
             return None, [f"no {EVAL_FILE}: the card says the model was not evaluated"]
-        raise FtkitError(f"{run_dir}: no {EVAL_FILE}, the run's own evaluation that push publishes; run "
-                         f"`ftkit eval {run_dir}` first, or pass --allow-no-eval to push without results")
+        raise FtkitError(
+            f"{run_dir}: no {EVAL_FILE}, the run's own evaluation that push publishes; run "
+            f"`ftkit eval {run_dir}` first, or pass --allow-no-eval to push without results"
+        )
     problems = canonical_problems(_read_json(path), recipe, run_dir)
     if not problems:
         return _read_json(path), []
     why = "; ".join(problems)
     if allow_no_eval:
         return None, [f"{EVAL_FILE} left out, it is not the run's own evaluation ({why})"]
-    raise FtkitError(f"{path}: not the run's own evaluation ({why}); rerun `ftkit eval {run_dir}` to evaluate as "
-                     "the recipe says, or pass --allow-no-eval to push without results")
+    raise FtkitError(
+        f"{path}: not the run's own evaluation ({why}); rerun `ftkit eval {run_dir}` to evaluate as "
+        "the recipe says, or pass --allow-no-eval to push without results"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,9 +252,11 @@ def _dataset(recipe) -> tuple[str, str, str | None]:
         return f"{task}-custom", f"{task}: user data ({Path(recipe.task.data_path).name})", None
     if task == "code_infill" and options.get("source") == "humaneval":
         return "openai/openai_humaneval", "HumanEval (infill)", "openai/openai_humaneval"
-    names = {"sudoku": ("sudoku-generated", "Sudoku puzzles with unique solutions (ftkit's held-out set)"),
-             "protein": ("protein-pyhmmer", "protein sequences shipped with pyhmmer"),
-             "code_infill": ("code_infill-stdlib", "Python standard library functions (held-out modules)")}
+    names = {
+        "sudoku": ("sudoku-generated", "Sudoku puzzles with unique solutions (ftkit's held-out set)"),
+        "protein": ("protein-pyhmmer", "protein sequences shipped with pyhmmer"),
+        "code_infill": ("code_infill-stdlib", "Python standard library functions (held-out modules)"),
+    }
     kind, name = names.get(task, (task, task))
     return kind, name, None
 
@@ -257,11 +293,18 @@ def card_eval_results(recipe, evaluation: dict[str, Any] | None) -> list:
     for key, value in (evaluation.get("metrics") or {}).items():
         if "/" in key or key.startswith("count") or not isinstance(value, (int, float)):
             continue  # model-index gets the overall metrics; the card's table has the strata
-        results.append(EvalResult(
-            task_type="text-generation", task_name=f"{recipe.task.name} (constrained denoising)",
-            dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=evaluation.get("split"),
-            metric_type=key, metric_name=f"{key} (%)", metric_value=round(100 * float(value), 2),
-        ))
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name=f"{recipe.task.name} (constrained denoising)",
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split=evaluation.get("split"),
+                metric_type=key,
+                metric_name=f"{key} (%)",
+                metric_value=round(100 * float(value), 2),
+            )
+        )
     return results
 
 
@@ -281,29 +324,43 @@ def model_card(plan: PushPlan) -> str:
     if not plan.full_model:
         lines += ["> [!WARNING]", f"> **Do not merge this adapter with PEFT.** {TIED_NOTE}", ""]
     if recipe.is_tiny and plan.full_model:
-        lines += ["> [!NOTE]",
-                  f"> **Trained from scratch:** every weight, from a random-init *{recipe.model.base}* DiffusionGemma "
-                  "(an ftkit preset) — a small task model, not the pretrained DiffusionGemma; the results below say "
-                  "nothing about the real model.", ""]
+        lines += [
+            "> [!NOTE]",
+            f"> **Trained from scratch:** every weight, from a random-init *{recipe.model.base}* DiffusionGemma "
+            "(an ftkit preset) — a small task model, not the pretrained DiffusionGemma; the results below say "
+            "nothing about the real model.",
+            "",
+        ]
     elif recipe.is_tiny:
-        lines += ["> [!NOTE]",
-                  f"> **The base model is a random-init *{recipe.model.base}* DiffusionGemma** (an ftkit preset), not a "
-                  "pretrained model. Its weights are included in `base/` so that this adapter can be loaded; the "
-                  "results below say nothing about the real model.", ""]
+        lines += [
+            "> [!NOTE]",
+            f"> **The base model is a random-init *{recipe.model.base}* DiffusionGemma** (an ftkit preset), not a "
+            "pretrained model. Its weights are included in `base/` so that this adapter can be loaded; the "
+            "results below say nothing about the real model.",
+            "",
+        ]
 
     lines += ["## Model", ""]
-    base_desc = (f"{recipe.model.base} random-init DiffusionGemma" + (
-        " (trained from scratch)" if plan.full_model else " (weights in `base/` of this repo)") if recipe.is_tiny
-                 else f"`{recipe.model.base}`" + (f" (revision `{recipe.model.revision}`)" if recipe.model.revision else ""))
-    lines += [f"- **Base model:** {base_desc}",
-              "- **Architecture:** `DiffusionGemmaForBlockDiffusion` (block-diffusion encoder–decoder, mixture of experts)",
-              f"- **Task:** `{task}`" + (f" (options: {_inline(recipe.task.options)})" if recipe.task.options else ""),
-              f"- **Quantization during training:** {_quant_text(recipe.quant)}"]
+    base_desc = (
+        f"{recipe.model.base} random-init DiffusionGemma"
+        + (" (trained from scratch)" if plan.full_model else " (weights in `base/` of this repo)")
+        if recipe.is_tiny
+        else f"`{recipe.model.base}`" + (f" (revision `{recipe.model.revision}`)" if recipe.model.revision else "")
+    )
+    lines += [
+        f"- **Base model:** {base_desc}",
+        "- **Architecture:** `DiffusionGemmaForBlockDiffusion` (block-diffusion encoder–decoder, mixture of experts)",
+        f"- **Task:** `{task}`" + (f" (options: {_inline(recipe.task.options)})" if recipe.task.options else ""),
+        f"- **Quantization during training:** {_quant_text(recipe.quant)}",
+    ]
     if plan.full_model:
         lines += ["- **Trained:** the full model (no adapter)", ""]
     else:
-        lines += [f"- **LoRA:** r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}",
-                  *[f"  - {t}" for t in lora_target_lines(recipe.lora)], ""]
+        lines += [
+            f"- **LoRA:** r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}",
+            *[f"  - {t}" for t in lora_target_lines(recipe.lora)],
+            "",
+        ]
 
     if is_rl_run(summary):
         lines += ["## Training", "", *_rl_training_lines(summary, recipe, plan.rl_comparison), ""]
@@ -312,8 +369,11 @@ def model_card(plan: PushPlan) -> str:
     lines += ["## Evaluation", "", *_eval_lines(plan.evaluation or {}), ""]
     lines += ["## How to load", "", "```python", *_load_snippet(recipe, repo, plan.full_model), "```", ""]
     if not plan.full_model:
-        lines += ["Keep the adapter separate from the base model (see the warning above); "
-                  "`recipe.yaml` holds the full training recipe.", ""]
+        lines += [
+            "Keep the adapter separate from the base model (see the warning above); "
+            "`recipe.yaml` holds the full training recipe.",
+            "",
+        ]
     lines += [f"Trained with ftkit (`ftkit {'rl' if is_rl_run(summary) else 'train'} recipe.yaml`).", ""]
     card = ModelCard(f"---\n{card_metadata(plan).to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)
@@ -329,8 +389,10 @@ def _quant_text(quant) -> str:
     experts = "experts quantized too" if quant.experts else "experts kept in full precision"
     if quant.mode == "8bit":
         return f"8-bit LLM.int8 linears (bitsandbytes, through Unsloth's loader), {experts}"
-    return (f"4-bit {quant.quant_type} (double quantization: {str(quant.double_quant).lower()}, compute dtype "
-            f"{quant.compute_dtype}, {experts}); load the base the same way for the closest behaviour")
+    return (
+        f"4-bit {quant.quant_type} (double quantization: {str(quant.double_quant).lower()}, compute dtype "
+        f"{quant.compute_dtype}, {experts}); load the base the same way for the closest behaviour"
+    )
 
 
 def lora_target_lines(lora) -> list[str]:
@@ -344,15 +406,19 @@ def lora_target_lines(lora) -> list[str]:
         out.append(f"attention `q_proj`, `k_proj`, `v_proj`, `o_proj` ({stacks} text layers)")
     if lora.experts:
         rank = "" if lora.expert_r in (None, lora.r) else f"; rank {lora.expert_r} per expert"
-        out.append(f"MoE experts {', '.join(f'`{p}`' for p in params)} (fused expert tensors, via PEFT "
-                   f"`target_parameters`; {stacks}{rank})")
+        out.append(
+            f"MoE experts {', '.join(f'`{p}`' for p in params)} (fused expert tensors, via PEFT "
+            f"`target_parameters`; {stacks}{rank})"
+        )
     if lora.dense_mlp:
         out.append(f"dense MLP `gate_proj`, `up_proj`, `down_proj` ({stacks})")
     if regex:
         out.append(f"`target_modules` regex: `{regex}`")
     if getattr(lora, "shared_stacks", False):
-        out.append("one adapter for both stacks (`lora.shared_stacks`): the encoder's LoRA tensors are the decoder's, "
-                   "saved under both names with equal values")
+        out.append(
+            "one adapter for both stacks (`lora.shared_stacks`): the encoder's LoRA tensors are the decoder's, "
+            "saved under both names with equal values"
+        )
     return out
 
 
@@ -369,8 +435,10 @@ def _training_lines(summary: dict[str, Any], recipe) -> list[str]:
         ("batch size × grad accum", f"{t.batch_size} × {t.grad_accum}"),
         ("learning rate", f"{t.learning_rate:g} ({t.lr_scheduler})"),
         ("loss (start → end)", f"{_fmt_number(summary.get('loss_start'))} → {_fmt_number(summary.get('loss_end'))}"),
-        ("diffusion loss (start → end)",
-         f"{_fmt_number(summary.get('diffusion_loss_start'))} → {_fmt_number(summary.get('diffusion_loss_end'))}"),
+        (
+            "diffusion loss (start → end)",
+            f"{_fmt_number(summary.get('diffusion_loss_start'))} → {_fmt_number(summary.get('diffusion_loss_end'))}",
+        ),
         ("canvas tokens / s", _fmt_number(summary.get("canvas_tokens_per_second"))),
         ("trainable parameters", _fmt_number(summary.get("trainable_parameters"))),
         ("training time (s)", _fmt_number(summary.get("train_seconds"))),
@@ -384,24 +452,38 @@ def _training_lines(summary: dict[str, Any], recipe) -> list[str]:
 def _rl_training_lines(summary: dict[str, Any], recipe, comparison: dict[str, Any] | None) -> list[str]:
     """An RL stage: where it started, its settings, the training reward, and the held-out before/after."""
     rl, t = recipe.rl, recipe.train
-    start = (f"the adapter of the `ftkit train` run `{Path(rl.init_from).name}` (also the KL reference)"
-             if rl.init_from else "the base model (a fresh LoRA; the base is the KL reference)")
+    start = (
+        f"the adapter of the `ftkit train` run `{Path(rl.init_from).name}` (also the KL reference)"
+        if rl.init_from
+        else "the base model (a fresh LoRA; the base is the KL reference)"
+    )
     rounds = t.max_steps // rl.num_iterations
     rows = [
         ("stage", "reinforcement learning (`ftkit rl`: GRPO, the task's verifier as reward)"),
         ("started from", start),
-        ("steps", f"{_fmt_number(summary.get('steps', t.max_steps))} ({rounds} rounds of {rl.prompts_per_step} "
-                  f"prompts × {rl.group_size} samples, {rl.num_iterations} steps per round)"),
+        (
+            "steps",
+            f"{_fmt_number(summary.get('steps', t.max_steps))} ({rounds} rounds of {rl.prompts_per_step} "
+            f"prompts × {rl.group_size} samples, {rl.num_iterations} steps per round)",
+        ),
         ("reward", f"{rl.reward.satisfied:g} × constraints satisfied + {rl.reward.success:g} × success"),
         ("learning rate", f"{t.learning_rate:g} ({t.lr_scheduler})"),
         ("KL coefficient / clip ε / ELBO draws", f"{rl.kl_coef:g} / {rl.clip_eps:g} / {rl.elbo_samples}"),
-        ("credit / negative advantages × / guided samples per group",
-         (f"{'per position (checker flags)' if rl.credit == 'token' else 'per sample'} / {rl.negative_weight:g} / "
-          f"{rl.guided} of {rl.group_size}")),
-        ("training reward (start → end)",
-         f"{_fmt_number(summary.get('reward_start'))} → {_fmt_number(summary.get('reward_end'))}"),
-        ("training success rate (start → end)",
-         f"{_fmt_number(summary.get('success_start'))} → {_fmt_number(summary.get('success_end'))}"),
+        (
+            "credit / negative advantages × / guided samples per group",
+            (
+                f"{'per position (checker flags)' if rl.credit == 'token' else 'per sample'} / {rl.negative_weight:g} / "
+                f"{rl.guided} of {rl.group_size}"
+            ),
+        ),
+        (
+            "training reward (start → end)",
+            f"{_fmt_number(summary.get('reward_start'))} → {_fmt_number(summary.get('reward_end'))}",
+        ),
+        (
+            "training success rate (start → end)",
+            f"{_fmt_number(summary.get('success_start'))} → {_fmt_number(summary.get('success_end'))}",
+        ),
         ("KL to the reference (end)", _fmt_number(summary.get("kl_end"))),
         ("trainable parameters", _fmt_number(summary.get("trainable_parameters"))),
         ("training time (s)", _fmt_number(summary.get("train_seconds"))),
@@ -410,12 +492,22 @@ def _rl_training_lines(summary: dict[str, Any], recipe, comparison: dict[str, An
     out = ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "", "![reward per step](reward.png)"]
     if comparison and isinstance(comparison.get("before"), dict) and isinstance(comparison.get("after"), dict):
         before, after = comparison["before"], comparison["after"]
-        out += ["", f"Held-out `{comparison.get('split', 'test')}` split, {comparison.get('num_examples', '?')} "
-                    "examples, before and after RL with the same sampler settings and seeds "
-                    f"(`{RL_EVAL_FILE}`):", "", "| metric | before RL | after RL |", "|---|---:|---:|"]
+        out += [
+            "",
+            f"Held-out `{comparison.get('split', 'test')}` split, {comparison.get('num_examples', '?')} "
+            "examples, before and after RL with the same sampler settings and seeds "
+            f"(`{RL_EVAL_FILE}`):",
+            "",
+            "| metric | before RL | after RL |",
+            "|---|---:|---:|",
+        ]
         for key, value in after.items():
-            if "/" in key or key.startswith("count") or not isinstance(value, (int, float)) \
-                    or not isinstance(before.get(key), (int, float)):
+            if (
+                "/" in key
+                or key.startswith("count")
+                or not isinstance(value, (int, float))
+                or not isinstance(before.get(key), (int, float))
+            ):
                 continue
             out.append(f"| {key} | {100 * before[key]:.1f}% | {100 * value:.1f}% |")
     return out
@@ -436,9 +528,11 @@ def _eval_lines(evaluation: dict[str, Any]) -> list[str]:
     strata.sort(key=lambda s: s != "all")
     cfg = evaluation.get("eval") or {}
     constrained = "fixed pieces clamped" + (", per-position token masks" if cfg.get("token_masks") else "")
-    head = (f"The recipe's own evaluation: split `{evaluation.get('split', '?')}`, "
-            f"{evaluation.get('num_examples', '?')} examples, up to {cfg.get('steps', '?')} denoising steps, "
-            f"constrained ({constrained}), mode `{evaluation.get('primary', '?')}`.")
+    head = (
+        f"The recipe's own evaluation: split `{evaluation.get('split', '?')}`, "
+        f"{evaluation.get('num_examples', '?')} examples, up to {cfg.get('steps', '?')} denoising steps, "
+        f"constrained ({constrained}), mode `{evaluation.get('primary', '?')}`."
+    )
     out = [head, "", "| metric | " + " | ".join(strata) + " |", "|---|" + "---:|" * len(strata)]
     for name in names:
         cells = []
@@ -451,36 +545,53 @@ def _eval_lines(evaluation: dict[str, Any]) -> list[str]:
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     primary = (evaluation.get("modes") or {}).get(evaluation.get("primary"), {})
     if isinstance(primary, dict) and "tokens_per_forward" in primary:
-        out += ["", f"Decoder forwards per example: {_fmt_number(primary.get('mean_steps_used'))}; "
-                    f"tokens per forward pass: {_fmt_number(primary.get('tokens_per_forward'))}."]
+        out += [
+            "",
+            f"Decoder forwards per example: {_fmt_number(primary.get('mean_steps_used'))}; "
+            f"tokens per forward pass: {_fmt_number(primary.get('tokens_per_forward'))}.",
+        ]
     sandbox = evaluation.get("sandbox")
     if isinstance(sandbox, dict) and sandbox.get("isolation"):
-        out += ["", f"Generated code was executed for the tests in ftkit's sandbox, isolation level: "
-                    f"`{sandbox['isolation']}`."]
+        out += [
+            "",
+            f"Generated code was executed for the tests in ftkit's sandbox, isolation level: `{sandbox['isolation']}`.",
+        ]
     return out
 
 
 def _load_snippet(recipe, repo: str, full_model: bool = False) -> list[str]:
     if full_model:
-        return ["from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion", "",
-                f'model = DiffusionGemmaForBlockDiffusion.from_pretrained("{repo}", dtype="auto")',
-                f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
-    lines = ["from peft import PeftModel",
-             "from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion", ""]
+        return [
+            "from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion",
+            "",
+            f'model = DiffusionGemmaForBlockDiffusion.from_pretrained("{repo}", dtype="auto")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        ]
+    lines = [
+        "from peft import PeftModel",
+        "from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion",
+        "",
+    ]
     if recipe.is_tiny:
         lines.append(f'base = DiffusionGemmaForBlockDiffusion.from_pretrained("{repo}", subfolder="base")')
     elif recipe.quant.mode == "4bit":
         q = recipe.quant
-        lines = ["import torch", "from peft import PeftModel",
-                 "from transformers import AutoTokenizer, BitsAndBytesConfig, DiffusionGemmaForBlockDiffusion", "",
-                 f'bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="{q.quant_type}", '
-                 f"bnb_4bit_use_double_quant={q.double_quant}, bnb_4bit_compute_dtype=torch.{q.compute_dtype})",
-                 f'base = DiffusionGemmaForBlockDiffusion.from_pretrained("{recipe.model.base}", '
-                 'quantization_config=bnb, device_map="auto")']
+        lines = [
+            "import torch",
+            "from peft import PeftModel",
+            "from transformers import AutoTokenizer, BitsAndBytesConfig, DiffusionGemmaForBlockDiffusion",
+            "",
+            f'bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="{q.quant_type}", '
+            f"bnb_4bit_use_double_quant={q.double_quant}, bnb_4bit_compute_dtype=torch.{q.compute_dtype})",
+            f'base = DiffusionGemmaForBlockDiffusion.from_pretrained("{recipe.model.base}", '
+            'quantization_config=bnb, device_map="auto")',
+        ]
     else:
         lines.append(f'base = DiffusionGemmaForBlockDiffusion.from_pretrained("{recipe.model.base}", dtype="auto")')
-    lines += [f'model = PeftModel.from_pretrained(base, "{repo}")  # not merge_and_unload(): tied weights (`ftkit export` merges)',
-              f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
+    lines += [
+        f'model = PeftModel.from_pretrained(base, "{repo}")  # not merge_and_unload(): tied weights (`ftkit export` merges)',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+    ]
     return lines
 
 
@@ -489,8 +600,9 @@ def _load_snippet(recipe, repo: str, full_model: bool = False) -> list[str]:
 
 
 def _upload(folder: Path, plan: PushPlan, endpoint: str | None, token: str) -> str:
-    return _upload_folder(folder, plan.repo, plan.private, f"ftkit: {plan.recipe.task.name} LoRA adapter", endpoint,
-                          token)
+    return _upload_folder(
+        folder, plan.repo, plan.private, f"ftkit: {plan.recipe.task.name} LoRA adapter", endpoint, token
+    )
 
 
 def _upload_folder(folder: Path, repo: str, private: bool, message: str, endpoint: str | None, token: str) -> str:
@@ -521,13 +633,20 @@ def is_export_dir(path: Path) -> bool:
     return (Path(path) / EXPORT_MANIFEST).is_file()
 
 
-def push_export(folder, repo: str | None = None, private: bool | None = None, dry_run: bool = False,
-                dry_run_dir=None, endpoint: str | None = None, token: str | None = None,
-                allow_no_eval: bool = False) -> str:
+def push_export(
+    folder,
+    repo: str | None = None,
+    private: bool | None = None,
+    dry_run: bool = False,
+    dry_run_dir=None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    allow_no_eval: bool = False,
+) -> str:
     """Upload an export folder's own files (those its ftkit_export.json lists) in one commit; the card's
     placeholder repo id becomes the real one. Refused without the run's evaluation unless `allow_no_eval`."""
-    from ftkit.run import filecheck
     from ftkit.export import EXPORT_MANIFEST
+    from ftkit.run import filecheck
 
     folder = Path(folder)
     manifest = _read_json(folder / EXPORT_MANIFEST)
@@ -539,8 +658,10 @@ def push_export(folder, repo: str | None = None, private: bool | None = None, dr
         if what:
             raise FtkitError(f"{folder / name}: {what}; export again (`ftkit export RUN OUT`)")
     if manifest.get("eval") is None and not allow_no_eval:
-        raise FtkitError(f"{folder}: the export holds no evaluation (eval.json): run `ftkit eval RUN`, export again, "
-                         "or pass --allow-no-eval to push without results")
+        raise FtkitError(
+            f"{folder}: the export holds no evaluation (eval.json): run `ftkit eval RUN`, export again, "
+            "or pass --allow-no-eval to push without results"
+        )
     if repo is None and not dry_run:
         raise FtkitError("no repo to push an export to: pass --repo USER/NAME")
     if repo is not None and not REPO_ID.fullmatch(repo):
@@ -551,8 +672,9 @@ def push_export(folder, repo: str | None = None, private: bool | None = None, dr
             shutil.copyfile(folder / name, into / name)
         card = into / "README.md"
         if card.is_file():
-            card.write_text(card.read_text(encoding="utf-8").replace("PATH_OR_REPO", repo or PLACEHOLDER_REPO),
-                            encoding="utf-8")
+            card.write_text(
+                card.read_text(encoding="utf-8").replace("PATH_OR_REPO", repo or PLACEHOLDER_REPO), encoding="utf-8"
+            )
 
     if dry_run:
         target = Path(dry_run_dir) if dry_run_dir is not None else folder.parent / f"{folder.name}-{HUB_UPLOAD_DIR}"
@@ -587,8 +709,10 @@ def _explain(error: Exception, endpoint: str, repo: str) -> str:
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         status = error.response.status_code
         if status in (401, 403):
-            return (f"permission denied by {endpoint} (HTTP {status}) for {repo}: the token is invalid or lacks write "
-                    "access to this namespace; run `hf auth login` with a write token or set HF_TOKEN")
+            return (
+                f"permission denied by {endpoint} (HTTP {status}) for {repo}: the token is invalid or lacks write "
+                "access to this namespace; run `hf auth login` with a write token or set HF_TOKEN"
+            )
         if status == 404:
             return f"{endpoint}: repo {repo} not found or not accessible with this token (HTTP 404)"
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""

@@ -20,8 +20,21 @@ CHARS = string.printable.replace("\x0b", "").replace("\x0c", "").replace("\r", "
 # The markers DiffusionGemma's chat template writes (turns, tool calls, thinking channel, media); ids after the
 # characters, so a character keeps the id it had before the chat format.
 CHAT_SPECIALS = (
-    "<|turn>", "<turn|>", '<|"|>', "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
-    "<tool_response|>", "<|channel>", "<channel|>", "<|think|>", "<|image|>", "<|audio|>", "<|video|>",
+    "<|turn>",
+    "<turn|>",
+    '<|"|>',
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    "<|channel>",
+    "<channel|>",
+    "<|think|>",
+    "<|image|>",
+    "<|audio|>",
+    "<|video|>",
 )
 
 
@@ -43,7 +56,12 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     # Added tokens are matched before pre-tokenization, so `<turn|>` in a rendered chat is one token.
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_SPECIALS])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK, clean_up_tokenization_spaces=False
+        tokenizer_object=core,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=BOS,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
     )
     tok.model_max_length = 1 << 20
     tok.chat_template = diffusion_gemma_chat_template()

@@ -15,7 +15,12 @@ import copy
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ftkit.model.compat import ENCODER_CACHE_ARGUMENTS, SUPPORTED, disable_decoder_checkpointing, enable_decoder_checkpointing
+from ftkit.model.compat import (
+    ENCODER_CACHE_ARGUMENTS,
+    SUPPORTED,
+    disable_decoder_checkpointing,
+    enable_decoder_checkpointing,
+)
 from ftkit.model.mixins import add_mixin, remove_mixin
 
 
@@ -51,7 +56,9 @@ def _find_cache(args: tuple, kwargs: dict) -> tuple[str, object]:
     from transformers.cache_utils import Cache
 
     found = [(name, kwargs[name]) for name in ENCODER_CACHE_ARGUMENTS if kwargs.get(name) is not None]
-    unknown = [name for name, value in kwargs.items() if isinstance(value, Cache) and name not in ENCODER_CACHE_ARGUMENTS]
+    unknown = [
+        name for name, value in kwargs.items() if isinstance(value, Cache) and name not in ENCODER_CACHE_ARGUMENTS
+    ]
     if unknown or len(found) > 1 or any(isinstance(a, Cache) for a in args):
         where = unknown or [name for name, _ in found][1:] or ["a positional argument"]
         raise RuntimeError(

@@ -71,12 +71,21 @@ def tiny_config(spec: TinySpec, vocab_size: int, pad_id: int = 0, eos_id: int = 
         bos_token_id=bos_id,
     )
     vision = Gemma4VisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        head_dim=8, position_embedding_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        position_embedding_size=64,
     )
     return DiffusionGemmaConfig(
-        text_config=text, vision_config=vision, canvas_length=spec.canvas_length,
-        boi_token_id=None, eoi_token_id=None, image_token_id=None,
+        text_config=text,
+        vision_config=vision,
+        canvas_length=spec.canvas_length,
+        boi_token_id=None,
+        eoi_token_id=None,
+        image_token_id=None,
     )
 
 
@@ -116,8 +125,10 @@ def base_is_local(base: str) -> bool:
         return True
     first = base.split("/", 1)[0]
     if base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base or (first and Path(first).is_dir()):
-        raise FtkitError(f"model.base={base!r}: no such directory {path.resolve()} (a relative path is taken from the "
-                         "current directory)")
+        raise FtkitError(
+            f"model.base={base!r}: no such directory {path.resolve()} (a relative path is taken from the "
+            "current directory)"
+        )
     if not HUB_ID.fullmatch(base):
         raise FtkitError(f"model.base={base!r}: neither a local directory nor a hub id (owner/name)")
     return False
@@ -186,7 +197,9 @@ def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: 
     _hub_reason(source)  # a missing local path is an error here; an unreachable Hub switches to the cache at once
     if model_cfg.loader == "unsloth":
         return load_with_unsloth(source, model_cfg, quant)
-    kwargs = dict(dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation, revision=model_cfg.revision)
+    kwargs = dict(
+        dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation, revision=model_cfg.revision
+    )
     if quant.mode == "4bit":
         device = quant_device()
         kwargs["quantization_config"] = bnb_config(quant)
@@ -211,7 +224,7 @@ def import_fast_diffusion_model():
     except ImportError as e:
         raise FtkitError(
             f"model.loader=unsloth: Unsloth with FastDiffusionModel does not import ({e.__class__.__name__}: {e}); "
-            "install it with `pip install -e \".[unsloth]\"` (README: Unsloth), or use model.loader=transformers"
+            'install it with `pip install -e ".[unsloth]"` (README: Unsloth), or use model.loader=transformers'
         ) from None
     return FastDiffusionModel
 
@@ -231,8 +244,13 @@ def load_with_unsloth(source: str, model_cfg: ModelSection, quant: QuantSection)
     device = quant_device() if quantized else "cpu"
     try:
         model, _ = FastDiffusionModel.from_pretrained(
-            model_name=source, dtype=dtype, load_in_4bit=quant.mode == "4bit", load_in_8bit=quant.mode == "8bit",
-            device_map={"": device}, attn_implementation=model_cfg.attn_implementation, revision=model_cfg.revision,
+            model_name=source,
+            dtype=dtype,
+            load_in_4bit=quant.mode == "4bit",
+            load_in_8bit=quant.mode == "8bit",
+            device_map={"": device},
+            attn_implementation=model_cfg.attn_implementation,
+            revision=model_cfg.revision,
             return_tokenizer=False,  # ftkit's tokenizer is the run's own (load_tokenizer)
         )
     except OSError as e:
@@ -367,8 +385,14 @@ def _retie_same_memory(modules) -> None:
     for module in modules:
         for name, param in module._parameters.items():
             if param is not None:
-                view = (param.untyped_storage().data_ptr(), param.storage_offset(), tuple(param.shape), param.stride(),
-                        param.dtype, param.device)
+                view = (
+                    param.untyped_storage().data_ptr(),
+                    param.storage_offset(),
+                    tuple(param.shape),
+                    param.stride(),
+                    param.dtype,
+                    param.device,
+                )
                 module._parameters[name] = canonical.setdefault(view, param)
 
 
@@ -427,7 +451,8 @@ def load_full_model(model_cfg: ModelSection, weights_dir: Path) -> torch.nn.Modu
     dtype = torch.float32 if model_cfg.base in PRESETS else DTYPES[model_cfg.dtype]
     try:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-            weights_dir, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+            weights_dir, dtype=dtype, attn_implementation=model_cfg.attn_implementation
+        )
     except OSError as e:
         raise FtkitError(f"{weights_dir}: cannot load the trained full model ({e.__class__.__name__}: {e})") from None
     return _freeze(model)
@@ -463,8 +488,10 @@ def expert_rank_patterns(lora: LoraSection) -> dict[str, dict[str, float]]:
     if not lora.experts or lora.expert_r is None or lora.expert_r == lora.r:
         return {}
     alpha = lora.alpha * lora.expert_r / lora.r
-    return {"rank_pattern": {EXPERT_PARAM_PATTERN: lora.expert_r},
-            "alpha_pattern": {EXPERT_PARAM_PATTERN: int(alpha) if alpha.is_integer() else alpha}}
+    return {
+        "rank_pattern": {EXPERT_PARAM_PATTERN: lora.expert_r},
+        "alpha_pattern": {EXPERT_PARAM_PATTERN: int(alpha) if alpha.is_integer() else alpha},
+    }
 
 
 @contextmanager
@@ -515,7 +542,15 @@ class ParamGroup:
 def _group_of(name: str) -> str:
     stack = "encoder" if ".encoder." in name else "decoder" if ".decoder." in name else "other"
     if "lora_" in name:
-        kind = "experts" if ".experts." in name else "attention" if ".self_attn." in name else "dense_mlp" if ".mlp." in name else "other"
+        kind = (
+            "experts"
+            if ".experts." in name
+            else "attention"
+            if ".self_attn." in name
+            else "dense_mlp"
+            if ".mlp." in name
+            else "other"
+        )
         return f"lora/{stack}/{kind}"
     if ".experts." in name:
         return "base/experts"

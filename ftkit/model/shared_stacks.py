@@ -51,7 +51,8 @@ def share_stack_adapters(model: nn.Module, verify: bool = False) -> int:
                 if verify and not torch.equal(enc_dict[adapter].weight, dec_dict[adapter].weight):
                     raise FtkitError(
                         f"lora.shared_stacks: {name}.{factor} differs from the decoder's: this adapter was not "
-                        "trained with one adapter for both stacks (lora.shared_stacks: false)")
+                        "trained with one adapter for both stacks (lora.shared_stacks: false)"
+                    )
                 enc_dict[adapter] = dec_dict[adapter]
     return len(twins)
 
@@ -60,4 +61,5 @@ def stacks_share_adapters(model: nn.Module) -> bool:
     """Whether every encoder LoRA factor is the decoder's own module."""
     twins = stack_twins(model)
     return bool(twins) and all(
-        getattr(enc, f)[a] is getattr(dec, f)[a] for _, enc, dec in twins for f in LORA_FACTORS for a in getattr(enc, f))
+        getattr(enc, f)[a] is getattr(dec, f)[a] for _, enc, dec in twins for f in LORA_FACTORS for a in getattr(enc, f)
+    )

@@ -32,8 +32,9 @@ def _config(recipe, tokenizer):
 
     model = recipe.model
     if recipe.is_tiny:
-        return tiny_config(model.tiny, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
-                           tokenizer.bos_token_id)
+        return tiny_config(
+            model.tiny, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+        )
     from ftkit.model.load import base_is_local
 
     base_is_local(model.base)  # a local path that does not exist is an error, never a hub id
@@ -54,8 +55,10 @@ def _uncached_hub_model(model, where: str) -> str:
     local = f"no local directory {Path(model.base).resolve()} and nothing in the local Hugging Face cache"
     reason = offline_reason()
     if reason is not None:
-        return (f"model {model.base}: {local}, and the Hub cannot be used now ({reason}): `ftkit train` would fail "
-                "(the model was not built)")
+        return (
+            f"model {model.base}: {local}, and the Hub cannot be used now ({reason}): `ftkit train` would fail "
+            "(the model was not built)"
+        )
     from huggingface_hub import repo_exists
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -64,8 +67,10 @@ def _uncached_hub_model(model, where: str) -> str:
     except (HfHubHTTPError, OSError):
         exists = True  # cannot tell: train will say
     if not exists:
-        raise RecipeError(f"{where}: model.base={model.base!r}: {local}, and the Hub has no such model (a local path "
-                          "is taken from the current directory)")
+        raise RecipeError(
+            f"{where}: model.base={model.base!r}: {local}, and the Hub has no such model (a local path "
+            "is taken from the current directory)"
+        )
     return f"model {model.base}: a hub id, not in the local cache: `ftkit train` downloads it (the model was not built)"
 
 
@@ -135,15 +140,20 @@ def _smoke_step(recipe, tokenizer, parameters: int, where: str) -> str:
     g = torch.Generator().manual_seed(0)
     prompt, canvas = 8, spec.canvas_length
     ids = torch.randint(4, len(tokenizer), (1, prompt + canvas), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "prompt_len": torch.tensor([prompt]), "canvas": ids[:, prompt:].clone(),
-             "fixed": torch.zeros(1, canvas, dtype=torch.bool)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "prompt_len": torch.tensor([prompt]),
+        "canvas": ids[:, prompt:].clone(),
+        "fixed": torch.zeros(1, canvas, dtype=torch.bool),
+    }
     try:
         loss = diffusion_loss(model, batch, recipe.diffusion, g).loss
         loss.backward()
     except (RuntimeError, ValueError, IndexError) as e:
-        raise RecipeError(f"{where}: one training step of this `model.tiny` fails on the CPU: "
-                          f"{_first_line(e)}") from None
+        raise RecipeError(
+            f"{where}: one training step of this `model.tiny` fails on the CPU: {_first_line(e)}"
+        ) from None
     if not torch.isfinite(loss):
         raise RecipeError(f"{where}: one training step of this `model.tiny` gives a non-finite loss ({loss.item()})")
     return "one training step of the tiny model ran on the CPU (forward + backward)"

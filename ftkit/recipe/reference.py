@@ -16,27 +16,27 @@ DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
 
 SECTION_NOTES = {
     "model": "Which base model to load. `base: tiny` or `base: small` builds a random-init DiffusionGemma from "
-             "`model.tiny`; keys left out of `model.tiny` take the named preset's values (the defaults below are "
-             "`tiny`'s; `small` is 6 layers, hidden 256, 8 experts of 128, intermediate 512: 8.8M parameters).",
+    "`model.tiny`; keys left out of `model.tiny` take the named preset's values (the defaults below are "
+    "`tiny`'s; `small` is 6 layers, hidden 256, 8 experts of 128, intermediate 512: 8.8M parameters).",
     "quant": "4-bit quantization of the frozen base (QLoRA). `experts: true` also quantizes the fused MoE expert tensors. "
-             "`mode: 8bit` (LLM.int8 linears) needs `model.loader: unsloth`, whose 4-bit loading is NF4 with double "
-             "quantization computing in `model.dtype` (other settings are refused).",
+    "`mode: 8bit` (LLM.int8 linears) needs `model.loader: unsloth`, whose 4-bit loading is NF4 with double "
+    "quantization computing in `model.dtype` (other settings are refused).",
     "lora": "Which modules get LoRA adapters. Expert LoRA goes through PEFT `target_parameters`. `shared_stacks: "
-            "true` gives the encoder and the decoder one adapter (as their base weights are one set), so `ftkit export` "
-            "keeps the released checkpoint's tied layout (docs/serving.md).",
+    "true` gives the encoder and the decoder one adapter (as their base weights are one set), so `ftkit export` "
+    "keeps the released checkpoint's tied layout (docs/serving.md).",
     "diffusion": "The block-diffusion training objective (one response block per example, its tokens replaced by uniform random tokens at a noise level t; see ftkit/diffusion/loss.py). `loss_chunk` must be 0 under FSDP (see docs/multi-gpu.md).",
     "train": "Optimisation and the run directory (`output_dir`). `trainable: full` trains every weight (the `lora` "
-             "section is then unused) and saves a full model: for presets and small local checkpoints; refused for "
-             "a 4-bit base and for bases over 2B parameters.",
+    "section is then unused) and saves a full model: for presets and small local checkpoints; refused for "
+    "a 4-bit base and for bases over 2B parameters.",
     "task": "The task plugin and its data; `options` is validated by the task's own options (below). `name: chat` "
-            "trains on your own data (docs/tasks.md).",
+    "trains on your own data (docs/tasks.md).",
     "eval": "Constrained denoising used by `ftkit eval`, `ftkit generate` and `ftkit solve`.",
     "hub": "Defaults for `ftkit push`.",
     "training_args": "Any other `transformers.TrainingArguments` field, passed through: e.g. `adam_beta1: 0.95`, "
-                     "`adam_beta2: 0.99`, `lr_scheduler_kwargs: {min_lr: 1.5e-5}` (with `train.lr_scheduler: "
-                     "cosine_with_min_lr`). Keys are checked against TrainingArguments' own fields and types; a field "
-                     "that has a recipe key (`learning_rate` is `train.learning_rate`) or that ftkit sets itself "
-                     "(`bf16`, `save_strategy`, ...) is an error naming where it goes.",
+    "`adam_beta2: 0.99`, `lr_scheduler_kwargs: {min_lr: 1.5e-5}` (with `train.lr_scheduler: "
+    "cosine_with_min_lr`). Keys are checked against TrainingArguments' own fields and types; a field "
+    "that has a recipe key (`learning_rate` is `train.learning_rate`) or that ftkit sets itself "
+    "(`bf16`, `save_strategy`, ...) is an error naming where it goes.",
     "rl": "`ftkit rl`: GRPO with the task's verifier as reward and the diffusion ELBO as likelihood (docs/rl.md).",
 }
 
@@ -71,12 +71,20 @@ def render() -> str:
         if section in SECTION_NOTES:
             out += [SECTION_NOTES[section], ""]
         out += ["| key | type | default |", "|---|---|---|"]
-        out += [f"| `{key}` | {_cell(tp)} | `{_cell(default)}` |" for key, tp, default in rows if key.split(".")[0] == section]
+        out += [
+            f"| `{key}` | {_cell(tp)} | `{_cell(default)}` |"
+            for key, tp, default in rows
+            if key.split(".")[0] == section
+        ]
         out.append("")
 
-    out += ["## Task options (`task.options`)", "",
-            "Each task declares its options as a dataclass (`Options`); `task.options` is checked against the one of",
-            "`task.name`.", ""]
+    out += [
+        "## Task options (`task.options`)",
+        "",
+        "Each task declares its options as a dataclass (`Options`); `task.options` is checked against the one of",
+        "`task.name`.",
+        "",
+    ]
     for name in known_tasks():
         options = get_task(name).Options
         out += [f"### `{name}`", ""]
@@ -84,7 +92,9 @@ def render() -> str:
             out += ["No options.", ""]
             continue
         out += ["| key | type | default |", "|---|---|---|"]
-        out += [f"| `task.options.{key}` | {_cell(tp)} | `{_cell(default)}` |" for key, tp, default in schema_rows(options)]
+        out += [
+            f"| `task.options.{key}` | {_cell(tp)} | `{_cell(default)}` |" for key, tp, default in schema_rows(options)
+        ]
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
 

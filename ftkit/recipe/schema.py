@@ -51,8 +51,19 @@ class TinySpec:
 # GPU, e.g. recipes/small/sudoku.yaml).
 PRESETS: dict[str, TinySpec] = {
     TINY: TinySpec(),
-    SMALL: TinySpec(layers=6, hidden=256, heads=8, kv_heads=4, head_dim=32, global_head_dim=64, intermediate=512,
-                    experts=8, top_k=2, expert_intermediate=128, embedding_std=0.05),
+    SMALL: TinySpec(
+        layers=6,
+        hidden=256,
+        heads=8,
+        kv_heads=4,
+        head_dim=32,
+        global_head_dim=64,
+        intermediate=512,
+        experts=8,
+        top_k=2,
+        expert_intermediate=128,
+        embedding_std=0.05,
+    ),
 }
 
 
@@ -124,11 +135,22 @@ class TrainSection:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     # transformers' scheduler names; arguments (e.g. cosine_with_min_lr's min_lr) go in training_args.lr_scheduler_kwargs
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr",
-                          "cosine_with_restarts", "polynomial", "inverse_sqrt", "warmup_stable_decay"] = "cosine"
+    lr_scheduler: Literal[
+        "constant",
+        "constant_with_warmup",
+        "linear",
+        "cosine",
+        "cosine_with_min_lr",
+        "cosine_with_restarts",
+        "polynomial",
+        "inverse_sqrt",
+        "warmup_stable_decay",
+    ] = "cosine"
     max_grad_norm: float = 1.0
     # transformers' optimizer names; the 8-bit ones (bitsandbytes) keep AdamW's two states in 1 byte each.
-    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"] = "adamw_torch"
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"] = (
+        "adamw_torch"
+    )
     logging_steps: int = 10
     save_steps: int = 50
     save_total_limit: int = 2
@@ -360,11 +382,19 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     # PEFT's ParamWrapper (LoRA on the fused expert tensors) cannot factor dropout out of x @ (W + BA).
     need(recipe.lora.dropout == 0.0 or not recipe.lora.experts, "lora.dropout", "must be 0 when `lora.experts` is true")
     need(recipe.lora.encoder or recipe.lora.decoder, "lora.encoder", "and `lora.decoder` cannot both be false")
-    need(not recipe.lora.shared_stacks or (recipe.lora.encoder and recipe.lora.decoder), "lora.shared_stacks",
-         "needs `lora.encoder` and `lora.decoder` both true (one adapter serves both stacks)")
-    need(recipe.lora.attention or recipe.lora.experts or recipe.lora.dense_mlp, "lora.attention",
-         "`lora.experts` and `lora.dense_mlp` cannot all be false: nothing would train")
-    need(recipe.train.output_dir.strip() != "", "train.output_dir", "must not be empty (a run is a directory of its own)")
+    need(
+        not recipe.lora.shared_stacks or (recipe.lora.encoder and recipe.lora.decoder),
+        "lora.shared_stacks",
+        "needs `lora.encoder` and `lora.decoder` both true (one adapter serves both stacks)",
+    )
+    need(
+        recipe.lora.attention or recipe.lora.experts or recipe.lora.dense_mlp,
+        "lora.attention",
+        "`lora.experts` and `lora.dense_mlp` cannot all be false: nothing would train",
+    )
+    need(
+        recipe.train.output_dir.strip() != "", "train.output_dir", "must not be empty (a run is a directory of its own)"
+    )
     for key in ("max_steps", "batch_size", "grad_accum", "logging_steps", "save_steps", "max_prompt_length"):
         need(getattr(recipe.train, key) > 0, f"train.{key}", "must be > 0")
     need(recipe.train.learning_rate > 0, "train.learning_rate", "must be > 0")
@@ -373,34 +403,57 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         need(getattr(recipe.task, key) >= 0, f"task.{key}", "must be >= 0")
     for key in ("num_examples", "batch_size", "steps"):
         need(getattr(recipe.eval, key) > 0, f"eval.{key}", "must be > 0")
-    need(recipe.eval.max_new_tokens is None or recipe.eval.max_new_tokens > 0, "eval.max_new_tokens",
-         "must be > 0 (or null for one canvas)")
+    need(
+        recipe.eval.max_new_tokens is None or recipe.eval.max_new_tokens > 0,
+        "eval.max_new_tokens",
+        "must be > 0 (or null for one canvas)",
+    )
     rl = recipe.rl
     need(rl.group_size >= 2, "rl.group_size", "must be >= 2 (advantages compare samples within a group)")
     for key in ("prompts_per_step", "num_iterations", "elbo_samples"):
         need(getattr(rl, key) > 0, f"rl.{key}", "must be > 0")
     need(0.0 < rl.clip_eps < 1.0, "rl.clip_eps", "must be in (0, 1)")
     need(0.0 <= rl.negative_weight <= 1.0, "rl.negative_weight", "must be in [0, 1]")
-    need(0 <= rl.guided < rl.group_size, "rl.guided",
-         f"must be >= 0 and < rl.group_size ({rl.group_size}): a group needs at least one sample of the policy's own")
+    need(
+        0 <= rl.guided < rl.group_size,
+        "rl.guided",
+        f"must be >= 0 and < rl.group_size ({rl.group_size}): a group needs at least one sample of the policy's own",
+    )
     need(rl.kl_coef >= 0.0, "rl.kl_coef", "must be >= 0")
     need(rl.reward.satisfied >= 0.0 and rl.reward.success >= 0.0, "rl.reward", "weights must be >= 0")
     need(rl.reward.satisfied + rl.reward.success > 0.0, "rl.reward", "weights cannot both be 0")
     t = recipe.model.tiny
     need(t.top_k <= t.experts, "model.tiny.top_k", "must be <= model.tiny.experts")
-    for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "global_head_dim", "intermediate", "experts",
-                "top_k", "expert_intermediate", "canvas_length"):
+    for key in (
+        "layers",
+        "hidden",
+        "heads",
+        "kv_heads",
+        "head_dim",
+        "global_head_dim",
+        "intermediate",
+        "experts",
+        "top_k",
+        "expert_intermediate",
+        "canvas_length",
+    ):
         need(getattr(t, key) > 0, f"model.tiny.{key}", "must be > 0")
     need(t.heads % t.kv_heads == 0, "model.tiny.heads", "must be a multiple of model.tiny.kv_heads")
     need(t.embedding_std > 0, "model.tiny.embedding_std", "must be > 0")
     need(recipe.quant.expert_chunk >= 0, "quant.expert_chunk", "must be >= 0 (0 = all experts at once)")
-    need(not (recipe.is_full and recipe.quant.mode != "none"), "train.trainable",
-         f"is `full`, which needs a full-precision base: {recipe.quant.mode} weights cannot be trained (set "
-         f"quant.mode=none, or train.trainable=lora to train adapters on the {recipe.quant.mode} base)")
+    need(
+        not (recipe.is_full and recipe.quant.mode != "none"),
+        "train.trainable",
+        f"is `full`, which needs a full-precision base: {recipe.quant.mode} weights cannot be trained (set "
+        f"quant.mode=none, or train.trainable=lora to train adapters on the {recipe.quant.mode} base)",
+    )
     _check_loader(recipe, need)
     if recipe.quant.mode == "4bit":
-        need(recipe.quant.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096), "quant.blocksize",
-             "must be a power of two in [32, 4096]")
+        need(
+            recipe.quant.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),
+            "quant.blocksize",
+            "must be a power of two in [32, 4096]",
+        )
 
 
 def _check_loader(recipe: Recipe, need) -> None:
@@ -412,8 +465,11 @@ def _check_loader(recipe: Recipe, need) -> None:
     elif q.mode == "4bit":
         need(q.quant_type == "nf4", "quant.quant_type", "must be nf4 with model.loader=unsloth (its 4-bit loading)")
         need(q.double_quant, "quant.double_quant", "must be true with model.loader=unsloth (its 4-bit loading)")
-        need(q.compute_dtype == recipe.model.dtype, "quant.compute_dtype",
-             f"must equal model.dtype ({recipe.model.dtype}) with model.loader=unsloth (its 4-bit loading)")
+        need(
+            q.compute_dtype == recipe.model.dtype,
+            "quant.compute_dtype",
+            f"must equal model.dtype ({recipe.model.dtype}) with model.loader=unsloth (its 4-bit loading)",
+        )
 
 
 # The recipe's eval keys by the name DiffusionGemmaGenerationConfig gives them, for its error messages.
@@ -444,9 +500,14 @@ def _check_sampler(cfg: EvalSection, where: str) -> None:
             return e
         return None
 
-    values = {"max_denoising_steps": cfg.steps, "entropy_bound": cfg.entropy_bound, "t_min": cfg.temperature_min,
-              "t_max": cfg.temperature_max, "stability_threshold": cfg.stability_threshold,
-              "confidence_threshold": cfg.confidence_threshold}
+    values = {
+        "max_denoising_steps": cfg.steps,
+        "entropy_bound": cfg.entropy_bound,
+        "t_min": cfg.temperature_min,
+        "t_max": cfg.temperature_max,
+        "stability_threshold": cfg.stability_threshold,
+        "confidence_threshold": cfg.confidence_threshold,
+    }
     error = build(**values)
     if error is None:
         return
@@ -478,22 +539,39 @@ def _validate_task(recipe: Recipe, where: str) -> Recipe:
 
 # TrainingArguments fields a recipe sets through its own keys (one place per setting) ...
 TRAINING_ARGS_FROM_KEYS = {
-    "output_dir": "train.output_dir", "max_steps": "train.max_steps", "per_device_train_batch_size": "train.batch_size",
-    "gradient_accumulation_steps": "train.grad_accum", "learning_rate": "train.learning_rate",
-    "weight_decay": "train.weight_decay", "warmup_steps": "train.warmup_steps", "lr_scheduler_type": "train.lr_scheduler",
-    "max_grad_norm": "train.max_grad_norm", "optim": "train.optim", "logging_steps": "train.logging_steps",
-    "save_steps": "train.save_steps", "save_total_limit": "train.save_total_limit", "seed": "train.seed",
-    "data_seed": "train.seed", "activation_checkpointing": "train.gradient_checkpointing",
-    "gradient_checkpointing": "train.gradient_checkpointing", "dataloader_num_workers": "train.num_workers",
+    "output_dir": "train.output_dir",
+    "max_steps": "train.max_steps",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "learning_rate": "train.learning_rate",
+    "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps",
+    "lr_scheduler_type": "train.lr_scheduler",
+    "max_grad_norm": "train.max_grad_norm",
+    "optim": "train.optim",
+    "logging_steps": "train.logging_steps",
+    "save_steps": "train.save_steps",
+    "save_total_limit": "train.save_total_limit",
+    "seed": "train.seed",
+    "data_seed": "train.seed",
+    "activation_checkpointing": "train.gradient_checkpointing",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "dataloader_num_workers": "train.num_workers",
     "report_to": "train.report_to",
 }
 # ... and the ones ftkit decides itself (the device and precision, the checkpoint layout, the batch columns).
 TRAINING_ARGS_OWNED = {
-    "use_cpu": "it follows the device", "bf16": "it follows model.dtype and the device", "fp16": "it follows model.dtype",
-    "save_strategy": "checkpoints are written every train.save_steps", "remove_unused_columns": "the collator needs every column",
-    "disable_tqdm": "ftkit shows its own progress", "ddp_find_unused_parameters": "ftkit sets it for DDP",
-    "activation_checkpointing_kwargs": "ftkit checkpoints without reentrancy", "gradient_checkpointing_kwargs":
-    "ftkit checkpoints without reentrancy", "push_to_hub": "use `ftkit push`", "resume_from_checkpoint": "use --resume",
+    "use_cpu": "it follows the device",
+    "bf16": "it follows model.dtype and the device",
+    "fp16": "it follows model.dtype",
+    "save_strategy": "checkpoints are written every train.save_steps",
+    "remove_unused_columns": "the collator needs every column",
+    "disable_tqdm": "ftkit shows its own progress",
+    "ddp_find_unused_parameters": "ftkit sets it for DDP",
+    "activation_checkpointing_kwargs": "ftkit checkpoints without reentrancy",
+    "gradient_checkpointing_kwargs": "ftkit checkpoints without reentrancy",
+    "push_to_hub": "use `ftkit push`",
+    "resume_from_checkpoint": "use --resume",
 }
 
 
@@ -669,7 +747,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     data = read_yaml(path)
     if data is None:
         # All defaults would mean the 26B hub model and its download: never what an empty file meant.
-        raise RecipeError(f"{path}: the recipe file is empty; start from one in recipes/ (e.g. recipes/tiny/sudoku.yaml)")
+        raise RecipeError(
+            f"{path}: the recipe file is empty; start from one in recipes/ (e.g. recipes/tiny/sudoku.yaml)"
+        )
     return recipe_from_dict(data, where=str(path), overrides=overrides)
 
 
@@ -689,5 +769,7 @@ def schema_rows(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, st
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = None
-        rows.append((path, _type_name(tp), yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()))
+        rows.append(
+            (path, _type_name(tp), yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip())
+        )
     return rows

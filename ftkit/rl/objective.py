@@ -37,8 +37,9 @@ def group_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return advantages, kept
 
 
-def position_advantages(clean: torch.Tensor, success: torch.Tensor, chosen: torch.Tensor, satisfied_weight: float,
-                        success_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def position_advantages(
+    clean: torch.Tensor, success: torch.Tensor, chosen: torch.Tensor, satisfied_weight: float, success_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level credit (`rl.credit: token`). clean: (P, G, L) 1 where the verifier flags nothing at the position,
     success: (P, G), chosen: (P, L) -> ((P, G, L) advantages, (P,) kept).
 

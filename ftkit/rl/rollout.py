@@ -18,8 +18,8 @@ import torch
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import denoise, schedule_kwargs
-from ftkit.evaluation.evaluate import MAX_RENOISE_ROUNDS, flagged_tokens, rows_verifier
 from ftkit.diffusion.token_layout import Layout, canvas_to_text, end_of_turn_id, stop_token_ids
+from ftkit.evaluation.evaluate import MAX_RENOISE_ROUNDS, flagged_tokens, rows_verifier
 from ftkit.recipe.schema import EvalSection, RLSection
 from ftkit.rl.objective import group_advantages, position_advantages, sample_entropy, scale_negatives
 from ftkit.tasks.base import Example, reward_parts
@@ -93,8 +93,9 @@ def chosen_positions(layout: Layout, stops, token_masks: bool) -> list[bool]:
     return chosen
 
 
-def canonical_canvas(canvas: torch.Tensor, free: torch.Tensor, eos_id: int, stop_ids=None,
-                     end_of_turn: int | None = None) -> torch.Tensor:
+def canonical_canvas(
+    canvas: torch.Tensor, free: torch.Tensor, eos_id: int, stop_ids=None, end_of_turn: int | None = None
+) -> torch.Tensor:
     """The canvas the SFT data would hold for the same text: at the first stop token (`stop_ids`, default EOS) the
     end-of-turn token (when the chat template has one), EOS on every free position after it. The decoded text (and
     so the reward) is unchanged, and the likelihood does not reward junk after the end. Fixed positions are never
@@ -113,8 +114,17 @@ class Rollout:
     """Samples rounds for one training split with the recipe's `eval` sampler settings (verifier re-noising off:
     the samples must be the policy's own, or the reward would credit the verifier's corrections)."""
 
-    def __init__(self, task, tokenizer, examples: list[Example], layouts: list[Layout], rl: RLSection,
-                 sampler_cfg: EvalSection, seed: int, sampler=denoise):
+    def __init__(
+        self,
+        task,
+        tokenizer,
+        examples: list[Example],
+        layouts: list[Layout],
+        rl: RLSection,
+        sampler_cfg: EvalSection,
+        seed: int,
+        sampler=denoise,
+    ):
         self.task = task
         self.tokenizer = tokenizer
         self.examples = examples
@@ -159,12 +169,19 @@ class Rollout:
                 # One canvas per sample (an RL action is one block), with the task's token masks as in `ftkit
                 # eval`; a guided sample is re-noised where the task's checker flags it, as `eval --verifier` does.
                 result = denoise_blocks(
-                    model, [layouts[i] for i in chunk],
+                    model,
+                    [layouts[i] for i in chunk],
                     generators=[seeded_generator(derived_seed(self.seed, "sample", index, i), device) for i in chunk],
-                    max_new_tokens=length, stop_ids=stops, pad_id=self.pad_id, vocab_size=vocab, sampler=self.sampler,
+                    max_new_tokens=length,
+                    stop_ids=stops,
+                    pad_id=self.pad_id,
+                    vocab_size=vocab,
+                    sampler=self.sampler,
                     verifier=self._verifier([rows[i] for i in chunk]) if use_verifier else None,
                     max_renoise_rounds=MAX_RENOISE_ROUNDS if use_verifier else 0,
-                    steps=self.sampler_cfg.steps, **schedule_kwargs(self.sampler_cfg), clamp=self.sampler_cfg.clamp,
+                    steps=self.sampler_cfg.steps,
+                    **schedule_kwargs(self.sampler_cfg),
+                    clamp=self.sampler_cfg.clamp,
                 )
                 for i, tokens in zip(chunk, result.tokens):
                     blocks[i] = torch.tensor((tokens + [eos] * length)[:length], dtype=torch.long)
@@ -176,15 +193,21 @@ class Rollout:
         success = torch.tensor([r.success for r in parts], dtype=torch.float32)
         rewards = self.rl.reward.satisfied * satisfied + self.rl.reward.success * success
         samples = [_sample_layout(lay, row, set(stops)) for lay, row in zip(layouts, canvas.tolist())]
-        chosen = torch.tensor([chosen_positions(lay, stops, self.sampler_cfg.token_masks) for lay in layouts],
-                              dtype=torch.bool)
+        chosen = torch.tensor(
+            [chosen_positions(lay, stops, self.sampler_cfg.token_masks) for lay in layouts], dtype=torch.bool
+        )
         flagged = 0.0
         if self.rl.credit == "token":
             clean = self.clean_positions(rows, canvas, chosen)
             flagged = float(((1 - clean) * chosen).sum() / chosen.sum().clamp(min=1))
             per_group = chosen.view(-1, group, length)[:, 0]
-            advantages, kept_groups = position_advantages(clean.view(-1, group, length), success.view(-1, group),
-                                                          per_group, self.rl.reward.satisfied, self.rl.reward.success)
+            advantages, kept_groups = position_advantages(
+                clean.view(-1, group, length),
+                success.view(-1, group),
+                per_group,
+                self.rl.reward.satisfied,
+                self.rl.reward.success,
+            )
             advantages = advantages.flatten(0, 1)
         else:
             advantages, kept_groups = group_advantages(rewards.view(-1, group))
@@ -203,7 +226,9 @@ class Rollout:
             guided=guided,
             chosen=chosen,
             group_size=group,
-            entropy=sample_entropy(canvas.view(-1, group, canvas.shape[1]), chosen.view(-1, group, chosen.shape[1])[:, 0]),
+            entropy=sample_entropy(
+                canvas.view(-1, group, canvas.shape[1]), chosen.view(-1, group, chosen.shape[1])[:, 0]
+            ),
             flagged=flagged,
             decoder_calls=calls,
             seconds=time.perf_counter() - started,

@@ -18,21 +18,26 @@ import json
 import logging
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ftkit.run import filecheck
-
-from ftkit.run import rundir
-
-from ftkit.run import start as runstart
 from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe.schema import Recipe
+from ftkit.run import filecheck, rundir
+from ftkit.run import start as runstart
 from ftkit.run.lock import RunLock
-from ftkit.run.start import Start, copy_adapter, plan_start, print_parameter_groups, reset_logs, save_adapter, stderr_note
+from ftkit.run.start import (
+    Start,
+    copy_adapter,
+    plan_start,
+    print_parameter_groups,
+    reset_logs,
+    save_adapter,
+    stderr_note,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +86,24 @@ def init_adapter(recipe: Recipe) -> Path | None:
     if not init_dir.is_dir():
         raise FtkitError(f"{where}: no such run directory (run `ftkit train` first)")
     if _is_full_parameter_run(init_dir):
-        raise FtkitError(f"{where}: a full-parameter run (train.trainable: full); ftkit rl continues a LoRA adapter "
-                         f"only. To RL that model, make it the base: model.base={init_dir} with rl.init_from: null "
-                         "(a fresh adapter on it; recipes/quickstart_rl.yaml does this)")
+        raise FtkitError(
+            f"{where}: a full-parameter run (train.trainable: full); ftkit rl continues a LoRA adapter "
+            f"only. To RL that model, make it the base: model.base={init_dir} with rl.init_from: null "
+            "(a fresh adapter on it; recipes/quickstart_rl.yaml does this)"
+        )
     try:
         rundir.require_run_dir(init_dir)
         source = rundir.load_run_recipe(init_dir)
         if not (init_dir / rundir.SUMMARY).is_file() and not (init_dir / rundir.ADAPTER_CONFIG).exists():
-            raise FtkitError(f"{init_dir}: the run has no final adapter (unfinished? `ftkit train RECIPE --resume` "
-                             "finishes it)")
+            raise FtkitError(
+                f"{init_dir}: the run has no final adapter (unfinished? `ftkit train RECIPE --resume` finishes it)"
+            )
         damage = rundir.final_adapter_problem(init_dir)
         if damage:
-            raise FtkitError(f"{init_dir}/{damage}; it is the adapter RL would continue: `ftkit train RECIPE --resume` "
-                             "on that run writes it again from its last checkpoint")
+            raise FtkitError(
+                f"{init_dir}/{damage}; it is the adapter RL would continue: `ftkit train RECIPE --resume` "
+                "on that run writes it again from its last checkpoint"
+            )
         rundir.check_run_inputs(init_dir, source)
     except FtkitError as e:
         raise FtkitError(f"{where}: {e}") from None
@@ -127,8 +137,10 @@ def check_reference(run_dir: Path) -> None:
         path = run_dir / REFERENCE_DIR / name
         what = filecheck.problem(path)
         if what:
-            raise FtkitError(f"{path}: {what}; it is the copy of rl.init_from's adapter this run started from (the KL "
-                             f"reference): copy {name} back from the init_from run, or start a new run")
+            raise FtkitError(
+                f"{path}: {what}; it is the copy of rl.init_from's adapter this run started from (the KL "
+                f"reference): copy {name} back from the init_from run, or start a new run"
+            )
 
 
 def one_canvas_layouts(task, tokenizer, examples, canvas_length: int, max_prompt_length: int):
@@ -143,8 +155,9 @@ def one_canvas_layouts(task, tokenizer, examples, canvas_length: int, max_prompt
     kept, layouts, skipped, long_answers = [], [], [], []
     for ex in examples:
         try:
-            lay = layout_example(tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length, ex.id,
-                                 max_blocks)
+            lay = layout_example(
+                tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length, ex.id, max_blocks
+            )
         except FtkitError as e:
             if not getattr(task, "skip_bad_rows", False):
                 raise
@@ -161,10 +174,15 @@ def one_canvas_layouts(task, tokenizer, examples, canvas_length: int, max_prompt
             f"task {task.name}: {len(long_answers)} of {len(examples)} training answers are longer than one canvas "
             f"(first: example {first}, {tokens} tokens with its end-of-turn token; canvas_length={canvas_length}); "
             "ftkit rl samples and scores one canvas per answer and does not support multi-block answers: use data "
-            "whose answers fit one canvas")
+            "whose answers fit one canvas"
+        )
     if skipped:
-        log.warning("rl: skipped %d of %d training example(s) that do not fit the model (first: %s)", len(skipped),
-                    len(examples), skipped[0])
+        log.warning(
+            "rl: skipped %d of %d training example(s) that do not fit the model (first: %s)",
+            len(skipped),
+            len(examples),
+            skipped[0],
+        )
     if not kept:
         raise FtkitError(f"task {task.name}: no training example fits the model (see the warning above)")
     return kept, layouts
@@ -189,8 +207,16 @@ def _copy_reference(init_dir: Path, run_dir: Path) -> None:
 def _evaluate(model, tokenizer, task, examples, recipe: Recipe, canvas_length: int) -> dict[str, Any]:
     from ftkit.evaluation.evaluate import evaluate_examples
 
-    report = evaluate_examples(model, tokenizer, task, examples, recipe.eval, canvas_length,
-                               recipe.train.max_prompt_length, recipe.eval.verifier_renoise)
+    report = evaluate_examples(
+        model,
+        tokenizer,
+        task,
+        examples,
+        recipe.eval,
+        canvas_length,
+        recipe.train.max_prompt_length,
+        recipe.eval.verifier_renoise,
+    )
     return report.to_dict()
 
 
@@ -212,8 +238,9 @@ def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_a
         model.enable_input_require_grads()
     set_seed(recipe.train.seed)  # PEFT draws a fresh lora_A from the global RNG
     if from_adapter:
-        model = rundir.load_adapter(model, run_dir / REFERENCE_DIR, trainable=True,
-                                    shared_stacks=recipe.lora.shared_stacks)
+        model = rundir.load_adapter(
+            model, run_dir / REFERENCE_DIR, trainable=True, shared_stacks=recipe.lora.shared_stacks
+        )
     else:
         model = attach_lora(model, recipe.lora)
     if recipe.quant.mode == "none":  # a quantized base is already on its GPU (and cannot be moved)
@@ -221,7 +248,9 @@ def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_a
     return model, ReferencePolicy(model, frozen_adapter=from_adapter)
 
 
-def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
+def rl(
+    recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None
+) -> dict[str, Any]:
     """Run (or resume) `ftkit rl`; the run directory behaves as `ftkit train`'s (ftkit.run.start: one writer, resume
     from the newest intact checkpoint, a complete run left as it is, an attempt that saved nothing started over)."""
     from accelerate import PartialState
@@ -244,16 +273,17 @@ def rl(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callba
         lock.release()
 
 
-def _rl(recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bool,
-        extra_callbacks: list | None) -> dict[str, Any]:
+def _rl(
+    recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bool, extra_callbacks: list | None
+) -> dict[str, Any]:
     from ftkit.model.load import load_tokenizer, parameter_groups
-    from ftkit.run.plots import plot_reward_curve
     from ftkit.rl.rollout import Rollout
     from ftkit.rl.trainer import RLTrainer, StepItems, collate_items
-    from ftkit.tasks import make_task
+    from ftkit.run.plots import plot_reward_curve
     from ftkit.run.threads import apply_threads
     from ftkit.sft.run import training_arguments
     from ftkit.sft.trainer import JsonlLogCallback, LogLineCallback
+    from ftkit.tasks import make_task
 
     threads = apply_threads(recipe.train.cpu_threads)  # before any work: the load average must not count ours
     stderr_note(threads.describe())
@@ -269,10 +299,14 @@ def _rl(recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bo
         if canvas_length is None:
             from transformers import AutoConfig
 
-            canvas_length = int(AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision).canvas_length)
+            canvas_length = int(
+                AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision).canvas_length
+            )
         examples = task.build_dataset("train", recipe.task.train_size, recipe.task.seed, recipe.task.data_path)
         if not examples:
-            raise FtkitError(f"{recipe.task.data_path or f'the {recipe.task.name} builder'}: the train dataset is empty")
+            raise FtkitError(
+                f"{recipe.task.data_path or f'the {recipe.task.name} builder'}: the train dataset is empty"
+            )
         examples, layouts = one_canvas_layouts(task, tokenizer, examples, canvas_length, recipe.train.max_prompt_length)
         held_out = []
         if recipe.rl.evaluate:
@@ -293,8 +327,9 @@ def _rl(recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bo
         reset_logs(run_dir, start.step)
         if recipe.rl.evaluate and filecheck.problem(run_dir / EVAL_BEFORE) is not None:
             # The starting policy (the checkpoint is loaded later, by the Trainer): the same on every attempt.
-            rundir.atomic_write_json(run_dir / EVAL_BEFORE,
-                                     _evaluate(model, tokenizer, task, held_out, recipe, canvas_length))
+            rundir.atomic_write_json(
+                run_dir / EVAL_BEFORE, _evaluate(model, tokenizer, task, held_out, recipe, canvas_length)
+            )
 
         callbacks = [JsonlLogCallback(run_dir / rundir.TRAIN_LOG), *(extra_callbacks or [])]
         if progress:
@@ -365,16 +400,26 @@ def _comparison(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], r
         "before": before["metrics"],
         "after": after["metrics"],
         "delta": {k: after["metrics"][k] - before["metrics"][k] for k in metrics},
-        "sampling": {stage: {k: report[k] for k in ("mean_steps_used", "forward_passes", "seconds")}
-                     for stage, report in (("before", before), ("after", after))},
+        "sampling": {
+            stage: {k: report[k] for k in ("mean_steps_used", "forward_passes", "seconds")}
+            for stage, report in (("before", before), ("after", after))
+        },
         # What "after" evaluated: `ftkit push` cites these numbers only for the adapter the run still holds.
         "adapter_sha256": file_sha256(run_dir / rundir.ADAPTER_WEIGHTS),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
-def _summary(recipe: Recipe, rows, totals: dict[str, Any], elapsed: float, cpu_seconds: float, resumed_step: int,
-             comparison: dict[str, Any] | None, trainable: int) -> dict[str, Any]:
+def _summary(
+    recipe: Recipe,
+    rows,
+    totals: dict[str, Any],
+    elapsed: float,
+    cpu_seconds: float,
+    resumed_step: int,
+    comparison: dict[str, Any] | None,
+    trainable: int,
+) -> dict[str, Any]:
     from ftkit.run.threads import machine_description
 
     logged = [r for r in rows if "reward" in r]

@@ -58,8 +58,17 @@ class Buffered:
 
 
 class RLTrainer(DiffusionTrainer):
-    def __init__(self, *args, rollout: Rollout, rl: RLSection, reference: ReferencePolicy, micro_batch: int,
-                 pad_id: int, diffusion: DiffusionSection, **kwargs):
+    def __init__(
+        self,
+        *args,
+        rollout: Rollout,
+        rl: RLSection,
+        reference: ReferencePolicy,
+        micro_batch: int,
+        pad_id: int,
+        diffusion: DiffusionSection,
+        **kwargs,
+    ):
         super().__init__(*args, diffusion=diffusion, noise_log=None, **kwargs)
         self.rollout = rollout
         self.rl = rl
@@ -68,8 +77,15 @@ class RLTrainer(DiffusionTrainer):
         self.pad_id = pad_id
         self._buffer: Buffered | None = None
         self._metric_sums: dict[str, tuple[float, int]] = {}
-        self.totals = {"rounds": 0, "samples": 0, "sampler_decoder_calls": 0, "likelihood_forwards": 0,
-                       "likelihood_backwards": 0, "sampling_seconds": 0.0, "likelihood_seconds": 0.0}
+        self.totals = {
+            "rounds": 0,
+            "samples": 0,
+            "sampler_decoder_calls": 0,
+            "likelihood_forwards": 0,
+            "likelihood_backwards": 0,
+            "sampling_seconds": 0.0,
+            "likelihood_seconds": 0.0,
+        }
 
     # -- the round buffer
     def _micro_batches(self, indices: list[int]) -> list[list[int]]:
@@ -81,8 +97,9 @@ class RLTrainer(DiffusionTrainer):
         return batch, round_.chosen[indices].to(device)  # a sample is one block
 
     def _seeds(self, round_index: int, iteration: int, micro: int) -> list[int]:
-        return [derived_seed(self.args.seed, "elbo", round_index, iteration, micro, m)
-                for m in range(self.rl.elbo_samples)]
+        return [
+            derived_seed(self.args.seed, "elbo", round_index, iteration, micro, m) for m in range(self.rl.elbo_samples)
+        ]
 
     @property
     def token_credit(self) -> bool:
@@ -162,8 +179,9 @@ class RLTrainer(DiffusionTrainer):
             self.accelerator.backward(loss)
             total += loss.detach()
             elbo = masked_mean(new.detach(), chosen) if self.token_credit else new.detach()
-            sums += torch.stack([terms.kl.detach().sum(), terms.clipped.detach().float().sum(),
-                                 terms.ratio.detach().sum(), elbo.sum()]).double()
+            sums += torch.stack(
+                [terms.kl.detach().sum(), terms.clipped.detach().float().sum(), terms.ratio.detach().sum(), elbo.sum()]
+            ).double()
             self.totals["likelihood_forwards"] += len(indices) * self.rl.elbo_samples
             self.totals["likelihood_backwards"] += len(indices) * self.rl.elbo_samples
         self.totals["likelihood_seconds"] += time.perf_counter() - started

@@ -29,8 +29,11 @@ def safetensors_problem(path: Path) -> str | None:
             return "not a safetensors file (unreadable header)"
     if not isinstance(header, dict):
         return "not a safetensors file (unreadable header)"
-    ends = [int(v["data_offsets"][1]) for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    ends = [
+        int(v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
     expected = 8 + header_len + max(ends, default=0)
     if size != expected:
         return f"truncated ({size} of {expected} bytes)" if size < expected else f"{size - expected} bytes too long"

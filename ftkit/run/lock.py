@@ -57,8 +57,10 @@ def _pid_alive(pid: int) -> bool:
 def describe(holder: dict[str, Any]) -> str:
     procs = holder.get("processes", 1)
     launch = f", {procs} processes" if procs and procs > 1 else ""
-    return (f"pid {holder.get('pid')} on {holder.get('host')}{launch}: `{holder.get('command')}` "
-            f"(started {holder.get('started')})")
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')}{launch}: `{holder.get('command')}` "
+        f"(started {holder.get('started')})"
+    )
 
 
 def command_line() -> str:
@@ -85,34 +87,49 @@ class RunLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise FtkitError(f"{self.run_dir}: cannot {self.purpose} here: {e.strerror} (ftkit needs to write into "
-                             "a run directory it uses; copy the run somewhere writable)") from None
+            raise FtkitError(
+                f"{self.run_dir}: cannot {self.purpose} here: {e.strerror} (ftkit needs to write into "
+                "a run directory it uses; copy the run somewhere writable)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = self._read(fd, retries=20)
             os.close(fd)
             who = describe(holder) if holder else "another process (its details are still being written)"
-            raise RunLocked(f"{self.run_dir}: in use by {who}; wait for it to finish or stop it "
-                            f"(a lock left by a dead process is taken over automatically)") from None
+            raise RunLocked(
+                f"{self.run_dir}: in use by {who}; wait for it to finish or stop it "
+                f"(a lock left by a dead process is taken over automatically)"
+            ) from None
         previous = self._read(fd)
         if previous and self._still_running(previous):
             # flock granted while the recorded holder runs on this host: this filesystem does not enforce flock
             # (e.g. NFS mounted with local_lock=all). Refuse rather than write beside it.
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            raise RunLocked(f"{self.run_dir}: in use by {describe(previous)} (this filesystem does not enforce "
-                            "locks, so ftkit cannot tell more); wait for it to finish or stop it")
+            raise RunLocked(
+                f"{self.run_dir}: in use by {describe(previous)} (this filesystem does not enforce "
+                "locks, so ftkit cannot tell more); wait for it to finish or stop it"
+            )
         self._fd = fd
         if previous:
             self.taken_over = previous
-            print(f"note: {self.run_dir}: taking over the lock of {describe(previous)}, which is no longer running",
-                  file=sys.stderr, flush=True)
-        self._write({
-            "pid": os.getpid(), "host": socket.gethostname(), "command": command_line(), "purpose": self.purpose,
-            "processes": self.processes, "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "process_start": _process_start(os.getpid()),
-        })
+            print(
+                f"note: {self.run_dir}: taking over the lock of {describe(previous)}, which is no longer running",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._write(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": command_line(),
+                "purpose": self.purpose,
+                "processes": self.processes,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                "process_start": _process_start(os.getpid()),
+            }
+        )
         return self
 
     def release(self) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftkit.run import filecheck
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 # Checked structurally when a checkpoint has no manifest (one written before manifests existed).
@@ -59,7 +60,7 @@ def verify(folder: Path, only: tuple[str, ...] | None = None) -> Damage | None:
         files = json.loads(path.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return Damage(MANIFEST, "unreadable")
-    for name in (only or files):
+    for name in only or files:
         entry = files.get(name)
         if entry is None:
             return Damage(name, "not in the manifest")

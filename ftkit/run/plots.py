@@ -100,7 +100,9 @@ def plot_noise_vs_loss(rows: list[dict[str, Any]], path: Path, bins: int = 10) -
         xs = [(b + 0.5) / bins for b in range(bins) if counts[b]]
         ys = [sums[b] / counts[b] for b in range(bins) if counts[b]]
         ax.plot(xs, ys, marker="o", label=label)
-    _finish(fig, ax, path, "noise level t (fraction of canvas corrupted)", "canvas cross-entropy", "loss vs noise level")
+    _finish(
+        fig, ax, path, "noise level t (fraction of canvas corrupted)", "canvas cross-entropy", "loss vs noise level"
+    )
     return True
 
 
@@ -118,26 +120,36 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=label, marker=marker)
     if any("kl" in r for r in rows):
         kl_ax = ax.twinx()
-        kl_ax.plot(steps, [r.get("kl", float("nan")) for r in rows], color="gray", linestyle="--", label="KL to reference")
+        kl_ax.plot(
+            steps, [r.get("kl", float("nan")) for r in rows], color="gray", linestyle="--", label="KL to reference"
+        )
         kl_ax.set_ylabel("KL (k2, per token)")
         kl_ax.legend(loc="lower right", fontsize="small")
     _finish(fig, ax, path, "optimizer step", "mean over the round's samples", "ftkit rl: verifier reward")
     return True
 
 
-def plot_learning_curve(points: list[dict[str, Any]], path: Path, metrics: list[str],
-                        chance: dict[str, float | None] | None = None) -> Path:
+def plot_learning_curve(
+    points: list[dict[str, Any]], path: Path, metrics: list[str], chance: dict[str, float | None] | None = None
+) -> Path:
     """Metrics against optimizer steps (left) and training seconds (right), a dashed line at each known chance
     level. `points`: [{"step", "seconds", "metrics": {name: value}}, ...] (bench/learning_curve.py)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), sharey=True)
     timed = [p for p in points if p.get("seconds") is not None]
-    for ax, key, pts, xlabel in ((axes[0], "step", points, "optimizer step"),
-                                 (axes[1], "seconds", timed, "training seconds")):
+    for ax, key, pts, xlabel in (
+        (axes[0], "step", points, "optimizer step"),
+        (axes[1], "seconds", timed, "training seconds"),
+    ):
         for i, name in enumerate(metrics):
             color = f"C{i}"
-            ax.plot([p[key] for p in pts], [p["metrics"].get(name, float("nan")) for p in pts], marker="o",
-                    color=color, label=name)
+            ax.plot(
+                [p[key] for p in pts],
+                [p["metrics"].get(name, float("nan")) for p in pts],
+                marker="o",
+                color=color,
+                label=name,
+            )
             level = (chance or {}).get(name)
             if level is not None:
                 ax.axhline(level, color=color, linestyle="--", linewidth=0.8, alpha=0.7)

@@ -1,21 +1,21 @@
 """A run directory: what `ftkit train` writes and what `eval`, `generate` and `push` read.
 
-    runs/NAME/
-      recipe.yaml                     the resolved recipe (overrides applied)
-      adapter_config.json             the final PEFT adapter (standard format)
-      adapter_model.safetensors
-      config.json, model.safetensors  instead of the adapter with train.trainable=full: the full model
-      tokenizer*.json                 the tokenizer used
-      base/                           presets (tiny, small) only: the random-init base weights
-      checkpoints/checkpoint-N/       Trainer checkpoints (adapter, optimizer, RNG, state, manifest.json), written
-                                      atomically
-      checkpoints/damaged-checkpoint-N/  a checkpoint `--resume` found damaged, moved aside (never deleted)
-      .ftkit.lock                     the one-writer lock (ftkit.run.lock)
-      train_log.jsonl                 one JSON object per logging step
-      noise_loss.jsonl                (noise level t, canvas loss) per training example
-      loss.png, noise_loss.png        plots
-      versions.json, summary.json     library versions; loss before/after, speed, parameter counts
-      eval.json                       written by `ftkit eval`
+runs/NAME/
+  recipe.yaml                     the resolved recipe (overrides applied)
+  adapter_config.json             the final PEFT adapter (standard format)
+  adapter_model.safetensors
+  config.json, model.safetensors  instead of the adapter with train.trainable=full: the full model
+  tokenizer*.json                 the tokenizer used
+  base/                           presets (tiny, small) only: the random-init base weights
+  checkpoints/checkpoint-N/       Trainer checkpoints (adapter, optimizer, RNG, state, manifest.json), written
+                                  atomically
+  checkpoints/damaged-checkpoint-N/  a checkpoint `--resume` found damaged, moved aside (never deleted)
+  .ftkit.lock                     the one-writer lock (ftkit.run.lock)
+  train_log.jsonl                 one JSON object per logging step
+  noise_loss.jsonl                (noise level t, canvas loss) per training example
+  loss.png, noise_loss.png        plots
+  versions.json, summary.json     library versions; loss before/after, speed, parameter counts
+  eval.json                       written by `ftkit eval`
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ftkit.run import filecheck
-
-from ftkit.run import manifest
 from ftkit.errors import FtkitError
+from ftkit.run import filecheck, manifest
 
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,8 +44,13 @@ SUMMARY = "summary.json"
 VERSIONS = "versions.json"
 BASE_DIR = "base"
 TOKENIZER_REQUIRED = ("tokenizer_config.json", "tokenizer.json")
-TOKENIZER_OPTIONAL = ("special_tokens_map.json", "added_tokens.json", "tokenizer.model", "chat_template.jinja",
-                      "chat_template.json")
+TOKENIZER_OPTIONAL = (
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 # A full model (train.trainable: full), as save_pretrained writes it (one shard: full training is for small models).
 FULL_CONFIG = "config.json"
@@ -64,8 +68,11 @@ def saved_model_files(folder: Path, full: bool) -> list[str]:
     index), generation config and config."""
     if not full:
         return [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
-    weights = sorted(p.name for p in folder.glob("model*") if p.is_file()
-                     and p.name.endswith((".safetensors", ".safetensors.index.json")))
+    weights = sorted(
+        p.name
+        for p in folder.glob("model*")
+        if p.is_file() and p.name.endswith((".safetensors", ".safetensors.index.json"))
+    )
     return [*weights, *(n for n in ("generation_config.json", FULL_CONFIG) if (folder / n).is_file())]
 
 
@@ -95,8 +102,19 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' own pattern
 DAMAGED_PREFIX = "damaged-"
 # What `ftkit train` writes before it has anything worth keeping: an attempt that died before its first checkpoint
 # leaves only these, and the next attempt may clear them (ftkit.sft.run).
-ATTEMPT_FILES = (RECIPE_FILE, VERSIONS, TRAIN_LOG, NOISE_LOG, "loss.png", "noise_loss.png", ".staging-adapter",
-                 BASE_DIR, *TOKENIZER_REQUIRED, *TOKENIZER_OPTIONAL, f"{CHECKPOINTS}/.staging")
+ATTEMPT_FILES = (
+    RECIPE_FILE,
+    VERSIONS,
+    TRAIN_LOG,
+    NOISE_LOG,
+    "loss.png",
+    "noise_loss.png",
+    ".staging-adapter",
+    BASE_DIR,
+    *TOKENIZER_REQUIRED,
+    *TOKENIZER_OPTIONAL,
+    f"{CHECKPOINTS}/.staging",
+)
 
 
 def say(message: str) -> None:
@@ -147,7 +165,17 @@ def library_versions() -> dict[str, str]:
     import platform
 
     out = {"python": platform.python_version()}
-    for pkg in ("ftkit", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "tokenizers"):
+    for pkg in (
+        "ftkit",
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "accelerate",
+        "bitsandbytes",
+        "datasets",
+        "tokenizers",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -181,8 +209,11 @@ def require_directory(run_dir: str | Path) -> Path:
                 output_dir = (read_yaml(run_dir).get("train") or {}).get("output_dir")
             except (FtkitError, AttributeError):
                 output_dir = None
-            hint = (f": a recipe? Its run directory is {output_dir}, written by `ftkit train {run_dir}`" if output_dir
-                    else ": a recipe? Pass the run directory `ftkit train` writes (train.output_dir)")
+            hint = (
+                f": a recipe? Its run directory is {output_dir}, written by `ftkit train {run_dir}`"
+                if output_dir
+                else ": a recipe? Pass the run directory `ftkit train` writes (train.output_dir)"
+            )
         raise FtkitError(f"{run_dir}: a file, not a run directory{hint}")
     if not run_dir.is_dir():
         raise FtkitError(f"{run_dir}: no such run directory")
@@ -321,8 +352,10 @@ def adapter_location(run_dir: Path, checkpoint: str | None = None, full: bool = 
         if any((run_dir / n).exists() for n in (*weight_files(full), SUMMARY)):
             what = final_adapter_problem(run_dir, full)
             if what:
-                raise FtkitError(f"{run_dir}/{what}; evaluate a checkpoint instead (--checkpoint latest), or run "
-                                 f"`ftkit train RECIPE --resume` to write the final {'model' if full else 'adapter'} again from the last one")
+                raise FtkitError(
+                    f"{run_dir}/{what}; evaluate a checkpoint instead (--checkpoint latest), or run "
+                    f"`ftkit train RECIPE --resume` to write the final {'model' if full else 'adapter'} again from the last one"
+                )
             return run_dir
         last = latest_checkpoint(run_dir)
         if last is None:
@@ -370,16 +403,20 @@ def check_run_inputs(run_dir: Path, recipe) -> None:
     for name in (*TOKENIZER_REQUIRED, *(n for n in TOKENIZER_OPTIONAL if (run_dir / n).exists())):
         what = filecheck.problem(run_dir / name)
         if what:
-            raise FtkitError(f"{run_dir / name}: {what}; it is the run's copy of the base model's tokenizer: restore "
-                             "it from the base model (or a copy of the run)")
+            raise FtkitError(
+                f"{run_dir / name}: {what}; it is the run's copy of the base model's tokenizer: restore "
+                "it from the base model (or a copy of the run)"
+            )
     if recipe.is_tiny:
         base = run_dir / BASE_DIR
         weights = sorted(base.glob("*.safetensors")) or [base / "model.safetensors"]
         for path in (base / "config.json", *weights):
             what = filecheck.problem(path)
             if what:
-                raise FtkitError(f"{path}: {what}; these are the random-init base weights the adapter was trained "
-                                 "on: restore them from a copy of the run (`ftkit push` uploads them), or train again")
+                raise FtkitError(
+                    f"{path}: {what}; these are the random-init base weights the adapter was trained "
+                    "on: restore them from a copy of the run (`ftkit push` uploads them), or train again"
+                )
 
 
 def load_run_tokenizer(run_dir: Path):
@@ -389,11 +426,15 @@ def load_run_tokenizer(run_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(str(run_dir), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise FtkitError(f"{run_dir}: cannot load the run's tokenizer ({e.__class__.__name__}: "
-                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+        raise FtkitError(
+            f"{run_dir}: cannot load the run's tokenizer ({e.__class__.__name__}: "
+            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
+        ) from None
 
 
-def load_run(run_dir: str | Path, adapter: bool = True, checkpoint: str | None = None, device: str | None = None) -> LoadedRun:
+def load_run(
+    run_dir: str | Path, adapter: bool = True, checkpoint: str | None = None, device: str | None = None
+) -> LoadedRun:
     """Recipe, tokenizer, base model (+ the run's LoRA adapter unless `adapter=False`), task instance. A full run
     (train.trainable: full) loads its trained full model instead (`adapter_dir` is then where it came from);
     `adapter=False` gives its untrained base. Every run file is checked before it is read: a damaged or missing

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftkit.run import rundir
 from ftkit.errors import FtkitError
+from ftkit.run import rundir
 from ftkit.run.lock import RunLock
 
 # What a resumed run must share with the run it continues: the adapter continues on the same base.
@@ -34,8 +34,14 @@ class Start:
     complete_summary: dict[str, Any] | None = None  # the run had finished: its summary, nothing to do at all
 
 
-def plan_start(lock: RunLock, run_dir: Path, recipe, resume: bool, same_sections: tuple[str, ...] = SAME_ON_RESUME,
-               attempt_files: tuple[str, ...] = ()) -> Start:
+def plan_start(
+    lock: RunLock,
+    run_dir: Path,
+    recipe,
+    resume: bool,
+    same_sections: tuple[str, ...] = SAME_ON_RESUME,
+    attempt_files: tuple[str, ...] = (),
+) -> Start:
     """Take the lock, then decide from what the run directory holds: a fresh start (clearing what an attempt that
     saved nothing left: train's files plus `attempt_files`), a resume from the newest intact checkpoint, or nothing
     to do. Nothing is replaced that a user might want to keep (checkpoints, the final adapter, summary,
@@ -43,18 +49,24 @@ def plan_start(lock: RunLock, run_dir: Path, recipe, resume: bool, same_sections
     named in `same_sections`."""
     foreign = rundir.foreign_entries(run_dir)
     if foreign:
-        raise FtkitError(f"{run_dir}: exists and is not an ftkit run directory (it holds {', '.join(foreign[:3])}"
-                         f"{', ...' if len(foreign) > 3 else ''}); choose another train.output_dir (a new or empty one)")
+        raise FtkitError(
+            f"{run_dir}: exists and is not an ftkit run directory (it holds {', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); choose another train.output_dir (a new or empty one)"
+        )
     lock.acquire()
     ckpt = rundir.newest_intact_checkpoint(run_dir) if resume else None
     if ckpt is None:
         kept = rundir.kept_results(run_dir)
         if kept and not resume:
-            raise FtkitError(f"{run_dir}: already holds a run ({', '.join(kept[:3])}); pass --resume to continue it "
-                             "or choose another train.output_dir")
+            raise FtkitError(
+                f"{run_dir}: already holds a run ({', '.join(kept[:3])}); pass --resume to continue it "
+                "or choose another train.output_dir"
+            )
         if kept:
-            raise FtkitError(f"{run_dir}: --resume: no intact checkpoint to continue from, and the run holds results "
-                             f"a new run would replace ({', '.join(kept[:3])}); choose another train.output_dir")
+            raise FtkitError(
+                f"{run_dir}: --resume: no intact checkpoint to continue from, and the run holds results "
+                f"a new run would replace ({', '.join(kept[:3])}); choose another train.output_dir"
+            )
         if rundir.clear_attempt(run_dir, also=attempt_files):
             rundir.say(f"{run_dir}: an earlier attempt saved no checkpoint; starting over")
         elif resume:
@@ -67,20 +79,24 @@ def plan_start(lock: RunLock, run_dir: Path, recipe, resume: bool, same_sections
         if previous.train.trainable != recipe.train.trainable:  # an adapter cannot continue a full model, or back
             changed.append(f"train.trainable ({previous.train.trainable} -> {recipe.train.trainable})")
         if changed:
-            raise FtkitError(f"{run_dir}: --resume with other settings than the run was started with: "
-                             f"{', '.join(changed)}; these must stay as they were (the checkpoint continues them)")
+            raise FtkitError(
+                f"{run_dir}: --resume with other settings than the run was started with: "
+                f"{', '.join(changed)}; these must stay as they were (the checkpoint continues them)"
+            )
     rundir.check_run_inputs(run_dir, recipe)
     step, max_steps = rundir.checkpoint_step(ckpt), recipe.train.max_steps
     if step > max_steps:
-        raise FtkitError(f"{ckpt}: step {step} is past train.max_steps={max_steps}; raise train.max_steps to "
-                         "continue the run")
+        raise FtkitError(
+            f"{ckpt}: step {step} is past train.max_steps={max_steps}; raise train.max_steps to continue the run"
+        )
     if step == max_steps:
         summary = run_dir / rundir.SUMMARY
         if summary.is_file() and rundir.final_adapter_problem(run_dir, recipe.is_full) is None:
             rundir.say(f"{run_dir}: the run is complete (step {step} of {max_steps}); nothing to resume")
             return Start(str(ckpt), step, done=True, complete_summary=json.loads(summary.read_text()))
-        rundir.say(f"resuming from {ckpt.name}: training is done; writing the final "
-                   f"{'model' if recipe.is_full else 'adapter'}")
+        rundir.say(
+            f"resuming from {ckpt.name}: training is done; writing the final {'model' if recipe.is_full else 'adapter'}"
+        )
         return Start(str(ckpt), step, done=True)
     rundir.say(f"resuming from {ckpt.name} (step {step} of {max_steps})")
     return Start(str(ckpt), step)
@@ -92,8 +108,9 @@ def changed_keys(prefix: str, old: Any, new: Any) -> list[str]:
 
     old, new = (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in (old, new))
     if isinstance(old, dict) and isinstance(new, dict):
-        return [key for k in dict.fromkeys([*old, *new])
-                for key in changed_keys(f"{prefix}.{k}", old.get(k), new.get(k))]
+        return [
+            key for k in dict.fromkeys([*old, *new]) for key in changed_keys(f"{prefix}.{k}", old.get(k), new.get(k))
+        ]
     return [] if old == new else [f"{prefix} ({old!r} -> {new!r})"]
 
 
@@ -120,8 +137,10 @@ def print_parameter_groups(groups) -> None:
 def reset_logs(run_dir: Path, resumed_step: int) -> None:
     """A fresh run starts with empty logs; a resumed one keeps what was logged up to its checkpoint. A log row's
     step counts finished optimizer steps; a noise row's step is the one being computed (one less)."""
-    for name, keep in ((rundir.TRAIN_LOG, lambda step: step <= resumed_step),
-                       (rundir.NOISE_LOG, lambda step: step < resumed_step)):
+    for name, keep in (
+        (rundir.TRAIN_LOG, lambda step: step <= resumed_step),
+        (rundir.NOISE_LOG, lambda step: step < resumed_step),
+    ):
         path = run_dir / name
         if resumed_step == 0:
             path.unlink(missing_ok=True)

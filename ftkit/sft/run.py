@@ -13,15 +13,22 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from ftkit.run import rundir
-from ftkit.model.compat import checkpointing_arguments
-from ftkit.errors import FtkitError
 from ftkit.diffusion.token_layout import Layout, collate
+from ftkit.errors import FtkitError
+from ftkit.model.compat import checkpointing_arguments
 from ftkit.recipe.schema import Recipe
-from ftkit.run.threads import machine_description
+from ftkit.run import rundir
 from ftkit.run.lock import RunLock
-from ftkit.run.start import (Start, copy_adapter, plan_start, print_parameter_groups, reset_logs, save_adapter,
-                            stderr_note)
+from ftkit.run.start import (
+    Start,
+    copy_adapter,
+    plan_start,
+    print_parameter_groups,
+    reset_logs,
+    save_adapter,
+    stderr_note,
+)
+from ftkit.run.threads import machine_description
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,9 @@ def _training_arguments(TrainingArguments, recipe: Recipe, run_dir: Path, t, cud
         use_cpu=not cuda,
         # Decoder layers (transformers' GradientCheckpointingLayer); the encoder's are ftkit.model.checkpointing's, in
         # train(). Non-reentrant: reentrant checkpointing would replay the encoder's cache writes.
-        **checkpointing_arguments(t.gradient_checkpointing, {"use_reentrant": False} if t.gradient_checkpointing else None),
+        **checkpointing_arguments(
+            t.gradient_checkpointing, {"use_reentrant": False} if t.gradient_checkpointing else None
+        ),
         remove_unused_columns=False,
         # A safety margin, not a need today: every LoRA tensor is reached each step (an expert's LoRA is a slice of
         # one tensor per layer, so experts no token was routed to still share a gradient tensor), but a LoRA target
@@ -97,7 +106,9 @@ def check_launch(recipe: Recipe) -> None:
         )
 
 
-def train(recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
+def train(
+    recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None
+) -> dict[str, Any]:
     check_launch(recipe)
     # Under `accelerate launch` every process runs this function; the main process holds the run's lock, decides
     # where to start, writes the run files and the tiny base; the others wait for it and read them.
@@ -159,17 +170,31 @@ def _teardown(dist: PartialState, trainer=None) -> None:
         dist.destroy_process_group()
 
 
-def _train(recipe: Recipe, dist: PartialState, run_dir: Path, start: Start, created: bool, progress: bool,
-           extra_callbacks: list | None) -> dict[str, Any]:
+def _train(
+    recipe: Recipe,
+    dist: PartialState,
+    run_dir: Path,
+    start: Start,
+    created: bool,
+    progress: bool,
+    extra_callbacks: list | None,
+) -> dict[str, Any]:
     from transformers import set_seed
 
-    from ftkit.model.load import (attach_lora, check_full_training, load_base, load_in_turns, load_tokenizer,
-                             make_fully_trainable, parameter_groups)
+    from ftkit.model.load import (
+        attach_lora,
+        check_full_training,
+        load_base,
+        load_in_turns,
+        load_tokenizer,
+        make_fully_trainable,
+        parameter_groups,
+    )
     from ftkit.run.plots import plot_loss_curve, plot_noise_vs_loss
-    from ftkit.tasks.data import build_training_data
-    from ftkit.tasks import make_task
     from ftkit.run.threads import apply_threads
     from ftkit.sft.trainer import DiffusionTrainer, JsonlLogCallback, LogLineCallback
+    from ftkit.tasks import make_task
+    from ftkit.tasks.data import build_training_data
 
     threads = apply_threads(recipe.train.cpu_threads)  # before any work: the load average must not count ours
     if dist.is_main_process:

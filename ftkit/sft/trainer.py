@@ -21,11 +21,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from ftkit.run import manifest
-from ftkit.model.compat import restore_indexed_cpu_locations
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.errors import FtkitError
+from ftkit.model.compat import restore_indexed_cpu_locations
 from ftkit.recipe.schema import DiffusionSection
+from ftkit.run import manifest
 from ftkit.run.rundir import replace_dir
 
 BATCH_KEYS = ("input_ids", "attention_mask", "prompt_len", "canvas", "fixed")
@@ -71,8 +71,12 @@ class DiffusionTrainer(Trainer):
     def _record(self, out) -> None:
         # Device tensors only: a float() or tolist() here would wait for the GPU at every micro-batch. They are read
         # back once per logging step, where the Trainer reads the loss too.
-        parts = torch.stack([torch.as_tensor(v).detach().float().to(out.diffusion.device)
-                             for v in (out.diffusion, out.encoder, out.t_mean, out.self_conditioned)])
+        parts = torch.stack(
+            [
+                torch.as_tensor(v).detach().float().to(out.diffusion.device)
+                for v in (out.diffusion, out.encoder, out.t_mean, out.self_conditioned)
+            ]
+        )
         self._sums = parts if self._sums is None else self._sums + parts
         self._count += 1
         if self.noise_log is not None and self.is_world_process_zero():
@@ -89,15 +93,22 @@ class DiffusionTrainer(Trainer):
         """The loss parts' means over every process's micro-batches since the last log, as the Trainer averages
         `loss` itself; under DDP each process saw its own batches, so rank 0's alone would not match the total."""
         sums = self._sums if self._sums is not None else torch.zeros(len(LOSS_PARTS))
-        local = torch.cat([sums.double().to(self.args.device),
-                           torch.tensor([self._count], dtype=torch.float64, device=self.args.device)])
+        local = torch.cat(
+            [
+                sums.double().to(self.args.device),
+                torch.tensor([self._count], dtype=torch.float64, device=self.args.device),
+            ]
+        )
         *totals, count = self.accelerator.reduce(local, reduction="sum").tolist()
         return {k: round(total / count, 6) for k, total in zip(LOSS_PARTS, totals)} if count else {}
 
     def _flush_noise_rows(self) -> None:
         if self._noise_rows and self.noise_log is not None:
-            lines = [json.dumps({"step": step, "t": round(t, 5), "loss": round(loss, 5)})
-                     for step, ts, losses in self._noise_rows for t, loss in zip(ts.tolist(), losses.tolist())]
+            lines = [
+                json.dumps({"step": step, "t": round(t, 5), "loss": round(loss, 5)})
+                for step, ts, losses in self._noise_rows
+                for t, loss in zip(ts.tolist(), losses.tolist())
+            ]
             with self.noise_log.open("a", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
             self._noise_rows = []
@@ -138,8 +149,10 @@ class DiffusionTrainer(Trainer):
             if self.args.should_save:
                 shutil.rmtree(staging_root, ignore_errors=True)
             if failure is None:
-                raise FtkitError(f"{root}: another process failed while writing {name}; the previous checkpoint is "
-                                 "intact — rerun with --resume")
+                raise FtkitError(
+                    f"{root}: another process failed while writing {name}; the previous checkpoint is "
+                    "intact — rerun with --resume"
+                )
             if isinstance(failure, OSError) and failure.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise FtkitError(
                     f"{root}: disk full while writing {name}; the previous checkpoint is intact — free some space "

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-
 # Free pieces of a user input (`example_from_input`) have no ground truth; the sampler ignores their tokens, only
 # their number matters. Digits are one token each in both the character tokenizer and Gemma's, so a run of "0"s has a
 # known length.

@@ -90,12 +90,15 @@ class ChatTask:
             raise FtkitError(f"chat: unknown split {split!r} (train, test or all)")
         source = data_path or o.dataset
         if not source:
-            raise FtkitError("chat: no data; set task.options.dataset (a data file or a Hub dataset id) or "
-                             "task.data_path")
+            raise FtkitError(
+                "chat: no data; set task.options.dataset (a data file or a Hub dataset id) or task.data_path"
+            )
         own_test_split = split == "test" and o.test_split is not None and not data_path
         if own_test_split and Path(source).is_file():
-            raise FtkitError(f"task.options.test_split={o.test_split!r}: {source} is a single file, i.e. one split; "
-                             "hold out rows with task.options.test_fraction instead (test_split: null)")
+            raise FtkitError(
+                f"task.options.test_split={o.test_split!r}: {source} is a single file, i.e. one split; "
+                "hold out rows with task.options.test_fraction instead (test_split: null)"
+            )
         table = load_table(source, o.config, o.test_split if own_test_split else o.train_split, o.revision)
         name = Path(source).name if Path(source).exists() else source
         examples, skipped = [], []
@@ -111,11 +114,17 @@ class ChatTask:
             # With a test split of its own, the train split is all training data; else rows are held out by hash.
             held_out = o.test_split is None and _hash_fraction(f"chat/{turns}/{answer}") < o.test_fraction
             if split == "all" or own_test_split or held_out == (split == "test"):
-                examples.append(Example(id=where, question={"messages": turns}, answer=answer,
-                                        meta={"source": name, "row": i + 1}))
+                examples.append(
+                    Example(id=where, question={"messages": turns}, answer=answer, meta={"source": name, "row": i + 1})
+                )
         if skipped:
-            log.warning("%s: skipped %d bad row(s) of %d (task.options.on_bad_row=skip); first: %s", name,
-                        len(skipped), len(table), skipped[0])
+            log.warning(
+                "%s: skipped %d bad row(s) of %d (task.options.on_bad_row=skip); first: %s",
+                name,
+                len(skipped),
+                len(table),
+                skipped[0],
+            )
         random.Random(f"chat/{split}/{seed}").shuffle(examples)
         return examples[:size]
 
@@ -140,19 +149,30 @@ class ChatTask:
                 raise BadRow(f"`{o.messages_column}` must be a non-empty list of {{role, content}} turns")
             pairs = []
             for k, turn in enumerate(messages, start=1):
-                if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
-                    raise BadRow(f"`{o.messages_column}` turn {k}: expected {{\"role\": one of {', '.join(ROLES)}, "
-                                 f"\"content\": a string}}, got {str(turn)[:80]}")
+                if (
+                    not isinstance(turn, dict)
+                    or turn.get("role") not in ROLES
+                    or not isinstance(turn.get("content"), str)
+                ):
+                    raise BadRow(
+                        f'`{o.messages_column}` turn {k}: expected {{"role": one of {", ".join(ROLES)}, '
+                        f'"content": a string}}, got {str(turn)[:80]}'
+                    )
                 pairs.append((turn["role"], turn["content"]))
             if pairs[-1][0] != "assistant":
-                raise BadRow(f"`{o.messages_column}`: the last turn must be the assistant's answer, got {pairs[-1][0]!r}")
+                raise BadRow(
+                    f"`{o.messages_column}`: the last turn must be the assistant's answer, got {pairs[-1][0]!r}"
+                )
             if not any(role == "user" for role, _ in pairs[:-1]):
                 raise BadRow(f"`{o.messages_column}`: no user turn before the answer")
             turns, answer = tuple(pairs[:-1]), pairs[-1][1]
         if not answer.strip():
             raise BadRow("the answer (completion) is empty")
-        if isinstance(self.checker, ExactChecker) and self.checker.pattern is not None \
-                and self.checker.extract(answer) is None:
+        if (
+            isinstance(self.checker, ExactChecker)
+            and self.checker.pattern is not None
+            and self.checker.extract(answer) is None
+        ):
             raise BadRow(f"the answer has no match of task.options.answer_regex={o.answer_regex!r}")
         return turns, answer
 
@@ -233,7 +253,9 @@ def _load_with_datasets(source: str, config: str | None, split: str, revision: s
     path = Path(source)
     hub_reason = None
     try:
-        if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        if path.is_dir() and any(
+            (path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")
+        ):
             loaded = datasets.load_from_disk(str(path))  # written by save_to_disk
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
@@ -243,8 +265,9 @@ def _load_with_datasets(source: str, config: str | None, split: str, revision: s
         if path.is_file():
             builder = LOCAL_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise FtkitError(f"{source}: unknown data file type {path.suffix!r} (expected "
-                                 f"{', '.join(sorted(LOCAL_BUILDERS))})")
+                raise FtkitError(
+                    f"{source}: unknown data file type {path.suffix!r} (expected {', '.join(sorted(LOCAL_BUILDERS))})"
+                )
             # A single file is all one split: read it whatever the recipe's split names are.
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
@@ -266,8 +289,10 @@ def _load_with_datasets(source: str, config: str | None, split: str, revision: s
             raise FtkitError(f"{source}: {_first_line(e)}") from None
         offline = datasets.config.HF_HUB_OFFLINE or "offline" in str(e).lower() or "connect" in str(e).lower()
         if not path.exists() and offline:
-            raise FtkitError(f"{source}: cannot load it from the Hugging Face Hub (offline or unreachable; a local "
-                             f"copy works: task.options.dataset=PATH): {_first_line(e)}") from None
+            raise FtkitError(
+                f"{source}: cannot load it from the Hugging Face Hub (offline or unreachable; a local "
+                f"copy works: task.options.dataset=PATH): {_first_line(e)}"
+            ) from None
         raise FtkitError(f"{source}: cannot load the dataset ({type(e).__name__}: {_first_line(_root(e))})") from None
 
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ftkit.errors import FtkitError
-from ftkit.tasks.jsonl import read_objects
 from ftkit.tasks.base import (
     PLACEHOLDER,
     Example,
@@ -44,6 +43,7 @@ from ftkit.tasks.base import (
     register,
     stratified_means,
 )
+from ftkit.tasks.jsonl import read_objects
 
 HOLE = "<HOLE>"
 HOLE_MARK = re.compile(r"<HOLE(?::(\d+))?>")  # in `ftkit generate` input: where the middle goes, N tokens long
@@ -118,8 +118,12 @@ def _body_start(function_source: str) -> int | None:
     None for a one-liner whose body shares the `def` line."""
     node = ast.parse(function_source).body[0]
     body = node.body
-    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-            and isinstance(body[0].value.value, str):
+    if (
+        len(body) > 1
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         body = body[1:]
     if node.body[0].lineno == node.lineno:  # since 3.8 `lineno` is the `def` line, decorators aside
         return None
@@ -205,19 +209,33 @@ class CodeInfillTask:
             pool = self._stdlib_examples(split)
         random.Random(f"code_infill/{split}/{seed}").shuffle(pool)
         if not pool and size:
-            raise FtkitError(f"code_infill: no {split} examples fit max_canvas_chars={self.options.max_canvas_chars}"
-                             f"{' in ' + data_path if data_path else ''}")
+            raise FtkitError(
+                f"code_infill: no {split} examples fit max_canvas_chars={self.options.max_canvas_chars}"
+                f"{' in ' + data_path if data_path else ''}"
+            )
         return pool[:size]  # all of them if fewer than `size`
 
-    def _example(self, id_: str, origin: str, prefix: str, middle: str, suffix: str, head: str = "",
-                 test: str | None = None, entry_point: str | None = None) -> Example:
+    def _example(
+        self,
+        id_: str,
+        origin: str,
+        prefix: str,
+        middle: str,
+        suffix: str,
+        head: str = "",
+        test: str | None = None,
+        entry_point: str | None = None,
+    ) -> Example:
         n_lines = middle.count("\n") + (not middle.endswith("\n"))
         return Example(
             id=id_,
             question={"head": head, "prefix": prefix, "suffix": suffix, "test": test, "entry_point": entry_point},
             answer=prefix + middle + suffix,
-            meta={"origin": origin, "middle_lines": n_lines, "lines_bin": "lines_1" if n_lines == 1 else
-                  "lines_2" if n_lines == 2 else "lines_3+"},
+            meta={
+                "origin": origin,
+                "middle_lines": n_lines,
+                "lines_bin": "lines_1" if n_lines == 1 else "lines_2" if n_lines == 2 else "lines_3+",
+            },
         )
 
     def _stdlib_examples(self, split: str) -> list[Example]:
@@ -247,29 +265,53 @@ class CodeInfillTask:
             body, head = problem["canonical_solution"], problem["prompt"]
             if len(body) > o.max_canvas_chars or not _fits_alphabet(body + head + problem["test"]):
                 continue
-            parts = split_middle(body.splitlines(keepends=True), 0, problem["task_id"], o.min_middle_lines,
-                                 o.max_middle_lines)
+            parts = split_middle(
+                body.splitlines(keepends=True), 0, problem["task_id"], o.min_middle_lines, o.max_middle_lines
+            )
             if parts:
-                out.append(self._example(problem["task_id"], "humaneval", *parts, head=head, test=problem["test"],
-                                         entry_point=problem["entry_point"]))
+                out.append(
+                    self._example(
+                        problem["task_id"],
+                        "humaneval",
+                        *parts,
+                        head=head,
+                        test=problem["test"],
+                        entry_point=problem["entry_point"],
+                    )
+                )
         return out
 
     def _user_examples(self, split: str, data_path: str) -> list[Example]:
         out = []
         for where, r in load_jsonl(data_path):
             id_ = r.get("id") or where
-            held_out = _hash_fraction(f"user/{id_}/{r['prefix']}{r['middle']}{r['suffix']}") < self.options.test_fraction
+            held_out = (
+                _hash_fraction(f"user/{id_}/{r['prefix']}{r['middle']}{r['suffix']}") < self.options.test_fraction
+            )
             if split != "all" and held_out != (split == "test"):
                 continue
-            out.append(self._example(id_, "user", r["prefix"], r["middle"], r["suffix"], head=r.get("head") or "",
-                                     test=r.get("test") or None, entry_point=r.get("entry_point") or None))
+            out.append(
+                self._example(
+                    id_,
+                    "user",
+                    r["prefix"],
+                    r["middle"],
+                    r["suffix"],
+                    head=r.get("head") or "",
+                    test=r.get("test") or None,
+                    entry_point=r.get("entry_point") or None,
+                )
+            )
         return out
 
     def to_prompt_canvas(self, example: Example) -> PromptCanvas:
         q = example.question
         middle = example.answer[len(q["prefix"]) : len(example.answer) - len(q["suffix"])]
-        prompt = ("Fill in the Python code at " + HOLE + ". Output the code from the line after the context.\n"
-                  if q["head"] else f"Fill in the Python code at {HOLE}; output the whole function.\n")
+        prompt = (
+            "Fill in the Python code at " + HOLE + ". Output the code from the line after the context.\n"
+            if q["head"]
+            else f"Fill in the Python code at {HOLE}; output the whole function.\n"
+        )
         prompt += q["head"] + q["prefix"] + HOLE + ("\n" if middle.endswith("\n") else "") + q["suffix"]
         pieces = [Piece(q["prefix"], True)] if q["prefix"] else []
         pieces.append(Piece(middle, False))
@@ -292,9 +334,12 @@ class CodeInfillTask:
         if whole_lines:
             suffix = suffix[1:]
         middle = PLACEHOLDER * (n - 1) + "\n" if whole_lines and n > 1 else PLACEHOLDER * n
-        return Example(id="input", question={"head": "", "prefix": prefix, "suffix": suffix, "test": None,
-                                             "entry_point": None},
-                       answer=prefix + middle + suffix, meta={"origin": "input"})
+        return Example(
+            id="input",
+            question={"head": "", "prefix": prefix, "suffix": suffix, "test": None, "entry_point": None},
+            answer=prefix + middle + suffix,
+            meta={"origin": "input"},
+        )
 
     # -- checking
     def check(self, example: Example, output: str) -> list[Violation]:
@@ -321,8 +366,15 @@ class CodeInfillTask:
         # canvas positions, right after the oracle-length middle.
         suffix_at = len(example.answer) - len(suffix)
         intact = output.endswith(suffix) and len(output) >= len(prefix) + len(suffix)
-        bad_suffix = () if intact else tuple(suffix_at + i for i, ch in enumerate(suffix)
-                                             if suffix_at + i >= len(output) or output[suffix_at + i] != ch)
+        bad_suffix = (
+            ()
+            if intact
+            else tuple(
+                suffix_at + i
+                for i, ch in enumerate(suffix)
+                if suffix_at + i >= len(output) or output[suffix_at + i] != ch
+            )
+        )
         if bad_suffix:
             out.append(Violation("suffix", f"{len(bad_suffix)} suffix character(s) changed or missing", bad_suffix))
         if intact and not bad_prefix and not output[len(prefix) : len(output) - len(suffix)].strip():
@@ -333,20 +385,31 @@ class CodeInfillTask:
         try:
             ast.parse(program)
         except (SyntaxError, ValueError) as e:
-            out.append(Violation("parse", f"does not parse: {getattr(e, 'msg', e)}",
-                                 self._line_positions(example, output, getattr(e, "lineno", None))))
+            out.append(
+                Violation(
+                    "parse",
+                    f"does not parse: {getattr(e, 'msg', e)}",
+                    self._line_positions(example, output, getattr(e, "lineno", None)),
+                )
+            )
             return out
         try:
             compile(program, "<infill>", "exec")  # catches what the parser lets through: `break` outside a loop...
         except (SyntaxError, ValueError) as e:
-            out.append(Violation("compile", f"does not compile: {getattr(e, 'msg', e)}",
-                                 self._line_positions(example, output, getattr(e, "lineno", None))))
+            out.append(
+                Violation(
+                    "compile",
+                    f"does not compile: {getattr(e, 'msg', e)}",
+                    self._line_positions(example, output, getattr(e, "lineno", None)),
+                )
+            )
             return out
         if q["test"] and q["entry_point"] and self.options.run_tests:
             from ftkit.tasks.sandbox import run_python
 
-            result = run_python(f"{program}\n\n{q['test']}\n\ncheck({q['entry_point']})\n",
-                                timeout_s=self.options.test_timeout_s)
+            result = run_python(
+                f"{program}\n\n{q['test']}\n\ncheck({q['entry_point']})\n", timeout_s=self.options.test_timeout_s
+            )
             if not result.ok:
                 reason = "timed out" if result.timed_out else (result.stderr.strip().splitlines() or ["failed"])[-1]
                 out.append(Violation("tests", f"tests fail: {reason[:200]}", self._middle_span(example, output)))
@@ -367,8 +430,12 @@ class CodeInfillTask:
         """`satisfied`: the fraction of the staged checks passed (context intact, something filled in, parses,
         compiles, and the tests pass where the example has tests); a stage after a failed one counts as failed."""
         violated = {v.constraint for v in self.check(example, output)}
-        stages = [not violated & {"prefix", "suffix"}, "empty" not in violated, not violated & {"empty", "parse"},
-                  not violated & {"empty", "parse", "compile"}]
+        stages = [
+            not violated & {"prefix", "suffix"},
+            "empty" not in violated,
+            not violated & {"empty", "parse"},
+            not violated & {"empty", "parse", "compile"},
+        ]
         if example.question["test"] and example.question["entry_point"] and self.options.run_tests:
             stages.append(not violated & {"empty", "parse", "compile", "tests"})
         return RewardParts(sum(stages) / len(stages), float(not violated))

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import FtkitError
 from ftkit.diffusion.token_layout import Layout, layout_example, task_max_blocks
+from ftkit.errors import FtkitError
 from ftkit.tasks.base import Example
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,21 @@ def _from_json(value: Any) -> Any:
 
 
 def example_to_row(example: Example) -> dict[str, str]:
-    return {"id": example.id, "question": json.dumps(_to_json(example.question)), "answer": example.answer,
-            "meta": json.dumps(_to_json(example.meta))}
+    return {
+        "id": example.id,
+        "question": json.dumps(_to_json(example.question)),
+        "answer": example.answer,
+        "meta": json.dumps(_to_json(example.meta)),
+    }
 
 
 def row_to_example(row: dict[str, str]) -> Example:
-    return Example(id=row["id"], question=_from_json(json.loads(row["question"])), answer=row["answer"],
-                   meta=_from_json(json.loads(row["meta"])))
+    return Example(
+        id=row["id"],
+        question=_from_json(json.loads(row["question"])),
+        answer=row["answer"],
+        meta=_from_json(json.loads(row["meta"])),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,8 +105,19 @@ def _options(task) -> Any:
 
 
 def examples_fingerprint(task, split: str, size: int, seed: int, data_path: str | None) -> str:
-    return _digest("examples", FORMAT_VERSION, task.name, _options(task), _source_digest(type(task)), split, size, seed,
-                   data_path, file_state(data_path), _extra_state(task))
+    return _digest(
+        "examples",
+        FORMAT_VERSION,
+        task.name,
+        _options(task),
+        _source_digest(type(task)),
+        split,
+        size,
+        seed,
+        data_path,
+        file_state(data_path),
+        _extra_state(task),
+    )
 
 
 def _extra_state(task) -> Any:
@@ -117,8 +136,9 @@ def _tokenizer_digest(tokenizer) -> str:
 # Building
 
 
-def _generate(task_name: str, options: dict[str, Any], split: str, size: int, seed: int,
-              data_path: str | None) -> Iterator[dict[str, str]]:
+def _generate(
+    task_name: str, options: dict[str, Any], split: str, size: int, seed: int, data_path: str | None
+) -> Iterator[dict[str, str]]:
     from ftkit.tasks import make_task
 
     task = make_task(task_name, options)
@@ -134,9 +154,16 @@ def examples_dataset(task, split: str, size: int, seed: int, data_path: str | No
     options = _options(task)
     return _ftkit_errors_unwrapped(
         Dataset.from_generator,
-        _generate, features=features,
-        gen_kwargs={"task_name": task.name, "options": options, "split": split, "size": size, "seed": seed,
-                    "data_path": data_path},
+        _generate,
+        features=features,
+        gen_kwargs={
+            "task_name": task.name,
+            "options": options,
+            "split": split,
+            "size": size,
+            "seed": seed,
+            "data_path": data_path,
+        },
         fingerprint=examples_fingerprint(task, split, size, seed, data_path),
     )
 
@@ -157,8 +184,9 @@ def _ftkit_errors_unwrapped(call, *args, **kwargs):
         raise
 
 
-def load_examples(task, split: str, size: int, seed: int, data_path: str | None = None,
-                  say_fewer: bool = True) -> list[Example]:
+def load_examples(
+    task, split: str, size: int, seed: int, data_path: str | None = None, say_fewer: bool = True
+) -> list[Example]:
     """`task.build_dataset(split, size, seed, data_path)`, through the cache. Fewer examples than asked is said,
     unless `say_fewer` is false (asking for "everything there is")."""
     if size <= 0:
@@ -173,8 +201,13 @@ def load_examples(task, split: str, size: int, seed: int, data_path: str | None 
 def _say_if_fewer(task, data_path: str | None, split: str, asked: int, built: int) -> None:
     """A task may have less data than asked for (code_infill's stdlib functions that fit the canvas): say so."""
     if 0 < built < asked:
-        log.warning("%s: %d %s example(s) asked, %d built (all the data there is)", data_path or f"task {task.name}",
-                    asked, split, built)
+        log.warning(
+            "%s: %d %s example(s) asked, %d built (all the data there is)",
+            data_path or f"task {task.name}",
+            asked,
+            split,
+            built,
+        )
 
 
 def load_layouts(task, examples_ds, tokenizer, canvas_length: int, max_prompt_length: int):
@@ -184,26 +217,49 @@ def load_layouts(task, examples_ds, tokenizer, canvas_length: int, max_prompt_le
     naming it, or, for a task whose `skip_bad_rows` is true, left out and counted in a warning."""
     max_blocks = task_max_blocks(task)
     skip = bool(getattr(task, "skip_bad_rows", False))
-    fingerprint = _digest("layouts", FORMAT_VERSION, examples_ds._fingerprint, _tokenizer_digest(tokenizer),
-                          canvas_length, max_prompt_length, max_blocks, skip, _source_digest(layout_example))
+    fingerprint = _digest(
+        "layouts",
+        FORMAT_VERSION,
+        examples_ds._fingerprint,
+        _tokenizer_digest(tokenizer),
+        canvas_length,
+        max_prompt_length,
+        max_blocks,
+        skip,
+        _source_digest(layout_example),
+    )
 
     def lay_out(row: dict[str, str]) -> dict[str, Any]:
         example = row_to_example(row)
         try:
-            lay = layout_example(tokenizer, task.to_prompt_canvas(example), canvas_length, max_prompt_length,
-                                 example.id, max_blocks, token_rules=False)
+            lay = layout_example(
+                tokenizer,
+                task.to_prompt_canvas(example),
+                canvas_length,
+                max_prompt_length,
+                example.id,
+                max_blocks,
+                token_rules=False,
+            )
         except FtkitError as e:
             if not skip:
                 raise
             return {**_empty_layout(), "error": str(e)}
         return {**{k: v for k, v in dataclasses.asdict(lay).items() if k in _STORED}, "error": ""}
 
-    kept = _ftkit_errors_unwrapped(examples_ds.map, lay_out, remove_columns=examples_ds.column_names,
-                                   new_fingerprint=fingerprint, features=_layout_features(), desc="layout")
+    kept = _ftkit_errors_unwrapped(
+        examples_ds.map,
+        lay_out,
+        remove_columns=examples_ds.column_names,
+        new_fingerprint=fingerprint,
+        features=_layout_features(),
+        desc="layout",
+    )
     errors = [e for e in kept["error"] if e]
     if errors:
-        log.warning("skipped %d of %d example(s) that do not fit the model (first: %s)", len(errors), len(kept),
-                    errors[0])
+        log.warning(
+            "skipped %d of %d example(s) that do not fit the model (first: %s)", len(errors), len(kept), errors[0]
+        )
         kept = kept.filter(lambda row: not row["error"], new_fingerprint=_digest(fingerprint, "kept"))
     return kept.remove_columns("error")
 
@@ -212,14 +268,28 @@ def _layout_features():
     from datasets import Features, Sequence, Value
 
     ints = Sequence(Value("int64"))
-    return Features({"prompt_ids": ints, "canvas_ids": ints, "fixed": Sequence(Value("bool")),
-                     "content_length": Value("int64"), "char_starts": ints, "canvas_length": Value("int64"),
-                     "error": Value("string")})
+    return Features(
+        {
+            "prompt_ids": ints,
+            "canvas_ids": ints,
+            "fixed": Sequence(Value("bool")),
+            "content_length": Value("int64"),
+            "char_starts": ints,
+            "canvas_length": Value("int64"),
+            "error": Value("string"),
+        }
+    )
 
 
 def _empty_layout() -> dict[str, Any]:
-    return {"prompt_ids": [], "canvas_ids": [], "fixed": [], "content_length": 0, "char_starts": [],
-            "canvas_length": None}
+    return {
+        "prompt_ids": [],
+        "canvas_ids": [],
+        "fixed": [],
+        "content_length": 0,
+        "char_starts": [],
+        "canvas_length": None,
+    }
 
 
 # The Layout fields a training layout is stored with (its sampler token rules are not needed for training).

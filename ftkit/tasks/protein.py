@@ -162,6 +162,7 @@ def composition(sequences: list[str]) -> dict[str, float]:
 
 def js_divergence(p: dict[str, float], q: dict[str, float]) -> float:
     """Jensen-Shannon divergence in bits (0 = same composition, 1 = disjoint)."""
+
     def kl(a: dict[str, float], b: dict[str, float]) -> float:
         return sum(a[k] * math.log2(a[k] / b[k]) for k in a if a[k] > 0)
 
@@ -243,8 +244,15 @@ class ProteinTask:
     def _windows(self, data_path: str | None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """(train, test) lists of (window id, residues)."""
         o = self.options  # only the options that shape windows key the cache (mode, family... do not)
-        return _windows_cached(tuple(str(p) for p in self._source_files(data_path)), o.min_length, o.max_length,
-                               o.test_fraction, o.homopolymer_run, o.entropy_window, o.min_entropy_bits)
+        return _windows_cached(
+            tuple(str(p) for p in self._source_files(data_path)),
+            o.min_length,
+            o.max_length,
+            o.test_fraction,
+            o.homopolymer_run,
+            o.entropy_window,
+            o.min_entropy_bits,
+        )
 
     def build_dataset(self, split: str, size: int, seed: int, data_path: str | None = None) -> list[Example]:
         """`train` / `test` (held out by record id), or `all` (every window, e.g. of an `ftkit eval --data` FASTA)."""
@@ -254,8 +262,10 @@ class ProteinTask:
         pool = list(train + test if split == "all" else train if split == "train" else test)
         random.Random(f"protein/{split}/{seed}").shuffle(pool)
         if not pool and size:
-            raise FtkitError(f"protein: no {split} sequences of {self.options.min_length}-{self.options.max_length} "
-                             f"canonical residues{' in ' + data_path if data_path else ''}")
+            raise FtkitError(
+                f"protein: no {split} sequences of {self.options.min_length}-{self.options.max_length} "
+                f"canonical residues{' in ' + data_path if data_path else ''}"
+            )
         source = data_path or BUILTIN
         return [self._example(wid, seq, source) for wid, seq in pool[:size]]  # all of them if fewer than `size`
 
@@ -266,8 +276,12 @@ class ProteinTask:
         third = (self.options.max_length - self.options.min_length + 1) / 3
         offset = len(seq) - self.options.min_length
         length_bin = "short" if offset < third else "medium" if offset < 2 * third else "long"
-        return Example(id=window_id, question={"length": len(seq), "motif": motif}, answer=seq,
-                       meta={"length_bin": length_bin, "source": source, "mode": self.options.mode})
+        return Example(
+            id=window_id,
+            question={"length": len(seq), "motif": motif},
+            answer=seq,
+            meta={"length_bin": length_bin, "source": source, "mode": self.options.mode},
+        )
 
     def _motif(self, window_id: str, seq: str) -> list[tuple[int, str]]:
         """Deterministic (per window) fixed segments covering about `motif_fraction` of the residues."""
@@ -312,8 +326,10 @@ class ProteinTask:
             bad = [(i, ch) for i, ch in enumerate(spec) if ch != "_" and ch.upper() not in CANONICAL]
             if bad:
                 i, ch = bad[0]
-                raise FtkitError(f"protein input: {ch!r} at position {i + 1} is neither a canonical residue "
-                                 f"({CANONICAL}) nor _ (a free residue); or give just a length, e.g. 64")
+                raise FtkitError(
+                    f"protein input: {ch!r} at position {i + 1} is neither a canonical residue "
+                    f"({CANONICAL}) nor _ (a free residue); or give just a length, e.g. 64"
+                )
             spec = spec.upper()
             length, motif, i = len(spec), [], 0
             while i < len(spec):
@@ -328,13 +344,19 @@ class ProteinTask:
             if "_" not in spec:
                 raise FtkitError("protein input: the template has no free residue (_) to generate")
         if not o.min_length <= length <= o.max_length:
-            raise FtkitError(f"protein input: length {length} is outside this run's [{o.min_length}, {o.max_length}] "
-                             "(task.options.min_length/max_length)")
+            raise FtkitError(
+                f"protein input: length {length} is outside this run's [{o.min_length}, {o.max_length}] "
+                "(task.options.min_length/max_length)"
+            )
         answer = list(PLACEHOLDER * length)
         for start, residues in motif:
             answer[start : start + len(residues)] = residues
-        return Example(id="input", question={"length": length, "motif": motif}, answer="".join(answer),
-                       meta={"mode": "scaffold" if motif else "unconditional", "source": "input"})
+        return Example(
+            id="input",
+            question={"length": length, "motif": motif},
+            answer="".join(answer),
+            meta={"mode": "scaffold" if motif else "unconditional", "source": "input"},
+        )
 
     # -- checking
     def check(self, example: Example, output: str) -> list[Violation]:
@@ -346,8 +368,12 @@ class ProteinTask:
         if not o.min_length <= len(output) <= o.max_length:
             extra = tuple(range(o.max_length, len(output)))
             out.append(Violation("length", f"length {len(output)} not in [{o.min_length}, {o.max_length}]", extra))
-        changed = tuple(start + k for start, residues in example.question["motif"] for k, ch in enumerate(residues)
-                        if start + k >= len(output) or output[start + k] != ch)
+        changed = tuple(
+            start + k
+            for start, residues in example.question["motif"]
+            for k, ch in enumerate(residues)
+            if start + k >= len(output) or output[start + k] != ch
+        )
         if changed:
             out.append(Violation("fixed", f"{len(changed)} fixed residue(s) changed or missing", changed))
         spans = low_complexity_spans(output, o.homopolymer_run, o.entropy_window, o.min_entropy_bits)
@@ -418,8 +444,15 @@ class ProteinTask:
 
 
 @functools.lru_cache(maxsize=8)
-def _windows_cached(files: tuple[str, ...], min_length: int, max_length: int, test_fraction: float, run: int,
-                    window: int, min_bits: float) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def _windows_cached(
+    files: tuple[str, ...],
+    min_length: int,
+    max_length: int,
+    test_fraction: float,
+    run: int,
+    window: int,
+    min_bits: float,
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     train: list[tuple[str, str]] = []
     test: list[tuple[str, str]] = []
     for file in files:
@@ -479,13 +512,17 @@ def hmm_scores(family: str, sequences: list[str]) -> tuple[list[float], list[boo
     from pyhmmer import easel
 
     hmm = _load_hmm(family)
-    digital = [easel.TextSequence(name=str(i).encode(), sequence=s).digitize(hmm.alphabet)
-               for i, s in enumerate(sequences) if s]
+    digital = [
+        easel.TextSequence(name=str(i).encode(), sequence=s).digitize(hmm.alphabet)
+        for i, s in enumerate(sequences)
+        if s
+    ]
     bits, hits = [0.0] * len(sequences), [False] * len(sequences)
     if digital:
         block = easel.DigitalSequenceBlock(hmm.alphabet, digital)
-        top = next(iter(pyhmmer.hmmsearch(hmm, block, cpus=1, Z=1, domZ=1, E=1e9, F1=1.0, F2=1.0, F3=1.0,
-                                          bias_filter=False)))
+        top = next(
+            iter(pyhmmer.hmmsearch(hmm, block, cpus=1, Z=1, domZ=1, E=1e9, F1=1.0, F2=1.0, F3=1.0, bias_filter=False))
+        )
         for hit in top:
             i = int(_text(hit.name))
             bits[i], hits[i] = float(hit.score), bool(hit.included)

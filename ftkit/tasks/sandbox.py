@@ -240,8 +240,11 @@ def _interpreter() -> tuple[str, bool]:
     if os.geteuid() != 0:
         return sys.executable, False
     minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    for candidate in (os.path.realpath(sys.executable), shutil.which(minor, path="/usr/bin:/bin"),
-                      shutil.which("python3", path="/usr/bin:/bin")):
+    for candidate in (
+        os.path.realpath(sys.executable),
+        shutil.which(minor, path="/usr/bin:/bin"),
+        shutil.which("python3", path="/usr/bin:/bin"),
+    ):
         if candidate and _reachable_by_others(candidate):
             return candidate, True
     return sys.executable, False  # root and no python another uid can run: keep root (weaker, see docstring)
@@ -273,8 +276,9 @@ def _prefixes(python: str) -> tuple[str, ...]:
         found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     else:
         code = "import sys; print(sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, sep=chr(10))"
-        out = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=30, env={},
-                             stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            [python, "-I", "-c", code], capture_output=True, text=True, timeout=30, env={}, stdin=subprocess.DEVNULL
+        )
         found = set(out.stdout.split("\n")) - {""}
     found |= {os.path.realpath(p) for p in found}
     return tuple(sorted(found))
@@ -298,8 +302,22 @@ def _namespace_command(root: str, work: str, python: str, argv: list[str], uid: 
     drop = ["--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
     if uid is not None:
         drop = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *drop]
-    return [*cmd, "--", "/bin/sh", "-c", _NAMESPACE_SETUP, "sh", root, work, *visible_paths(python), "--", *drop,
-            "--", python, *argv]
+    return [
+        *cmd,
+        "--",
+        "/bin/sh",
+        "-c",
+        _NAMESPACE_SETUP,
+        "sh",
+        root,
+        work,
+        *visible_paths(python),
+        "--",
+        *drop,
+        "--",
+        python,
+        *argv,
+    ]
 
 
 @functools.lru_cache(maxsize=1)
@@ -328,10 +346,12 @@ def isolation_level() -> str:
 
 
 def weak_sandbox_message() -> str:
-    return (f"model-written code would run in the weak sandbox (a Python audit hook, not a security boundary): this "
-            f"machine cannot create the namespaces of the real one ({_namespace_probe()[1]}). Either "
-            f"{ENABLE_NAMESPACES}, or accept the weak sandbox with --allow-weak-sandbox (recipe: "
-            "`eval.allow_weak_sandbox: true`), or do not run the tests (`task.options.run_tests=false`)")
+    return (
+        f"model-written code would run in the weak sandbox (a Python audit hook, not a security boundary): this "
+        f"machine cannot create the namespaces of the real one ({_namespace_probe()[1]}). Either "
+        f"{ENABLE_NAMESPACES}, or accept the weak sandbox with --allow-weak-sandbox (recipe: "
+        "`eval.allow_weak_sandbox: true`), or do not run the tests (`task.options.run_tests=false`)"
+    )
 
 
 def run_python(
@@ -356,14 +376,22 @@ def run_python(
         raise SandboxUnavailable(f"namespaces are not usable on this machine ({_namespace_probe()[1]})")
     if cpu_s is None:
         cpu_s = int(timeout_s) + 1
-    result = _run(code, timeout_s, memory_mb, cpu_s, max_processes, max_file_mb, max_files, max_output_bytes,
-                  isolation)
+    result = _run(code, timeout_s, memory_mb, cpu_s, max_processes, max_file_mb, max_files, max_output_bytes, isolation)
     _count(isolation)
     return result
 
 
-def _run(code: str, timeout_s: float, memory_mb: int, cpu_s: int, max_processes: int, max_file_mb: int,
-         max_files: int, max_output_bytes: int, isolation: str) -> SandboxResult:
+def _run(
+    code: str,
+    timeout_s: float,
+    memory_mb: int,
+    cpu_s: int,
+    max_processes: int,
+    max_file_mb: int,
+    max_files: int,
+    max_output_bytes: int,
+    isolation: str,
+) -> SandboxResult:
     python, drop_uid = _interpreter()
     uid = _unprivileged_uid() if drop_uid else None
     with tempfile.TemporaryDirectory(prefix="ftkit-sandbox-") as tmp:
@@ -390,8 +418,17 @@ def _run(code: str, timeout_s: float, memory_mb: int, cpu_s: int, max_processes:
 
         out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, preexec_fn=preexec, close_fds=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=work,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=preexec,
+                close_fds=True,
+            )
             timed_out = False
             try:
                 proc.wait(timeout=timeout_s)
@@ -403,8 +440,14 @@ def _run(code: str, timeout_s: float, memory_mb: int, cpu_s: int, max_processes:
         stdout, stderr = _read(out_path, max_output_bytes), _read(err_path, max_output_bytes)
         if isolation == "namespace" and proc.returncode == SETUP_REFUSED and SETUP_REFUSED_MARK in stderr:
             raise SandboxUnavailable("namespace setup could not make every mount read-only; refusing to run")
-        return SandboxResult(ok=proc.returncode == 0 and not timed_out, returncode=proc.returncode,
-                             stdout=stdout, stderr=stderr, timed_out=timed_out, isolation=isolation)
+        return SandboxResult(
+            ok=proc.returncode == 0 and not timed_out,
+            returncode=proc.returncode,
+            stdout=stdout,
+            stderr=stderr,
+            timed_out=timed_out,
+            isolation=isolation,
+        )
 
 
 def _kill_group(pgid: int) -> None:

@@ -23,13 +23,27 @@ from ftkit.tasks.base import (
     register,
     stratified_means,
 )
-from ftkit.tasks.view import CHANGED_FILL, GIVEN_FILL, INK, RULE, UNKNOWN_CELL, VIOLATION_FILL, WHITE, Frame, changed, font
+from ftkit.tasks.view import (
+    CHANGED_FILL,
+    GIVEN_FILL,
+    INK,
+    RULE,
+    UNKNOWN_CELL,
+    VIOLATION_FILL,
+    WHITE,
+    Frame,
+    changed,
+    font,
+)
 
 DIGITS = "123456789"
 UNITS: list[tuple[str, list[int]]] = (
     [(f"row {r + 1}", [r * 9 + c for c in range(9)]) for r in range(9)]
     + [(f"column {c + 1}", [r * 9 + c for r in range(9)]) for c in range(9)]
-    + [(f"box {b + 1}", [(3 * (b // 3) + i) * 9 + 3 * (b % 3) + j for i in range(3) for j in range(3)]) for b in range(9)]
+    + [
+        (f"box {b + 1}", [(3 * (b // 3) + i) * 9 + 3 * (b % 3) + j for i in range(3) for j in range(3)])
+        for b in range(9)
+    ]
 )
 PEERS = [sorted({p for _, cells in UNITS if i in cells for p in cells} - {i}) for i in range(81)]
 
@@ -70,6 +84,7 @@ def count_solutions(grid: list[int], limit: int = 2) -> int:
 
 def random_solution(rng: random.Random) -> list[int]:
     """A uniformly shuffled valid grid: a pattern solution under random digit, row, column and band permutations."""
+
     def pattern(r: int, c: int) -> int:
         return (3 * (r % 3) + r // 3 + c) % 9
 
@@ -176,7 +191,9 @@ def _cell_indices(frame: Frame, pieces: set[int]) -> set[int]:
     return out
 
 
-def sudoku_grid_text(cells: list[str], givens: list[bool], changed: set[int] | None = None, bad: set[int] | None = None):
+def sudoku_grid_text(
+    cells: list[str], givens: list[bool], changed: set[int] | None = None, bad: set[int] | None = None
+):
     """A 9×9 rich Text grid with box rules: givens bold cyan, changed cells yellow, violating cells red."""
     from rich.text import Text
 
@@ -199,8 +216,11 @@ def sudoku_grid_text(cells: list[str], givens: list[bool], changed: set[int] | N
 class SudokuView:
     """Sudoku answers and frames as 9×9 grids (terminal and images), givens, changes and violations coloured."""
 
-    legend = ((GIVEN_FILL, "given (clamped)"), (CHANGED_FILL, "changed this step"),
-              (VIOLATION_FILL, "violates a constraint (answer)"))
+    legend = (
+        (GIVEN_FILL, "given (clamped)"),
+        (CHANGED_FILL, "changed this step"),
+        (VIOLATION_FILL, "violates a constraint (answer)"),
+    )
 
     @staticmethod
     def _givens(example: Example) -> list[bool]:
@@ -279,15 +299,21 @@ class SudokuTask:
         else:
             # Separate streams for train and test so they never share a puzzle.
             rng = random.Random(f"sudoku/{split}/{seed}")
-            pairs = [make_puzzle(rng, rng.randint(self.options.min_givens, self.options.max_givens)) for _ in range(size)]
+            pairs = [
+                make_puzzle(rng, rng.randint(self.options.min_givens, self.options.max_givens)) for _ in range(size)
+            ]
         if not pairs and size:
             raise FtkitError(f"sudoku: no {split} examples{' in ' + data_path if data_path else ''}")
         return [self._example(f"{split}-{i}", quiz, sol) for i, (quiz, sol) in enumerate(pairs)]
 
     def _example(self, id_: str, quiz: list[int], sol: list[int]) -> Example:
         givens = sum(1 for q in quiz if q)
-        return Example(id=id_, question=grid_to_str(quiz), answer=self._format(grid_to_str(sol)),
-                       meta={"givens": givens, "difficulty": difficulty(givens)})
+        return Example(
+            id=id_,
+            question=grid_to_str(quiz),
+            answer=self._format(grid_to_str(sol)),
+            meta={"givens": givens, "difficulty": difficulty(givens)},
+        )
 
     def _format(self, cells: str) -> str:
         if not self.options.rows_on_lines:
@@ -320,14 +346,18 @@ class SudokuTask:
             seen: dict[int, int] = {}
             for i in idx:
                 if grid[i] and grid[i] in seen:
-                    raise FtkitError(f"sudoku input: the givens repeat {grid[i]} in {unit} (cells {seen[grid[i]] + 1} "
-                                     f"and {i + 1}, counting row by row): no solution exists")
+                    raise FtkitError(
+                        f"sudoku input: the givens repeat {grid[i]} in {unit} (cells {seen[grid[i]] + 1} "
+                        f"and {i + 1}, counting row by row): no solution exists"
+                    )
                 seen.setdefault(grid[i], i)
         givens = sum(1 for d in grid if d)
         quiz = grid_to_str(grid)
         # The answer is unknown: blanks keep the placeholder (one token, like a digit); the sampler ignores it.
         answer = self._format(quiz.replace("0", PLACEHOLDER))
-        return Example(id="input", question=quiz, answer=answer, meta={"givens": givens, "difficulty": difficulty(givens)})
+        return Example(
+            id="input", question=quiz, answer=answer, meta={"givens": givens, "difficulty": difficulty(givens)}
+        )
 
     # -- checking
     def check(self, example: Example, output: str) -> list[Violation]:
@@ -365,8 +395,10 @@ class SudokuTask:
         return RewardParts(sum(distinct) / len(distinct), float(not self.check(example, output)))
 
     def metrics(self, examples: list[Example], outputs: list[str]) -> dict[str, float]:
-        rows = [(self._one(ex, out), ex.meta.get("difficulty") or difficulty(ex.meta.get("givens", 0)))
-                for ex, out in zip(examples, outputs)]
+        rows = [
+            (self._one(ex, out), ex.meta.get("difficulty") or difficulty(ex.meta.get("givens", 0)))
+            for ex, out in zip(examples, outputs)
+        ]
         return stratified_means(rows, ["easy", "medium", "hard"]) if rows else {}
 
     def _one(self, example: Example, output: str) -> dict[str, float]:

@@ -78,18 +78,30 @@ class ExactChecker:
         got = self.extract(output)
         if got is None:
             last_line = output.rfind("\n") + 1
-            return [Violation("answer_format", f"no answer matching {self.pattern.pattern!r}",
-                              tuple(range(last_line, len(output))) + _after(output))]
+            return [
+                Violation(
+                    "answer_format",
+                    f"no answer matching {self.pattern.pattern!r}",
+                    tuple(range(last_line, len(output))) + _after(output),
+                )
+            ]
         if not example.answer:  # a typed-in input: nothing to compare with
             return []
         want = self.extract(example.answer)
         if want is None:
-            raise FtkitError(f"example {example.id}: the reference answer has no match of "
-                             f"task.options.answer_regex={self.pattern.pattern!r}")
+            raise FtkitError(
+                f"example {example.id}: the reference answer has no match of "
+                f"task.options.answer_regex={self.pattern.pattern!r}"
+            )
         if normalize_answer(got[0]) != normalize_answer(want[0]):
             start, end = got[1]
-            return [Violation("answer", f"answer {got[0][:60]!r}, expected {want[0][:60]!r}",
-                              tuple(range(start, end)) or _after(output))]
+            return [
+                Violation(
+                    "answer",
+                    f"answer {got[0][:60]!r}, expected {want[0][:60]!r}",
+                    tuple(range(start, end)) or _after(output),
+                )
+            ]
         return []
 
 
@@ -125,7 +137,8 @@ class RegexChecker:
         k = self.matching_prefix(output)
         where = tuple(range(k, len(output))) if k < len(output) else _after(output)
         detail = f"does not match {self.pattern.pattern[:80]!r} " + (
-            f"from character {k + 1} on" if k < len(output) else "(it stops short)")
+            f"from character {k + 1} on" if k < len(output) else "(it stops short)"
+        )
         return [Violation("pattern", detail, where)]
 
 
@@ -219,9 +232,11 @@ class PythonChecker:
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise FtkitError(f"task.options.verifier={spec!r}: cannot import {module_name!r} ({e}); the module must be "
-                             "importable by Python: installed, or in a directory on PYTHONPATH (for my_checks.py "
-                             "beside your recipe: `PYTHONPATH=. ftkit train ...` from that directory)") from None
+            raise FtkitError(
+                f"task.options.verifier={spec!r}: cannot import {module_name!r} ({e}); the module must be "
+                "importable by Python: installed, or in a directory on PYTHONPATH (for my_checks.py "
+                "beside your recipe: `PYTHONPATH=. ftkit train ...` from that directory)"
+            ) from None
         self.function = getattr(module, function, None)
         if not callable(self.function):
             raise FtkitError(f"task.options.verifier={spec!r}: {module_name} has no function {function!r}")
@@ -243,8 +258,10 @@ class PythonChecker:
             elif isinstance(item, (tuple, list)) and len(item) == 3:
                 out.append(Violation(str(item[0]), str(item[1]), tuple(int(p) for p in item[2])))
             else:
-                raise FtkitError(f"{self.spec}: expected True/False or a list of Violation or (constraint, detail, "
-                                 f"positions) tuples, got {item!r}")
+                raise FtkitError(
+                    f"{self.spec}: expected True/False or a list of Violation or (constraint, detail, "
+                    f"positions) tuples, got {item!r}"
+                )
         return out
 
 
@@ -255,8 +272,13 @@ def _compile(pattern: str, key: str) -> re.Pattern:
         raise FtkitError(f"{key}: not a valid regular expression: {e}") from None
 
 
-def make_checker(kind: str, *, answer_regex: str | None = None, pattern: str | None = None,
-                 schema: str | dict[str, Any] | None = None) -> Checker:
+def make_checker(
+    kind: str,
+    *,
+    answer_regex: str | None = None,
+    pattern: str | None = None,
+    schema: str | dict[str, Any] | None = None,
+) -> Checker:
     """The checker named `kind` (exact, regex, json_schema, python:module:function, none); errors name the key."""
     if kind == "exact":
         return ExactChecker(answer_regex)

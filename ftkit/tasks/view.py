@@ -48,8 +48,10 @@ def font(size: int):
 class TextView:
     """Any task as text: the answer in a panel; frames with the pieces that changed highlighted."""
 
-    legend: tuple[tuple[tuple[int, int, int], str], ...] = ((CHANGED_FILL, "changed this step"),
-                                                            (VIOLATION_FILL, "violates a constraint (answer)"))
+    legend: tuple[tuple[tuple[int, int, int], str], ...] = (
+        (CHANGED_FILL, "changed this step"),
+        (VIOLATION_FILL, "violates a constraint (answer)"),
+    )
     columns = 60  # characters per line in an image
 
     def answer(self, example, output: str, frame: Frame, bad: set[int]) -> Any:

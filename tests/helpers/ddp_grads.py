@@ -16,10 +16,10 @@ import torch
 
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.diffusion.token_layout import collate, layout_example
+from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.recipe.schema import DiffusionSection, LoraSection, QuantSection, TinySpec
 from ftkit.tasks.sudoku import SudokuTask
-from ftkit.model.char_tokenizer import build_char_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from test_train import TINY  # noqa: E402  (the tests' tiny model, shared)
@@ -45,8 +45,10 @@ def setup(world: int, quantized: bool = False, shared: bool = False):
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     examples = SudokuTask().build_dataset("test", 3 * world, 0)
     batches = [
-        collate([layout_example(tok, SudokuTask().to_prompt_canvas(e), CANVAS, 256) for e in examples[3 * r : 3 * r + 3]],
-                tok.pad_token_id)
+        collate(
+            [layout_example(tok, SudokuTask().to_prompt_canvas(e), CANVAS, 256) for e in examples[3 * r : 3 * r + 3]],
+            tok.pad_token_id,
+        )
         for r in range(world)
     ]
     return model, batches

@@ -49,7 +49,9 @@ class QuantizedExperts(nn.Module):
             out = out + scaling * low_rank_grouped_linear(x, lora_a.to(x.dtype), lora_b.to(x.dtype), offsets, kernel)
         return out
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         if parametrize.is_parametrized(self):
             raise FtkitError(
                 "a plain PEFT ParamWrapper is active on 4-bit experts (its LoRA would be ignored): call "
@@ -173,7 +175,10 @@ def quantize_experts(model: nn.Module, quant, device: torch.device | str | None 
         module.expert_chunk = quant.expert_chunk
     stored = list(by_param.values())
     return QuantStats(
-        modules=len(modules), tensors=len(stored), numel=numel, bytes_before=bytes_before,
+        modules=len(modules),
+        tensors=len(stored),
+        numel=numel,
+        bytes_before=bytes_before,
         bytes_after=sum(s.nbytes for s in stored),
     )
 
@@ -188,7 +193,10 @@ def _quantize_one(param: nn.Parameter, quant, compute_dtype: torch.dtype, device
         # The only dense copy on `device`: it goes out of scope (is freed) before the next tensor is moved.
         source = param.detach() if device is None else param.detach().to(device)
         return NF4Tensor(
-            source, quant_type=quant.quant_type, blocksize=quant.blocksize, double_quant=quant.double_quant,
+            source,
+            quant_type=quant.quant_type,
+            blocksize=quant.blocksize,
+            double_quant=quant.double_quant,
             compute_dtype=compute_dtype,
         )
 

@@ -52,8 +52,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     return torch.cat(pieces)
 
 
-def low_rank_grouped_linear(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, offsets: torch.Tensor,
-                            kernel: str) -> torch.Tensor:
+def low_rank_grouped_linear(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, offsets: torch.Tensor, kernel: str
+) -> torch.Tensor:
     """(x @ A_e^T) @ B_e^T per expert. lora_a: (E, r, in), lora_b: (E, out, r), both in x's dtype.
 
     The grouped kernel needs the rank to span a multiple of 16 bytes (8 in bf16): any other rank is zero-padded
@@ -132,6 +133,7 @@ class FrozenQuantizedGroupedLinear(torch.autograd.Function):
             return None, None, None, None, None, None
         (offsets,) = ctx.saved_tensors
         # d/dx (x @ W_e^T) = grad @ W_e, i.e. grouped_linear against W_e^T.
-        grad_x = frozen_grouped_linear(grad_out.to(ctx.dtype).contiguous(), offsets, ctx.storage, ctx.dtype,
-                                       ctx.kernel, ctx.slices, transpose=True)
+        grad_x = frozen_grouped_linear(
+            grad_out.to(ctx.dtype).contiguous(), offsets, ctx.storage, ctx.dtype, ctx.kernel, ctx.slices, transpose=True
+        )
         return grad_x, None, None, None, None, None

@@ -15,7 +15,9 @@ from torch import nn
 
 
 class NF4Tensor(nn.Module):
-    def __init__(self, source: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool, compute_dtype: torch.dtype):
+    def __init__(
+        self, source: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool, compute_dtype: torch.dtype
+    ):
         super().__init__()
         import bitsandbytes.functional as bnbf
 
@@ -50,8 +52,14 @@ class NF4Tensor(nn.Module):
         if self.nested:
             state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2, dtype=torch.float32)
         return QuantState(
-            absmax=self.absmax, shape=torch.Size(self.shape), code=self.code, blocksize=self.blocksize,
-            quant_type=self.quant_type, dtype=dtype, offset=self.offset if self.nested else None, state2=state2,
+            absmax=self.absmax,
+            shape=torch.Size(self.shape),
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=dtype,
+            offset=self.offset if self.nested else None,
+            state2=state2,
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -84,8 +92,11 @@ class NF4Tensor(nn.Module):
         per_row = math.prod(self.shape[1:])
         state = QuantState(
             absmax=absmax[start * per_row // self.blocksize : stop * per_row // self.blocksize],
-            shape=torch.Size((stop - start, *self.shape[1:])), code=self.code, blocksize=self.blocksize,
-            quant_type=self.quant_type, dtype=dtype,
+            shape=torch.Size((stop - start, *self.shape[1:])),
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=dtype,
         )
         return bnbf.dequantize_4bit(self.packed[start * per_row // 2 : stop * per_row // 2], state)
 
