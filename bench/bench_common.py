@@ -78,10 +78,10 @@ def true_width_config(layers: int):
 
 
 def tiny_spec(layers: int):
-    from ftkit.recipe.schema import TinySpec
+    from ftkit.recipe.schema import PresetSpec
 
     # Hidden sizes divisible by the 4-bit blocksize (64).
-    return TinySpec(
+    return PresetSpec(
         layers=layers,
         hidden=128,
         heads=4,
@@ -125,7 +125,7 @@ def build_checkpoint(path: Path, layers: int, tiny: bool) -> dict:
 
 def synthetic_batch(batch: int, prompt: int, canvas: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A collated batch (ftkit.diffusion.token_layout.collate) of random prompts and canvases, identical for every method."""
-    from ftkit.diffusion.token_layout import Layout, collate
+    from ftkit.diffusion.token_layout import TokenLayout, collate
 
     g = torch.Generator().manual_seed(seed)
     layouts = []
@@ -133,7 +133,7 @@ def synthetic_batch(batch: int, prompt: int, canvas: int, vocab: int, seed: int 
         prompt_ids = [BOS] + torch.randint(4, vocab, (prompt - 1,), generator=g).tolist()
         canvas_ids = torch.randint(4, vocab, (canvas,), generator=g).tolist()
         layouts.append(
-            Layout(
+            TokenLayout(
                 prompt_ids=prompt_ids,
                 canvas_ids=canvas_ids,
                 fixed=[False] * canvas,

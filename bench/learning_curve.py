@@ -119,7 +119,7 @@ def evaluate_points(run_dir: Path, num_examples: int | None) -> list[dict]:
                 "step": step,
                 "seconds": times.get(step, [None])[0],
                 "cpu_seconds": times.get(step, [None, None])[1],
-                "canvas_tokens": step * tokens_per_step if recipe.is_tiny else None,
+                "canvas_tokens": step * tokens_per_step if recipe.is_random_init else None,
                 "train_loss": losses[max(logged)] if logged and step else None,
                 "metrics": report["metrics"],
             }

@@ -25,10 +25,10 @@ def measure(batch: int, canvas: int, chunk: int | None, steps: int, device: str)
     from ftkit.diffusion.sample import default_chunk, denoise, row_generators
     from ftkit.model.load import tiny_config
     from ftkit.profiling import PeakLiveBytes
-    from ftkit.recipe.schema import TinySpec
+    from ftkit.recipe.schema import PresetSpec
 
     spec = dataclasses.replace(
-        TinySpec(),
+        PresetSpec(),
         hidden=32,
         heads=2,
         kv_heads=1,

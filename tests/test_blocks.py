@@ -10,12 +10,12 @@ from ftkit.diffusion.blocks import block_budget, denoise_blocks
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
 from ftkit.diffusion.token_layout import layout_example, stop_token_ids
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import EvalSection, LoraSection, TinySpec
+from ftkit.recipe.schema import EvalSection, LoraSection, PresetSpec
 from ftkit.tasks.base import Piece, PromptCanvas
 from ftkit.tasks.sudoku import SudokuTask
 
 L = 32
-SPEC = TinySpec(
+SPEC = PresetSpec(
     layers=2,
     hidden=48,
     heads=2,
@@ -50,7 +50,7 @@ def test_a_one_block_answer_is_exactly_one_denoise_call(model, char_tokenizer):
     lay = layout_example(char_tokenizer, task.to_prompt_canvas(ex), 96, 256)
     big = attach_lora(
         build_tiny(
-            TinySpec(
+            PresetSpec(
                 layers=1,
                 hidden=48,
                 heads=2,

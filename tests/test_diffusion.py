@@ -17,7 +17,7 @@ from ftkit.diffusion.loss import (
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.compat import disable_decoder_checkpointing, enable_decoder_checkpointing
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import DiffusionSection, LoraSection, TinySpec
+from ftkit.recipe.schema import DiffusionSection, LoraSection, PresetSpec
 from ftkit.tasks.sudoku import SudokuTask
 
 
@@ -97,7 +97,7 @@ def tiny_setup():
     from ftkit.model.char_tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    spec = TinySpec(
+    spec = PresetSpec(
         layers=2,
         hidden=48,
         heads=2,

@@ -17,10 +17,10 @@ from ftkit.diffusion.sample import DenoiseResult
 from ftkit.diffusion.token_layout import layout_example
 from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, Recipe, TaskSection, TinySpec
+from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection
 from ftkit.tasks.sudoku import SudokuOptions, SudokuTask
 
-CANVAS = TinySpec().canvas_length  # 96 >= 81 Sudoku cells
+CANVAS = PresetSpec().canvas_length  # 96 >= 81 Sudoku cells
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def examples(task):
 @pytest.fixture(scope="module")
 def model(tokenizer):
     lora = LoraSection(r=4, alpha=8)
-    return attach_lora(build_tiny(TinySpec(), tokenizer), lora).eval()
+    return attach_lora(build_tiny(PresetSpec(), tokenizer), lora).eval()
 
 
 def oracle_sampler(layouts, seen):

@@ -173,12 +173,12 @@ def test_a_base_over_the_limit_is_refused_before_loading_weights(tmp_path):
     config alone, and no run directory is left behind."""
     from ftkit.model.char_tokenizer import build_char_tokenizer
     from ftkit.model.load import tiny_config
-    from ftkit.recipe.schema import TinySpec
+    from ftkit.recipe.schema import PresetSpec
 
     base = tmp_path / "big"
     tok = build_char_tokenizer()
     # The real model's depth and expert widths (google/diffusiongemma-26B-A4B-it); the tokenizer is the char one.
-    spec = TinySpec(
+    spec = PresetSpec(
         layers=30,
         hidden=2816,
         heads=16,
@@ -203,9 +203,9 @@ def test_count_parameters_matches_a_built_model(char_tokenizer):
     from test_train import TINY
 
     from ftkit.model.load import build_tiny, count_parameters
-    from ftkit.recipe.schema import TinySpec
+    from ftkit.recipe.schema import PresetSpec
 
-    model = build_tiny(TinySpec(**TINY), char_tokenizer)
+    model = build_tiny(PresetSpec(**TINY), char_tokenizer)
     assert count_parameters(model.config) == sum(p.numel() for p in model.parameters())
 
 
@@ -241,7 +241,7 @@ def test_quickstart_recipe_is_a_full_preset_run():
     from ftkit.recipe.schema import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
-    assert recipe.is_full and recipe.is_tiny and recipe.quant.mode == "none"
+    assert recipe.is_full and recipe.is_random_init and recipe.quant.mode == "none"
     assert recipe.task.name == "sudoku" and recipe.task.options["min_givens"] >= 40  # easy puzzles
 
 

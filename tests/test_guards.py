@@ -28,7 +28,7 @@ import ftkit.evaluation.evaluate as ev
 from ftkit.cli import app
 from ftkit.errors import FtkitError
 from ftkit.hub import access as hub_access
-from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, Recipe, TaskSection, TinySpec, TrainSection
+from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection, TrainSection
 from ftkit.run import rundir
 from ftkit.run import start as runstart
 from ftkit.run.lock import LOCK_FILE, holds_run_lock
@@ -221,7 +221,7 @@ def test_an_evaluation_names_the_checkpoint_it_measured(tmp_path, monkeypatch):
         model=None,
         tokenizer=build_char_tokenizer(),
         task=SudokuTask(),
-        canvas_length=TinySpec().canvas_length,
+        canvas_length=PresetSpec().canvas_length,
         adapter_dir=ckpt,
     )  # load_run's fallback
     monkeypatch.setattr(ev, "_load_run", lambda run_dir, adapter, checkpoint=None: run)
@@ -306,7 +306,7 @@ def test_the_final_adapter_has_no_template_card(tmp_path):
 
     model = attach_lora(
         build_tiny(
-            TinySpec(
+            PresetSpec(
                 layers=1,
                 hidden=32,
                 heads=2,

@@ -5,10 +5,10 @@ import torch
 
 from ftkit.diffusion.token_layout import canvas_to_text, end_of_turn_id, layout_example, stop_token_ids
 from ftkit.model.load import attach_lora, build_tiny, lora_targets, parameter_groups
-from ftkit.recipe.schema import LoraSection, TinySpec
+from ftkit.recipe.schema import LoraSection, PresetSpec
 from ftkit.tasks import Piece, PromptCanvas
 
-SPEC = TinySpec(
+SPEC = PresetSpec(
     layers=2,
     hidden=48,
     heads=2,

@@ -13,7 +13,7 @@ from ftkit.recipe.schema import PRESETS, SMALL, TINY, recipe_from_dict
 
 def test_small_preset_dimensions_and_recipe_keys_win():
     recipe = recipe_from_dict({"model": {"base": "small"}})
-    assert recipe.model.tiny == PRESETS[SMALL] and recipe.is_tiny
+    assert recipe.model.tiny == PRESETS[SMALL] and recipe.is_random_init
     mixed = recipe_from_dict({"model": {"base": "small", "tiny": {"layers": 8, "canvas_length": 88}}})
     assert mixed.model.tiny == dataclasses.replace(PRESETS[SMALL], layers=8, canvas_length=88)
     # The tiny preset's values are the schema defaults; a command-line override selects the small preset too.

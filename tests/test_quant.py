@@ -14,9 +14,9 @@ from ftkit.errors import FtkitError
 from ftkit.model.compat import enable_decoder_checkpointing
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.model.quant import QuantizedExperts, bind_expert_lora, expert_storage, quantize_experts, set_expert_kernel
-from ftkit.recipe.schema import LoraSection, QuantSection, TinySpec
+from ftkit.recipe.schema import LoraSection, PresetSpec, QuantSection
 
-SPEC = TinySpec(
+SPEC = PresetSpec(
     layers=2,
     hidden=128,
     heads=4,

@@ -28,11 +28,11 @@ from ftkit.model.load import (
 )
 from ftkit.model.quant import expert_storage, quantize_experts
 from ftkit.model.quant.experts import is_fused_experts
-from ftkit.recipe.schema import LoraSection, ModelSection, QuantSection, TinySpec
+from ftkit.recipe.schema import LoraSection, ModelSection, PresetSpec, QuantSection
 
 # Every 4-bit nn.Linear's output width is a multiple of 32 (router.proj is `experts` wide): bitsandbytes' CPU
 # inference kernel requires it.
-SPEC = TinySpec(
+SPEC = PresetSpec(
     layers=2,
     hidden=128,
     heads=4,
@@ -247,7 +247,7 @@ def test_cuda_load_peak_stays_within_two_dense_expert_tensors_of_the_loaded_mode
     from transformers import DiffusionGemmaForBlockDiffusion
 
     # Experts dominate (6 layers of 16 experts) and the largest nn.Linear is far below one expert tensor.
-    spec = TinySpec(
+    spec = PresetSpec(
         layers=6,
         hidden=256,
         heads=4,

@@ -9,7 +9,7 @@ import torch
 
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import DiffusionSection, LoraSection, TinySpec
+from ftkit.recipe.schema import DiffusionSection, LoraSection, PresetSpec
 from ftkit.rl.likelihood import ReferencePolicy, position_losses, sequence_loss
 from ftkit.rl.objective import (
     STD_EPS,
@@ -162,7 +162,7 @@ def test_sample_entropy_by_hand():
 @pytest.fixture(scope="module")
 def tiny_policy(char_tokenizer):
     torch.manual_seed(0)
-    model = attach_lora(build_tiny(TinySpec(**TINY), char_tokenizer), LoraSection(r=4, alpha=8, dense_mlp=True))
+    model = attach_lora(build_tiny(PresetSpec(**TINY), char_tokenizer), LoraSection(r=4, alpha=8, dense_mlp=True))
     task = SudokuTask()
     examples = task.build_dataset("test", 3, 0)
     batch = collate(

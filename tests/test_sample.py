@@ -9,7 +9,7 @@ from ftkit.diffusion.sample import denoise, row_generators
 from ftkit.diffusion.token_layout import AllowedTokens
 from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.model.load import build_tiny
-from ftkit.recipe.schema import TinySpec
+from ftkit.recipe.schema import PresetSpec
 
 CANVAS = 32
 KNOBS = dict(
@@ -24,7 +24,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return build_tiny(TinySpec(), tokenizer).eval()
+    return build_tiny(PresetSpec(), tokenizer).eval()
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +319,7 @@ def test_peak_memory_at_the_real_vocabulary_is_chunk_sized():
 
     vocab, batch, length, chunk = 262_144, 2, 32, 4
     spec = dataclasses.replace(
-        TinySpec(),
+        PresetSpec(),
         hidden=32,
         heads=2,
         kv_heads=1,
@@ -367,7 +367,7 @@ def test_peak_cuda_memory_at_the_real_vocabulary_and_batch():
     from ftkit.model.load import tiny_config
 
     vocab, batch, length = 262_144, 16, 256
-    spec = dataclasses.replace(TinySpec(), hidden=64, canvas_length=length)
+    spec = dataclasses.replace(PresetSpec(), hidden=64, canvas_length=length)
     model = DiffusionGemmaForBlockDiffusion(tiny_config(spec, vocab)).to("cuda", torch.bfloat16).eval()
     g = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randint(4, vocab, (batch, 32), generator=g, device="cuda")

@@ -14,7 +14,7 @@ from ftkit.diffusion.loss import diffusion_loss
 from ftkit.errors import FtkitError
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.model.shared_stacks import stacks_share_adapters
-from ftkit.recipe.schema import DiffusionSection, LoraSection, QuantSection, TinySpec, recipe_from_dict
+from ftkit.recipe.schema import DiffusionSection, LoraSection, PresetSpec, QuantSection, recipe_from_dict
 from ftkit.run import rundir
 from ftkit.sft.run import train
 
@@ -42,7 +42,7 @@ def _batch(tokenizer):
 
 
 def test_one_adapter_trains_with_the_sum_of_both_stacks_gradients(char_tokenizer):
-    base = build_tiny(TinySpec(**TINY), char_tokenizer)
+    base = build_tiny(PresetSpec(**TINY), char_tokenizer)
     shared = attach_lora(copy.deepcopy(base), SHARED)
     separate = attach_lora(copy.deepcopy(base), SEPARATE)
     assert stacks_share_adapters(shared) and not stacks_share_adapters(separate)
@@ -66,7 +66,7 @@ def test_one_adapter_trains_with_the_sum_of_both_stacks_gradients(char_tokenizer
 def test_saved_adapter_is_standard_and_reloads_tied(char_tokenizer, tmp_path):
     from peft import PeftModel
 
-    base = build_tiny(TinySpec(**TINY), char_tokenizer)
+    base = build_tiny(PresetSpec(**TINY), char_tokenizer)
     shared = attach_lora(copy.deepcopy(base), SHARED)
     _randomize(shared)
     shared.save_pretrained(tmp_path / "shared")
@@ -91,7 +91,7 @@ def test_shared_adapter_on_4bit_experts(char_tokenizer):
     from ftkit.model.quant import QuantizedExperts, quantize_experts
     from ftkit.model.quant.lora import quantized_wrapper_class
 
-    spec = TinySpec(**{**TINY, "hidden": 64, "head_dim": 32, "global_head_dim": 32})
+    spec = PresetSpec(**{**TINY, "hidden": 64, "head_dim": 32, "global_head_dim": 32})
     base = build_tiny(spec, char_tokenizer)
     quantized = copy.deepcopy(base)
     quantize_experts(quantized, QuantSection(mode="4bit", compute_dtype="float32", blocksize=32))

@@ -309,12 +309,12 @@ def test_mixed_precision_reaches_both_loss_paths(tmp_path, loss_chunk):
     from ftkit.diffusion.token_layout import collate, layout_example
     from ftkit.model.char_tokenizer import build_char_tokenizer
     from ftkit.model.load import attach_lora, build_tiny
-    from ftkit.recipe.schema import DiffusionSection, LoraSection, TinySpec
+    from ftkit.recipe.schema import DiffusionSection, LoraSection, PresetSpec
     from ftkit.sft.trainer import DiffusionTrainer
     from ftkit.tasks.sudoku import SudokuTask
 
     tok = build_char_tokenizer()
-    model = attach_lora(build_tiny(TinySpec(**TINY), tok), LoraSection(r=4, alpha=8))
+    model = attach_lora(build_tiny(PresetSpec(**TINY), tok), LoraSection(r=4, alpha=8))
     task = SudokuTask()
     batch = collate(
         [layout_example(tok, task.to_prompt_canvas(e), 96, 256) for e in task.build_dataset("test", 2, 0)],

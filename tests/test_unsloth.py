@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe.schema import LoraSection, ModelSection, QuantSection, TinySpec, recipe_from_dict
+from ftkit.recipe.schema import LoraSection, ModelSection, PresetSpec, QuantSection, recipe_from_dict
 
 TINY_SUDOKU = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "sudoku.yaml")
 REQUIRED = os.environ.get("FTKIT_REQUIRE_UNSLOTH") == "1"
@@ -28,7 +28,7 @@ needs_unsloth = pytest.mark.skipif(
 )
 
 # Widths that are multiples of 32 where bitsandbytes' CPU 4-bit kernel needs it (as tests/test_quant_load.py).
-SPEC = TinySpec(
+SPEC = PresetSpec(
     layers=2,
     hidden=128,
     heads=4,

@@ -17,12 +17,12 @@ from ftkit.diffusion.sample import denoise, row_generators, schedule_kwargs
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.checkpointing import set_gradient_checkpointing
 from ftkit.model.load import attach_lora, tiny_config
-from ftkit.recipe.schema import DiffusionSection, EvalSection, LoraSection, TinySpec
+from ftkit.recipe.schema import DiffusionSection, EvalSection, LoraSection, PresetSpec
 from ftkit.rl.likelihood import position_losses
 from ftkit.tasks.base import Piece, PromptCanvas
 
 W, L = 24, 8
-SPEC = TinySpec(
+SPEC = PresetSpec(
     layers=3,
     hidden=48,
     heads=2,

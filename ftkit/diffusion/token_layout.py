@@ -40,7 +40,7 @@ class TokenRule:
 
 
 @dataclass(frozen=True)
-class Layout:
+class TokenLayout:
     prompt_ids: list[int]
     # The response, EOS-filled to whole blocks of `canvas_length` (one block, i.e. the canvas, for most tasks).
     canvas_ids: list[int]
@@ -181,7 +181,7 @@ def layout_example(
     example_id: str = "?",
     max_blocks: int | None = 1,
     token_rules: bool = True,
-) -> Layout:
+) -> TokenLayout:
     """Tokenize an example. A response longer than one canvas is an error unless `max_blocks` allows more blocks
     (None: any number; a task opts in with `multi_block = True`). A one-block layout fixes the answer's length
     (its token rules end the text where the pieces end); with more blocks allowed the answer is open-ended.
@@ -219,7 +219,7 @@ def layout_example(
         )
     content = len(canvas)
     pad = blocks * canvas_length - content
-    return Layout(
+    return TokenLayout(
         prompt_ids=prompt_ids,
         canvas_ids=canvas + [tokenizer.eos_token_id] * pad,
         fixed=fixed + [False] * pad,
@@ -234,7 +234,7 @@ def layout_example(
     )
 
 
-def allowed_tokens(layouts: list[Layout], vocab_size: int, device=None, block: int = 0) -> AllowedTokens | None:
+def allowed_tokens(layouts: list[TokenLayout], vocab_size: int, device=None, block: int = 0) -> AllowedTokens | None:
     """Block `block`'s token rules of a batch, for the sampler (`denoise(allowed=...)`); None when no position has
     a rule."""
     rules: dict[TokenRule, int] = {}
@@ -256,7 +256,7 @@ def allowed_tokens(layouts: list[Layout], vocab_size: int, device=None, block: i
     return AllowedTokens(table.to(device), index.to(device))
 
 
-def collate(layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(layouts: list[TokenLayout], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch for the diffusion loss:
 
     - `input_ids` = prompt + the response's real tokens (content and end-of-turn, no EOS fill): the encoder reads it

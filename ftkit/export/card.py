@@ -58,21 +58,21 @@ def model_card(recipe, summary: dict[str, Any], facts: ExportFacts, name: str) -
     from ftkit.hub.push import REPO_ID, _dataset, _eval_lines, _training_lines, card_eval_results
 
     task = recipe.task.name
-    base_model = recipe.model.base if not recipe.is_tiny and REPO_ID.fullmatch(recipe.model.base) else None
+    base_model = recipe.model.base if not recipe.is_random_init and REPO_ID.fullmatch(recipe.model.base) else None
     _, _, hub_dataset = _dataset(recipe)
     kind = ["full-finetune"] if facts.source == "full" else ["lora", "merged"]
     data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=[*EXPORT_TAGS, *kind, task] + ([f"{recipe.model.base}-random-init"] if recipe.is_tiny else []),
+        tags=[*EXPORT_TAGS, *kind, task] + ([f"{recipe.model.base}-random-init"] if recipe.is_random_init else []),
         datasets=[hub_dataset] if hub_dataset else None,
         model_name=name,
         eval_results=card_eval_results(recipe, facts.evaluation) or None,
     )
     what = "full fine-tune" if facts.source == "full" else "LoRA fine-tune, merged"
     lines = [f"# DiffusionGemma {what} for `{task}` (ftkit export)", ""]
-    if recipe.is_tiny:
+    if recipe.is_random_init:
         lines += [
             "> [!NOTE]",
             f"> The base is a random-init *{recipe.model.base}* DiffusionGemma (an ftkit preset), "
@@ -99,7 +99,7 @@ def model_card(recipe, summary: dict[str, Any], facts: ExportFacts, name: str) -
         f"- **Base model:** `{recipe.model.base}`{revision}",
         "- **Architecture:** `DiffusionGemmaForBlockDiffusion`",
         f"- **Weights:** {merged}; no PEFT needed to load them",
-        f"- **Layout:** {layout}",
+        f"- **TokenLayout:** {layout}",
         "- **From:** the run's final weights"
         if facts.checkpoint is None
         else f"- **From:** checkpoint `{facts.checkpoint}` (not the run's final weights)",

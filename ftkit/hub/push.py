@@ -140,7 +140,7 @@ def plan_push(
         raise FtkitError("no repo to push to: pass --repo USER/NAME or set `hub.repo` in the recipe")
     if repo is not None and not REPO_ID.fullmatch(repo):
         raise FtkitError(f"repo {repo!r}: expected a hub repo id of the form USER/NAME")
-    if recipe.is_tiny and not recipe.is_full and not (run_dir / "base" / "config.json").is_file():
+    if recipe.is_random_init and not recipe.is_full and not (run_dir / "base" / "config.json").is_file():
         raise FtkitError(
             f"{run_dir}: a {recipe.model.base}-preset run must hold its base weights in base/; train first"
         )
@@ -214,7 +214,7 @@ def upload_file_names(plan: PushPlan) -> list[str]:
         names.append(EVAL_FILE)
     if plan.rl_comparison is not None:
         names.append(RL_EVAL_FILE)
-    if plan.recipe.is_tiny and not plan.full_model:
+    if plan.recipe.is_random_init and not plan.full_model:
         # The random-init base is part of the model: without it the adapter cannot be loaded by anyone.
         names += sorted(f"base/{p.name}" for p in (run_dir / "base").iterdir() if p.is_file())
     return names
@@ -270,13 +270,13 @@ def card_metadata(plan: PushPlan):
     repo = plan.repo or PLACEHOLDER_REPO
     _, _, hub_dataset = _dataset(recipe)
     results = card_eval_results(recipe, plan.evaluation)
-    base_model = recipe.model.base if not recipe.is_tiny and REPO_ID.fullmatch(recipe.model.base) else None
+    base_model = recipe.model.base if not recipe.is_random_init and REPO_ID.fullmatch(recipe.model.base) else None
     kind = ["full-finetune"] if plan.full_model else ["lora", "peft"]
     return ModelCardData(
         base_model=base_model,
         library_name="transformers" if plan.full_model else "peft",
         pipeline_tag="text-generation",
-        tags=[*CARD_TAGS, *kind, task] + ([f"{recipe.model.base}-random-init"] if recipe.is_tiny else []),
+        tags=[*CARD_TAGS, *kind, task] + ([f"{recipe.model.base}-random-init"] if recipe.is_random_init else []),
         datasets=[hub_dataset] if hub_dataset else None,
         model_name=repo.split("/")[-1],
         eval_results=results or None,
@@ -323,7 +323,7 @@ def model_card(plan: PushPlan) -> str:
     lines = [f"# {repo.split('/')[-1]}: DiffusionGemma {what} for `{task}`", ""]
     if not plan.full_model:
         lines += ["> [!WARNING]", f"> **Do not merge this adapter with PEFT.** {TIED_NOTE}", ""]
-    if recipe.is_tiny and plan.full_model:
+    if recipe.is_random_init and plan.full_model:
         lines += [
             "> [!NOTE]",
             f"> **Trained from scratch:** every weight, from a random-init *{recipe.model.base}* DiffusionGemma "
@@ -331,7 +331,7 @@ def model_card(plan: PushPlan) -> str:
             "nothing about the real model.",
             "",
         ]
-    elif recipe.is_tiny:
+    elif recipe.is_random_init:
         lines += [
             "> [!NOTE]",
             f"> **The base model is a random-init *{recipe.model.base}* DiffusionGemma** (an ftkit preset), not a "
@@ -344,7 +344,7 @@ def model_card(plan: PushPlan) -> str:
     base_desc = (
         f"{recipe.model.base} random-init DiffusionGemma"
         + (" (trained from scratch)" if plan.full_model else " (weights in `base/` of this repo)")
-        if recipe.is_tiny
+        if recipe.is_random_init
         else f"`{recipe.model.base}`" + (f" (revision `{recipe.model.revision}`)" if recipe.model.revision else "")
     )
     lines += [
@@ -572,7 +572,7 @@ def _load_snippet(recipe, repo: str, full_model: bool = False) -> list[str]:
         "from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion",
         "",
     ]
-    if recipe.is_tiny:
+    if recipe.is_random_init:
         lines.append(f'base = DiffusionGemmaForBlockDiffusion.from_pretrained("{repo}", subfolder="base")')
     elif recipe.quant.mode == "4bit":
         q = recipe.quant

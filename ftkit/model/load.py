@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 
 from ftkit.errors import FtkitError
-from ftkit.recipe.schema import PRESETS, LoraSection, ModelSection, QuantSection, TinySpec
+from ftkit.recipe.schema import PRESETS, LoraSection, ModelSection, PresetSpec, QuantSection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,7 +44,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 KEEP_UNQUANTIZED = (r".*\.router", r".*\.self_conditioning", r".*vision_tower", r".*embed_vision", "lm_head")
 
 
-def tiny_config(spec: TinySpec, vocab_size: int, pad_id: int = 0, eos_id: int = 1, bos_id: int = 2):
+def tiny_config(spec: PresetSpec, vocab_size: int, pad_id: int = 0, eos_id: int = 1, bos_id: int = 2):
     """A DiffusionGemma config with the real architecture (sliding + full attention layers, MoE beside a dense MLP,
     k=v global layers, self-conditioning) at CPU-friendly width. The vision tower is kept minimal."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaTextConfig, Gemma4VisionConfig
@@ -89,7 +89,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, pad_id: int = 0, eos_id: int = 
     )
 
 
-def build_tiny(spec: TinySpec, tokenizer) -> torch.nn.Module:
+def build_tiny(spec: PresetSpec, tokenizer) -> torch.nn.Module:
     from transformers import DiffusionGemmaForBlockDiffusion
 
     config = tiny_config(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)

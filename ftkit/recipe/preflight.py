@@ -31,7 +31,7 @@ def _config(recipe, tokenizer):
     from ftkit.model.load import tiny_config
 
     model = recipe.model
-    if recipe.is_tiny:
+    if recipe.is_random_init:
         return tiny_config(
             model.tiny, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
         )
@@ -80,11 +80,11 @@ def check_model(recipe, where: str) -> list[str]:
     from transformers import DiffusionGemmaForBlockDiffusion
 
     tokenizer = None
-    if recipe.is_tiny:
+    if recipe.is_random_init:
         from ftkit.model.char_tokenizer import build_char_tokenizer
 
         tokenizer = build_char_tokenizer()
-    section = "model.tiny" if recipe.is_tiny else "model"
+    section = "model.tiny" if recipe.is_random_init else "model"
     try:
         config = _config(recipe, tokenizer)
     except (ValueError, TypeError) as e:
@@ -108,7 +108,7 @@ def check_model(recipe, where: str) -> list[str]:
     else:
         _attach(model, recipe, where)
         notes = [f"model built on the meta device ({parameters:,} parameters) with its LoRA adapter"]
-    if recipe.is_tiny:
+    if recipe.is_random_init:
         notes.append(_smoke_step(recipe, tokenizer, parameters, where))
     return notes
 

@@ -27,7 +27,7 @@ REAL_BASE = "google/diffusiongemma-26B-A4B-it"
 
 
 @dataclass(frozen=True)
-class TinySpec:
+class PresetSpec:
     """Dimensions of the random-init `tiny` preset: the same classes as the real model, small enough for CPU."""
 
     layers: int = 2
@@ -49,9 +49,9 @@ class TinySpec:
 # The random-init presets `model.base` can name. `model.tiny` holds the dimensions; the keys a recipe leaves out of it
 # take the named preset's values (`tiny`: CPU tests and demos; `small`: ~8M parameters, from-scratch training on a
 # GPU, e.g. recipes/small/sudoku.yaml).
-PRESETS: dict[str, TinySpec] = {
-    TINY: TinySpec(),
-    SMALL: TinySpec(
+PRESETS: dict[str, PresetSpec] = {
+    TINY: PresetSpec(),
+    SMALL: PresetSpec(
         layers=6,
         hidden=256,
         heads=8,
@@ -76,7 +76,7 @@ class ModelSection:
     # How the base is loaded: transformers' from_pretrained (ftkit's 4-bit path: experts streamed through the GPU)
     # or Unsloth's FastDiffusionModel (pip install ftkit[unsloth]; its 4-bit/8-bit loading). docs/performance.md.
     loader: Literal["transformers", "unsloth"] = "transformers"
-    tiny: TinySpec = field(default_factory=TinySpec)  # preset dimensions (defaults shown: the `tiny` preset's)
+    tiny: PresetSpec = field(default_factory=PresetSpec)  # preset dimensions (defaults shown: the `tiny` preset's)
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @property
-    def is_tiny(self) -> bool:
+    def is_random_init(self) -> bool:
         """A random-init preset (`tiny` or `small`): built from `model.tiny`, its base saved under RUN/base."""
         return self.model.base in PRESETS
 

@@ -18,7 +18,7 @@ import torch
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import denoise, schedule_kwargs
-from ftkit.diffusion.token_layout import Layout, canvas_to_text, end_of_turn_id, stop_token_ids
+from ftkit.diffusion.token_layout import TokenLayout, canvas_to_text, end_of_turn_id, stop_token_ids
 from ftkit.evaluation.evaluate import MAX_RENOISE_ROUNDS, flagged_tokens, rows_verifier
 from ftkit.recipe.schema import EvalSection, RLSection
 from ftkit.rl.objective import group_advantages, position_advantages, sample_entropy, scale_negatives
@@ -41,7 +41,7 @@ def seeded_generator(seed: int, device) -> torch.Generator:
 class Round:
     index: int
     prompts: list[int]  # training-example index of each group
-    samples: list[Layout]  # per sample (group-major): its prompt layout with the sampled canvas as canvas_ids
+    samples: list[TokenLayout]  # per sample (group-major): its prompt layout with the sampled canvas as canvas_ids
     outputs: list[str]  # decoded text per sample
     rewards: torch.Tensor  # (N,) weighted reward
     satisfied: torch.Tensor  # (N,) fraction of constraints satisfied
@@ -76,7 +76,7 @@ class Round:
         }
 
 
-def chosen_positions(layout: Layout, stops, token_masks: bool) -> list[bool]:
+def chosen_positions(layout: TokenLayout, stops, token_masks: bool) -> list[bool]:
     """Per canvas position of a one-block layout: whether the sampled token there is the policy's choice. Not a
     clamped position, and not one whose token rule admits only stop tokens (past a one-block layout's pieces,
     under `eval.token_masks`): every sample ends there, the masked policy gives that token probability 1 whatever
@@ -119,7 +119,7 @@ class Rollout:
         task,
         tokenizer,
         examples: list[Example],
-        layouts: list[Layout],
+        layouts: list[TokenLayout],
         rl: RLSection,
         sampler_cfg: EvalSection,
         seed: int,
@@ -251,7 +251,7 @@ class Rollout:
         return clean
 
 
-def _sample_layout(layout: Layout, row: list[int], stops: set[int]) -> Layout:
+def _sample_layout(layout: TokenLayout, row: list[int], stops: set[int]) -> TokenLayout:
     """The prompt's layout with a sampled canvas as its one block: the encoder reads the prompt and the sample up to
     and including its first stop token, as it reads an SFT answer."""
     content = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))

@@ -295,7 +295,7 @@ def _rl(
         if start.checkpoint is not None and from_adapter:
             check_reference(run_dir)
         tokenizer = load_tokenizer(recipe.model, run_dir if start.checkpoint else init_dir)
-        canvas_length = recipe.model.tiny.canvas_length if recipe.is_tiny else None
+        canvas_length = recipe.model.tiny.canvas_length if recipe.is_random_init else None
         if canvas_length is None:
             from transformers import AutoConfig
 

@@ -407,7 +407,7 @@ def check_run_inputs(run_dir: Path, recipe) -> None:
                 f"{run_dir / name}: {what}; it is the run's copy of the base model's tokenizer: restore "
                 "it from the base model (or a copy of the run)"
             )
-    if recipe.is_tiny:
+    if recipe.is_random_init:
         base = run_dir / BASE_DIR
         weights = sorted(base.glob("*.safetensors")) or [base / "model.safetensors"]
         for path in (base / "config.json", *weights):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from ftkit.diffusion.token_layout import Layout, collate
+from ftkit.diffusion.token_layout import TokenLayout, collate
 from ftkit.errors import FtkitError
 from ftkit.model.compat import checkpointing_arguments
 from ftkit.recipe.schema import Recipe
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class Collator:
     pad_id: int
 
-    def __call__(self, layouts: list[Layout]) -> dict[str, torch.Tensor]:
+    def __call__(self, layouts: list[TokenLayout]) -> dict[str, torch.Tensor]:
         return collate(layouts, self.pad_id)
 
 
@@ -48,7 +48,7 @@ def training_arguments(recipe: Recipe, run_dir: Path):
     cuda = torch.cuda.is_available()
     # A preset holds fp32 weights whatever model.dtype says, as does full training (make_fully_trainable): on a GPU
     # they compute in bf16 under autocast when the recipe asks for it.
-    bf16 = cuda and recipe.model.dtype == "bfloat16" and (recipe.is_full or not recipe.is_tiny)
+    bf16 = cuda and recipe.model.dtype == "bfloat16" and (recipe.is_full or not recipe.is_random_init)
     try:
         return _training_arguments(TrainingArguments, recipe, run_dir, t, cuda, bf16)
     except (TypeError, ValueError) as e:  # a value TrainingArguments itself rejects (the recipe checked the types)
@@ -204,7 +204,7 @@ def _train(
         # Data and tokenizer problems surface before the run directory holds anything; anything failing later
         # (before training starts) removes a run directory this call created.
         tokenizer = load_tokenizer(recipe.model, run_dir if start.checkpoint else None)
-        canvas_length = recipe.model.tiny.canvas_length if recipe.is_tiny else None
+        canvas_length = recipe.model.tiny.canvas_length if recipe.is_random_init else None
         if canvas_length is None:
             from transformers import AutoConfig
 

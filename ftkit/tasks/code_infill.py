@@ -11,7 +11,7 @@ Data:
 * `data_path`: JSONL, one object a line: {"prefix", "middle", "suffix"} strings, optional "test" + "entry_point"
   (HumanEval style: `test` defines `check(candidate)`), optional "head" (context before the canvas) and "id".
 
-Layout: the canvas is prefix (fixed piece) + middle (free) + suffix (fixed piece). The free span has the
+TokenLayout: the canvas is prefix (fixed piece) + middle (free) + suffix (fixed piece). The free span has the
 ground-truth ("oracle") length in tokens, as in infilling benchmarks that give the span length; the model may end
 early with EOS, which shortens the output and is caught by the suffix check. The prompt shows the whole context
 with a `<HOLE>` marker where the middle goes.

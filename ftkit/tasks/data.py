@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ftkit.diffusion.token_layout import Layout, layout_example, task_max_blocks
+from ftkit.diffusion.token_layout import TokenLayout, layout_example, task_max_blocks
 from ftkit.errors import FtkitError
 from ftkit.tasks.base import Example
 
@@ -211,7 +211,7 @@ def _say_if_fewer(task, data_path: str | None, split: str, asked: int, built: in
 
 
 def load_layouts(task, examples_ds, tokenizer, canvas_length: int, max_prompt_length: int):
-    """The examples' token layouts as a `datasets.Dataset` (the Layout fields), tokenized once per fingerprint.
+    """The examples' token layouts as a `datasets.Dataset` (the TokenLayout fields), tokenized once per fingerprint.
 
     An example that does not fit (prompt over `max_prompt_length`, a canvas longer than the model's) is an error
     naming it, or, for a task whose `skip_bad_rows` is true, left out and counted in a warning."""
@@ -292,16 +292,16 @@ def _empty_layout() -> dict[str, Any]:
     }
 
 
-# The Layout fields a training layout is stored with (its sampler token rules are not needed for training).
+# The TokenLayout fields a training layout is stored with (its sampler token rules are not needed for training).
 _STORED = ("prompt_ids", "canvas_ids", "fixed", "content_length", "char_starts", "canvas_length")
 
 
-def row_to_layout(row: dict[str, Any]) -> Layout:
-    return Layout(**{name: row[name] for name in _STORED})
+def row_to_layout(row: dict[str, Any]) -> TokenLayout:
+    return TokenLayout(**{name: row[name] for name in _STORED})
 
 
 class LayoutDataset:
-    """A torch map-style dataset over a layouts `datasets.Dataset`: rows become `Layout`s as they are read."""
+    """A torch map-style dataset over a layouts `datasets.Dataset`: rows become `TokenLayout`s as they are read."""
 
     def __init__(self, layouts):
         self.layouts = layouts
@@ -309,7 +309,7 @@ class LayoutDataset:
     def __len__(self) -> int:
         return len(self.layouts)
 
-    def __getitem__(self, i: int) -> Layout:
+    def __getitem__(self, i: int) -> TokenLayout:
         return row_to_layout(self.layouts[int(i)])
 
 
