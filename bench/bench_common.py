@@ -124,7 +124,8 @@ def build_checkpoint(path: Path, layers: int, tiny: bool) -> dict:
 
 
 def synthetic_batch(batch: int, prompt: int, canvas: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A collated batch (ftkit.diffusion.token_layout.collate) of random prompts and canvases, identical for every method."""
+    """A collated batch (ftkit.diffusion.token_layout.collate) of random prompts and canvases, the same for every
+    method."""
     from ftkit.diffusion.token_layout import TokenLayout, collate
 
     g = torch.Generator().manual_seed(seed)

@@ -233,7 +233,8 @@ def test_recipes_validate():
 
 
 def test_metrics_of_examples_from_elsewhere():
-    # e.g. `ftkit generate` inputs: no length bin, no data file behind `source`; counted once, compared to built-in data.
+    # e.g. `ftkit generate` inputs: no length bin, no data file behind `source`; counted once, compared to built-in
+    # data.
     task = make_task("protein", {})
     ex = Example(id="input", question={"length": 60, "motif": []}, answer=REAL[:60], meta={"source": "input"})
     m = task.metrics([ex], [ex.answer])

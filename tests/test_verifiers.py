@@ -108,7 +108,8 @@ def test_python_checker(tmp_path, monkeypatch):
     (tmp_path / "my_checks.py").write_text(
         "from ftkit.tasks.base import Violation\n"
         "def even(output, example):\n    return output.strip().isdigit() and int(output) % 2 == 0\n"
-        "def spans(output, example):\n    return [('vowel', 'no vowels', [i for i, c in enumerate(output) if c in 'aeiou'])]\n"
+        "def spans(output, example):\n"
+        "    return [('vowel', 'no vowels', [i for i, c in enumerate(output) if c in 'aeiou'])]\n"
         "def broken(output, example):\n    raise ValueError('boom')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -5,8 +5,8 @@ piece fixed — the sampler clamps it — or free), checks a model output agains
 metrics. It also reads a user's raw input for `ftkit generate` (`example_from_input`), may bring its own look
 (`view`, see `ftkit.tasks.view`) and may score an output for reinforcement learning (`reward`, optional: the default
 is derived from `check`). Everything is text: the tokenizer (the tiny character tokenizer or Gemma's) is applied by
-`ftkit.diffusion.token_layout`, so a task never sees token ids. Tasks of other packages register through the entry point group
-`ftkit.tasks`.
+`ftkit.diffusion.token_layout`, so a task never sees token ids. Tasks of other packages register through the entry
+point group `ftkit.tasks`.
 """
 
 from __future__ import annotations

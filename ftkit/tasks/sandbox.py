@@ -76,7 +76,8 @@ class WeakSandboxRefused(FtkitError):
 
 
 ENABLE_NAMESPACES = (
-    "enable unprivileged user namespaces (Ubuntu 23.10+: `sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`;"
+    "enable unprivileged user namespaces (Ubuntu 23.10+: "
+    "`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`;"
     " Debian and older kernels: `sudo sysctl -w kernel.unprivileged_userns_clone=1`; needs `unshare` and `setpriv` "
     "from util-linux)"
 )

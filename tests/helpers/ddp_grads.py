@@ -2,10 +2,9 @@
 
 usage: torchrun --nproc_per_node 2 tests/helpers/ddp_grads.py OUT_DIR LOSS_CHUNK [4bit] [shared]
 Each rank builds the same tiny LoRA model (with `4bit`: its experts quantized by ftkit.model.quant, fp32 compute; with
-`shared`: one adapter for both stacks, lora.shared_stacks), takes
-its own batch, runs the same forward/backward twice through a DistributedDataParallel wrapper over gloo and saves its LoRA
-gradients to OUT_DIR/rank{R}.pt and the names of the buffers DDP syncs before each forward to
-OUT_DIR/rank{R}-synced-buffers.txt.
+`shared`: one adapter for both stacks, lora.shared_stacks), takes its own batch, runs the same forward/backward
+twice through a DistributedDataParallel wrapper over gloo and saves its LoRA gradients to OUT_DIR/rank{R}.pt and the
+names of the buffers DDP syncs before each forward to OUT_DIR/rank{R}-synced-buffers.txt.
 `setup` is shared with the test, which computes the same step without DDP.
 """
 
