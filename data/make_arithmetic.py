@@ -10,7 +10,8 @@ Each line is one chat in the `messages` format the chat task reads:
 
 One worked line per step, then GSM8K's `#### answer` line, so the `exact` verifier with
 `answer_regex: "####\\s*(-?\\d+)"` checks it. Problems have 1 to 6 steps; with 4 or more the answer is longer than
-the tiny recipe's 48-token canvas, so training and generation go block after block. Each step adds or takes 1..9 and the count never goes below zero.
+the tiny recipe's 48-token canvas, so training and generation go block after block. Each step adds or takes 1..9
+and the count never goes below zero.
 """
 
 from __future__ import annotations
