@@ -255,9 +255,10 @@ def test_an_unprivileged_user_cannot_read_its_own_token_file(fake_home):
     pkg = Path(tempfile.mkdtemp(prefix="ftkit-pkg-"))
     try:
         os.chmod(pkg, 0o755)
-        (pkg / "ftkit").mkdir()
-        for name in ("__init__.py", "errors.py", "sandbox.py"):
+        (pkg / "ftkit" / "tasks").mkdir(parents=True)
+        for name in ("__init__.py", "errors.py", "tasks/sandbox.py"):
             shutil.copyfile(PROJECT / "ftkit" / name, pkg / "ftkit" / name)
+        (pkg / "ftkit" / "tasks" / "__init__.py").write_text("")  # the sandbox alone, without the task plugins
         script = pkg / "probe.py"
         script.write_text(
             "import json, os, sys\n"
