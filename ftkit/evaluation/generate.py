@@ -207,29 +207,13 @@ def generate_one(
     """Denoise one raw input with the run's model (clamped fixed pieces, block after block); check it; optionally
     show/save the steps. `task_name`: refuse a run of another task before loading anything (`ftkit solve`).
     `on_block(k, text, last)` gets each block's text as it lands."""
-    from ftkit.diffusion.blocks import denoise_blocks
-    from ftkit.diffusion.sample import row_generators, schedule_kwargs
     from ftkit.diffusion.token_layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
+    from ftkit.evaluation.request import check_answer_budget
     from ftkit.run.rundir import load_run
 
-    for flag, value in (("--steps", steps), ("--max-new-tokens", max_new_tokens)):
-        if value is not None and value <= 0:
-            raise FtkitError(f"{flag} must be > 0, got {value}")
-    traj_path = check_trajectory_path(save_trajectory) if save_trajectory is not None else None
-    if not text or not text.strip():
-        raise FtkitError("generate: the input is empty")
-    if task_name is not None:
-        trained = run_task_name(run_dir)
-        if trained != task_name:
-            raise FtkitError(
-                f"{run_dir}: a {trained} run, not a {task_name} run; use `ftkit generate {run_dir} -i INPUT` for it"
-            )
-
+    traj_path = _check_request(run_dir, text, steps, save_trajectory, max_new_tokens, task_name)
     run = load_run(run_dir, adapter=not base_only)
-    from ftkit.evaluation.evaluate import check_answer_budget
-
     check_answer_budget(run.task, max_new_tokens)
-    cfg = run.recipe.eval
     example = example_from_input(run.task, text)
     pc = run.task.to_prompt_canvas(example)
     lay = layout_example(
@@ -237,47 +221,12 @@ def generate_one(
     )
     cmap = _canvas_map(pc.pieces, lay.char_starts)
     stops = stop_token_ids(run.tokenizer)
-    device = next(run.model.parameters()).device
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-
-    verifier = None
-    if cfg.verifier_renoise:
-        from ftkit.evaluation.evaluate import rows_verifier
-
-        verifier = rows_verifier(run.tokenizer, run.task, [example])
-
-    def landed(k, rows, canvas, last):
-        if on_block is not None:
-            on_block(k, canvas_to_text(run.tokenizer, canvas[0].tolist()), last[0])
-
-    n_steps = steps or cfg.steps
-    result = denoise_blocks(
-        run.model,
-        [lay],
-        generators=row_generators(seed, 1, device),
-        max_new_tokens=max_new_tokens or cfg.max_new_tokens or run.canvas_length,
-        stop_ids=stops,
-        pad_id=pad_id,
-        verifier=verifier,
-        on_block=landed,
-        steps=n_steps,
-        **schedule_kwargs(cfg),
-        clamp=True,
-        record_trajectory=live or traj_path is not None,
-        vocab_size=run.model.config.get_text_config().vocab_size if cfg.token_masks else None,
-    )
+    record = live or traj_path is not None
+    n_steps = steps or run.recipe.eval.steps
+    result = _denoise_input(run, example, lay, stops, n_steps, seed, max_new_tokens, record, on_block)
     tokens = result.tokens[0]
     output = canvas_to_text(run.tokenizer, tokens)
     answer = _frame(run.tokenizer, _until_stop(tokens, set(stops)), cmap, "answer")
-    frames = []
-    if live or traj_path is not None:
-        length = run.canvas_length
-        for k, steps_of_block in enumerate(result.trajectories):
-            prefix = f"block {k + 1} · " if result.blocks[0] > 1 else ""
-            for i, canvas in enumerate(steps_of_block):
-                label = prefix + ("start (noise)" if i == 0 else f"step {i}")
-                frames.append(_frame(run.tokenizer, tokens[: k * length] + canvas[0].tolist(), cmap, label))
-        frames.append(answer)
     out = GenerateResult(
         task_name=run.task.name,
         run_dir=Path(run_dir),
@@ -294,13 +243,83 @@ def generate_one(
         answer=answer,
         view=view_of(run.task),
         blocks=result.blocks[0],
-        frames=frames,
+        frames=_trajectory_frames(run, result, cmap, answer) if record else [],
     )
     if live:
         replay_live(out, console=console)
     if traj_path is not None:
         out.trajectory_file = save_trajectory_image(out, traj_path)
     return out
+
+
+def _check_request(run_dir, text: str, steps, save_trajectory, max_new_tokens, task_name) -> Path | None:
+    """The flags' own errors, before a model is loaded; returns the trajectory file to write, if any."""
+    for flag, value in (("--steps", steps), ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value <= 0:
+            raise FtkitError(f"{flag} must be > 0, got {value}")
+    traj_path = check_trajectory_path(save_trajectory) if save_trajectory is not None else None
+    if not text or not text.strip():
+        raise FtkitError("generate: the input is empty")
+    if task_name is not None:
+        trained = run_task_name(run_dir)
+        if trained != task_name:
+            raise FtkitError(
+                f"{run_dir}: a {trained} run, not a {task_name} run; use `ftkit generate {run_dir} -i INPUT` for it"
+            )
+    return traj_path
+
+
+def _denoise_input(run, example: Example, lay, stops, n_steps: int, seed: int, max_new_tokens, record: bool, on_block):
+    """Denoise the one laid-out input block after block with the recipe's eval settings (clamped; verifier-guided
+    when the recipe says so); `on_block(k, text, last)` hears each block as it lands."""
+    from ftkit.diffusion.blocks import denoise_blocks
+    from ftkit.diffusion.sample import row_generators, schedule_kwargs
+    from ftkit.diffusion.token_layout import canvas_to_text
+
+    cfg = run.recipe.eval
+    device = next(run.model.parameters()).device
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+
+    verifier = None
+    if cfg.verifier_renoise:
+        from ftkit.evaluation.verify import rows_verifier
+
+        verifier = rows_verifier(run.tokenizer, run.task, [example])
+
+    def landed(k, rows, canvas, last):
+        if on_block is not None:
+            on_block(k, canvas_to_text(run.tokenizer, canvas[0].tolist()), last[0])
+
+    return denoise_blocks(
+        run.model,
+        [lay],
+        generators=row_generators(seed, 1, device),
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens or run.canvas_length,
+        stop_ids=stops,
+        pad_id=pad_id,
+        verifier=verifier,
+        on_block=landed,
+        steps=n_steps,
+        **schedule_kwargs(cfg),
+        clamp=True,
+        record_trajectory=record,
+        vocab_size=run.model.config.get_text_config().vocab_size if cfg.token_masks else None,
+    )
+
+
+def _trajectory_frames(run, result, cmap: CanvasMap, answer: Frame) -> list[Frame]:
+    """The recorded trajectory as frames: each block's start and steps (earlier blocks' tokens before it), then the
+    answer."""
+    tokens = result.tokens[0]
+    length = run.canvas_length
+    frames = []
+    for k, steps_of_block in enumerate(result.trajectories):
+        prefix = f"block {k + 1} · " if result.blocks[0] > 1 else ""
+        for i, canvas in enumerate(steps_of_block):
+            label = prefix + ("start (noise)" if i == 0 else f"step {i}")
+            frames.append(_frame(run.tokenizer, tokens[: k * length] + canvas[0].tolist(), cmap, label))
+    frames.append(answer)
+    return frames
 
 
 # ----------------------------------------------------------------------------------------------------------------
