@@ -6,7 +6,8 @@
 - `verify`: the task's checker as the verifier of verifier-guided sampling (`flagged_tokens`, `rows_verifier`).
 - `result_files`: which file a result goes into, which weights it measured, whether it is the run's own.
 - `report`: `EvalReport` and how results print (`render_table`, `render_sweep`, `describe_file`).
-- `generate`: one raw input denoised and shown (`ftkit generate` / `solve`).
+- `generate`: one raw input denoised and shown (`ftkit generate` / `solve`); `trajectory`: its steps replayed
+  live or written as a PNG contact sheet / GIF.
 """
 
 from ftkit.evaluation.core import best_of_n, evaluate_examples, score_outputs

@@ -5,9 +5,8 @@ calls it for a run directory. Every example gets its own random generator seeded
 result does not depend on the batch size and two modes compared on the same seed share their first denoising pass
 exactly.
 
-Compute in a comparison. A verifier-guided row may spend up to (1 + rounds) x steps decoder forwards per example,
-so `--compare-verifier` adds an equal-forwards baseline: plain sampling best-of-n (`best_of_n`), the sample the
-task's checker flags least kept per example (`sample_seed` seeds the extra samples).
+`best_of_n` combines independent plain samples (seeded by `sample_seed`) into one report: per example the sample the
+task's checker flags least, the equal-forwards baseline of a verifier-guided row.
 """
 
 from __future__ import annotations
