@@ -47,12 +47,12 @@ def ensure_trained(task: str, runs: Path) -> Path:
 
 
 def rows(run_dir: Path) -> list[tuple[str, str, str, dict, float]]:
-    from ftkit.evaluation.evaluate import evaluate_run
+    from ftkit.evaluation import EvalRequest, evaluate_run
 
     out = []
     for model, base in (("base", True), ("tuned", False)):
         for masks in (False, True):
-            report = evaluate_run(run_dir, base_only=base, compare_verifier=True, token_masks=masks)
+            report = evaluate_run(EvalRequest(run_dir, base_only=base, compare_verifier=True, token_masks=masks))
             for mode, result in report["modes"].items():
                 out.append(
                     (model, "on" if masks else "off", mode, result["metrics"], result["decoder_forwards_per_example"])

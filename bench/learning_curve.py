@@ -95,7 +95,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 def evaluate_points(run_dir: Path, num_examples: int | None) -> list[dict]:
     """Step 0 (the untrained base) and every checkpoint, on the same examples and seeds."""
-    from ftkit.evaluation.evaluate import evaluate_run
+    from ftkit.evaluation import EvalRequest, evaluate_run
     from ftkit.recipe.schema import load_recipe
     from ftkit.run import rundir
 
@@ -109,9 +109,9 @@ def evaluate_points(run_dir: Path, num_examples: int | None) -> list[dict]:
     points = []
     for step in [0, *checkpoint_steps(run_dir)]:
         report = (
-            evaluate_run(run_dir, num_examples=num_examples, base_only=True)
+            evaluate_run(EvalRequest(run_dir, num_examples=num_examples, base_only=True))
             if step == 0
-            else evaluate_run(run_dir, num_examples=num_examples, checkpoint=f"checkpoint-{step}")
+            else evaluate_run(EvalRequest(run_dir, num_examples=num_examples, checkpoint=f"checkpoint-{step}"))
         )
         logged = [s for s in losses if s <= step]
         points.append(

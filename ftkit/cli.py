@@ -348,12 +348,12 @@ def eval_(
 
     Only the recipe's own evaluation writes eval.json (what push publishes); others write e.g. eval_train_n2.json."""
     _quiet_libraries()
-    from ftkit.evaluation.evaluate import describe_file, evaluate_run, render_sweep, render_table
+    from ftkit.evaluation import EvalRequest, describe_file, evaluate_run, render_sweep, render_table
     from ftkit.tasks.sandbox import SandboxPolicy
 
     sweep = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else None
     with SandboxPolicy(allow_weak=allow_weak_sandbox), EvalProgress(console) as progress:
-        report = evaluate_run(
+        request = EvalRequest(
             run_dir,
             split=split,
             steps=steps,
@@ -364,10 +364,10 @@ def eval_(
             compare_verifier=compare_verifier,
             checkpoint=checkpoint,
             data_path=str(data) if data is not None else None,
-            progress=progress,
             token_masks=token_masks,
             max_new_tokens=max_new_tokens,
         )
+        report = evaluate_run(request, progress=progress)
     out.print(render_table(report))
     if report.get("sweep"):
         out.print(render_sweep(report))

@@ -13,8 +13,12 @@ import torch
 from rich.console import Console
 
 import ftkit.evaluation.evaluate as ev
-from ftkit.diffusion.sample import DenoiseResult
+from ftkit.diffusion.sample import DenoiseResult, denoise
 from ftkit.diffusion.token_layout import layout_example
+from ftkit.errors import FtkitError
+from ftkit.evaluation import core, result_files, verify
+from ftkit.evaluation.report import EvalReport, describe_file, render_table
+from ftkit.evaluation.request import EvalRequest
 from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection
@@ -67,7 +71,7 @@ def test_oracle_outputs_score_perfectly(tokenizer, rows_on_lines, model):
     examples = task.build_dataset("test", 5, seed=0)
     layouts = [layout_example(tokenizer, task.to_prompt_canvas(ex), CANVAS, 512) for ex in examples]
     seen = []
-    report = ev.evaluate_examples(
+    report = core.evaluate_examples(
         model,
         tokenizer,
         task,
@@ -93,17 +97,17 @@ def test_one_wrong_cell_is_not_perfect(tokenizer, task, examples):
     blank = examples[0].question.index("0")
     wrong = "1" if outputs[0][blank] != "1" else "2"
     outputs[0] = outputs[0][:blank] + wrong + outputs[0][blank + 1 :]
-    metrics, violations = ev.score_outputs(task, examples, outputs)
+    metrics, violations = core.score_outputs(task, examples, outputs)
     assert metrics["solve_rate"] == pytest.approx(2 / 3)
     assert violations[0] and not violations[1] and not violations[2]
 
 
 def test_char_positions_to_tokens_with_multichar_tokens():
     starts, end, length = [0, 2, 5], 3, 7  # tokens "ab", "cde", "fg" then EOS at index 3
-    assert ev.char_positions_to_tokens([0, 1], starts, end, length, 8) == [0]
-    assert ev.char_positions_to_tokens([3, 6], starts, end, length, 8) == [1, 2]
+    assert verify.char_positions_to_tokens([0, 1], starts, end, length, 8) == [0]
+    assert verify.char_positions_to_tokens([3, 6], starts, end, length, 8) == [1, 2]
     # Characters a checker pads past the decoded text land on the EOS and the positions after it.
-    assert ev.char_positions_to_tokens([7, 8, 30], starts, end, length, 8) == [3, 4]
+    assert verify.char_positions_to_tokens([7, 8, 30], starts, end, length, 8) == [3, 4]
 
 
 def test_verifier_points_at_clashing_free_cells(tokenizer):
@@ -117,10 +121,10 @@ def test_verifier_points_at_clashing_free_cells(tokenizer):
     canvas = list(lay.canvas_ids)
     char = cell + cell // 9
     canvas[char] = tokenizer.convert_tokens_to_ids(cells[cell + 1])
-    reported = ev.make_verifier(tokenizer, task, [ex])(torch.tensor([canvas]))[0]
+    reported = verify.make_verifier(tokenizer, task, [ex])(torch.tensor([canvas]))[0]
     assert char in reported
     assert all(not lay.fixed[p] for p in reported)  # clashes only name blank cells, never givens
-    assert ev.make_verifier(tokenizer, task, [ex])(torch.tensor([lay.canvas_ids])) == [[]]
+    assert verify.make_verifier(tokenizer, task, [ex])(torch.tensor([lay.canvas_ids])) == [[]]
 
 
 def test_real_sampler_respects_givens_and_budget(model, tokenizer, task, examples):
@@ -128,10 +132,10 @@ def test_real_sampler_respects_givens_and_budget(model, tokenizer, task, example
     calls = []
 
     def recording_denoise(*args, **kwargs):
-        calls.append((args, kwargs, ev.denoise(*args, **kwargs)))
+        calls.append((args, kwargs, denoise(*args, **kwargs)))
         return calls[-1][2]
 
-    plain = ev.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, False, sampler=recording_denoise)
+    plain = core.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, False, sampler=recording_denoise)
     assert len(calls) == 2
     for _args, kwargs, result in calls:
         canvas_init, fixed = kwargs["canvas_init"], kwargs["fixed_mask"]
@@ -140,7 +144,7 @@ def test_real_sampler_respects_givens_and_budget(model, tokenizer, task, example
     # (With eval.token_masks off the decoded text may still lose givens: see the token-mask test below.)
     assert plain.mean_steps_used <= 2 and plain.forward_passes == 4
     assert plain.num_examples == 3 and plain.tokens_per_forward > 0
-    guided = ev.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, True, max_renoise_rounds=1)
+    guided = core.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, True, max_renoise_rounds=1)
     assert guided.renoised_cells > 0  # a random model breaks constraints, so the verifier has work
     assert guided.mean_steps_used > plain.mean_steps_used
 
@@ -173,7 +177,7 @@ def test_evaluate_run_writes_files_atomically(tmp_path, monkeypatch, model, toke
 
     progress = []
     report = ev.evaluate_run(
-        tmp_path, sweep_steps=[1, 2], compare_verifier=True, progress=lambda *args: progress.append(args)
+        EvalRequest(tmp_path, sweep_steps=[1, 2], compare_verifier=True), progress=lambda *args: progress.append(args)
     )
     assert adapters == [True]
     on_disk = json.loads((tmp_path / "eval.json").read_text())
@@ -202,13 +206,13 @@ def test_evaluate_run_writes_files_atomically(tmp_path, monkeypatch, model, toke
     assert all(s.parent == d.parent and s != d for s, d in json_renames)  # temp file beside the target
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
-    table = render_text(ev.render_table(report))
+    table = render_text(render_table(report))
     assert "solve_rate" in table and "tokens per forward" in table and "decoder forwards / example" in table
     assert "plain sampling (up to 2 steps)" in table
     assert "verifier-guided sampling (up to 2 steps, then up to 2 re-noising rounds of up to 2)" in table
     assert f"plain sampling, best of {best['samples']} (up to 2 steps each)" in table
 
-    ev.evaluate_run(tmp_path, base_only=True)
+    ev.evaluate_run(EvalRequest(tmp_path, base_only=True))
     assert adapters == [True, False]
     base = json.loads((tmp_path / "eval_base.json").read_text())
     assert base["num_examples"] == 2 and base["adapter"] is False and not base["canonical"]
@@ -216,9 +220,9 @@ def test_evaluate_run_writes_files_atomically(tmp_path, monkeypatch, model, toke
 
 def test_failed_write_keeps_previous_file(tmp_path):
     target = tmp_path / "eval.json"
-    ev.write_json_atomic(target, {"ok": 1})
+    result_files.write_json_atomic(target, {"ok": 1})
     with pytest.raises(TypeError):
-        ev.write_json_atomic(target, {"bad": object()})
+        result_files.write_json_atomic(target, {"bad": object()})
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
 
@@ -234,30 +238,30 @@ def test_partial_eval_leaves_the_canonical_result_untouched(tmp_path, monkeypatc
     monkeypatch.setattr(ev, "_load_run", lambda run_dir, adapter, checkpoint=None: fake_run(model, tokenizer, task))
     (tmp_path / "eval.json").write_text('{"published": true}\n')
     before = (tmp_path / "eval.json").read_bytes()
-    report = ev.evaluate_run(tmp_path, split="train", num_examples=1, steps=1)
+    report = ev.evaluate_run(EvalRequest(tmp_path, split="train", num_examples=1, steps=1))
     assert (tmp_path / "eval.json").read_bytes() == before
     assert report["file"] == "eval_train_n1_steps1.json" and not report["canonical"]
     written = json.loads((tmp_path / "eval_train_n1_steps1.json").read_text())
     assert written["split"] == "train" and written["num_examples"] == 1
-    line = ev.describe_file(report)
+    line = describe_file(report)
     assert "eval_train_n1_steps1.json" in line and "split train" in line and "not touched" in line
     # A flipped sampling mode is not the recipe's evaluation either.
-    assert ev.evaluate_run(tmp_path, verifier_renoise=True)["file"] == "eval_verifier.json"
+    assert ev.evaluate_run(EvalRequest(tmp_path, verifier_renoise=True))["file"] == "eval_verifier.json"
     assert (tmp_path / "eval.json").read_bytes() == before
 
 
 def test_result_names():
     recipe = Recipe(task=TaskSection(name="sudoku", test_size=50), eval=EvalSection(num_examples=100, steps=16))
     own = recipe.eval
-    assert ev.canonical_size(recipe) == 50
-    assert ev.result_name(recipe, own, 50) == ("eval", [])
-    assert ev.result_name(recipe, own, 50, base=True)[0] == "eval_base"
-    assert ev.result_name(recipe, own, 50, checkpoint="checkpoint-100")[0] == "eval_checkpoint-100"
+    assert result_files.canonical_size(recipe) == 50
+    assert result_files.result_name(recipe, own, 50) == ("eval", [])
+    assert result_files.result_name(recipe, own, 50, base=True)[0] == "eval_base"
+    assert result_files.result_name(recipe, own, 50, checkpoint="checkpoint-100")[0] == "eval_checkpoint-100"
     # --data evaluates the whole file; a size is named only when one was asked for (-n).
-    assert ev.result_name(recipe, own, None, data_path="/x/my puzzles.csv")[0] == "eval_data-my-puzzles"
-    assert ev.result_name(recipe, own, 50, data_path="/x/my puzzles.csv")[0] == "eval_data-my-puzzles_n50"
+    assert result_files.result_name(recipe, own, None, data_path="/x/my puzzles.csv")[0] == "eval_data-my-puzzles"
+    assert result_files.result_name(recipe, own, 50, data_path="/x/my puzzles.csv")[0] == "eval_data-my-puzzles_n50"
     other = dataclasses.replace(own, split="train", steps=4, verifier_renoise=True, token_masks=False)
-    stem, why = ev.result_name(recipe, other, 2)
+    stem, why = result_files.result_name(recipe, other, 2)
     assert stem == "eval_train_n2_steps4_verifier_unmasked"
     assert why == ["split train", "2 examples", "4 steps", "verifier-guided", "without token masks"]
 
@@ -270,15 +274,17 @@ def test_canonical_problems(tmp_path):
         "checkpoint": None,
         "num_examples": 50,
         "eval": dataclasses.asdict(recipe.eval),
-        "adapter_sha256": ev.file_sha256(tmp_path / "adapter_model.safetensors"),
+        "adapter_sha256": result_files.file_sha256(tmp_path / "adapter_model.safetensors"),
     }
-    assert ev.canonical_problems(good, recipe, tmp_path) == []
+    assert result_files.canonical_problems(good, recipe, tmp_path) == []
     partial = {**good, "num_examples": 2, "eval": {**good["eval"], "split": "train"}}  # what older ftkit wrote
-    problems = ev.canonical_problems(partial, recipe, tmp_path)
+    problems = result_files.canonical_problems(partial, recipe, tmp_path)
     assert any("split 'train'" in p for p in problems) and any("2 examples" in p for p in problems)
-    assert ev.canonical_problems({**good, "adapter": False}, recipe, tmp_path) == ["it evaluates the base model"]
+    assert result_files.canonical_problems({**good, "adapter": False}, recipe, tmp_path) == [
+        "it evaluates the base model"
+    ]
     (tmp_path / "adapter_model.safetensors").write_bytes(b"retrained")
-    assert "another adapter_model.safetensors" in ev.canonical_problems(good, recipe, tmp_path)[0]
+    assert "another adapter_model.safetensors" in result_files.canonical_problems(good, recipe, tmp_path)[0]
 
 
 def test_best_of_n_keeps_the_least_flagged_sample(task, examples):
@@ -286,11 +292,11 @@ def test_best_of_n_keeps_the_least_flagged_sample(task, examples):
     wrong = ["1" * 81, right[1][:-1] + ("1" if right[1][-1] != "1" else "2")]
 
     def report(outputs, steps):
-        metrics, violations = ev.score_outputs(task, examples[:2], outputs)
+        metrics, violations = core.score_outputs(task, examples[:2], outputs)
         records = [
             {"id": ex.id, "output": o, "violations": [], "steps_used": steps} for ex, o in zip(examples, outputs)
         ]
-        return ev.EvalReport(
+        return EvalReport(
             metrics=metrics,
             outputs=outputs,
             records=records,
@@ -305,7 +311,7 @@ def test_best_of_n_keeps_the_least_flagged_sample(task, examples):
             num_examples=2,
         )
 
-    best = ev.best_of_n(task, examples[:2], [report([wrong[0], right[1]], 4), report([right[0], wrong[1]], 3)])
+    best = core.best_of_n(task, examples[:2], [report([wrong[0], right[1]], 4), report([right[0], wrong[1]], 3)])
     assert best.outputs == right and [r["sample"] for r in best.records] == [1, 0]
     assert best.metrics["solve_rate"] == 1.0 and best.samples == 2 and best.mean_steps_used == 7
 
@@ -316,7 +322,7 @@ def test_token_masks_keep_sudoku_format_on_a_random_model(model, tokenizer, task
     digit cells and every given (the decoded text used to stop at the first EOS, losing later givens)."""
     examples = task.build_dataset("test", 4, seed=0)
     cfg = EvalSection(steps=2, batch_size=4, token_masks=token_masks)
-    report = ev.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, False)
+    report = core.evaluate_examples(model, tokenizer, task, examples, cfg, CANVAS, 512, False)
     formatted = all(len(o) == 81 and set(o) <= set("123456789") for o in report.outputs)
     if token_masks:
         assert formatted and report.metrics["givens_preserved"] == 1.0
@@ -331,10 +337,10 @@ def test_eval_of_another_data_file_is_named_by_it(tmp_path, monkeypatch, model, 
     monkeypatch.setattr(ev, "_load_run", lambda run_dir, adapter, checkpoint=None: fake_run(model, tokenizer, task))
     data = tmp_path / "my puzzles.csv"
     data.write_text(HELD_OUT_FILE.read_text())
-    report = ev.evaluate_run(tmp_path, data_path=str(data), steps=1, num_examples=2)
+    report = ev.evaluate_run(EvalRequest(tmp_path, data_path=str(data), steps=1, num_examples=2))
     # The examples come from the whole file (split "all"), not from a 90/10 split of it.
     assert [r["id"] for r in report["modes"]["plain"]["records"]] == ["all-0", "all-1"]
     assert report["file"] == "eval_data-my-puzzles_n2_steps1.json" and report["data_path"] == str(data)
     assert not (tmp_path / "eval.json").exists() and report["num_examples"] == 2
-    with pytest.raises(ev.FtkitError, match="--data .*missing.csv: file not found"):
-        ev.evaluate_run(tmp_path, data_path=str(tmp_path / "missing.csv"))
+    with pytest.raises(FtkitError, match="--data .*missing.csv: file not found"):
+        ev.evaluate_run(EvalRequest(tmp_path, data_path=str(tmp_path / "missing.csv")))

@@ -141,13 +141,13 @@ def test_resume_with_another_trainable_is_refused(full_run):
 
 
 def test_eval_and_push_treat_it_as_a_full_model(full_run, tmp_path):
-    from ftkit.evaluation.evaluate import evaluate_run
+    from ftkit.evaluation import EvalRequest, evaluate_run
     from ftkit.hub.push import push_run
 
     out, _, _ = full_run
-    report = evaluate_run(out)
+    report = evaluate_run(EvalRequest(out))
     assert report["adapter"] and (out / "eval.json").is_file()
-    evaluate_run(out, checkpoint="checkpoint-3")
+    evaluate_run(EvalRequest(out, checkpoint="checkpoint-3"))
     assert (out / "eval_checkpoint-3.json").is_file()
     folder = push_run(out, repo="alice/tiny-full", dry_run=True, dry_run_dir=tmp_path / "up")
     files = {p.relative_to(folder).as_posix() for p in (tmp_path / "up").rglob("*") if p.is_file()}

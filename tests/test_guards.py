@@ -27,6 +27,9 @@ from typer.testing import CliRunner
 import ftkit.evaluation.evaluate as ev
 from ftkit.cli import app
 from ftkit.errors import FtkitError
+from ftkit.evaluation.report import EvalReport, describe_file, render_sweep
+from ftkit.evaluation.request import EvalRequest, check_answer_budget
+from ftkit.evaluation.result_files import canonical_problems
 from ftkit.hub import access as hub_access
 from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection, TrainSection
 from ftkit.run import rundir
@@ -192,15 +195,15 @@ def _weights(folder: Path, content: bytes) -> Path:
 def test_push_takes_only_an_evaluation_that_records_the_weights_it_uploads(tmp_path):
     recipe = Recipe(task=TaskSection(name="sudoku", test_size=2), eval=EvalSection(num_examples=2, steps=2))
     report = {"adapter": True, "checkpoint": None, "num_examples": 2, "eval": {"split": "test", "steps": 2}}
-    assert ev.canonical_problems(report, recipe, tmp_path) == ["the run has no final adapter_model.safetensors"]
+    assert canonical_problems(report, recipe, tmp_path) == ["the run has no final adapter_model.safetensors"]
     final = _weights(tmp_path, b"final weights")
     # What eval wrote for a run without final weights (before: accepted once the run had finished).
-    assert ev.canonical_problems(report, recipe, tmp_path) == [
+    assert canonical_problems(report, recipe, tmp_path) == [
         "it does not record which weights it measured (no hash of adapter_model.safetensors: made before the run "
         "had its final weights, or by an older ftkit)"
     ]
-    assert ev.canonical_problems({**report, "adapter_sha256": sha256(final)}, recipe, tmp_path) == []
-    assert ev.canonical_problems({**report, "adapter_sha256": "0" * 64}, recipe, tmp_path) == [
+    assert canonical_problems({**report, "adapter_sha256": sha256(final)}, recipe, tmp_path) == []
+    assert canonical_problems({**report, "adapter_sha256": "0" * 64}, recipe, tmp_path) == [
         "it was made with another adapter_model.safetensors than the run holds now"
     ]
 
@@ -228,7 +231,7 @@ def test_an_evaluation_names_the_checkpoint_it_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(
         ev,
         "evaluate_examples",
-        lambda *a, **kw: ev.EvalReport(
+        lambda *a, **kw: EvalReport(
             metrics={"cell_accuracy_blanks": 0.5},
             outputs=[],
             records=[],
@@ -243,7 +246,7 @@ def test_an_evaluation_names_the_checkpoint_it_measured(tmp_path, monkeypatch):
             num_examples=2,
         ),
     )
-    report = ev.evaluate_run(tmp_path, num_examples=50)
+    report = ev.evaluate_run(EvalRequest(tmp_path, num_examples=50))
     assert report["file"] == "eval_checkpoint-4.json" and not (tmp_path / "eval.json").exists()
     assert report["weights"] == {
         "source": "checkpoint",
@@ -257,7 +260,7 @@ def test_an_evaluation_names_the_checkpoint_it_measured(tmp_path, monkeypatch):
         "checkpoint-4",
         "-n 50: the test split has 2 examples (task.test_size); evaluated all of them",
     ]
-    assert "eval_checkpoint-4.json of checkpoint-4 (adapter of checkpoint-4)" in ev.describe_file(report)
+    assert "eval_checkpoint-4.json of checkpoint-4 (adapter of checkpoint-4)" in describe_file(report)
 
 
 def test_generate_names_the_weights_that_answer(tmp_path):
@@ -454,9 +457,9 @@ def test_an_answer_budget_on_a_fixed_length_task_is_an_error():
     from ftkit.tasks import make_task
 
     with pytest.raises(FtkitError, match=r"--max-new-tokens: a sudoku answer has a fixed length"):
-        ev.check_answer_budget(make_task("sudoku", {}), 64)
-    ev.check_answer_budget(make_task("sudoku", {}), None)
-    ev.check_answer_budget(make_task("chat", {}), 64)  # block after block: the budget applies
+        check_answer_budget(make_task("sudoku", {}), 64)
+    check_answer_budget(make_task("sudoku", {}), None)
+    check_answer_budget(make_task("chat", {}), 64)  # block after block: the budget applies
 
 
 def test_a_sweep_says_what_each_file_is(tmp_path):
@@ -468,12 +471,12 @@ def test_a_sweep_says_what_each_file_is(tmp_path):
         "sweep_files": ["eval_sweep.json", "eval_sweep.png"],
         "sweep": [{"steps": s, "metrics": {"acc": 0.1 * s}, "mean_steps_used": s, "seconds": 1.0} for s in (1, 4)],
     }
-    assert ev.describe_file(report).splitlines() == [
+    assert describe_file(report).splitlines() == [
         f"wrote {tmp_path}/eval.json: the run's own evaluation (published by `ftkit push`)",
         f"wrote {tmp_path}/eval_sweep.json: the metrics at each step count (1, 4), with the settings of eval.json",
         f"wrote {tmp_path}/eval_sweep.png: their plot against steps, with the settings of eval.json",
     ]
-    assert ev.render_sweep(report).row_count == 2
+    assert render_sweep(report).row_count == 2
 
 
 def test_piped_output_gets_no_progress_bars(monkeypatch):

@@ -154,7 +154,7 @@ def make_run(root: Path, tiny: bool = True, hub_repo: str | None = None, with_ev
 
 def eval_report(recipe, run: Path, **changes) -> dict:
     """An eval.json as `ftkit eval` writes it (the fields push reads)."""
-    from ftkit.evaluation.evaluate import file_sha256
+    from ftkit.evaluation.result_files import file_sha256
 
     cfg = {**dataclasses.asdict(recipe.eval), **changes.pop("eval", {})}
     return {
@@ -286,7 +286,8 @@ def test_card_cites_only_the_canonical_eval(tmp_path):
 
 
 def test_card_states_sandbox_isolation_and_can_describe_a_full_model(tmp_path):
-    from ftkit.hub.push import model_card, plan_push
+    from ftkit.hub.card import model_card
+    from ftkit.hub.plan import plan_push
 
     run = make_run(tmp_path)
     report = json.loads((run / "eval.json").read_text())

@@ -235,10 +235,10 @@ def test_run_directory_is_a_standard_run(rl_run, sft_run):
 
 
 def test_before_evaluation_is_the_sft_runs_own_evaluation(rl_run, sft_run):
-    from ftkit.evaluation.evaluate import evaluate_run
+    from ftkit.evaluation import EvalRequest, evaluate_run
 
     out, summary = rl_run
-    report = evaluate_run(sft_run)  # `ftkit eval` on the SFT run: same task, eval section and seeds
+    report = evaluate_run(EvalRequest(sft_run))  # `ftkit eval` on the SFT run: same task, eval section and seeds
     comparison = json.loads((out / "rl_eval.json").read_text())
     assert comparison["before"] == report["metrics"]
     assert summary["before"] == report["metrics"] and set(comparison["after"]) == set(report["metrics"])

@@ -205,12 +205,12 @@ def test_init_from_files_are_checked_with_one_clear_error(sft_run, tmp_path, dam
 
 
 def test_eval_and_push_of_an_rl_run(run, tmp_path):
-    from ftkit.evaluation.evaluate import evaluate_run
+    from ftkit.evaluation import EvalRequest, evaluate_run
     from ftkit.hub.push import push_run
 
     with pytest.raises(FtkitError, match=r"no eval.json.*ftkit eval"):
         push_run(run, repo="me/toy", dry_run=True)
-    report = evaluate_run(run)  # `ftkit eval RUN`: the canonical eval.json push publishes
+    report = evaluate_run(EvalRequest(run))  # `ftkit eval RUN`: the canonical eval.json push publishes
     comparison = json.loads((run / "rl_eval.json").read_text())
     assert report["metrics"] == comparison["after"]  # the RL run's own "after" is that evaluation
     folder = Path(push_run(run, repo="me/toy", dry_run=True, dry_run_dir=tmp_path / "up"))
@@ -227,10 +227,10 @@ def test_eval_and_push_of_an_rl_run(run, tmp_path):
 
 
 def test_push_leaves_out_an_rl_eval_of_another_adapter(run, tmp_path):
-    from ftkit.evaluation.evaluate import evaluate_run
+    from ftkit.evaluation import EvalRequest, evaluate_run
     from ftkit.hub.push import push_run
 
-    evaluate_run(run)
+    evaluate_run(EvalRequest(run))
     comparison = json.loads((run / "rl_eval.json").read_text())
     (run / "rl_eval.json").write_text(json.dumps({**comparison, "adapter_sha256": "0" * 64}))
     notes = []

@@ -384,9 +384,10 @@ def _code_run(monkeypatch, allow_weak: bool = False):
 
 def test_eval_json_records_the_isolation_that_ran_the_code(tmp_path, monkeypatch):
     import ftkit.evaluation.evaluate as ev
+    from ftkit.evaluation.request import EvalRequest
 
     _code_run(monkeypatch)
-    report = ev.evaluate_run(tmp_path)
+    report = ev.evaluate_run(EvalRequest(tmp_path))
     assert report["metrics"]["pass_rate"] == 1.0  # the tests really ran, and passed
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     assert on_disk["sandbox"] == {"isolation": isolation_level(), "programs": 2, "by_level": {isolation_level(): 2}}
@@ -397,6 +398,7 @@ def test_eval_on_a_weak_machine_stops_unless_told(tmp_path, monkeypatch, no_name
 
     import ftkit.evaluation.evaluate as ev
     from ftkit.cli import app
+    from ftkit.evaluation.request import EvalRequest
 
     _code_run(monkeypatch)
     result = CliRunner().invoke(app, ["eval", str(tmp_path)])
@@ -410,5 +412,5 @@ def test_eval_on_a_weak_machine_stops_unless_told(tmp_path, monkeypatch, no_name
     assert json.loads((tmp_path / "eval.json").read_text())["sandbox"]["isolation"] == "prelude"
 
     _code_run(monkeypatch, allow_weak=True)  # the recipe key instead of the flag
-    report = ev.evaluate_run(tmp_path)
+    report = ev.evaluate_run(EvalRequest(tmp_path))
     assert report["sandbox"] == {"isolation": "prelude", "programs": 2, "by_level": {"prelude": 2}}

@@ -124,6 +124,52 @@ def test_bad_rows_are_skipped_and_counted_or_an_error(char_tokenizer, caplog):
         load_layouts(strict, ds, char_tokenizer, 16, 64)
 
 
+def test_eval_and_rl_skip_bad_rows_through_the_same_helper(char_tokenizer, caplog):
+    """`lay_out_examples` is the one skip-bad-rows loop: evaluation and rl keep the rows that fit (with the sampler's
+    token rules, as `layout_example` gives them) and each warns on its own logger."""
+    from ftkit.evaluation.core import _lay_out
+    from ftkit.rl.run import one_canvas_layouts
+    from ftkit.tasks.base import Example
+    from ftkit.tasks.data import lay_out_examples
+
+    examples = [Example(id=f"data.jsonl row {i}", question=None, answer="x" * n) for i, n in enumerate([3, 40, 5])]
+    kept, layouts, skipped = lay_out_examples(_Skipping(), char_tokenizer, examples, 16, 64)
+    assert [ex.id for ex in kept] == ["data.jsonl row 0", "data.jsonl row 2"]
+    assert layouts == [layout_example(char_tokenizer, _Skipping().to_prompt_canvas(ex), 16, 64, ex.id) for ex in kept]
+    assert len(skipped) == 1 and "data.jsonl row 1: canvas is 41 tokens" in skipped[0]
+    with caplog.at_level(logging.WARNING):
+        assert [ex.id for ex in _lay_out(_Skipping(), char_tokenizer, examples, 16, 64)[0]] == [ex.id for ex in kept]
+        assert [ex.id for ex in one_canvas_layouts(_Skipping(), char_tokenizer, examples, 16, 64)[0]] == [
+            ex.id for ex in kept
+        ]
+    said = [(r.name, r.getMessage()) for r in caplog.records]
+    assert said == [
+        (
+            "ftkit.evaluation.core",
+            f"evaluation: skipped 1 of 3 example(s) that do not fit the model (first: {skipped[0]})",
+        ),
+        ("ftkit.rl.run", f"rl: skipped 1 of 3 training example(s) that do not fit the model (first: {skipped[0]})"),
+    ]
+    strict = _Skipping()
+    strict.skip_bad_rows = False
+    with pytest.raises(FtkitError, match="example data.jsonl row 1: canvas is 41 tokens"):
+        _lay_out(strict, char_tokenizer, examples, 16, 64)
+
+
+def test_only_the_data_module_decides_on_bad_rows():
+    """The skip-bad-rows decision lives in `ftkit.tasks.data` alone (a task only sets `skip_bad_rows`): a second
+    copy of the loop elsewhere would drift from it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ftkit"
+    deciders = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if 'getattr(task, "skip_bad_rows"' in p.read_text(encoding="utf-8")
+    )
+    assert deciders == ["tasks/data.py"]
+
+
 def test_training_data_says_when_the_task_builds_fewer_than_asked(char_tokenizer, caplog):
     """Before: recipes/tiny/code_infill.yaml asked for 2,000 examples and silently trained on ~480."""
     from ftkit.recipe.schema import recipe_from_dict

@@ -11,14 +11,8 @@ import pytest
 import ftkit.tasks.base as base
 from ftkit.diffusion.token_layout import layout_example
 from ftkit.errors import FtkitError
-from ftkit.evaluation.generate import (
-    GenerateResult,
-    _canvas_map,
-    _frame,
-    contact_sheet,
-    example_from_input,
-    trajectory_images,
-)
+from ftkit.evaluation.generate import GenerateResult, _canvas_map, _frame, example_from_input
+from ftkit.evaluation.trajectory import contact_sheet, trajectory_images
 from ftkit.tasks import get_task, known_tasks, make_task
 from ftkit.tasks.sudoku import SudokuView, grid_cells
 from ftkit.tasks.view import CHANGED_FILL, GIVEN_FILL, VIOLATION_FILL, Frame, TextView, view_of

@@ -132,7 +132,7 @@ def test_python_checker(tmp_path, monkeypatch):
 
 def test_violations_reach_the_tokens_renoising_uses(char_tokenizer):
     """The chat task's verifier through evaluate.make_verifier: the wrong answer's characters become its tokens."""
-    from ftkit.evaluation.evaluate import make_verifier
+    from ftkit.evaluation.verify import make_verifier
     from ftkit.tasks import make_task
 
     task = make_task("chat", {"verifier": "exact", "answer_regex": GSM})

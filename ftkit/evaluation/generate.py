@@ -4,24 +4,20 @@ The run's task turns the raw text into an `Example` (`task.example_from_input`),
 evaluation and generated block after block (`ftkit.diffusion.blocks`: one block for an answer that fits the canvas)
 with its fixed pieces clamped, then checked with the task's constraints. How answers and denoising frames look is
 the task's view (`ftkit.tasks.view`: Sudoku draws grids, the other tasks text). The trajectory can be replayed live
-in the terminal (`live`) or written as a PNG contact sheet / GIF (`save_trajectory`).
+in the terminal (`live`) or written as a PNG contact sheet / GIF (`save_trajectory`; `ftkit.evaluation.trajectory`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ftkit.errors import FtkitError
-from ftkit.run.rundir import atomic_write
+from ftkit.evaluation.trajectory import check_trajectory_path, replay_live, save_trajectory_image
 from ftkit.tasks.base import Example, Violation
-from ftkit.tasks.view import INK, UNKNOWN_CELL, WHITE, Frame, font, view_of
-
-TRAJECTORY_SUFFIXES = (".png", ".gif")
-SHEET_MAX_WIDTH = 1600  # pixels: a contact sheet wraps its frames into rows no wider than a screen
+from ftkit.tasks.view import UNKNOWN_CELL, Frame, view_of
 
 
 def example_from_input(task, text: str) -> Example:
@@ -162,13 +158,6 @@ def _until_stop(tokens: list[int], stops) -> list[int]:
     return tokens[:end]
 
 
-def check_trajectory_path(path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() not in TRAJECTORY_SUFFIXES:
-        raise FtkitError(f"--save-trajectory {path}: expected a .png or .gif file name")
-    return path
-
-
 def weights_label(run) -> str:
     """Which weights a loaded run answers with, as `generate` prints it: a run still training (no final weights) is
     answered by its newest checkpoint, and says so."""
@@ -207,29 +196,13 @@ def generate_one(
     """Denoise one raw input with the run's model (clamped fixed pieces, block after block); check it; optionally
     show/save the steps. `task_name`: refuse a run of another task before loading anything (`ftkit solve`).
     `on_block(k, text, last)` gets each block's text as it lands."""
-    from ftkit.diffusion.blocks import denoise_blocks
-    from ftkit.diffusion.sample import row_generators, schedule_kwargs
     from ftkit.diffusion.token_layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
+    from ftkit.evaluation.request import check_answer_budget
     from ftkit.run.rundir import load_run
 
-    for flag, value in (("--steps", steps), ("--max-new-tokens", max_new_tokens)):
-        if value is not None and value <= 0:
-            raise FtkitError(f"{flag} must be > 0, got {value}")
-    traj_path = check_trajectory_path(save_trajectory) if save_trajectory is not None else None
-    if not text or not text.strip():
-        raise FtkitError("generate: the input is empty")
-    if task_name is not None:
-        trained = run_task_name(run_dir)
-        if trained != task_name:
-            raise FtkitError(
-                f"{run_dir}: a {trained} run, not a {task_name} run; use `ftkit generate {run_dir} -i INPUT` for it"
-            )
-
+    traj_path = _check_request(run_dir, text, steps, save_trajectory, max_new_tokens, task_name)
     run = load_run(run_dir, adapter=not base_only)
-    from ftkit.evaluation.evaluate import check_answer_budget
-
     check_answer_budget(run.task, max_new_tokens)
-    cfg = run.recipe.eval
     example = example_from_input(run.task, text)
     pc = run.task.to_prompt_canvas(example)
     lay = layout_example(
@@ -237,47 +210,12 @@ def generate_one(
     )
     cmap = _canvas_map(pc.pieces, lay.char_starts)
     stops = stop_token_ids(run.tokenizer)
-    device = next(run.model.parameters()).device
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-
-    verifier = None
-    if cfg.verifier_renoise:
-        from ftkit.evaluation.evaluate import rows_verifier
-
-        verifier = rows_verifier(run.tokenizer, run.task, [example])
-
-    def landed(k, rows, canvas, last):
-        if on_block is not None:
-            on_block(k, canvas_to_text(run.tokenizer, canvas[0].tolist()), last[0])
-
-    n_steps = steps or cfg.steps
-    result = denoise_blocks(
-        run.model,
-        [lay],
-        generators=row_generators(seed, 1, device),
-        max_new_tokens=max_new_tokens or cfg.max_new_tokens or run.canvas_length,
-        stop_ids=stops,
-        pad_id=pad_id,
-        verifier=verifier,
-        on_block=landed,
-        steps=n_steps,
-        **schedule_kwargs(cfg),
-        clamp=True,
-        record_trajectory=live or traj_path is not None,
-        vocab_size=run.model.config.get_text_config().vocab_size if cfg.token_masks else None,
-    )
+    record = live or traj_path is not None
+    n_steps = steps or run.recipe.eval.steps
+    result = _denoise_input(run, example, lay, stops, n_steps, seed, max_new_tokens, record, on_block)
     tokens = result.tokens[0]
     output = canvas_to_text(run.tokenizer, tokens)
     answer = _frame(run.tokenizer, _until_stop(tokens, set(stops)), cmap, "answer")
-    frames = []
-    if live or traj_path is not None:
-        length = run.canvas_length
-        for k, steps_of_block in enumerate(result.trajectories):
-            prefix = f"block {k + 1} · " if result.blocks[0] > 1 else ""
-            for i, canvas in enumerate(steps_of_block):
-                label = prefix + ("start (noise)" if i == 0 else f"step {i}")
-                frames.append(_frame(run.tokenizer, tokens[: k * length] + canvas[0].tolist(), cmap, label))
-        frames.append(answer)
     out = GenerateResult(
         task_name=run.task.name,
         run_dir=Path(run_dir),
@@ -294,7 +232,7 @@ def generate_one(
         answer=answer,
         view=view_of(run.task),
         blocks=result.blocks[0],
-        frames=frames,
+        frames=_trajectory_frames(run, result, cmap, answer) if record else [],
     )
     if live:
         replay_live(out, console=console)
@@ -303,98 +241,71 @@ def generate_one(
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Live view and trajectory images
+def _check_request(run_dir, text: str, steps, save_trajectory, max_new_tokens, task_name) -> Path | None:
+    """The flags' own errors, before a model is loaded; returns the trajectory file to write, if any."""
+    for flag, value in (("--steps", steps), ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value <= 0:
+            raise FtkitError(f"{flag} must be > 0, got {value}")
+    traj_path = check_trajectory_path(save_trajectory) if save_trajectory is not None else None
+    if not text or not text.strip():
+        raise FtkitError("generate: the input is empty")
+    if task_name is not None:
+        trained = run_task_name(run_dir)
+        if trained != task_name:
+            raise FtkitError(
+                f"{run_dir}: a {trained} run, not a {task_name} run; use `ftkit generate {run_dir} -i INPUT` for it"
+            )
+    return traj_path
 
 
-def frame_renderable(result: GenerateResult, k: int):
-    return result.view.frame(result.example, result.frames[k], result.frames[k - 1] if k else None)
+def _denoise_input(run, example: Example, lay, stops, n_steps: int, seed: int, max_new_tokens, record: bool, on_block):
+    """Denoise the one laid-out input block after block with the recipe's eval settings (clamped; verifier-guided
+    when the recipe says so); `on_block(k, text, last)` hears each block as it lands."""
+    from ftkit.diffusion.blocks import denoise_blocks
+    from ftkit.diffusion.sample import row_generators, schedule_kwargs
+    from ftkit.diffusion.token_layout import canvas_to_text
+
+    cfg = run.recipe.eval
+    device = next(run.model.parameters()).device
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+
+    verifier = None
+    if cfg.verifier_renoise:
+        from ftkit.evaluation.verify import rows_verifier
+
+        verifier = rows_verifier(run.tokenizer, run.task, [example])
+
+    def landed(k, rows, canvas, last):
+        if on_block is not None:
+            on_block(k, canvas_to_text(run.tokenizer, canvas[0].tolist()), last[0])
+
+    return denoise_blocks(
+        run.model,
+        [lay],
+        generators=row_generators(seed, 1, device),
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens or run.canvas_length,
+        stop_ids=stops,
+        pad_id=pad_id,
+        verifier=verifier,
+        on_block=landed,
+        steps=n_steps,
+        **schedule_kwargs(cfg),
+        clamp=True,
+        record_trajectory=record,
+        vocab_size=run.model.config.get_text_config().vocab_size if cfg.token_masks else None,
+    )
 
 
-def replay_live(result: GenerateResult, console=None, seconds_per_frame: float = 0.08) -> None:
-    """Replay the recorded trajectory in a rich Live view (one frame per denoising step)."""
-    from rich.console import Console
-    from rich.live import Live
-
-    if not result.frames:
-        return
-    console = console or Console(stderr=True)
-    with Live(frame_renderable(result, 0), console=console, refresh_per_second=30, transient=False) as view:
-        for k in range(1, len(result.frames)):
-            if console.is_terminal:
-                time.sleep(seconds_per_frame)
-            view.update(frame_renderable(result, k))
-
-
-def trajectory_images(result: GenerateResult) -> list:
-    """One Pillow image per frame, drawn by the task's view; the answer frame marks violating pieces."""
-    images = []
-    last = len(result.frames) - 1
-    for k, frame in enumerate(result.frames):
-        previous = result.frames[k - 1] if k else None
-        images.append(result.view.image(result.example, frame, previous, result.bad_pieces() if k == last else set()))
-    return images
-
-
-def legend_strip(legend, width: int):
-    """A white strip with the view's colour key: a swatch and its meaning per entry, wrapped to `width`."""
-    from PIL import Image, ImageDraw
-
-    face, pad, swatch, line_h = font(12), 8, 12, 18
-    entries, x, rows = [], pad, 1
-    for colour, label in legend:
-        w = swatch + 6 + int(face.getlength(label)) + 16
-        if x + w > width - pad and x > pad:
-            x, rows = pad, rows + 1
-        entries.append((x, rows - 1, colour, label))
-        x += w
-    img = Image.new("RGB", (width, rows * line_h + 2 * pad), WHITE)
-    draw = ImageDraw.Draw(img)
-    for x, row, colour, label in entries:
-        y = pad + row * line_h
-        draw.rectangle((x, y, x + swatch, y + swatch), fill=colour, outline=INK)
-        draw.text((x + swatch + 6, y - 1), label, fill=INK, font=face)
-    return img
-
-
-def contact_sheet(images: list, legend):
-    """The frames in a grid as wide as fits SHEET_MAX_WIDTH (one frame per cell, in order), the colour key below."""
-    from PIL import Image
-
-    w, h = max(i.width for i in images), max(i.height for i in images)
-    cols = max(1, min(len(images), SHEET_MAX_WIDTH // w))
-    rows = (len(images) + cols - 1) // cols
-    key = legend_strip(legend, cols * w)
-    sheet = Image.new("RGB", (cols * w, rows * h + key.height), WHITE)
-    for n, img in enumerate(images):
-        sheet.paste(img, ((n % cols) * w, (n // cols) * h))
-    sheet.paste(key, (0, rows * h))
-    return sheet
-
-
-def save_trajectory_image(result: GenerateResult, path: Path) -> Path:
-    """A GIF with one frame per step, or a PNG contact sheet of all steps; both with the view's colour key;
-    written atomically."""
-    from PIL import Image
-
-    if not result.frames:
-        raise FtkitError("no trajectory was recorded")
-    images = trajectory_images(result)
-    legend = result.view.legend
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: str) -> None:
-        if path.suffix.lower() == ".gif":
-            w, h = max(i.width for i in images), max(i.height for i in images)
-            key = legend_strip(legend, w)
-            frames = []
-            for img in images:
-                frame = Image.new("RGB", (w, h + key.height), WHITE)
-                frame.paste(img, (0, 0))
-                frame.paste(key, (0, h))
-                frames.append(frame)
-            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=250, loop=0)
-            return
-        contact_sheet(images, legend).save(tmp, format="PNG")
-
-    return atomic_write(path, write)
+def _trajectory_frames(run, result, cmap: CanvasMap, answer: Frame) -> list[Frame]:
+    """The recorded trajectory as frames: each block's start and steps (earlier blocks' tokens before it), then the
+    answer."""
+    tokens = result.tokens[0]
+    length = run.canvas_length
+    frames = []
+    for k, steps_of_block in enumerate(result.trajectories):
+        prefix = f"block {k + 1} · " if result.blocks[0] > 1 else ""
+        for i, canvas in enumerate(steps_of_block):
+            label = prefix + ("start (noise)" if i == 0 else f"step {i}")
+            frames.append(_frame(run.tokenizer, tokens[: k * length] + canvas[0].tolist(), cmap, label))
+    frames.append(answer)
+    return frames

@@ -55,11 +55,12 @@ class ExportFacts:
 def model_card(recipe, summary: dict[str, Any], facts: ExportFacts, name: str) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ftkit.hub.push import REPO_ID, _dataset, _eval_lines, _training_lines, card_eval_results
+    from ftkit.hub.card import card_dataset, card_eval_results, eval_lines, training_lines
+    from ftkit.hub.plan import REPO_ID
 
     task = recipe.task.name
     base_model = recipe.model.base if not recipe.is_random_init and REPO_ID.fullmatch(recipe.model.base) else None
-    _, _, hub_dataset = _dataset(recipe)
+    _, _, hub_dataset = card_dataset(recipe)
     kind = ["full-finetune"] if facts.source == "full" else ["lora", "merged"]
     data = ModelCardData(
         base_model=base_model,
@@ -114,13 +115,13 @@ def model_card(recipe, summary: dict[str, Any], facts: ExportFacts, name: str) -
             "quantization error of the base.",
             "",
         ]
-    lines += ["## Training", "", *_training_lines(summary, recipe), ""]
+    lines += ["## Training", "", *training_lines(summary, recipe), ""]
     lines += ["## Evaluation", ""]
     if facts.evaluation is None:
         lines += ["Not evaluated: no `ftkit eval` of these weights was found in the run (`eval.json`).", ""]
     else:
         lines += [
-            *_eval_lines(facts.evaluation),
+            *eval_lines(facts.evaluation),
             "",
             "Measured by `ftkit eval` on the unmerged adapter of the run "
             "(`eval.json` here); the merged weights compute the same model up to one bf16 rounding per weight.",

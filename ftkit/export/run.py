@@ -183,7 +183,7 @@ def _tied_updates(targets: dict, ties: dict[str, str], adapter: AdapterTensors) 
 
 def _own_evaluation(run_dir: Path, recipe, checkpoint: str | None, note) -> dict[str, Any] | None:
     """The run's canonical eval.json, if it evaluated the weights being exported."""
-    from ftkit.evaluation.evaluate import canonical_problems
+    from ftkit.evaluation.result_files import canonical_problems
 
     path = run_dir / "eval.json"
     if not path.is_file():
@@ -201,7 +201,7 @@ def _own_evaluation(run_dir: Path, recipe, checkpoint: str | None, note) -> dict
 
 
 def _manifest(run_dir: Path, weights_dir: Path, recipe, facts: ExportFacts, folder: Path) -> dict[str, Any]:
-    from ftkit.evaluation.evaluate import file_sha256
+    from ftkit.evaluation.result_files import file_sha256
 
     weights = weights_dir / rundir.weights_file(recipe.is_full)
     return {

@@ -19,7 +19,7 @@ from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import denoise, schedule_kwargs
 from ftkit.diffusion.token_layout import TokenLayout, canvas_to_text, end_of_turn_id, stop_token_ids
-from ftkit.evaluation.evaluate import MAX_RENOISE_ROUNDS, flagged_tokens, rows_verifier
+from ftkit.evaluation.verify import MAX_RENOISE_ROUNDS, flagged_tokens, rows_verifier
 from ftkit.recipe.schema import EvalSection, RLSection
 from ftkit.rl.objective import group_advantages, position_advantages, sample_entropy, scale_negatives
 from ftkit.tasks.base import Example, reward_parts

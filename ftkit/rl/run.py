@@ -149,25 +149,10 @@ def one_canvas_layouts(task, tokenizer, examples, canvas_length: int, max_prompt
     chat task) is refused, naming how many. An example that does not fit otherwise (a prompt over
     max_prompt_length) is an error, or skipped and counted for a task whose `skip_bad_rows` is true (as in
     training)."""
-    from ftkit.diffusion.token_layout import layout_example, task_max_blocks
+    from ftkit.tasks.data import lay_out_examples, warn_skipped
 
-    max_blocks = task_max_blocks(task)
-    kept, layouts, skipped, long_answers = [], [], [], []
-    for ex in examples:
-        try:
-            lay = layout_example(
-                tokenizer, task.to_prompt_canvas(ex), canvas_length, max_prompt_length, ex.id, max_blocks
-            )
-        except FtkitError as e:
-            if not getattr(task, "skip_bad_rows", False):
-                raise
-            skipped.append(str(e))
-            continue
-        if lay.num_blocks > 1:
-            long_answers.append((ex.id, lay.content_length))
-            continue
-        kept.append(ex)
-        layouts.append(lay)
+    kept, layouts, skipped = lay_out_examples(task, tokenizer, examples, canvas_length, max_prompt_length)
+    long_answers = [(ex.id, lay.content_length) for ex, lay in zip(kept, layouts) if lay.num_blocks > 1]
     if long_answers:
         first, tokens = long_answers[0]
         raise FtkitError(
@@ -176,13 +161,7 @@ def one_canvas_layouts(task, tokenizer, examples, canvas_length: int, max_prompt
             "ftkit rl samples and scores one canvas per answer and does not support multi-block answers: use data "
             "whose answers fit one canvas"
         )
-    if skipped:
-        log.warning(
-            "rl: skipped %d of %d training example(s) that do not fit the model (first: %s)",
-            len(skipped),
-            len(examples),
-            skipped[0],
-        )
+    warn_skipped(log, skipped, len(examples), who="rl: ", what="training example(s)")
     if not kept:
         raise FtkitError(f"task {task.name}: no training example fits the model (see the warning above)")
     return kept, layouts
@@ -205,7 +184,7 @@ def _copy_reference(init_dir: Path, run_dir: Path) -> None:
 
 
 def _evaluate(model, tokenizer, task, examples, recipe: Recipe, canvas_length: int) -> dict[str, Any]:
-    from ftkit.evaluation.evaluate import evaluate_examples
+    from ftkit.evaluation.core import evaluate_examples
 
     report = evaluate_examples(
         model,
@@ -388,7 +367,7 @@ def _rl(
 
 
 def _comparison(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    from ftkit.evaluation.evaluate import file_sha256
+    from ftkit.evaluation.result_files import file_sha256
 
     metrics = [k for k in after["metrics"] if k in before["metrics"] and not k.startswith("count")]
     return {

@@ -210,6 +210,57 @@ def _say_if_fewer(task, data_path: str | None, split: str, asked: int, built: in
         )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Laying examples out (bad rows: an error, or skipped and counted)
+
+
+def layout_or_skip(
+    task, tokenizer, example: Example, canvas_length: int, max_prompt_length: int, token_rules: bool = True
+) -> TokenLayout | str:
+    """The example's token layout; one that does not fit the model (a prompt over `max_prompt_length`, a canvas
+    longer than the model's) is an error naming it, or, for a task whose `skip_bad_rows` is true, the error's text
+    returned instead: the caller leaves the example out and counts it (`warn_skipped`)."""
+    try:
+        return layout_example(
+            tokenizer,
+            task.to_prompt_canvas(example),
+            canvas_length,
+            max_prompt_length,
+            example.id,
+            task_max_blocks(task),
+            token_rules=token_rules,
+        )
+    except FtkitError as e:
+        if not getattr(task, "skip_bad_rows", False):
+            raise
+        return str(e)
+
+
+def lay_out_examples(
+    task, tokenizer, examples: list[Example], canvas_length: int, max_prompt_length: int
+) -> tuple[list[Example], list[TokenLayout], list[str]]:
+    """(the examples that fit, their layouts with the sampler's token rules, why each left-out one does not fit)."""
+    kept, layouts, skipped = [], [], []
+    for example in examples:
+        lay = layout_or_skip(task, tokenizer, example, canvas_length, max_prompt_length)
+        if isinstance(lay, str):
+            skipped.append(lay)
+            continue
+        kept.append(example)
+        layouts.append(lay)
+    return kept, layouts, skipped
+
+
+def warn_skipped(
+    logger: logging.Logger, skipped: list[str], total: int, who: str = "", what: str = "example(s)"
+) -> None:
+    """One warning for the examples left out, with the first one's reason, on the caller's logger."""
+    if skipped:
+        logger.warning(
+            "%sskipped %d of %d %s that do not fit the model (first: %s)", who, len(skipped), total, what, skipped[0]
+        )
+
+
 def load_layouts(task, examples_ds, tokenizer, canvas_length: int, max_prompt_length: int):
     """The examples' token layouts as a `datasets.Dataset` (the TokenLayout fields), tokenized once per fingerprint.
 
@@ -230,21 +281,9 @@ def load_layouts(task, examples_ds, tokenizer, canvas_length: int, max_prompt_le
     )
 
     def lay_out(row: dict[str, str]) -> dict[str, Any]:
-        example = row_to_example(row)
-        try:
-            lay = layout_example(
-                tokenizer,
-                task.to_prompt_canvas(example),
-                canvas_length,
-                max_prompt_length,
-                example.id,
-                max_blocks,
-                token_rules=False,
-            )
-        except FtkitError as e:
-            if not skip:
-                raise
-            return {**_empty_layout(), "error": str(e)}
+        lay = layout_or_skip(task, tokenizer, row_to_example(row), canvas_length, max_prompt_length, token_rules=False)
+        if isinstance(lay, str):
+            return {**_empty_layout(), "error": lay}
         return {**{k: v for k, v in dataclasses.asdict(lay).items() if k in _STORED}, "error": ""}
 
     kept = _ftkit_errors_unwrapped(
@@ -257,9 +296,7 @@ def load_layouts(task, examples_ds, tokenizer, canvas_length: int, max_prompt_le
     )
     errors = [e for e in kept["error"] if e]
     if errors:
-        log.warning(
-            "skipped %d of %d example(s) that do not fit the model (first: %s)", len(errors), len(kept), errors[0]
-        )
+        warn_skipped(log, errors, len(kept))
         kept = kept.filter(lambda row: not row["error"], new_fingerprint=_digest(fingerprint, "kept"))
     return kept.remove_columns("error")
 
