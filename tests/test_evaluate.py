@@ -17,7 +17,7 @@ from ftkit.diffusion.sample import DenoiseResult
 from ftkit.diffusion.token_layout import layout_example
 from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection
+from ftkit.recipe import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection
 from ftkit.tasks.sudoku import SudokuOptions, SudokuTask
 
 CANVAS = PresetSpec().canvas_length  # 96 >= 81 Sudoku cells

@@ -126,7 +126,7 @@ def test_bad_rows_are_skipped_and_counted_or_an_error(char_tokenizer, caplog):
 
 def test_training_data_says_when_the_task_builds_fewer_than_asked(char_tokenizer, caplog):
     """Before: recipes/tiny/code_infill.yaml asked for 2,000 examples and silently trained on ~480."""
-    from ftkit.recipe.schema import recipe_from_dict
+    from ftkit.recipe import recipe_from_dict
     from ftkit.tasks.data import build_training_data
 
     recipe = recipe_from_dict(

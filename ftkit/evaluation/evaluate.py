@@ -40,10 +40,10 @@ import torch
 
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
-from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
+from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators
 from ftkit.diffusion.token_layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
 from ftkit.errors import FtkitError
-from ftkit.recipe.schema import EvalSection
+from ftkit.recipe import EvalSection
 from ftkit.run.lock import holds_run_lock
 from ftkit.tasks.base import Example, Violation
 from ftkit.tasks.data import load_examples
@@ -249,7 +249,7 @@ def evaluate_examples(
             vocab_size=vocab,
             sampler=sampler,
             steps=eval_cfg.steps,
-            **schedule_kwargs(eval_cfg),
+            **eval_cfg.sampler_kwargs(),
             clamp=eval_cfg.clamp,
             max_renoise_rounds=max_renoise_rounds,
         )

@@ -185,7 +185,7 @@ def weights_label(run) -> str:
 
 def run_task_name(run_dir) -> str:
     """The task a run was trained on, from its recipe alone (no model loaded)."""
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
     from ftkit.run.rundir import RECIPE_FILE, require_run_dir
 
     return load_recipe(require_run_dir(run_dir) / RECIPE_FILE).task.name
@@ -208,7 +208,7 @@ def generate_one(
     show/save the steps. `task_name`: refuse a run of another task before loading anything (`ftkit solve`).
     `on_block(k, text, last)` gets each block's text as it lands."""
     from ftkit.diffusion.blocks import denoise_blocks
-    from ftkit.diffusion.sample import row_generators, schedule_kwargs
+    from ftkit.diffusion.sample import row_generators
     from ftkit.diffusion.token_layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
     from ftkit.run.rundir import load_run
 
@@ -261,7 +261,7 @@ def generate_one(
         verifier=verifier,
         on_block=landed,
         steps=n_steps,
-        **schedule_kwargs(cfg),
+        **cfg.sampler_kwargs(),
         clamp=True,
         record_trajectory=live or traj_path is not None,
         vocab_size=run.model.config.get_text_config().vocab_size if cfg.token_masks else None,
