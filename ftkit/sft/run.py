@@ -41,24 +41,17 @@ class Collator:
 
 
 def training_arguments(recipe: Recipe, run_dir: Path):
-    from transformers import TrainingArguments
-
-    t = recipe.train
     cuda = torch.cuda.is_available()
     # A preset holds fp32 weights whatever model.dtype says, as does full training (make_fully_trainable): on a GPU
     # they compute in bf16 under autocast when the recipe asks for it.
     bf16 = cuda and recipe.model.dtype == "bfloat16" and (recipe.is_full or not recipe.is_random_init)
+    distributed = PartialState().num_processes > 1
     try:
-        return _training_arguments(TrainingArguments, recipe, run_dir, t, cuda, bf16)
+        return make_training_arguments(
+            recipe, str(run_dir / rundir.CHECKPOINTS), cuda=cuda, bf16=bf16, distributed=distributed
+        )
     except (TypeError, ValueError) as e:  # a value TrainingArguments itself rejects (the recipe checked the types)
         raise FtkitError(f"training_args: transformers.TrainingArguments rejects the recipe's settings: {e}") from None
-
-
-def _training_arguments(TrainingArguments, recipe: Recipe, run_dir: Path, t, cuda: bool, bf16: bool):
-    distributed = PartialState().num_processes > 1
-    return make_training_arguments(
-        recipe, str(run_dir / rundir.CHECKPOINTS), cuda=cuda, bf16=bf16, distributed=distributed
-    )
 
 
 def check_launch(recipe: Recipe) -> None:
