@@ -54,8 +54,8 @@ class PresetSpec:
         },
     )
 
-    def check(self, where: str, prefix: str = "model.tiny") -> None:
-        require(self.top_k <= self.experts, where, f"{prefix}.top_k", f"must be <= {prefix}.experts")
+    def check(self, where: str) -> None:
+        require(self.top_k <= self.experts, where, "model.tiny.top_k", "must be <= model.tiny.experts")
         for key in (
             "layers",
             "hidden",
@@ -69,9 +69,9 @@ class PresetSpec:
             "expert_intermediate",
             "canvas_length",
         ):
-            require(getattr(self, key) > 0, where, f"{prefix}.{key}", "must be > 0")
-        require(self.heads % self.kv_heads == 0, where, f"{prefix}.heads", f"must be a multiple of {prefix}.kv_heads")
-        require(self.embedding_std > 0, where, f"{prefix}.embedding_std", "must be > 0")
+            require(getattr(self, key) > 0, where, f"model.tiny.{key}", "must be > 0")
+        require(self.heads % self.kv_heads == 0, where, "model.tiny.heads", "must be a multiple of model.tiny.kv_heads")
+        require(self.embedding_std > 0, where, "model.tiny.embedding_std", "must be > 0")
 
 
 # The random-init presets `model.base` can name. `model.tiny` holds the dimensions; the keys a recipe leaves out of it
@@ -296,8 +296,10 @@ class TrainSection:
     batch_size: int = field(default=8, metadata={"help": "Examples per device per forward pass."})
     grad_accum: int = field(default=1, metadata={"help": "Forward passes accumulated per optimizer step."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (after warmup)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay."})
-    warmup_steps: int = field(default=10, metadata={"help": "Steps of linear warmup from 0 to `learning_rate`."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
+    warmup_steps: int = field(
+        default=10, metadata={"help": "Warmup steps to `learning_rate` (for the schedulers that warm up)."}
+    )
     lr_scheduler: Literal[
         "constant",
         "constant_with_warmup",
@@ -372,7 +374,9 @@ class TrainSection:
 class TaskSection:
     """The task plugin and its data. `name: chat` trains on your own data (docs/tasks.md)."""
 
-    name: str = field(default="sudoku", metadata={"help": "A registered task (see Task options below)."})
+    name: str = field(
+        default="sudoku", metadata={"help": "A registered task (`ftkit tasks` lists them; options below)."}
+    )
     train_size: int = field(default=2000, metadata={"help": "Training examples to build or read; 0: none."})
     test_size: int = field(default=100, metadata={"help": "Held-out (test split) examples to build or read."})
     seed: int = field(default=0, metadata={"help": "Seed the task builds (or draws) its examples with."})
@@ -411,7 +415,11 @@ class EvalSection:
     batch_size: int = field(default=16, metadata={"help": "Examples denoised together."})
     steps: int = field(default=32, metadata={"help": "Most denoising steps per canvas (it may stop earlier)."})
     temperature_min: float = field(
-        default=0.0, metadata={"help": "Sampling temperature at the last step (linear schedule from the max)."}
+        default=0.0,
+        metadata={
+            "help": "Low end of the linear temperature schedule (transformers' t_min; the last of `steps` steps "
+            "samples at t_min + (t_max - t_min) / steps)."
+        },
     )
     temperature_max: float = field(default=0.7, metadata={"help": "Sampling temperature at the first step."})
     entropy_bound: float = field(
@@ -434,7 +442,10 @@ class EvalSection:
     )
     clamp: bool = field(
         default=True,
-        metadata={"help": "Pin the positions the task fixes (given cells, text around a hole) to their tokens."},
+        metadata={
+            "help": "Pin the positions the task fixes (given cells, text around a hole) to their tokens; false: they "
+            "start as noise like the rest and the model must reproduce them."
+        },
     )
     token_masks: bool = field(
         default=True,
