@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import sys
 import typing
 from pathlib import Path
@@ -26,8 +27,8 @@ def _cell(text: str) -> str:
 def _table(rows: list[KeyRow], key_prefix: str = "") -> list[str]:
     """A markdown table of `rows`, with a description column when any row has help."""
     described = any(row.help for row in rows)
-    header = ["| key | type | default | description |", "|---|---|---|---|"] if described else []
-    header = header or ["| key | type | default |", "|---|---|---|"]
+    columns = ["key", "type", "default"] + (["description"] if described else [])
+    header = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines = []
     for row in rows:
         cells = [f"`{key_prefix}{row.key}`", _cell(row.type), f"`{_cell(row.default)}`"]
@@ -39,8 +40,6 @@ def _table(rows: list[KeyRow], key_prefix: str = "") -> list[str]:
 
 def _section_note(recipe_field: dataclasses.Field) -> str:
     """What a section is for: its class docstring, or the field's help for a section that is a plain mapping."""
-    import inspect
-
     tp = typing.get_type_hints(Recipe)[recipe_field.name]
     if dataclasses.is_dataclass(tp):
         return " ".join(inspect.getdoc(tp).split())
