@@ -78,7 +78,7 @@ def true_width_config(layers: int):
 
 
 def tiny_spec(layers: int):
-    from ftkit.recipe.schema import PresetSpec
+    from ftkit.recipe import PresetSpec
 
     # Hidden sizes divisible by the 4-bit blocksize (64).
     return PresetSpec(

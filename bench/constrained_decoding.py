@@ -36,7 +36,7 @@ def parse_args(argv=None):
 
 
 def ensure_trained(task: str, runs: Path) -> Path:
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
     from ftkit.sft.run import train
 
     run_dir = runs / f"tiny-{task}"

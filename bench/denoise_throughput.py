@@ -25,7 +25,7 @@ def load(path: Path, experts_4bit: bool):
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from ftkit.model.quant import quantize_experts
-    from ftkit.recipe.schema import QuantSection
+    from ftkit.recipe import QuantSection
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32

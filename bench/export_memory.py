@@ -51,7 +51,7 @@ class PeakSampler:
 def make_run(root: Path, layers: int) -> Path:
     from ftkit.model.char_tokenizer import build_char_tokenizer
     from ftkit.model.load import attach_lora, build_tiny
-    from ftkit.recipe.schema import recipe_from_dict
+    from ftkit.recipe import recipe_from_dict
 
     tiny = {
         "layers": layers,

@@ -74,7 +74,7 @@ class CheckpointClock(TrainerCallback):
 
 
 def train_with_checkpoints(recipe_path: str, overrides: list[str], run_dir: Path, every: int) -> None:
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
     from ftkit.sft.run import train
 
     probe = load_recipe(recipe_path, overrides)
@@ -96,7 +96,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 def evaluate_points(run_dir: Path, num_examples: int | None) -> list[dict]:
     """Step 0 (the untrained base) and every checkpoint, on the same examples and seeds."""
     from ftkit.evaluation import EvalRequest, evaluate_run
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
     from ftkit.run import rundir
 
     recipe = load_recipe(run_dir / rundir.RECIPE_FILE)

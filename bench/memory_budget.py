@@ -147,7 +147,7 @@ def verify_nf4_formula() -> list[dict]:
 def load_in_4bit_config():
     """load_base's bitsandbytes settings (ftkit.model.load.bnb_config), without the CPU placement of the experts."""
     from ftkit.model.load import bnb_config
-    from ftkit.recipe.schema import QuantSection
+    from ftkit.recipe import QuantSection
 
     return bnb_config(QuantSection(mode="4bit", experts=False))
 
@@ -385,7 +385,7 @@ def lora_config(plan: LoraPlan, r: int, layers: int):
     from peft import LoraConfig
 
     from ftkit.model.load import lora_targets
-    from ftkit.recipe.schema import LoraSection
+    from ftkit.recipe import LoraSection
 
     regex, _ = lora_targets(LoraSection(r=r, attention=plan.attention, experts=False)) if plan.attention else (None, [])
     params: list[str] = []
@@ -685,7 +685,7 @@ def build_model(layers: int, args):
     """Random-init model at the real widths with `layers` layers, frozen, 4-bit experts, LoRA r attached.
     Returns (peft model, notes dict)."""
     from ftkit.model.load import attach_lora
-    from ftkit.recipe.schema import LoraSection, QuantSection
+    from ftkit.recipe import LoraSection, QuantSection
 
     cfg = config_for(layers, args.vocab)
     notes: dict = {}
@@ -721,7 +721,7 @@ def _load_base_on_gpu(cfg, layers: int, args):
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from ftkit.model.load import load_base
-    from ftkit.recipe.schema import ModelSection, QuantSection
+    from ftkit.recipe import ModelSection, QuantSection
 
     path = Path(args.workdir) / f"ckpt-L{layers}-V{args.vocab}"
     previous = torch.get_default_dtype()
@@ -796,7 +796,7 @@ def measure_step(model, layers: int, batch_size: int, args, checkpointed: bool) 
     from ftkit.diffusion.loss import diffusion_loss
     from ftkit.model.checkpointing import set_gradient_checkpointing
     from ftkit.profiling import LargestTensor, SavedActivations
-    from ftkit.recipe.schema import DiffusionSection
+    from ftkit.recipe import DiffusionSection
 
     dev = bc.device()
     batch = {k: v.to(dev) for k, v in bc.synthetic_batch(batch_size, args.prompt, bc.TRUE_CANVAS, args.vocab).items()}

@@ -25,7 +25,7 @@ def measure(batch: int, canvas: int, chunk: int | None, steps: int, device: str)
     from ftkit.diffusion.sample import default_chunk, denoise, row_generators
     from ftkit.model.load import tiny_config
     from ftkit.profiling import PeakLiveBytes
-    from ftkit.recipe.schema import PresetSpec
+    from ftkit.recipe import PresetSpec
 
     spec = dataclasses.replace(
         PresetSpec(),

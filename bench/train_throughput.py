@@ -35,7 +35,7 @@ class Skipped(Exception):
 
 
 def lora_section(r: int):
-    from ftkit.recipe.schema import LoraSection
+    from ftkit.recipe import LoraSection
 
     return LoraSection(r=r, alpha=2 * r, attention=True, experts=True, dense_mlp=False)
 
@@ -57,7 +57,7 @@ def load_ftkit_4bit(path: Path, tiny: bool, r: int):
 
     from ftkit.model.load import _freeze, attach_lora, load_base
     from ftkit.model.quant import quantize_experts
-    from ftkit.recipe.schema import ModelSection, QuantSection
+    from ftkit.recipe import ModelSection, QuantSection
 
     if torch.cuda.is_available():
         model = load_base(ModelSection(base=str(path), dtype="bfloat16"), QuantSection(mode="4bit"), tokenizer=None)
@@ -76,7 +76,7 @@ def load_peft_4bit(path: Path, tiny: bool, r: int):
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from ftkit.model.load import bnb_config
-    from ftkit.recipe.schema import QuantSection
+    from ftkit.recipe import QuantSection
 
     if not torch.cuda.is_available():
         raise Skipped("benchmarked on CUDA only (bnb Linear4bit)")
@@ -193,7 +193,7 @@ def expert_gb(model) -> float:
 
 def run_method(method: str, path: Path, batch: dict, args) -> dict:
     from ftkit.diffusion.loss import diffusion_loss
-    from ftkit.recipe.schema import DiffusionSection
+    from ftkit.recipe import DiffusionSection
 
     bc.free_memory()
     row = {"method": method, "layers": args.current_layers}

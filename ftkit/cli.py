@@ -128,7 +128,7 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Check a recipe and build its model on the meta device; print it resolved.
 
     Keys, types, ranges, task options, sampler settings; the tiny preset also runs one training step on the CPU."""
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides or [])
     _quiet_libraries()
@@ -151,7 +151,7 @@ def train(
     model: Annotated[str | None, typer.Option("--model", help="Overrides model.base (e.g. `tiny`).")] = None,
 ) -> None:
     """Train a LoRA adapter (or every weight: train.trainable=full) with the diffusion objective; writes the run directory."""
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     extra = list(overrides or [])
     if output_dir is not None:
@@ -236,7 +236,7 @@ def rl(
     ] = None,
 ) -> None:
     """Reinforcement learning from the task's verifier (GRPO on the diffusion ELBO); writes the run directory."""
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     extra = list(overrides or [])
     if output_dir is not None:
@@ -494,7 +494,7 @@ def _generate(run_dir: Path, input: str, task_name: str | None = None, **options
 
 def _run_allows_weak_sandbox(run_dir: Path) -> bool:
     """The run's own `eval.allow_weak_sandbox` (generate reads no other eval setting from this command)."""
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     try:
         return load_recipe(run_dir / "recipe.yaml").eval.allow_weak_sandbox

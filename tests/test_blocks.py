@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from ftkit.diffusion.blocks import block_budget, denoise_blocks
-from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
+from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators
 from ftkit.diffusion.token_layout import layout_example, stop_token_ids
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import EvalSection, LoraSection, PresetSpec
+from ftkit.recipe import EvalSection, LoraSection, PresetSpec
 from ftkit.tasks.base import Piece, PromptCanvas
 from ftkit.tasks.sudoku import SudokuTask
 
@@ -41,7 +41,7 @@ def chat_layout(tok, prompt: str, answer: str = "", fixed_tail: str = ""):
 
 
 def knobs(steps=2):
-    return dict(steps=steps, **schedule_kwargs(EvalSection()), clamp=True)
+    return dict(steps=steps, **EvalSection().sampler_kwargs(), clamp=True)
 
 
 def test_a_one_block_answer_is_exactly_one_denoise_call(model, char_tokenizer):

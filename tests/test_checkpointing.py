@@ -9,7 +9,7 @@ from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.checkpointing import CheckpointedEncoderLayer, set_gradient_checkpointing
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.profiling import SavedActivations
-from ftkit.recipe.schema import DiffusionSection, LoraSection, PresetSpec
+from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec
 from ftkit.tasks.sudoku import SudokuTask
 
 SPEC = PresetSpec(

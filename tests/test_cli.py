@@ -313,7 +313,7 @@ def test_adapter_from_another_base_is_a_clean_error(tiny_run, tmp_path):
     recipe["model"]["tiny"]["hidden"] = 64  # another tiny base: every LoRA shape differs
     (other / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     from ftkit.model.load import load_base
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
     from ftkit.run.rundir import load_run_tokenizer
 
     changed = load_recipe(other / "recipe.yaml")
@@ -376,8 +376,8 @@ def test_recipe_reference_is_up_to_date():
         "docs/recipe-reference.md is stale: python -m ftkit.recipe.reference"
     )
     assert main(["--check"]) == 0
-    from ftkit.recipe.schema import schema_rows
+    from ftkit.recipe import schema_rows
 
     text = DOC_PATH.read_text(encoding="utf-8")
-    assert all(f"`{key}`" in text for key, _, _ in schema_rows())
+    assert all(f"`{row.key}`" in text for row in schema_rows())
     assert "`task.options.min_givens`" in text

@@ -17,7 +17,7 @@ from ftkit.diffusion.loss import (
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.compat import disable_decoder_checkpointing, enable_decoder_checkpointing
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import DiffusionSection, LoraSection, PresetSpec
+from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec
 from ftkit.tasks.sudoku import SudokuTask
 
 

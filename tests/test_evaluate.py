@@ -21,7 +21,7 @@ from ftkit.evaluation.report import EvalReport, describe_file, render_table
 from ftkit.evaluation.request import EvalRequest
 from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection
+from ftkit.recipe import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection
 from ftkit.tasks.sudoku import SudokuOptions, SudokuTask
 
 CANVAS = PresetSpec().canvas_length  # 96 >= 81 Sudoku cells

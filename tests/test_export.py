@@ -20,7 +20,7 @@ from safetensors import safe_open
 from ftkit.errors import FtkitError
 from ftkit.export import export_run
 from ftkit.model.load import attach_lora, build_tiny, make_fully_trainable
-from ftkit.recipe.schema import recipe_from_dict
+from ftkit.recipe import recipe_from_dict
 
 TINY = {
     "layers": 2,

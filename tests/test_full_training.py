@@ -11,7 +11,7 @@ from safetensors import safe_open
 from test_train import Snapshot, crash_and_resume, probe_batch, tiny_recipe
 
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe.schema import recipe_from_dict
+from ftkit.recipe import recipe_from_dict
 from ftkit.run import rundir
 from ftkit.sft.run import train
 
@@ -173,7 +173,7 @@ def test_a_base_over_the_limit_is_refused_before_loading_weights(tmp_path):
     config alone, and no run directory is left behind."""
     from ftkit.model.char_tokenizer import build_char_tokenizer
     from ftkit.model.load import tiny_config
-    from ftkit.recipe.schema import PresetSpec
+    from ftkit.recipe import PresetSpec
 
     base = tmp_path / "big"
     tok = build_char_tokenizer()
@@ -203,7 +203,7 @@ def test_count_parameters_matches_a_built_model(char_tokenizer):
     from test_train import TINY
 
     from ftkit.model.load import build_tiny, count_parameters
-    from ftkit.recipe.schema import PresetSpec
+    from ftkit.recipe import PresetSpec
 
     model = build_tiny(PresetSpec(**TINY), char_tokenizer)
     assert count_parameters(model.config) == sum(p.numel() for p in model.parameters())
@@ -238,7 +238,7 @@ QUICK = [
 
 
 def test_quickstart_recipe_is_a_full_preset_run():
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     assert recipe.is_full and recipe.is_random_init and recipe.quant.mode == "none"

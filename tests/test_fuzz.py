@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ftkit.errors import FtkitError
-from ftkit.recipe.schema import load_recipe, recipe_from_dict, schema_rows
+from ftkit.recipe import load_recipe, recipe_from_dict, schema_rows
 from ftkit.tasks import get_task
 
 FUZZ = settings(
@@ -31,8 +31,8 @@ values = st.recursive(
 )
 
 # Real key paths (so the fuzzer reaches the range checks and task options, not only "unknown key").
-KEYS = [key for key, _, _ in schema_rows()] + [
-    f"task.options.{k}" for k, _, _ in schema_rows(get_task("sudoku").Options)
+KEYS = [row.key for row in schema_rows()] + [
+    f"task.options.{row.key}" for row in schema_rows(get_task("sudoku").Options)
 ]
 
 

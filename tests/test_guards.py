@@ -31,7 +31,7 @@ from ftkit.evaluation.report import EvalReport, describe_file, render_sweep
 from ftkit.evaluation.request import EvalRequest, check_answer_budget
 from ftkit.evaluation.result_files import canonical_problems
 from ftkit.hub import access as hub_access
-from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection, TrainSection
+from ftkit.recipe import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection, TrainSection
 from ftkit.run import rundir
 from ftkit.run import start as runstart
 from ftkit.run.lock import LOCK_FILE, holds_run_lock
@@ -536,8 +536,8 @@ def test_validate_says_what_an_uncached_hub_id_means(hub_unreachable, monkeypatc
     import huggingface_hub
 
     from ftkit.errors import RecipeError
+    from ftkit.recipe import recipe_from_dict
     from ftkit.recipe.preflight import check_model
-    from ftkit.recipe.schema import recipe_from_dict
 
     recipe = recipe_from_dict({"model": {"base": "runs/quickstart"}})  # no runs/ here: looks like owner/name
     notes = check_model(recipe, "r.yaml")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from ftkit.errors import FtkitError
 from ftkit.hub.push import push_export, push_run
 from ftkit.model.load import TIED_NOTE
-from ftkit.recipe.schema import recipe_from_dict
+from ftkit.recipe import recipe_from_dict
 
 FAKE_TOKEN = "hf_FakeSecretToken0123456789abcdef"
 
@@ -400,7 +400,7 @@ def test_push_of_an_export_uploads_the_merged_model_card_and_eval(tmp_path, char
     from test_export import make_run as make_trained_run
 
     from ftkit.export import export_run
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     run, _, _ = make_trained_run(tmp_path, char_tokenizer, {"shared_stacks": True})
     recipe = load_recipe(run / "recipe.yaml")

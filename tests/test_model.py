@@ -5,7 +5,7 @@ import torch
 
 from ftkit.diffusion.token_layout import canvas_to_text, end_of_turn_id, layout_example, stop_token_ids
 from ftkit.model.load import attach_lora, build_tiny, lora_targets, parameter_groups
-from ftkit.recipe.schema import LoraSection, PresetSpec
+from ftkit.recipe import LoraSection, PresetSpec
 from ftkit.tasks import Piece, PromptCanvas
 
 SPEC = PresetSpec(
@@ -155,7 +155,7 @@ def test_expert_rank_is_its_own_and_keeps_alpha_over_r(char_tokenizer, tmp_path)
     from peft import PeftModel
 
     from ftkit.model.quant import quantize_experts
-    from ftkit.recipe.schema import QuantSection
+    from ftkit.recipe import QuantSection
     from ftkit.run.rundir import load_adapter
 
     lora = LoraSection(r=4, alpha=8, expert_r=2)

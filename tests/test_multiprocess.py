@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ftkit.diffusion.loss import diffusion_loss
-from ftkit.recipe.schema import load_recipe
+from ftkit.recipe import load_recipe
 from ftkit.run import rundir
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ftkit.errors import RecipeError
 from ftkit.model.char_tokenizer import build_char_tokenizer
-from ftkit.recipe.schema import PRESETS, SMALL, TINY, recipe_from_dict
+from ftkit.recipe import PRESETS, SMALL, TINY, recipe_from_dict
 
 
 def test_small_preset_dimensions_and_recipe_keys_win():
@@ -22,7 +22,7 @@ def test_small_preset_dimensions_and_recipe_keys_win():
 
 
 def test_resolved_small_recipe_round_trips(tmp_path):
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     recipe = recipe_from_dict({"model": {"base": "small", "tiny": {"layers": 7}}})
     path = tmp_path / "r.yaml"

@@ -14,7 +14,7 @@ from ftkit.errors import FtkitError
 from ftkit.model.compat import enable_decoder_checkpointing
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.model.quant import QuantizedExperts, bind_expert_lora, expert_storage, quantize_experts, set_expert_kernel
-from ftkit.recipe.schema import LoraSection, PresetSpec, QuantSection
+from ftkit.recipe import LoraSection, PresetSpec, QuantSection
 
 SPEC = PresetSpec(
     layers=2,

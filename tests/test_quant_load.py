@@ -28,7 +28,7 @@ from ftkit.model.load import (
 )
 from ftkit.model.quant import expert_storage, quantize_experts
 from ftkit.model.quant.experts import is_fused_experts
-from ftkit.recipe.schema import LoraSection, ModelSection, PresetSpec, QuantSection
+from ftkit.recipe import LoraSection, ModelSection, PresetSpec, QuantSection
 
 # Every 4-bit nn.Linear's output width is a multiple of 32 (router.proj is `experts` wide): bitsandbytes' CPU
 # inference kernel requires it.

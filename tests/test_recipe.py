@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from ftkit.errors import RecipeError
-from ftkit.recipe.schema import Recipe, load_recipe, parse_override, recipe_from_dict, schema_rows
+from ftkit.recipe import Recipe, load_recipe, parse_override, recipe_from_dict, schema_rows
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").rglob("*.yaml"))
 
@@ -101,7 +101,7 @@ def test_roundtrip_through_yaml(tmp_path):
 
 
 def test_schema_rows_cover_every_key():
-    rows = {k for k, _, _ in schema_rows()}
+    rows = {row.key for row in schema_rows()}
     assert "model.tiny.layers" in rows and "diffusion.self_conditioning_p" in rows and "hub.private" in rows
 
 
@@ -189,3 +189,96 @@ def test_training_args_are_checked_against_trainingarguments(section, needle):
     with pytest.raises(RecipeError) as e:
         recipe_from_dict({"training_args": section}, where="r.yaml")
     assert "r.yaml" in str(e.value) and needle in str(e.value)
+
+
+def test_training_arguments_ftkit_sets_are_declared(tmp_path):
+    """Every TrainingArguments field ftkit sets is one a recipe key owns or one ftkit decides, so `training_args`
+    cannot set it a second time unnoticed (logging_first_step is the one setting left open to a TypeError)."""
+    from ftkit.recipe.training_args import TRAINING_ARGS_FROM_KEYS, TRAINING_ARGS_OWNED, ftkit_training_arguments
+
+    for on in (False, True):
+        r = recipe_from_dict({"train": {"gradient_checkpointing": on}})
+        fields = ftkit_training_arguments(r, str(tmp_path), cuda=False, bf16=False, distributed=False)
+        undeclared = set(fields) - set(TRAINING_ARGS_FROM_KEYS) - set(TRAINING_ARGS_OWNED) - {"logging_first_step"}
+        assert not undeclared
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schema's help and its one-owner maps
+
+
+def _sections(cls=Recipe):
+    import dataclasses
+    import typing
+
+    yield cls
+    for tp in typing.get_type_hints(cls).values():
+        if dataclasses.is_dataclass(tp):
+            yield from _sections(tp)
+
+
+def test_every_key_has_help():
+    import dataclasses
+
+    missing = [
+        f"{cls.__name__}.{f.name}"
+        for cls in _sections()
+        for f in dataclasses.fields(cls)
+        if not str(f.metadata.get("help", "")).strip()
+    ]
+    assert not missing, f"recipe keys without metadata['help']: {missing}"
+    assert all(row.help for row in schema_rows())
+
+
+def test_sampler_keys_fit_denoise_and_the_generation_config():
+    import inspect
+
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig,
+        EntropyBoundSamplerConfig,
+    )
+
+    from ftkit.diffusion.sample import denoise
+    from ftkit.recipe import EvalSection
+
+    e = EvalSection(steps=7, temperature_min=0.1, temperature_max=0.9, entropy_bound=0.2, confidence_threshold=0.3)
+    kwargs = e.sampler_kwargs()
+    assert set(kwargs) | {"steps"} <= set(inspect.signature(denoise).parameters)
+    assert kwargs["temperature_min"] == 0.1 and kwargs["entropy_bound"] == 0.2
+    values = e.generation_config_values()
+    config = DiffusionGemmaGenerationConfig(
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=values.pop("entropy_bound")), **values
+    )
+    assert (config.max_denoising_steps, config.t_min, config.t_max, config.confidence_threshold) == (7, 0.1, 0.9, 0.3)
+
+
+# Outside the recipe package nothing maps the eval section's sampler keys or builds TrainingArguments by hand.
+SAMPLER_FIELDS = {"temperature_min", "temperature_max", "entropy_bound", "stability_threshold", "confidence_threshold"}
+
+
+def _one_owner_violations(root: Path) -> list[str]:
+    import ast
+
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "recipe" in path.relative_to(root).parts[:1]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in SAMPLER_FIELDS:
+                found.append(f"{path.relative_to(root)}:{node.lineno}: reads .{node.attr}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == (
+                "TrainingArguments"
+            ):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: builds TrainingArguments")
+    return found
+
+
+def test_sampler_keys_and_training_arguments_have_one_owner(tmp_path):
+    import ftkit
+
+    root = Path(ftkit.__file__).parent
+    assert _one_owner_violations(root) == []
+    planted = tmp_path / "ftkit" / "evaluation"
+    planted.mkdir(parents=True)
+    (planted / "x.py").write_text("def f(cfg, TrainingArguments):\n    return cfg.entropy_bound, TrainingArguments()\n")
+    assert len(_one_owner_violations(tmp_path / "ftkit")) == 2

@@ -15,7 +15,7 @@ from test_train import CrashAt
 from typer.testing import CliRunner
 
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe.schema import recipe_from_dict
+from ftkit.recipe import recipe_from_dict
 from ftkit.run import rundir
 from ftkit.tasks import base as task_base
 from ftkit.tasks.base import Example, Piece, PromptCanvas, RewardParts, Violation, reward_parts

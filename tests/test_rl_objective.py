@@ -9,7 +9,7 @@ import torch
 
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import DiffusionSection, LoraSection, PresetSpec
+from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec
 from ftkit.rl.likelihood import ReferencePolicy, position_losses, sequence_loss
 from ftkit.rl.objective import (
     STD_EPS,
@@ -268,7 +268,7 @@ def test_canonical_canvas_fills_free_positions_after_the_first_eos():
 
 
 def test_round_prompts_cover_the_split_once_per_pass_and_are_reproducible(char_tokenizer):
-    from ftkit.recipe.schema import EvalSection, RLSection
+    from ftkit.recipe import EvalSection, RLSection
     from ftkit.rl.rollout import Rollout, derived_seed
 
     examples = list(range(10))
@@ -340,7 +340,7 @@ def test_token_credit_rewards_each_position_by_the_checker(char_tokenizer):
     """`rl.credit: token`: a chosen position is clean unless the task's checker flags it; a clash flags both clashing
     blank cells and nothing else; a violation without positions (unparsable) flags every chosen position."""
     from ftkit.diffusion.token_layout import stop_token_ids
-    from ftkit.recipe.schema import EvalSection, RLSection
+    from ftkit.recipe import EvalSection, RLSection
     from ftkit.rl.rollout import Rollout, chosen_positions
     from ftkit.tasks.base import Violation
 

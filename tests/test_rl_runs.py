@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from test_rl import CrashAt, rl_rows, rl_run, sevens_registered, sft_run, toy_recipe  # noqa: F401 (fixtures)
 
 from ftkit.errors import FtkitError
-from ftkit.recipe.schema import recipe_from_dict
+from ftkit.recipe import recipe_from_dict
 from ftkit.run import rundir
 
 ROOT = Path(__file__).resolve().parents[1]

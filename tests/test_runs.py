@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ftkit.cli import app
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe.schema import recipe_from_dict
+from ftkit.recipe import recipe_from_dict
 from ftkit.run import manifest, rundir
 from ftkit.sft.run import train
 

@@ -9,7 +9,7 @@ from ftkit.diffusion.sample import denoise, row_generators
 from ftkit.diffusion.token_layout import AllowedTokens
 from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.model.load import build_tiny
-from ftkit.recipe.schema import PresetSpec
+from ftkit.recipe import PresetSpec
 
 CANVAS = 32
 KNOBS = dict(

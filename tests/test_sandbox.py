@@ -345,7 +345,7 @@ def _code_run(monkeypatch, allow_weak: bool = False):
 
     import ftkit.evaluation.evaluate as ev
     from ftkit.model.char_tokenizer import build_char_tokenizer
-    from ftkit.recipe.schema import EvalSection, Recipe, TaskSection
+    from ftkit.recipe import EvalSection, Recipe, TaskSection
     from ftkit.tasks import make_task
 
     task = make_task("code_infill", {})

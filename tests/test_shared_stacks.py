@@ -14,7 +14,7 @@ from ftkit.diffusion.loss import diffusion_loss
 from ftkit.errors import FtkitError
 from ftkit.model.load import attach_lora, build_tiny
 from ftkit.model.shared_stacks import stacks_share_adapters
-from ftkit.recipe.schema import DiffusionSection, LoraSection, PresetSpec, QuantSection, recipe_from_dict
+from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec, QuantSection, recipe_from_dict
 from ftkit.run import rundir
 from ftkit.sft.run import train
 
@@ -138,7 +138,7 @@ def test_shared_run_resumes_to_the_uninterrupted_run(shared_run, tmp_path):
 
 
 def test_recipe_refuses_shared_stacks_on_one_stack(tmp_path):
-    from ftkit.recipe.schema import RecipeError
+    from ftkit.errors import RecipeError
 
     data = tiny_recipe(tmp_path).to_dict()
     data["lora"].update(shared_stacks=True, encoder=False)

@@ -222,7 +222,7 @@ def test_sources_that_cannot_load_are_one_clear_error(tmp_path):
 
 def test_recipe_validation_catches_verifier_options():
     from ftkit.errors import RecipeError
-    from ftkit.recipe.schema import recipe_from_dict
+    from ftkit.recipe import recipe_from_dict
 
     with pytest.raises(RecipeError, match="answer_regex: not a valid regular expression"):
         recipe_from_dict({"task": {"name": "chat", "options": {"answer_regex": "(("}}})

@@ -231,7 +231,7 @@ def test_layout_round_trip(source):
 
 
 def test_recipes_validate():
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     for path in ["recipes/code_infill.yaml", "recipes/tiny/code_infill.yaml"]:
         assert load_recipe(path).task.name == "code_infill"

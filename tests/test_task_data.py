@@ -172,7 +172,7 @@ def test_only_the_data_module_decides_on_bad_rows():
 
 def test_training_data_says_when_the_task_builds_fewer_than_asked(char_tokenizer, caplog):
     """Before: recipes/tiny/code_infill.yaml asked for 2,000 examples and silently trained on ~480."""
-    from ftkit.recipe.schema import recipe_from_dict
+    from ftkit.recipe import recipe_from_dict
     from ftkit.tasks.data import build_training_data
 
     recipe = recipe_from_dict(

@@ -223,7 +223,7 @@ def test_layout_round_trip(mode):
 
 
 def test_recipes_validate():
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     for path in ["recipes/protein.yaml", "recipes/tiny/protein.yaml"]:
         recipe = load_recipe(path)
@@ -247,7 +247,7 @@ def test_the_quickstart_protein_inputs_fit_the_tiny_recipe():
     import re
     from pathlib import Path
 
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     root = Path(__file__).resolve().parent.parent
     recipe = load_recipe(root / "recipes" / "tiny" / "protein.yaml")

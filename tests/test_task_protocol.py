@@ -87,7 +87,7 @@ def test_an_entry_point_task_works_like_a_builtin(plugin_env):
     assert "echo" in known_tasks()
     task = make_task("echo", {"times": 2})
     assert task.build_dataset("train", 1, 0)[0].answer == "hihi"
-    from ftkit.recipe.schema import recipe_from_dict
+    from ftkit.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({"task": {"name": "echo", "options": {"times": 3}}})
     assert recipe.task.options == {"times": 3}

@@ -7,7 +7,7 @@ import torch
 from transformers import TrainerCallback
 
 from ftkit.errors import FtkitError
-from ftkit.recipe.schema import recipe_from_dict
+from ftkit.recipe import recipe_from_dict
 from ftkit.run import rundir
 from ftkit.sft.run import train
 
@@ -309,7 +309,7 @@ def test_mixed_precision_reaches_both_loss_paths(tmp_path, loss_chunk):
     from ftkit.diffusion.token_layout import collate, layout_example
     from ftkit.model.char_tokenizer import build_char_tokenizer
     from ftkit.model.load import attach_lora, build_tiny
-    from ftkit.recipe.schema import DiffusionSection, LoraSection, PresetSpec
+    from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec
     from ftkit.sft.trainer import DiffusionTrainer
     from ftkit.tasks.sudoku import SudokuTask
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe.schema import LoraSection, ModelSection, PresetSpec, QuantSection, recipe_from_dict
+from ftkit.recipe import LoraSection, ModelSection, PresetSpec, QuantSection, recipe_from_dict
 
 TINY_SUDOKU = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "sudoku.yaml")
 REQUIRED = os.environ.get("FTKIT_REQUIRE_UNSLOTH") == "1"
@@ -96,7 +96,7 @@ def _step_grads(model, char_tokenizer) -> dict[str, torch.Tensor]:
     """One diffusion-loss backward on a Sudoku batch; the trainable tensors' gradients."""
     from ftkit.diffusion.loss import diffusion_loss
     from ftkit.diffusion.token_layout import collate, layout_example
-    from ftkit.recipe.schema import DiffusionSection
+    from ftkit.recipe import DiffusionSection
     from ftkit.tasks.sudoku import SudokuTask
 
     task = SudokuTask()

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
 from ftkit.diffusion.loss import choose_blocks, decoder_inputs, diffusion_loss
-from ftkit.diffusion.sample import denoise, row_generators, schedule_kwargs
+from ftkit.diffusion.sample import denoise, row_generators
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.checkpointing import set_gradient_checkpointing
 from ftkit.model.load import attach_lora, tiny_config
-from ftkit.recipe.schema import DiffusionSection, EvalSection, LoraSection, PresetSpec
+from ftkit.recipe import DiffusionSection, EvalSection, LoraSection, PresetSpec
 from ftkit.rl.likelihood import position_losses
 from ftkit.tasks.base import Piece, PromptCanvas
 
@@ -225,7 +225,7 @@ def test_without_a_binding_window_the_old_layout_gives_the_same_logits(char_toke
 
 
 def knobs(steps=3):
-    return dict(steps=steps, **schedule_kwargs(EvalSection()), clamp=True)
+    return dict(steps=steps, **EvalSection().sampler_kwargs(), clamp=True)
 
 
 def test_denoise_a_row_batched_equals_the_row_alone(model, layouts, char_tokenizer):

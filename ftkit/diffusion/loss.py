@@ -28,7 +28,7 @@ from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
 from ftkit.diffusion.head import head_logits
 from ftkit.diffusion.prefix_cache import PrefixCache, prefix_cache_inputs
 from ftkit.diffusion.self_conditioning import injected_soft_embeddings, select_batch, soft_embeddings
-from ftkit.recipe.schema import DiffusionSection
+from ftkit.recipe import DiffusionSection
 
 
 @dataclass

@@ -454,14 +454,3 @@ def denoise(
         renoised_cells=renoised_cells,
         renoise_rounds=rounds,
     )
-
-
-def schedule_kwargs(cfg) -> dict:
-    """The recipe's `eval` section (an EvalSection) as `denoise`'s schedule keyword arguments."""
-    return {
-        "temperature_min": cfg.temperature_min,
-        "temperature_max": cfg.temperature_max,
-        "entropy_bound": cfg.entropy_bound,
-        "stability_threshold": cfg.stability_threshold,
-        "confidence_threshold": cfg.confidence_threshold,
-    }

@@ -20,12 +20,12 @@ import torch
 
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
-from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
+from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators
 from ftkit.diffusion.token_layout import canvas_to_text, stop_token_ids
 from ftkit.errors import FtkitError
 from ftkit.evaluation.report import EvalReport
 from ftkit.evaluation.verify import MAX_RENOISE_ROUNDS, rows_verifier
-from ftkit.recipe.schema import EvalSection
+from ftkit.recipe import EvalSection
 from ftkit.tasks.base import Example, Violation
 from ftkit.tasks.data import lay_out_examples, warn_skipped
 
@@ -159,7 +159,7 @@ def _denoise_batches(
             vocab_size=vocab,
             sampler=sampler,
             steps=eval_cfg.steps,
-            **schedule_kwargs(eval_cfg),
+            **eval_cfg.sampler_kwargs(),
             clamp=eval_cfg.clamp,
             max_renoise_rounds=max_renoise_rounds,
         )

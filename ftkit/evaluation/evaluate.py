@@ -32,7 +32,7 @@ from ftkit.evaluation.result_files import (
     split_size,
     write_json_atomic,
 )
-from ftkit.recipe.schema import EvalSection
+from ftkit.recipe import EvalSection
 from ftkit.run.lock import holds_run_lock
 from ftkit.tasks.base import Example
 from ftkit.tasks.data import load_examples

@@ -174,7 +174,7 @@ def weights_label(run) -> str:
 
 def run_task_name(run_dir) -> str:
     """The task a run was trained on, from its recipe alone (no model loaded)."""
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
     from ftkit.run.rundir import RECIPE_FILE, require_run_dir
 
     return load_recipe(require_run_dir(run_dir) / RECIPE_FILE).task.name
@@ -262,7 +262,7 @@ def _denoise_input(run, example: Example, lay, stops, n_steps: int, seed: int, m
     """Denoise the one laid-out input block after block with the recipe's eval settings (clamped; verifier-guided
     when the recipe says so); `on_block(k, text, last)` hears each block as it lands."""
     from ftkit.diffusion.blocks import denoise_blocks
-    from ftkit.diffusion.sample import row_generators, schedule_kwargs
+    from ftkit.diffusion.sample import row_generators
     from ftkit.diffusion.token_layout import canvas_to_text
 
     cfg = run.recipe.eval
@@ -289,7 +289,7 @@ def _denoise_input(run, example: Example, lay, stops, n_steps: int, seed: int, m
         verifier=verifier,
         on_block=landed,
         steps=n_steps,
-        **schedule_kwargs(cfg),
+        **cfg.sampler_kwargs(),
         clamp=True,
         record_trajectory=record,
         vocab_size=run.model.config.get_text_config().vocab_size if cfg.token_masks else None,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ftkit.diffusion.token_layout import task_max_blocks
 from ftkit.errors import FtkitError
-from ftkit.recipe.schema import EvalSection
+from ftkit.recipe import EvalSection
 
 DATA_FILE_LIMIT = 1_000_000  # --data without -n: every example of the file
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import FtkitError
-from ftkit.recipe.schema import EvalSection
+from ftkit.recipe import EvalSection
 
 CANONICAL = "eval.json"
 PLAIN, VERIFIER, BEST_OF_N = "plain", "verifier", "plain_best_of_n"  # the sampling modes, as results name them

@@ -29,11 +29,10 @@ def generation_config(base_dir: Path | None, recipe):
                 f"{base_dir}/generation_config.json: cannot read it ({e.__class__.__name__}: {e})"
             ) from None
     e = recipe.eval
-    config.max_denoising_steps = e.steps
-    config.sampler_config = EntropyBoundSamplerConfig(entropy_bound=e.entropy_bound)
-    config.t_min, config.t_max = e.temperature_min, e.temperature_max
-    config.stability_threshold = e.stability_threshold
-    config.confidence_threshold = e.confidence_threshold
+    values = e.generation_config_values()
+    config.sampler_config = EntropyBoundSamplerConfig(entropy_bound=values.pop("entropy_bound"))
+    for name, value in values.items():
+        setattr(config, name, value)
     if e.max_new_tokens is not None:
         config.max_new_tokens = e.max_new_tokens
     config.validate()

@@ -47,7 +47,7 @@ def plan_push(
     allow_no_eval: bool = False,
 ) -> PushPlan:
     """Check the run and what would be pushed; every refusal is one FtkitError saying what to do."""
-    from ftkit.recipe.schema import load_recipe
+    from ftkit.recipe import load_recipe
 
     run_dir = rundir.require_run_dir(run_dir)
     recipe = load_recipe(run_dir / rundir.RECIPE_FILE)

@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 
 from ftkit.errors import FtkitError
-from ftkit.recipe.schema import PRESETS, LoraSection, ModelSection, PresetSpec, QuantSection
+from ftkit.recipe import PRESETS, LoraSection, ModelSection, PresetSpec, QuantSection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from ftkit.diffusion.loss import diffusion_loss
-from ftkit.recipe.schema import DiffusionSection
+from ftkit.recipe import DiffusionSection
 
 
 def position_losses(

@@ -17,10 +17,10 @@ import torch
 
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.loss import core_model
-from ftkit.diffusion.sample import denoise, schedule_kwargs
+from ftkit.diffusion.sample import denoise
 from ftkit.diffusion.token_layout import TokenLayout, canvas_to_text, end_of_turn_id, stop_token_ids
 from ftkit.evaluation.verify import MAX_RENOISE_ROUNDS, flagged_tokens, rows_verifier
-from ftkit.recipe.schema import EvalSection, RLSection
+from ftkit.recipe import EvalSection, RLSection
 from ftkit.rl.objective import group_advantages, position_advantages, sample_entropy, scale_negatives
 from ftkit.tasks.base import Example, reward_parts
 
@@ -180,7 +180,7 @@ class Rollout:
                     verifier=self._verifier([rows[i] for i in chunk]) if use_verifier else None,
                     max_renoise_rounds=MAX_RENOISE_ROUNDS if use_verifier else 0,
                     steps=self.sampler_cfg.steps,
-                    **schedule_kwargs(self.sampler_cfg),
+                    **self.sampler_cfg.sampler_kwargs(),
                     clamp=self.sampler_cfg.clamp,
                 )
                 for i, tokens in zip(chunk, result.tokens):

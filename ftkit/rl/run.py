@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe.schema import Recipe
+from ftkit.recipe import Recipe
 from ftkit.run import filecheck, rundir
 from ftkit.run import start as runstart
 from ftkit.run.lock import RunLock
@@ -119,7 +119,7 @@ def init_adapter(recipe: Recipe) -> Path | None:
 def _is_full_parameter_run(run_dir: Path) -> bool:
     """A run that trained every weight (`train.trainable: full`) and saved a whole model, not an adapter. Read off
     the raw recipe and the files, so the answer does not depend on this ftkit knowing the key."""
-    from ftkit.recipe.schema import read_yaml
+    from ftkit.recipe import read_yaml
 
     try:
         data = read_yaml(run_dir / rundir.RECIPE_FILE)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ftkit.diffusion.token_layout import collate
-from ftkit.recipe.schema import DiffusionSection, RLSection
+from ftkit.recipe import DiffusionSection, RLSection
 from ftkit.rl.likelihood import ReferencePolicy, masked_mean, position_losses, sequence_loss
 from ftkit.rl.objective import policy_terms, token_policy_terms
 from ftkit.rl.rollout import Rollout, Round, derived_seed

@@ -204,7 +204,7 @@ def require_directory(run_dir: str | Path) -> Path:
         hint = ""
         if run_dir.suffix.lower() in (".yaml", ".yml"):
             try:
-                from ftkit.recipe.schema import read_yaml
+                from ftkit.recipe import read_yaml
 
                 output_dir = (read_yaml(run_dir).get("train") or {}).get("output_dir")
             except (FtkitError, AttributeError):
@@ -382,7 +382,7 @@ RECIPE_SECTIONS = ("model", "quant", "lora", "diffusion", "train", "task", "eval
 def load_run_recipe(run_dir: Path):
     """The run's recipe.yaml, checked for being cut short: train writes every section and ends the file with a
     newline (a cut inside a line loses it; a cut between lines loses the last section's keys at most)."""
-    from ftkit.recipe.schema import load_recipe, read_yaml
+    from ftkit.recipe import load_recipe, read_yaml
 
     path = run_dir / RECIPE_FILE
     fix = f"rewrite it with `ftkit validate RECIPE [OVERRIDES] > {path}` (the recipe and overrides of the run)"

@@ -15,8 +15,7 @@ from accelerate import PartialState
 
 from ftkit.diffusion.token_layout import TokenLayout, collate
 from ftkit.errors import FtkitError
-from ftkit.model.compat import checkpointing_arguments
-from ftkit.recipe.schema import Recipe
+from ftkit.recipe import Recipe, make_training_arguments
 from ftkit.run import rundir
 from ftkit.run.lock import RunLock
 from ftkit.run.start import (
@@ -42,55 +41,17 @@ class Collator:
 
 
 def training_arguments(recipe: Recipe, run_dir: Path):
-    from transformers import TrainingArguments
-
-    t = recipe.train
     cuda = torch.cuda.is_available()
     # A preset holds fp32 weights whatever model.dtype says, as does full training (make_fully_trainable): on a GPU
     # they compute in bf16 under autocast when the recipe asks for it.
     bf16 = cuda and recipe.model.dtype == "bfloat16" and (recipe.is_full or not recipe.is_random_init)
+    distributed = PartialState().num_processes > 1
     try:
-        return _training_arguments(TrainingArguments, recipe, run_dir, t, cuda, bf16)
+        return make_training_arguments(
+            recipe, str(run_dir / rundir.CHECKPOINTS), cuda=cuda, bf16=bf16, distributed=distributed
+        )
     except (TypeError, ValueError) as e:  # a value TrainingArguments itself rejects (the recipe checked the types)
         raise FtkitError(f"training_args: transformers.TrainingArguments rejects the recipe's settings: {e}") from None
-
-
-def _training_arguments(TrainingArguments, recipe: Recipe, run_dir: Path, t, cuda: bool, bf16: bool):
-    return TrainingArguments(
-        output_dir=str(run_dir / rundir.CHECKPOINTS),
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        lr_scheduler_type=t.lr_scheduler,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=bf16,
-        use_cpu=not cuda,
-        # Decoder layers (transformers' GradientCheckpointingLayer); the encoder's are ftkit.model.checkpointing's, in
-        # train(). Non-reentrant: reentrant checkpointing would replay the encoder's cache writes.
-        **checkpointing_arguments(
-            t.gradient_checkpointing, {"use_reentrant": False} if t.gradient_checkpointing else None
-        ),
-        remove_unused_columns=False,
-        # A safety margin, not a need today: every LoRA tensor is reached each step (an expert's LoRA is a slice of
-        # one tensor per layer, so experts no token was routed to still share a gradient tensor), but a LoRA target
-        # a step's graph skips would make DDP error at the next step without it. Costs one graph traversal a step.
-        ddp_find_unused_parameters=PartialState().num_processes > 1,
-        dataloader_num_workers=t.num_workers,
-        report_to=[] if t.report_to == "none" else [t.report_to],
-        disable_tqdm=True,  # the rich progress bar replaces tqdm
-        **recipe.training_args,  # every other TrainingArguments field, validated by the recipe
-    )
 
 
 def check_launch(recipe: Recipe) -> None:

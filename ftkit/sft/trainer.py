@@ -24,7 +24,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.errors import FtkitError
 from ftkit.model.compat import restore_indexed_cpu_locations
-from ftkit.recipe.schema import DiffusionSection
+from ftkit.recipe import DiffusionSection
 from ftkit.run import manifest
 from ftkit.run.rundir import replace_dir
 

@@ -17,7 +17,7 @@ from ftkit.diffusion.loss import diffusion_loss
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.char_tokenizer import build_char_tokenizer
 from ftkit.model.load import attach_lora, build_tiny
-from ftkit.recipe.schema import DiffusionSection, LoraSection, PresetSpec, QuantSection
+from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec, QuantSection
 from ftkit.tasks.sudoku import SudokuTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
