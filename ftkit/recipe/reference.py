@@ -74,6 +74,8 @@ def render() -> str:
         "",
     ]
     for name in known_tasks():
+        if not get_task(name).__module__.startswith("ftkit.tasks."):
+            continue  # a plugin's task (another package, a test) documents itself: this page is ftkit's own
         options = get_task(name).Options
         out += [f"### `{name}`", ""]
         if not dataclasses.fields(options):
