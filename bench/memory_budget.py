@@ -354,7 +354,7 @@ def skip_list_findings(w: Weights) -> list[str]:
         if g.quantized_by_bnb:
             notes.append(
                 f"{group}: {g.quantized_by_bnb} tensor(s) become Linear4bit although load_base keeps it "
-                f"in full precision (ftkit.model.load.KEEP_UNQUANTIZED)"
+                f"in full precision (ftkit.model.arch.KEEP_UNQUANTIZED)"
             )
     return notes
 
@@ -381,10 +381,10 @@ def lora_plans(r: int) -> list[LoraPlan]:
 
 
 def lora_config(plan: LoraPlan, r: int, layers: int):
-    """A PEFT LoraConfig with ftkit's targets (ftkit.model.load.lora_targets) for this plan."""
+    """A PEFT LoraConfig with ftkit's targets (ftkit.model.lora.lora_targets) for this plan."""
     from peft import LoraConfig
 
-    from ftkit.model.load import lora_targets
+    from ftkit.model.lora import lora_targets
     from ftkit.recipe.schema import LoraSection
 
     regex, _ = lora_targets(LoraSection(r=r, attention=plan.attention, experts=False)) if plan.attention else (None, [])
@@ -645,9 +645,9 @@ def labelled_layers(model, meter: LiveBytes):
     """While active, storages created inside a text layer are labelled '<stack>/<layer type>', except the layer's
     output, labelled '<stack>/layer output': whether it stays alive depends on whether a next layer exists (it is the
     next checkpointed layer's input), not on the layer's type."""
-    from ftkit.diffusion.loss import core_model
+    from ftkit.model.arch import unwrap_model
 
-    core = core_model(model)
+    core = unwrap_model(model)
     stacks = {"encoder": core.model.encoder.language_model.layers, "decoder": core.model.decoder.layers}
     types = core.config.text_config.layer_types
     handles, previous = [], []
@@ -684,7 +684,7 @@ def storage_ptrs(tensors) -> set[int]:
 def build_model(layers: int, args):
     """Random-init model at the real widths with `layers` layers, frozen, 4-bit experts, LoRA r attached.
     Returns (peft model, notes dict)."""
-    from ftkit.model.load import attach_lora
+    from ftkit.model.lora import attach_lora
     from ftkit.recipe.schema import LoraSection, QuantSection
 
     cfg = config_for(layers, args.vocab)

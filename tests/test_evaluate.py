@@ -16,7 +16,8 @@ import ftkit.evaluation.evaluate as ev
 from ftkit.diffusion.sample import DenoiseResult
 from ftkit.diffusion.token_layout import layout_example
 from ftkit.model.char_tokenizer import build_char_tokenizer
-from ftkit.model.load import attach_lora, build_tiny
+from ftkit.model.load import build_tiny
+from ftkit.model.lora import attach_lora
 from ftkit.recipe.schema import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection
 from ftkit.tasks.sudoku import SudokuOptions, SudokuTask
 

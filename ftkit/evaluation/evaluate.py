@@ -39,10 +39,10 @@ from typing import Any
 import torch
 
 from ftkit.diffusion.blocks import denoise_blocks
-from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators, schedule_kwargs
 from ftkit.diffusion.token_layout import canvas_to_text, layout_example, stop_token_ids, task_max_blocks
 from ftkit.errors import FtkitError
+from ftkit.model import arch
 from ftkit.recipe.schema import EvalSection
 from ftkit.run.lock import holds_run_lock
 from ftkit.tasks.base import Example, Violation
@@ -226,7 +226,7 @@ def evaluate_examples(
     model.eval()
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    vocab = core_model(model).config.get_text_config().vocab_size if eval_cfg.token_masks else None
+    vocab = arch.vocab_size(model) if eval_cfg.token_masks else None
     examples, layouts = _lay_out(task, tokenizer, examples, canvas_length, max_prompt_length)
 
     outputs: list[str] = []

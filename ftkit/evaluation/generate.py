@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import FtkitError
+from ftkit.model import arch
 from ftkit.run.rundir import atomic_write
 from ftkit.tasks.base import Example, Violation
 from ftkit.tasks.view import INK, UNKNOWN_CELL, WHITE, Frame, font, view_of
@@ -264,7 +265,7 @@ def generate_one(
         **schedule_kwargs(cfg),
         clamp=True,
         record_trajectory=live or traj_path is not None,
-        vocab_size=run.model.config.get_text_config().vocab_size if cfg.token_masks else None,
+        vocab_size=arch.vocab_size(run.model) if cfg.token_masks else None,
     )
     tokens = result.tokens[0]
     output = canvas_to_text(run.tokenizer, tokens)
