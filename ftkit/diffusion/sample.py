@@ -306,7 +306,7 @@ def _denoise_pass(
 
 
 def _eos_ids(core) -> set[int]:
-    eos = core.config.get_text_config().eos_token_id
+    eos = arch.eos_token_id(core)
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}

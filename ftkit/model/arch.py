@@ -136,6 +136,11 @@ def vocab_size(model: torch.nn.Module) -> int:
     return unwrap_model(model).config.get_text_config().vocab_size
 
 
+def eos_token_id(core: torch.nn.Module):
+    """The model's end-of-sequence id(s) (an int, a list of them, or None), as its text config declares them."""
+    return core.config.get_text_config().eos_token_id
+
+
 def canvas_length(model_or_config) -> int:
     """Tokens the decoder denoises at once (one block)."""
     config = model_or_config.config if isinstance(model_or_config, torch.nn.Module) else model_or_config

@@ -6,8 +6,9 @@ transiently, grouped GEMM (`grouped.py`), gate, grouped GEMM, weight by the rout
 layers share each expert tensor; the shared NF4 storage is one child module of both, quantized once.
 
 LoRA on the experts stays PEFT's own `target_parameters` adapter (same keys, same shapes): the module keeps a
-shape-only placeholder Parameter under the original name for PEFT to find, and `lora.py` makes PEFT's wrapper hand
-its low-rank factors to this forward, which adds them as a low-rank grouped path (never a dense delta).
+shape-only placeholder Parameter under the original name for PEFT to find, and `ftkit.model.quant.lora` makes PEFT's
+wrapper hand its low-rank factors to this forward (`QuantizedExperts.lora_factors_applied`), which adds them as a
+low-rank grouped path (never a dense delta).
 """
 
 from __future__ import annotations
