@@ -69,11 +69,13 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
+from ftkit.model import arch  # noqa: E402
+from ftkit.model.arch import EXPERT_TENSORS  # noqa: E402
+
 GB = 1e9  # decimal gigabytes, as in "18 GB"
 REAL_VOCAB = bc.TRUE_WIDTH["vocab_size"]
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bnb 4-bit blocksize (QuantSection default) and its double-quant blocksize
 ADAM8_BLOCK, ADAM8_MIN_SIZE = 256, 4096  # bnb 8-bit optimizers: blockwise states; smaller tensors keep fp32 states
-EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
 
 def gb(nbytes: float | None) -> float | None:
@@ -394,7 +396,7 @@ def lora_config(plan: LoraPlan, r: int, layers: int):
         params = lora_targets(section_, layers)[1]
     rank_pattern = {}
     if plan.expert_rank is not None and plan.expert_rank != r:
-        rank_pattern = {r"experts\.(gate_up_proj|down_proj)": plan.expert_rank}
+        rank_pattern = {arch.EXPERT_PARAM_PATTERN: plan.expert_rank}
     return LoraConfig(
         r=r,
         lora_alpha=2 * r,
@@ -645,10 +647,8 @@ def labelled_layers(model, meter: LiveBytes):
     """While active, storages created inside a text layer are labelled '<stack>/<layer type>', except the layer's
     output, labelled '<stack>/layer output': whether it stays alive depends on whether a next layer exists (it is the
     next checkpointed layer's input), not on the layer's type."""
-    from ftkit.model.arch import unwrap_model
-
-    core = unwrap_model(model)
-    stacks = {"encoder": core.model.encoder.language_model.layers, "decoder": core.model.decoder.layers}
+    core = arch.unwrap_model(model)
+    stacks = {"encoder": arch.encoder_layers(core), "decoder": arch.decoder_layers(core)}
     types = core.config.text_config.layer_types
     handles, previous = [], []
 

@@ -1,6 +1,6 @@
 """Training throughput and peak memory of LoRA fine-tuning, side by side on the same batch:
 
-  ftkit-4bit    ftkit.model.load.load_base (bnb 4-bit linears + ftkit.model.quant NF4 experts) + attach_lora (attn + experts)
+  ftkit-4bit    ftkit.model.load.load_base (bnb 4-bit linears + ftkit NF4 experts) + attach_lora (attn + experts)
   peft-4bit     plain transformers `load_in_4bit` (experts stay bf16) + PEFT LoRA on attn + experts (target_parameters)
   peft-bf16     plain transformers bf16 + the same PEFT LoRA
   unsloth-4bit  Unsloth FastDiffusionModel (4-bit attn + dense MLP, LoRA there, experts bf16 and frozen), when it
