@@ -50,7 +50,8 @@ class PeakSampler:
 
 def make_run(root: Path, layers: int) -> Path:
     from ftkit.model.char_tokenizer import build_char_tokenizer
-    from ftkit.model.load import attach_lora, build_tiny
+    from ftkit.model.load import build_tiny
+    from ftkit.model.lora import attach_lora
     from ftkit.recipe import recipe_from_dict
 
     tiny = {

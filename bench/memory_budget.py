@@ -69,11 +69,13 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
+from ftkit.model import arch  # noqa: E402
+from ftkit.model.arch import EXPERT_TENSORS  # noqa: E402
+
 GB = 1e9  # decimal gigabytes, as in "18 GB"
 REAL_VOCAB = bc.TRUE_WIDTH["vocab_size"]
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bnb 4-bit blocksize (QuantSection default) and its double-quant blocksize
 ADAM8_BLOCK, ADAM8_MIN_SIZE = 256, 4096  # bnb 8-bit optimizers: blockwise states; smaller tensors keep fp32 states
-EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
 
 def gb(nbytes: float | None) -> float | None:
@@ -354,7 +356,7 @@ def skip_list_findings(w: Weights) -> list[str]:
         if g.quantized_by_bnb:
             notes.append(
                 f"{group}: {g.quantized_by_bnb} tensor(s) become Linear4bit although load_base keeps it "
-                f"in full precision (ftkit.model.load.KEEP_UNQUANTIZED)"
+                f"in full precision (ftkit.model.arch.KEEP_UNQUANTIZED)"
             )
     return notes
 
@@ -381,10 +383,10 @@ def lora_plans(r: int) -> list[LoraPlan]:
 
 
 def lora_config(plan: LoraPlan, r: int, layers: int):
-    """A PEFT LoraConfig with ftkit's targets (ftkit.model.load.lora_targets) for this plan."""
+    """A PEFT LoraConfig with ftkit's targets (ftkit.model.lora.lora_targets) for this plan."""
     from peft import LoraConfig
 
-    from ftkit.model.load import lora_targets
+    from ftkit.model.lora import lora_targets
     from ftkit.recipe import LoraSection
 
     regex, _ = lora_targets(LoraSection(r=r, attention=plan.attention, experts=False)) if plan.attention else (None, [])
@@ -394,7 +396,7 @@ def lora_config(plan: LoraPlan, r: int, layers: int):
         params = lora_targets(section_, layers)[1]
     rank_pattern = {}
     if plan.expert_rank is not None and plan.expert_rank != r:
-        rank_pattern = {r"experts\.(gate_up_proj|down_proj)": plan.expert_rank}
+        rank_pattern = {arch.EXPERT_PARAM_PATTERN: plan.expert_rank}
     return LoraConfig(
         r=r,
         lora_alpha=2 * r,
@@ -645,10 +647,8 @@ def labelled_layers(model, meter: LiveBytes):
     """While active, storages created inside a text layer are labelled '<stack>/<layer type>', except the layer's
     output, labelled '<stack>/layer output': whether it stays alive depends on whether a next layer exists (it is the
     next checkpointed layer's input), not on the layer's type."""
-    from ftkit.diffusion.loss import core_model
-
-    core = core_model(model)
-    stacks = {"encoder": core.model.encoder.language_model.layers, "decoder": core.model.decoder.layers}
+    core = arch.unwrap_model(model)
+    stacks = {"encoder": arch.encoder_layers(core), "decoder": arch.decoder_layers(core)}
     types = core.config.text_config.layer_types
     handles, previous = [], []
 
@@ -684,7 +684,7 @@ def storage_ptrs(tensors) -> set[int]:
 def build_model(layers: int, args):
     """Random-init model at the real widths with `layers` layers, frozen, 4-bit experts, LoRA r attached.
     Returns (peft model, notes dict)."""
-    from ftkit.model.load import attach_lora
+    from ftkit.model.lora import attach_lora
     from ftkit.recipe import LoraSection, QuantSection
 
     cfg = config_for(layers, args.vocab)

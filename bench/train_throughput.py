@@ -1,6 +1,6 @@
 """Training throughput and peak memory of LoRA fine-tuning, side by side on the same batch:
 
-  ftkit-4bit    ftkit's load_base (bnb 4-bit linears + ftkit.model.quant NF4 experts) + attach_lora (attn + experts)
+  ftkit-4bit    ftkit.model.load.load_base (bnb 4-bit linears + ftkit NF4 experts) + attach_lora (attn + experts)
   peft-4bit     plain transformers `load_in_4bit` (experts stay bf16) + PEFT LoRA on attn + experts (target_parameters)
   peft-bf16     plain transformers bf16 + the same PEFT LoRA
   unsloth-4bit  Unsloth FastDiffusionModel (4-bit attn + dense MLP, LoRA there, experts bf16 and frozen), when it
@@ -27,6 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
+from ftkit.model.arch import TEXT_LINEAR_LAYERS  # noqa: E402
+
 METHODS = ("ftkit-4bit", "peft-4bit", "peft-bf16", "unsloth-4bit")
 
 
@@ -44,7 +46,7 @@ def plain_lora_config(r: int):
     """The same targets ftkit uses (text-layer attention + expert tensors), built directly with PEFT."""
     from peft import LoraConfig
 
-    from ftkit.model.load import lora_targets
+    from ftkit.model.lora import lora_targets
 
     regex, params = lora_targets(lora_section(r))  # both stacks: no per-layer scoping needed
     return LoraConfig(
@@ -55,7 +57,8 @@ def plain_lora_config(r: int):
 def load_ftkit_4bit(path: Path, tiny: bool, r: int):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model.load import _freeze, attach_lora, load_base
+    from ftkit.model.load import _freeze, load_base
+    from ftkit.model.lora import attach_lora
     from ftkit.model.quant import quantize_experts
     from ftkit.recipe import ModelSection, QuantSection
 
@@ -101,10 +104,7 @@ def load_peft_bf16(path: Path, tiny: bool, r: int):
 # suffix list (q_proj ... down_proj) would also wrap decoder.self_conditioning.{gate,up,down}_proj and the vision
 # tower's Gemma4ClippableLinear; the experts are fused 3D parameters that PEFT's target_modules cannot reach.
 # Source: unslothai/unsloth unsloth/models/diffusion_gemma_objective.py (DIFFUSION_GEMMA_PROFILE.lora_target_modules).
-UNSLOTH_LORA_TARGETS = (
-    r".*model\.(encoder\.language_model|decoder)\.layers\.\d+\."
-    r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-)
+UNSLOTH_LORA_TARGETS = TEXT_LINEAR_LAYERS
 
 
 def load_unsloth_4bit(path: Path, tiny: bool, r: int):

@@ -9,7 +9,8 @@ import torch
 from ftkit.diffusion.blocks import block_budget, denoise_blocks
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators
 from ftkit.diffusion.token_layout import layout_example, stop_token_ids
-from ftkit.model.load import attach_lora, build_tiny
+from ftkit.model.load import build_tiny
+from ftkit.model.lora import attach_lora
 from ftkit.recipe import EvalSection, LoraSection, PresetSpec
 from ftkit.tasks.base import Piece, PromptCanvas
 from ftkit.tasks.sudoku import SudokuTask

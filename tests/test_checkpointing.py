@@ -7,7 +7,8 @@ import torch
 from ftkit.diffusion.loss import decoder_inputs, diffusion_loss
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.checkpointing import CheckpointedEncoderLayer, set_gradient_checkpointing
-from ftkit.model.load import attach_lora, build_tiny
+from ftkit.model.load import build_tiny
+from ftkit.model.lora import attach_lora
 from ftkit.profiling import SavedActivations
 from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec
 from ftkit.tasks.sudoku import SudokuTask

@@ -12,11 +12,12 @@ from ftkit.diffusion.loss import (
     decoder_inputs,
     diffusion_loss,
     encoder_targets,
-    head_logits,
 )
 from ftkit.diffusion.token_layout import collate, layout_example
+from ftkit.model.arch import head_logits
 from ftkit.model.compat import disable_decoder_checkpointing, enable_decoder_checkpointing
-from ftkit.model.load import attach_lora, build_tiny
+from ftkit.model.load import build_tiny
+from ftkit.model.lora import attach_lora
 from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec
 from ftkit.tasks.sudoku import SudokuTask
 

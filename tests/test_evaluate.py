@@ -20,7 +20,8 @@ from ftkit.evaluation import core, result_files, verify
 from ftkit.evaluation.report import EvalReport, describe_file, render_table
 from ftkit.evaluation.request import EvalRequest
 from ftkit.model.char_tokenizer import build_char_tokenizer
-from ftkit.model.load import attach_lora, build_tiny
+from ftkit.model.load import build_tiny
+from ftkit.model.lora import attach_lora
 from ftkit.recipe import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection
 from ftkit.tasks.sudoku import SudokuOptions, SudokuTask
 

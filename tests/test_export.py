@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from ftkit.errors import FtkitError
 from ftkit.export import export_run
-from ftkit.model.load import attach_lora, build_tiny, make_fully_trainable
+from ftkit.model.load import build_tiny, make_fully_trainable
+from ftkit.model.lora import attach_lora
 from ftkit.recipe import recipe_from_dict
 
 TINY = {
@@ -155,7 +156,7 @@ def test_layout_is_transformers_own_key_for_key(tmp_path, char_tokenizer):
     it writes for the same model with tie_word_embeddings false."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.export.layout import untie
+    from ftkit.model.arch import untie
 
     shapes = lambda d: {k: tuple(v.shape) for k, v in tensors(d).items()}  # noqa: E731
     run, base, _ = make_run(tmp_path, char_tokenizer, {"shared_stacks": True})

@@ -305,7 +305,8 @@ def test_only_versions_json_marks_a_directory_as_a_run(tmp_path):
 
 def test_the_final_adapter_has_no_template_card(tmp_path):
     from ftkit.model.char_tokenizer import build_char_tokenizer
-    from ftkit.model.load import attach_lora, build_tiny
+    from ftkit.model.load import build_tiny
+    from ftkit.model.lora import attach_lora
 
     model = attach_lora(
         build_tiny(

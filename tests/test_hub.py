@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from ftkit.errors import FtkitError
 from ftkit.hub.push import push_export, push_run
-from ftkit.model.load import TIED_NOTE
+from ftkit.model.lora import TIED_NOTE
 from ftkit.recipe import recipe_from_dict
 
 FAKE_TOKEN = "hf_FakeSecretToken0123456789abcdef"

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ftkit.diffusion.token_layout import canvas_to_text, end_of_turn_id, layout_example, stop_token_ids
-from ftkit.model.load import attach_lora, build_tiny, lora_targets, parameter_groups
+from ftkit.model.load import build_tiny
+from ftkit.model.lora import attach_lora, lora_targets, parameter_groups
 from ftkit.recipe import LoraSection, PresetSpec
 from ftkit.tasks import Piece, PromptCanvas
 
@@ -217,7 +218,7 @@ def test_bnb_keeps_router_self_conditioning_head_and_vision_in_full_precision(ch
     """Checked with transformers' own matcher over every Linear of a real (tiny) DiffusionGemma."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from ftkit.model.load import KEEP_UNQUANTIZED
+    from ftkit.model.arch import KEEP_UNQUANTIZED
 
     model = build_tiny(SPEC, char_tokenizer)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from ftkit.errors import FtkitError
 from ftkit.model.compat import enable_decoder_checkpointing
-from ftkit.model.load import attach_lora, build_tiny
+from ftkit.model.load import build_tiny
+from ftkit.model.lora import attach_lora
 from ftkit.model.quant import QuantizedExperts, bind_expert_lora, expert_storage, quantize_experts, set_expert_kernel
 from ftkit.recipe import LoraSection, PresetSpec, QuantSection
 

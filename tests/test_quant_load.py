@@ -15,17 +15,17 @@ import pytest
 import torch
 
 from ftkit.errors import FtkitError
+from ftkit.model.arch import expert_module_names
 from ftkit.model.load import (
-    attach_lora,
     bnb_config,
     build_tiny,
-    expert_module_names,
     experts_on_cpu_device_map,
     load_base,
     quant_device,
     reclaim_offloaded_experts,
     tiny_config,
 )
+from ftkit.model.lora import attach_lora
 from ftkit.model.quant import expert_storage, quantize_experts
 from ftkit.model.quant.experts import is_fused_experts
 from ftkit.recipe import LoraSection, ModelSection, PresetSpec, QuantSection

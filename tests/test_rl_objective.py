@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ftkit.diffusion.token_layout import collate, layout_example
-from ftkit.model.load import attach_lora, build_tiny
+from ftkit.model.load import build_tiny
+from ftkit.model.lora import attach_lora
 from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec
 from ftkit.rl.likelihood import ReferencePolicy, position_losses, sequence_loss
 from ftkit.rl.objective import (

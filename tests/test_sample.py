@@ -395,9 +395,9 @@ def test_peak_cuda_memory_at_the_real_vocabulary_and_batch():
 def test_decoder_with_soft_embeddings_equals_the_models_self_conditioning_path(model, batch, tokenizer):
     """The sampler calls the decoder with the self-conditioning signal as soft embeddings and applies the head
     itself; that gives the logits the model computes from self_conditioning_logits (fp32)."""
-    from ftkit.diffusion.head import head_logits
     from ftkit.diffusion.sample import _encode_prompt
     from ftkit.diffusion.self_conditioning import injected_soft_embeddings
+    from ftkit.model.arch import head_logits
 
     prompt, mask, canvas, _ = batch
     cache, decoder_mask, positions = _encode_prompt(model, prompt, mask, CANVAS)

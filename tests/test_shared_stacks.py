@@ -12,7 +12,8 @@ from test_train import TINY, crash_and_resume, probe_batch, tiny_recipe
 
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.errors import FtkitError
-from ftkit.model.load import attach_lora, build_tiny
+from ftkit.model.load import build_tiny
+from ftkit.model.lora import attach_lora
 from ftkit.model.shared_stacks import stacks_share_adapters
 from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec, QuantSection, recipe_from_dict
 from ftkit.run import rundir

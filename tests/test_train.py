@@ -308,7 +308,8 @@ def test_mixed_precision_reaches_both_loss_paths(tmp_path, loss_chunk):
 
     from ftkit.diffusion.token_layout import collate, layout_example
     from ftkit.model.char_tokenizer import build_char_tokenizer
-    from ftkit.model.load import attach_lora, build_tiny
+    from ftkit.model.load import build_tiny
+    from ftkit.model.lora import attach_lora
     from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec
     from ftkit.sft.trainer import DiffusionTrainer
     from ftkit.tasks.sudoku import SudokuTask

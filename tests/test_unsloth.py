@@ -116,7 +116,8 @@ def _step_grads(model, char_tokenizer) -> dict[str, torch.Tensor]:
 def test_unsloth_loads_the_same_weights_and_ftkit_lora_trains_the_experts(base_dir, char_tokenizer):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model.load import attach_lora, load_with_unsloth
+    from ftkit.model.load import load_with_unsloth
+    from ftkit.model.lora import attach_lora
 
     model = load_with_unsloth(
         str(base_dir), ModelSection(base=str(base_dir), dtype="float32", loader="unsloth"), QuantSection()
@@ -137,7 +138,8 @@ def test_checkpointing_both_stacks_keeps_the_gradients_after_unsloth_patched_tra
     """Importing Unsloth patches transformers' gradient checkpointing; ftkit's (decoder through transformers, encoder
     its own) must still give the unchecked step's loss and gradients."""
     from ftkit.model.checkpointing import set_gradient_checkpointing
-    from ftkit.model.load import attach_lora, load_with_unsloth
+    from ftkit.model.load import load_with_unsloth
+    from ftkit.model.lora import attach_lora
 
     model = load_with_unsloth(
         str(base_dir), ModelSection(base=str(base_dir), dtype="float32", loader="unsloth"), QuantSection()
@@ -162,7 +164,8 @@ def test_unsloth_4bit_then_ftkit_nf4_experts_and_expert_lora(base_dir, char_toke
     it leaves dense quantized by ftkit, and the expert LoRA bound to them."""
     import bitsandbytes as bnb
 
-    from ftkit.model.load import attach_lora, load_with_unsloth
+    from ftkit.model.load import load_with_unsloth
+    from ftkit.model.lora import attach_lora
     from ftkit.model.quant import expert_storage
 
     monkeypatch.setattr("ftkit.model.load.quant_device", lambda: torch.device("cpu"))

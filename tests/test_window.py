@@ -16,7 +16,8 @@ from ftkit.diffusion.loss import choose_blocks, decoder_inputs, diffusion_loss
 from ftkit.diffusion.sample import denoise, row_generators
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.checkpointing import set_gradient_checkpointing
-from ftkit.model.load import attach_lora, tiny_config
+from ftkit.model.load import tiny_config
+from ftkit.model.lora import attach_lora
 from ftkit.recipe import DiffusionSection, EvalSection, LoraSection, PresetSpec
 from ftkit.rl.likelihood import position_losses
 from ftkit.tasks.base import Piece, PromptCanvas

@@ -120,14 +120,16 @@ def denoise_blocks(
     sampler: Callable = denoise,
     **sampling,
 ) -> BlocksResult:
-    """Generate the answers of `layouts` (ftkit.diffusion.token_layout.TokenLayout: prompt, fixed pieces, block length) block by block.
+    """Generate the answers of `layouts` (ftkit.diffusion.token_layout.TokenLayout: prompt, fixed pieces, block
+    length) block by block.
 
     `generators`: one per row (see `row_generators`), carried from block to block. `sampling`: `denoise`'s keyword
     arguments (steps, schedule, clamp, max_renoise_rounds, record_trajectory...), passed through unchanged.
     `verifier(rows, answers)` judges whole answers (see `_block_verifier`). `vocab_size`: mask each position of a
-    block to the tokens its layout allows there (`TokenLayout.allowed`, constrained decoding); None: no masks. `on_block(k, rows, canvas, last)` is called
-    as each block lands (`last`: per row, whether this block ends its answer). A row stops after a block that holds a stop token (unless fixed pieces lie beyond it) or at
-    its budget (`block_budget`)."""
+    block to the tokens its layout allows there (`TokenLayout.allowed`, constrained decoding); None: no masks.
+    `on_block(k, rows, canvas, last)` is called as each block lands (`last`: per row, whether this block ends its
+    answer). A row stops after a block that holds a stop token (unless fixed pieces lie beyond it) or at its budget
+    (`block_budget`)."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if len(generators) != len(layouts):

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
-from ftkit.diffusion.head import head_logits
+from ftkit.diffusion.means import mean_over_targets
 from ftkit.diffusion.prefix_cache import PrefixCache, prefix_cache_inputs
 from ftkit.diffusion.self_conditioning import injected_soft_embeddings, select_batch, soft_embeddings
+from ftkit.model import arch
+from ftkit.model.arch import head_logits
 from ftkit.recipe import DiffusionSection
 
 
@@ -41,23 +43,9 @@ class LossOutput:
     t: torch.Tensor  # (B,) noise level per example, detached
     per_example: torch.Tensor  # (B,) canvas CE per example, detached: the noise-level vs loss curve
     block: torch.Tensor | None = None  # (B,) the response block each example trained on
-    # (B, L) canvas CE per position with its graph: per-example likelihood (ELBO) estimates are built from it (ftkit rl).
+    # (B, L) canvas CE per position with its graph: per-example likelihood (ELBO) estimates are built from it
+    # (ftkit rl).
     token_losses: torch.Tensor | None = None
-
-
-def core_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The DiffusionGemmaForBlockDiffusion under PEFT / DDP wrappers (LoRA layers are injected in place)."""
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    # Unwrap explicitly: PeftModel forwards attribute lookups (lm_head...) to the base, so duck-typing would stop early.
-    for _ in range(4):
-        if isinstance(model, DiffusionGemmaForBlockDiffusion):
-            return model
-        if isinstance(model.__dict__.get("_modules", {}).get("module"), torch.nn.Module):  # DDP / FSDP
-            model = model.module
-        elif hasattr(model, "get_base_model"):  # PeftModel
-            model = model.get_base_model()
-    raise TypeError(f"not a DiffusionGemmaForBlockDiffusion: {type(model).__name__}")
 
 
 def chunked_head_token_losses(
@@ -82,10 +70,6 @@ def chunked_head_token_losses(
     return torch.cat(parts).view(targets.shape)
 
 
-def masked_mean(values: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    return values.sum() / (targets != ignore_index).sum().clamp(min=1)
-
-
 def encoder_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Next-token targets for the encoder's AR co-loss over all valid (token, next token) pairs; -100 elsewhere."""
     pair_ok = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
@@ -104,7 +88,9 @@ def decoder_inputs(
     row); canvas positions continue from the block start. The cache is written by the call that reads these kwargs:
     a second call needs `with_fresh_cache`."""
     start = batch["prompt_len"] if block_start is None else block_start
-    cache, mask, positions = prefix_cache_inputs(core_model(model), batch["attention_mask"], start, canvas_ids.shape[1])
+    cache, mask, positions = prefix_cache_inputs(
+        arch.unwrap_model(model), batch["attention_mask"], start, canvas_ids.shape[1]
+    )
     return {
         "input_ids": batch["input_ids"],
         "attention_mask": batch["attention_mask"],
@@ -128,8 +114,8 @@ def choose_blocks(
     that block (B, L), its start in the sequence (B,), its index (B,)).
 
     An example's block count comes from its response length (`attention_mask` past `prompt_len`); `canvas` is
-    (B, K, L) from `ftkit.diffusion.token_layout.collate`, or (B, L) for single-block batches. The draw comes from the loss's
-    generator, so a resumed run picks the blocks an uninterrupted one would."""
+    (B, K, L) from `ftkit.diffusion.token_layout.collate`, or (B, L) for single-block batches. The draw comes from the
+    loss's generator, so a resumed run picks the blocks an uninterrupted one would."""
     blocks = batch["canvas"] if batch["canvas"].dim() == 3 else batch["canvas"][:, None]
     bsz, count, length = blocks.shape
     response_len = batch["attention_mask"].sum(dim=1) - batch["prompt_len"]
@@ -142,11 +128,11 @@ def choose_blocks(
 def diffusion_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: DiffusionSection, generator: torch.Generator
 ) -> LossOutput:
-    core = core_model(model)
+    core = arch.unwrap_model(model)
     target, block_start, block = choose_blocks(batch, generator)
     bsz = target.shape[0]
     device = target.device
-    vocab = core.config.text_config.vocab_size
+    vocab = arch.vocab_size(core)
 
     t = sample_noise_level(bsz, cfg.eps, generator, device)
     noisy, _ = corrupt_canvas(target, t, vocab, generator)
@@ -232,7 +218,7 @@ def _lean_losses(core, kwargs, target, enc_targets, sc_mask, chunk: int):
       its soft embeddings are computed `chunk` positions at a time (`self_conditioning.py`);
     - head + cross-entropy are chunked and recomputed in backward: no (B, L, vocab) tensor exists at any point.
     It calls the encoder and decoder directly; under DDP the caller runs it through `as_wrapper_forward`."""
-    encoded = core.model.encoder(
+    encoded = arch.encoder(core)(
         input_ids=kwargs["input_ids"],
         attention_mask=kwargs["attention_mask"],
         past_key_values=kwargs["past_key_values"],
@@ -243,16 +229,16 @@ def _lean_losses(core, kwargs, target, enc_targets, sc_mask, chunk: int):
     if sc_mask is not None and bool(sc_mask.any()):
         index = sc_mask.nonzero().squeeze(1)
         with torch.no_grad():
-            first = core.model.decoder(
+            first = arch.decoder(core)(
                 past_key_values=select_batch(cache, index), **{key: v[index] for key, v in decoder_kwargs.items()}
             )
             picked = soft_embeddings(core, first.last_hidden_state, chunk)
         soft = picked.new_zeros((sc_mask.shape[0], *picked.shape[1:])).index_copy_(0, index, picked)
     with injected_soft_embeddings(core, soft):
-        hidden = core.model.decoder(past_key_values=cache, **decoder_kwargs).last_hidden_state
+        hidden = arch.decoder(core)(past_key_values=cache, **decoder_kwargs).last_hidden_state
     token_losses = chunked_head_token_losses(core, hidden, target, chunk)
     enc = None
     if enc_targets is not None:
         enc_losses = chunked_head_token_losses(core, encoded.last_hidden_state[:, :-1], enc_targets, chunk)
-        enc = masked_mean(enc_losses, enc_targets)
+        enc = mean_over_targets(enc_losses, enc_targets)
     return token_losses, enc

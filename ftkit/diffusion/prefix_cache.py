@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache
 
+from ftkit.model import arch
+
 
 def right_aligned(attention_mask: torch.Tensor, prefix_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, mask), both (B, S): column j of row b reads sequence position `index[b, j]`, and is real iff
@@ -71,7 +73,7 @@ def prefix_cache_inputs(
     positions: (an empty PrefixCache for that pass, the decoder's (B, S + L) attention mask, the canvas's (B, L)
     position ids)."""
     index, cache_mask = right_aligned(attention_mask, prefix_len)
-    cache = PrefixCache(core.config.get_text_config(decoder=True), index)
+    cache = PrefixCache(arch.decoder_text_config(core), index)
     canvas_mask = torch.ones((cache_mask.shape[0], canvas_length), dtype=torch.bool, device=cache_mask.device)
     positions = prefix_len.to(cache_mask.device)[:, None] + torch.arange(canvas_length, device=cache_mask.device)
     return cache, torch.cat([cache_mask, canvas_mask], dim=1), positions

@@ -29,11 +29,11 @@ Design choices:
 - Clamping works twice: the logits at a fixed position are pinned to a one-hot on the given token (so it costs
   nothing in the entropy budget, never blocks stopping, and self-conditioning sees the truth), and the canvas is
   written back from `canvas_init` after every step (so fixed positions never change, whatever the model says).
-- Token masks (`allowed`, built by `ftkit.diffusion.token_layout.allowed_tokens`): every other token's logit is -inf at a masked
-  position on every step, before sampling, acceptance, stopping and self-conditioning, so the argmax canvas (the
-  output) only holds allowed tokens: Sudoku cells are digits, a protein span is residues, and no stop token comes
-  before the last fixed piece. The noise that re-fills rejected positions stays uniform over the vocabulary: it is
-  the corruption the model was trained on.
+- Token masks (`allowed`, built by `ftkit.diffusion.token_layout.allowed_tokens`): every other token's logit is -inf
+  at a masked position on every step, before sampling, acceptance, stopping and self-conditioning, so the argmax
+  canvas (the output) only holds allowed tokens: Sudoku cells are digits, a protein span is residues, and no stop
+  token comes before the last fixed piece. The noise that re-fills rejected positions stays uniform over the
+  vocabulary: it is the corruption the model was trained on.
 - Verifier re-noising runs after a denoising pass has stopped (converged or out of steps), not every k steps: the
   verifier judges a finished answer, and mid-trajectory canvases are mostly noise by design. The violating free
   positions get fresh uniform tokens; every other position is pinned to its current value for the round; the round
@@ -54,11 +54,11 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from ftkit.diffusion.head import head_logits
-from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.prefix_cache import prefix_cache_inputs
-from ftkit.diffusion.self_conditioning import injected_soft_embeddings
+from ftkit.diffusion.self_conditioning import embed_probabilities, injected_soft_embeddings
 from ftkit.diffusion.token_layout import AllowedTokens
+from ftkit.model import arch
+from ftkit.model.arch import head_logits
 
 # A pinned position's logits: 0 on the given token, this much lower elsewhere (exp(-1e4) is 0 in float32).
 _PINNED_GAP = 1e4
@@ -178,9 +178,7 @@ def _process_positions(core, hidden, remaining, temperature, pinned, values, all
     """Everything over the vocabulary for one step, `chunk` positions at a time: head, temperature, token masks,
     pins, then the draw, argmax, entropy and soft embeddings of the processed distribution."""
     batch, length, width = hidden.shape
-    embed = core.model.decoder.embed_tokens
-    weight = embed.weight
-    scale = embed.embed_scale.to(weight.dtype)
+    weight, scale = arch.embedding_weight_and_scale(core)
     flat = hidden.reshape(-1, width)
     pinned, values, uniform = pinned.reshape(-1), values.reshape(-1), uniform.reshape(-1)
     rules = allowed.index.reshape(-1) if allowed is not None else None
@@ -204,7 +202,7 @@ def _process_positions(core, hidden, remaining, temperature, pinned, values, all
         entropy[a:b] = _entropy(log_probs)
         probs = log_probs.exp_()  # in place: the log-probabilities are no longer needed
         sampled[a:b] = _inverse_cdf(probs, uniform[a:b])
-        soft[a:b] = torch.matmul(probs.to(weight.dtype), weight) * scale
+        soft[a:b] = embed_probabilities(probs, weight, scale)
         del probs, log_probs
     shape = (batch, length)
     return _StepOut(sampled.view(shape), argmax.view(shape), entropy.view(shape), soft.view(batch, length, -1))
@@ -231,7 +229,7 @@ def _encode_prompt(core, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ca
     prompt_len = prompt_mask.long().sum(-1)
     cache, decoder_mask, decoder_positions = prefix_cache_inputs(core, prompt_mask, prompt_len, canvas_length)
     positions = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)[None, :].expand_as(prompt_ids)
-    core.model.encoder(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, position_ids=positions)
+    arch.encoder(core)(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, position_ids=positions)
     return cache, decoder_mask, decoder_positions
 
 
@@ -265,7 +263,7 @@ def _denoise_pass(
 ) -> _Round:
     """One full denoising pass (at most `steps` decoder calls) for the rows in `running_rows`; others are frozen."""
     batch, length = start.shape
-    vocab = core.config.text_config.vocab_size
+    vocab = arch.vocab_size(core)
     device = start.device
     temperature = LinearTemperatureScheduleLogitsProcessor(temperature_min, temperature_max, steps)
     stopper = _FreeStableConfident(stability_threshold, confidence_threshold)
@@ -283,7 +281,7 @@ def _denoise_pass(
         steps_run += active.long()
         passes += 1
         with injected_soft_embeddings(core, soft):
-            hidden = core.model.decoder(
+            hidden = arch.decoder(core)(
                 past_key_values=cache,
                 decoder_input_ids=current,
                 decoder_attention_mask=decoder_mask,
@@ -308,7 +306,7 @@ def _denoise_pass(
 
 
 def _eos_ids(core) -> set[int]:
-    eos = core.config.get_text_config().eos_token_id
+    eos = arch.eos_token_id(core)
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
@@ -353,8 +351,8 @@ def denoise(
     random). `generator` is one generator per example (see `row_generators`; then a batch gives exactly what each
     example gives alone) or a single generator that seeds one per row. `verifier(canvas) -> positions per example`
     enables re-noising rounds (see the module docstring). `allowed` masks each position to the tokens its rule allows
-    (`ftkit.diffusion.token_layout.allowed_tokens`). `chunk`: canvas positions per vocabulary-wide chunk (default: `default_chunk`);
-    results do not depend on it.
+    (`ftkit.diffusion.token_layout.allowed_tokens`). `chunk`: canvas positions per vocabulary-wide chunk (default:
+    `default_chunk`); results do not depend on it.
     """
     if steps <= 0:
         raise ValueError(f"steps must be > 0, got {steps}")
@@ -363,10 +361,10 @@ def denoise(
             f"need 0 <= temperature_min <= temperature_max and temperature_max > 0, got "
             f"{temperature_min}, {temperature_max}"
         )
-    core = core_model(model)
+    core = arch.unwrap_model(model)
     device = prompt_ids.device
     batch, length = canvas_init.shape
-    vocab = core.config.text_config.vocab_size
+    vocab = arch.vocab_size(core)
     gens = _as_row_generators(generator, batch, device)
     fixed_mask = fixed_mask.bool().to(device)
     canvas_init = canvas_init.to(device)

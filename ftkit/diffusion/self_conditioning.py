@@ -15,8 +15,9 @@ from contextlib import contextmanager
 
 import torch
 
-from ftkit.diffusion.head import head_logits
 from ftkit.errors import FtkitError
+from ftkit.model import arch
+from ftkit.model.arch import head_logits
 
 
 def select_batch(cache, index: torch.Tensor):
@@ -33,18 +34,22 @@ def select_batch(cache, index: torch.Tensor):
     return subset
 
 
+def embed_probabilities(probs: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The decoder's self-conditioning signal for token distributions `probs` (n, vocab): cast to the embedding
+    dtype, @ E, * embed_scale (`weight`, `scale`: `arch.embedding_weight_and_scale`) — the model's own formula."""
+    return torch.matmul(probs.to(weight.dtype), weight) * scale
+
+
 @torch.no_grad()
 def soft_embeddings(core: torch.nn.Module, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
     """(b, L, H) soft embeddings from decoder hidden states, `chunk` positions at a time: head + soft-capping
-    (`head_logits`), fp32 softmax, cast to the embedding dtype, @ E, * embed_scale — the model's own formula."""
-    embed = core.model.decoder.embed_tokens
-    weight = embed.weight
-    scale = embed.embed_scale.to(weight.dtype)
+    (`head_logits`), fp32 softmax, then `embed_probabilities`."""
+    weight, scale = arch.embedding_weight_and_scale(core)
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = torch.empty(flat.shape[0], weight.shape[1], dtype=weight.dtype, device=hidden.device)
     for start in range(0, flat.shape[0], chunk):
         probs = head_logits(core, flat[start : start + chunk]).softmax(dim=-1, dtype=torch.float32)
-        out[start : start + chunk] = torch.matmul(probs.to(weight.dtype), weight) * scale
+        out[start : start + chunk] = embed_probabilities(probs, weight, scale)
     return out.view(*hidden.shape[:-1], weight.shape[1])
 
 
@@ -64,7 +69,7 @@ def injected_soft_embeddings(core: torch.nn.Module, soft: torch.Tensor | None):
             )
         return args[0], soft.to(args[1].dtype)
 
-    handle = core.model.decoder.self_conditioning.register_forward_pre_hook(replace_signal)
+    handle = arch.self_conditioning_block(core).register_forward_pre_hook(replace_signal)
     try:
         yield
     finally:

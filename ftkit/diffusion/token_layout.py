@@ -189,7 +189,8 @@ def layout_example(
     prompt_ids = encode_prompt(tokenizer, pc.prompt, pc.messages)
     if len(prompt_ids) > max_prompt_length:
         raise FtkitError(
-            f"example {example_id}: prompt is {len(prompt_ids)} tokens, over train.max_prompt_length={max_prompt_length}"
+            f"example {example_id}: prompt is {len(prompt_ids)} tokens, "
+            f"over train.max_prompt_length={max_prompt_length}"
         )
     canvas, fixed, starts, offset = [], [], [], 0
     # One tokenizer call for all pieces and one decode call for all tokens (a Sudoku has 81 pieces).

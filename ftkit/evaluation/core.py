@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ftkit.diffusion.blocks import denoise_blocks
-from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators
 from ftkit.diffusion.token_layout import canvas_to_text, stop_token_ids
 from ftkit.errors import FtkitError
 from ftkit.evaluation.report import EvalReport
 from ftkit.evaluation.verify import MAX_RENOISE_ROUNDS, rows_verifier
+from ftkit.model import arch
 from ftkit.recipe import EvalSection
 from ftkit.tasks.base import Example, Violation
 from ftkit.tasks.data import lay_out_examples, warn_skipped
@@ -142,7 +142,7 @@ def _denoise_batches(
     """Denoise the laid-out examples in batches of eval_cfg.batch_size and decode each row."""
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    vocab = core_model(model).config.get_text_config().vocab_size if eval_cfg.token_masks else None
+    vocab = arch.vocab_size(model) if eval_cfg.token_masks else None
     out = _Sampled()
     if progress is not None:
         progress(label, 0, len(examples))

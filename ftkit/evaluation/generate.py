@@ -16,6 +16,7 @@ from typing import Any
 
 from ftkit.errors import FtkitError
 from ftkit.evaluation.trajectory import check_trajectory_path, replay_live, save_trajectory_image
+from ftkit.model import arch
 from ftkit.tasks.base import Example, Violation
 from ftkit.tasks.view import UNKNOWN_CELL, Frame, view_of
 
@@ -292,7 +293,7 @@ def _denoise_input(run, example: Example, lay, stops, n_steps: int, seed: int, m
         **cfg.sampler_kwargs(),
         clamp=True,
         record_trajectory=record,
-        vocab_size=run.model.config.get_text_config().vocab_size if cfg.token_masks else None,
+        vocab_size=arch.vocab_size(run.model) if cfg.token_masks else None,
     )
 
 

@@ -39,16 +39,16 @@ def lora_targets(base_config, adapter_dir: Path) -> dict[str, LoraTarget]:
     """base tensor name (as the model names it, e.g. model.decoder.layers.0.experts.gate_up_proj) -> its LoRA."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer, ParamWrapper
-    from transformers import DiffusionGemmaForBlockDiffusion
 
-    from ftkit.model.load import expert_pattern_warning_silenced
+    from ftkit.model import arch
+    from ftkit.model.lora import expert_pattern_warning_silenced
 
     try:
         lora_config = LoraConfig.from_pretrained(str(adapter_dir))
     except (OSError, ValueError, TypeError) as e:
         raise FtkitError(f"{adapter_dir}: cannot read adapter_config.json ({e.__class__.__name__}: {e})") from None
     with torch.device("meta"), expert_pattern_warning_silenced():
-        model = get_peft_model(DiffusionGemmaForBlockDiffusion(base_config), lora_config)
+        model = get_peft_model(arch.build_on_meta(base_config), lora_config)
     targets = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or "default" not in module.lora_A:

@@ -9,8 +9,8 @@ decoder's, the head is the decoder's embeddings), so a checkpoint holds the sour
   transformers' save_pretrained of an untied model writes it. Needed when the encoder and the decoder carry
   separate adapters: their merged weights differ.
 
-Tie targets and sources come from transformers (`get_expanded_tied_weights_keys` of the architecture built on the
-meta device), never from a list of ftkit's own.
+Tie targets and sources come from transformers (`ftkit.model.arch.tied_targets`: the architecture built on the meta
+device), never from a list of ftkit's own; `arch.untie` gives the untied form's config.
 """
 
 from __future__ import annotations
@@ -100,23 +100,6 @@ def _torch_dtype(name: str, path: Path) -> torch.dtype:
     if name not in table:
         raise FtkitError(f"{path}: tensors of type {name} are not supported by the export")
     return table[name]
-
-
-def tied_targets(config) -> dict[str, str]:
-    """Tie target -> source, as transformers expands `_tied_weights_keys` for this config."""
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    with torch.device("meta"):
-        model = DiffusionGemmaForBlockDiffusion(config)
-    return model.get_expanded_tied_weights_keys(all_submodels=True)
-
-
-def untie(config):
-    """The config of the untied form: every tie undone (the top level governs transformers' ties, the text config
-    the head's in other loaders)."""
-    config.tie_word_embeddings = False
-    config.get_text_config().tie_word_embeddings = False
-    return config
 
 
 def output_plan(sources: list[SourceTensor], ties: dict[str, str], form: str, dtype: torch.dtype) -> list[OutputTensor]:

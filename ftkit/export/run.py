@@ -27,8 +27,9 @@ import torch
 from ftkit.errors import FtkitError
 from ftkit.export.card import ExportFacts, generation_config, model_card
 from ftkit.export.deltas import AdapterTensors, add_update, lora_targets
-from ftkit.export.layout import TIED, UNTIED, output_plan, shard_plan, source_tensors, tied_targets, untie
+from ftkit.export.layout import TIED, UNTIED, output_plan, shard_plan, source_tensors
 from ftkit.export.shards import write_shards
+from ftkit.model.arch import tied_targets, untie
 from ftkit.run import rundir
 from ftkit.run.lock import holds_run_lock
 

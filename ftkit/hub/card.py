@@ -110,7 +110,7 @@ def model_card(plan: PushPlan) -> str:
 
 def _notice_lines(plan: PushPlan) -> list[str]:
     """The card's callouts: an adapter must not be merged; a random-init base says nothing about the real model."""
-    from ftkit.model.load import TIED_NOTE
+    from ftkit.model.lora import TIED_NOTE
 
     recipe = plan.recipe
     lines = []
@@ -176,15 +176,20 @@ def _quant_text(quant) -> str:
     )
 
 
+def _code_list(names) -> str:
+    return ", ".join(f"`{n}`" for n in names)
+
+
 def lora_target_lines(lora) -> list[str]:
-    """Human-readable LoRA targets, from the same switches `ftkit.model.load.lora_targets` turns into PEFT targets."""
-    from ftkit.model.load import lora_targets
+    """Human-readable LoRA targets, from the same switches `ftkit.model.lora.lora_targets` turns into PEFT targets."""
+    from ftkit.model.arch import ATTENTION_PROJ_NAMES, DENSE_MLP_PROJ_NAMES
+    from ftkit.model.lora import lora_targets
 
     regex, params = lora_targets(lora)
     stacks = " and ".join(s for s, on in (("encoder", lora.encoder), ("decoder", lora.decoder)) if on)
     out = []
     if lora.attention:
-        out.append(f"attention `q_proj`, `k_proj`, `v_proj`, `o_proj` ({stacks} text layers)")
+        out.append(f"attention {_code_list(ATTENTION_PROJ_NAMES)} ({stacks} text layers)")
     if lora.experts:
         rank = "" if lora.expert_r in (None, lora.r) else f"; rank {lora.expert_r} per expert"
         out.append(
@@ -192,7 +197,7 @@ def lora_target_lines(lora) -> list[str]:
             f"`target_parameters`; {stacks}{rank})"
         )
     if lora.dense_mlp:
-        out.append(f"dense MLP `gate_proj`, `up_proj`, `down_proj` ({stacks})")
+        out.append(f"dense MLP {_code_list(DENSE_MLP_PROJ_NAMES)} ({stacks})")
     if regex:
         out.append(f"`target_modules` regex: `{regex}`")
     if getattr(lora, "shared_stacks", False):

@@ -15,6 +15,7 @@ import copy
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ftkit.model import arch
 from ftkit.model.compat import (
     ENCODER_CACHE_ARGUMENTS,
     SUPPORTED,
@@ -101,23 +102,18 @@ class CheckpointedEncoderLayer:
                 # The write is ftkit's to keep to one; a release that writes elsewhere too must not train silently.
                 raise RuntimeError(
                     f"encoder checkpointing: layer {self.layer_idx}'s cache holds "
-                    f"{cache.get_seq_length(self.layer_idx)} positions after {'the first run' if first else 'the recompute'}"
-                    f", not the prompt's {hidden.shape[-2]}. Use transformers{SUPPORTED} or train.checkpoint_encoder=false"
+                    f"{cache.get_seq_length(self.layer_idx)} positions after "
+                    f"{'the first run' if first else 'the recompute'}, not the prompt's {hidden.shape[-2]}. "
+                    f"Use transformers{SUPPORTED} or train.checkpoint_encoder=false"
                 )
             return out
 
         return checkpoint(run, hidden_states, use_reentrant=False)
 
 
-def encoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from ftkit.diffusion.loss import core_model
-
-    return list(core_model(model).model.encoder.language_model.layers)
-
-
 def enable_encoder_checkpointing(model: torch.nn.Module) -> int:
     """Checkpoint every encoder text layer (in place; idempotent). Returns how many layers are checkpointed."""
-    layers = encoder_layers(model)
+    layers = arch.encoder_layers(model)
     for layer in layers:
         add_mixin(layer, CheckpointedEncoderLayer, "Checkpointed")
     return len(layers)
@@ -126,9 +122,7 @@ def enable_encoder_checkpointing(model: torch.nn.Module) -> int:
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool, encoder: bool = True) -> None:
     """Decoder layers through transformers (non-reentrant: a reentrant replay would rewrite the encoder's cache) and,
     with `encoder`, the encoder layers through this module. `on=False` turns both off."""
-    from ftkit.diffusion.loss import core_model
-
-    core = core_model(model)
+    core = arch.unwrap_model(model)
     if on:
         enable_decoder_checkpointing(core, use_reentrant=False)
         if encoder:
@@ -139,5 +133,5 @@ def set_gradient_checkpointing(model: torch.nn.Module, on: bool, encoder: bool =
 
 
 def disable_encoder_checkpointing(model: torch.nn.Module) -> None:
-    for layer in encoder_layers(model):
+    for layer in arch.encoder_layers(model):
         remove_mixin(layer, CheckpointedEncoderLayer)

@@ -1,8 +1,8 @@
-"""Load the DiffusionGemma base (hub id, local directory, or a random-init preset), quantize, attach LoRA or make
-every weight trainable (`train.trainable: full`).
+"""Load the DiffusionGemma base (hub id, local directory, or a random-init preset), quantized or not, through
+transformers or Unsloth; load a full fine-tune; make every weight trainable (`train.trainable: full`).
 
-Named constants keep the module-path regexes in one place: LoRA is scoped to the *text* layers of the encoder and
-the decoder, because a bare `q_proj` also matches the vision tower (whose clippable linears PEFT cannot wrap).
+LoRA is attached by `ftkit.model.lora`; where the model's parts are (module names, experts, embeddings) is
+`ftkit.model.arch`'s.
 """
 
 from __future__ import annotations
@@ -10,38 +10,20 @@ from __future__ import annotations
 import logging
 import os
 import re
-import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
 from ftkit.errors import FtkitError
-from ftkit.recipe import PRESETS, LoraSection, ModelSection, PresetSpec, QuantSection
+from ftkit.model import arch
+from ftkit.recipe import PRESETS, ModelSection, PresetSpec, QuantSection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ENCODER_LAYERS = r"model\.encoder\.language_model\.layers\.\d+"
-DECODER_LAYERS = r"model\.decoder\.layers\.\d+"
-ATTENTION_PROJ = r"self_attn\.[qkvo]_proj"
-DENSE_MLP_PROJ = r"mlp\.(gate|up|down)_proj"
-EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
-TIED_NOTE = (
-    "The encoder and decoder share tied base weights but carry separate adapters: do not call PEFT's "
-    "`merge_and_unload` (it would fold both deltas into the shared tensors); `ftkit export` merges correctly."
-)
-
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-# Modules bitsandbytes must leave in full precision: the frozen router (4-bit scores would change which experts a
-# token goes to), the self-conditioning block, the tied head, and the vision tower (unused by text fine-tuning; its
-# clippable linears must stay plain). transformers matches a plain name only from the start of a module's path or as
-# its suffix ("router" would miss "...layers.0.router.proj"), so these are regexes up to a module boundary.
-KEEP_UNQUANTIZED = (r".*\.router", r".*\.self_conditioning", r".*vision_tower", r".*embed_vision", "lm_head")
 
 
 def tiny_config(spec: PresetSpec, vocab_size: int, pad_id: int = 0, eos_id: int = 1, bos_id: int = 2):
@@ -99,7 +81,7 @@ def build_tiny(spec: PresetSpec, tokenizer) -> torch.nn.Module:
         # The head is tied to the frozen embeddings and the final norm is frozen, so a logit can reach at most about
         # |h|*|e| = hidden * embedding_std; at the default init (0.02) that is ~2 nats for hidden 96 and the model
         # could never be confident. A larger embedding scale stands in for what pretraining would have learned.
-        torch.nn.init.normal_(model.model.decoder.embed_tokens.weight, std=spec.embedding_std)
+        torch.nn.init.normal_(arch.decoder_token_embedding(model).weight, std=spec.embedding_std)
     return model.float()
 
 
@@ -172,8 +154,9 @@ def load_tokenizer(model_cfg: ModelSection, run_dir: Path | None = None):
 
 def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: Path | None = None) -> torch.nn.Module:
     """The frozen base model. A preset (`tiny`, `small`): built from `model.tiny` (and saved to `run_dir/base` for
-    later reloads) unless the run already holds it; otherwise `from_pretrained` with optional 4-bit quantization (experts included: they load
-    on the CPU and reach the GPU one dense tensor at a time, each quantized there before the next).
+    later reloads) unless the run already holds it; otherwise `from_pretrained` with optional 4-bit quantization
+    (experts included: they load on the CPU and reach the GPU one dense tensor at a time, each quantized there before
+    the next).
     `model.loader: unsloth` loads either through Unsloth's FastDiffusionModel instead (`load_with_unsloth`)."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -321,19 +304,11 @@ def bnb_config(quant: QuantSection):
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
-        llm_int8_skip_modules=list(KEEP_UNQUANTIZED),
+        llm_int8_skip_modules=list(arch.KEEP_UNQUANTIZED),
         # Only lets a device_map name CPU modules (the experts, see experts_on_cpu_device_map); for 4-bit it changes
         # nothing else but adding those modules (no nn.Linear inside) to the skip list.
         llm_int8_enable_fp32_cpu_offload=quant.experts,
     )
-
-
-def expert_module_names(config) -> list[str]:
-    """The fused-experts modules of both text stacks (every layer has one), as `named_modules()` names them."""
-    layers = range(config.text_config.num_hidden_layers)
-    return [f"model.encoder.language_model.layers.{i}.experts" for i in layers] + [
-        f"model.decoder.layers.{i}.experts" for i in layers
-    ]
 
 
 def experts_on_cpu_device_map(config, device: torch.device | int | str) -> dict:
@@ -348,7 +323,7 @@ def experts_on_cpu_device_map(config, device: torch.device | int | str) -> dict:
     `device` is a torch.device and the experts' target the string "cpu": accelerate offloads exactly the modules
     mapped to "cpu" when the main device is anything else, so a CPU-only run takes the same dispatch path as a GPU
     run (tests/test_quant_load.py relies on that). More specific keys win over "" (transformers sorts by depth)."""
-    return {"": torch.device(device)} | dict.fromkeys(expert_module_names(config), "cpu")
+    return {"": torch.device(device)} | dict.fromkeys(arch.expert_module_names(config), "cpu")
 
 
 def reclaim_offloaded_experts(model: torch.nn.Module) -> None:
@@ -407,18 +382,12 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 # Full training keeps fp32 weights, gradients and two AdamW states: 16 bytes a parameter, ~413 GB for the 26B base.
 FULL_TRAINING_MAX_PARAMS = 2_000_000_000
-# Modules text training never reaches (no gradient): they stay frozen, so "every trainable tensor trains" holds.
-UNUSED_BY_TEXT = re.compile(r"(^|\.)(vision_tower|embed_vision)\.")
 
 
 def count_parameters(config) -> int:
     """Parameters of a DiffusionGemma built from `config` (tied tensors once), counted on the meta device: no memory,
     no weights read."""
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    with torch.device("meta"):
-        model = DiffusionGemmaForBlockDiffusion(config)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in arch.build_on_meta(config).parameters())
 
 
 def check_full_training(config, source: str) -> None:
@@ -439,7 +408,7 @@ def make_fully_trainable(model: torch.nn.Module) -> torch.nn.Module:
     one Parameter each, so they train once."""
     model = model.float()
     for name, p in model.named_parameters():
-        p.requires_grad_(not UNUSED_BY_TEXT.search(name))
+        p.requires_grad_(not arch.UNUSED_BY_TEXT.search(name))
     return model
 
 
@@ -456,123 +425,3 @@ def load_full_model(model_cfg: ModelSection, weights_dir: Path) -> torch.nn.Modu
     except OSError as e:
         raise FtkitError(f"{weights_dir}: cannot load the trained full model ({e.__class__.__name__}: {e})") from None
     return _freeze(model)
-
-
-def lora_targets(lora: LoraSection, num_layers: int | None = None) -> tuple[str | None, list[str]]:
-    """(target_modules regex, target_parameters) for the recipe's LoRA switches.
-
-    PEFT matches `target_parameters` by name suffix and ignores `exclude_modules` for them, so when only one stack
-    is adapted the expert parameters are listed per layer of that stack."""
-    stacks = [s for s, on in ((ENCODER_LAYERS, lora.encoder), (DECODER_LAYERS, lora.decoder)) if on]
-    projs = [p for p, on in ((ATTENTION_PROJ, lora.attention), (DENSE_MLP_PROJ, lora.dense_mlp)) if on]
-    regex = None
-    if stacks and projs:
-        regex = rf"({'|'.join(stacks)})\.({'|'.join(projs)})"
-    if not lora.experts:
-        return regex, []
-    if lora.encoder and lora.decoder:
-        return regex, list(EXPERT_PARAMS)
-    if num_layers is None:
-        raise ValueError("num_layers is needed to scope expert LoRA to one stack")
-    prefix = "encoder.language_model.layers" if lora.encoder else "decoder.layers"
-    return regex, [f"{prefix}.{i}.{name}" for i in range(num_layers) for name in EXPERT_PARAMS]
-
-
-# PEFT matches rank/alpha patterns for `target_parameters` against "<module path>.<parameter name>".
-EXPERT_PARAM_PATTERN = r"experts\.(gate_up_proj|down_proj)"
-
-
-def expert_rank_patterns(lora: LoraSection) -> dict[str, dict[str, float]]:
-    """PEFT `rank_pattern` / `alpha_pattern` giving the expert tensors rank `lora.expert_r` at the same alpha/r
-    (standard adapter_config.json fields: the adapter loads anywhere PEFT does)."""
-    if not lora.experts or lora.expert_r is None or lora.expert_r == lora.r:
-        return {}
-    alpha = lora.alpha * lora.expert_r / lora.r
-    return {
-        "rank_pattern": {EXPERT_PARAM_PATTERN: lora.expert_r},
-        "alpha_pattern": {EXPERT_PARAM_PATTERN: int(alpha) if alpha.is_integer() else alpha},
-    }
-
-
-@contextmanager
-def expert_pattern_warning_silenced():
-    """PEFT checks rank/alpha patterns against target_modules only and calls the expert pattern unmatched, although
-    it does apply it to the target_parameters (tests/test_model.py checks the ranks): that warning would mislead."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
-        yield
-
-
-def attach_lora(model: torch.nn.Module, lora: LoraSection):
-    """Wrap the frozen base in a PEFT LoRA model (attention / dense MLP by module regex, experts by parameter)."""
-    from peft import LoraConfig, get_peft_model
-
-    regex, params = lora_targets(lora, model.config.text_config.num_hidden_layers)
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=regex if regex else [],
-        target_parameters=params or None,
-        bias="none",
-        **expert_rank_patterns(lora),
-    )
-    with expert_pattern_warning_silenced():
-        peft_model = get_peft_model(model, config)
-    if lora.shared_stacks:
-        from ftkit.model.shared_stacks import share_stack_adapters
-
-        share_stack_adapters(peft_model)  # one adapter for both stacks, before the optimizer sees the parameters
-    from ftkit.model.quant import bind_expert_lora, exclude_quantized_state_from_ddp
-
-    if params:
-        bind_expert_lora(peft_model)  # no-op unless ftkit.model.quant made the experts 4-bit
-    # The PEFT model is what the Trainer hands to DDP: keep DDP off the 4-bit expert storage (no-op if unquantized).
-    exclude_quantized_state_from_ddp(peft_model)
-    return peft_model
-
-
-@dataclass(frozen=True)
-class ParamGroup:
-    name: str
-    trainable: int
-    total: int
-
-
-def _group_of(name: str) -> str:
-    stack = "encoder" if ".encoder." in name else "decoder" if ".decoder." in name else "other"
-    if "lora_" in name:
-        kind = (
-            "experts"
-            if ".experts." in name
-            else "attention"
-            if ".self_attn." in name
-            else "dense_mlp"
-            if ".mlp." in name
-            else "other"
-        )
-        return f"lora/{stack}/{kind}"
-    if ".experts." in name:
-        return "base/experts"
-    if ".router." in name:
-        return "base/router"
-    if "embed" in name or "lm_head" in name:
-        return "base/embeddings"
-    if "vision" in name:
-        return "base/vision"
-    return "base/other"
-
-
-def parameter_groups(model: torch.nn.Module) -> list[ParamGroup]:
-    """Trainable and total parameter counts by group (tied tensors counted once)."""
-    groups: dict[str, list[int]] = {}
-    for name, p in model.named_parameters():
-        g = groups.setdefault(_group_of(name), [0, 0])
-        g[1] += p.numel()
-        if p.requires_grad:
-            g[0] += p.numel()
-    return [ParamGroup(k, v[0], v[1]) for k, v in sorted(groups.items())]
-
-
-def trainable_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]

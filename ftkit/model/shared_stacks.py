@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from ftkit.errors import FtkitError
+from ftkit.model.arch import DECODER_STACK, ENCODER_STACK
 
-ENCODER_LAYERS = ".encoder.language_model.layers."
-DECODER_LAYERS = ".decoder.layers."
 LORA_FACTORS = ("lora_A", "lora_B")
 
 
@@ -29,9 +28,9 @@ def stack_twins(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     modules = dict(model.named_modules())
     twins = []
     for name, module in modules.items():
-        if not isinstance(module, LoraLayer) or ENCODER_LAYERS not in name:
+        if not isinstance(module, LoraLayer) or ENCODER_STACK not in name:
             continue
-        twin = modules.get(name.replace(ENCODER_LAYERS, DECODER_LAYERS, 1))
+        twin = modules.get(name.replace(ENCODER_STACK, DECODER_STACK, 1))
         if not isinstance(twin, LoraLayer):
             raise FtkitError(f"lora.shared_stacks: {name} has a LoRA adapter but its decoder twin has none")
         twins.append((name, module, twin))

@@ -114,7 +114,8 @@ def check_model(recipe, where: str) -> list[str]:
 
 
 def _attach(model, recipe, where: str):
-    from ftkit.model.load import attach_lora, expert_pattern_warning_silenced, make_fully_trainable
+    from ftkit.model.load import make_fully_trainable
+    from ftkit.model.lora import attach_lora, expert_pattern_warning_silenced
 
     if recipe.is_full:
         return make_fully_trainable(model)

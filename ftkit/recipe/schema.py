@@ -202,7 +202,7 @@ class LoraSection:
     experts: bool = field(
         default=True,
         metadata={
-            "help": "Adapt the fused expert tensors (experts.gate_up_proj / experts.down_proj), through PEFT's "
+            "help": "Adapt the fused MoE expert tensors (each expert's gate/up and down projections), through PEFT's "
             "`target_parameters`."
         },
     )

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from ftkit.diffusion.loss import diffusion_loss
+from ftkit.diffusion.means import row_means
 from ftkit.recipe import DiffusionSection
 
 
@@ -48,13 +49,7 @@ def sequence_loss(
 ) -> torch.Tensor:
     """(B,) per-token ELBO loss of each canvas in `batch` (`ftkit.diffusion.token_layout.collate` keys): the canvas cross-entropy
     averaged over the positions where `free` (B, L) is true, then over one corruption draw per seed."""
-    return masked_mean(position_losses(model, batch, diffusion, seeds), free)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, L), (B, L) bool -> (B,) the mean of each row over its true positions."""
-    weights = mask.to(values.dtype)
-    return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+    return row_means(position_losses(model, batch, diffusion, seeds), free)
 
 
 class ReferencePolicy:

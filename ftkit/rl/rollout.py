@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from ftkit.diffusion.blocks import denoise_blocks
-from ftkit.diffusion.loss import core_model
 from ftkit.diffusion.sample import denoise
 from ftkit.diffusion.token_layout import TokenLayout, canvas_to_text, end_of_turn_id, stop_token_ids
 from ftkit.evaluation.verify import MAX_RENOISE_ROUNDS, flagged_tokens, rows_verifier
+from ftkit.model import arch
 from ftkit.recipe import EvalSection, RLSection
 from ftkit.rl.objective import group_advantages, position_advantages, sample_entropy, scale_negatives
 from ftkit.tasks.base import Example, reward_parts
@@ -156,7 +156,7 @@ class Rollout:
         length = layouts[0].block_length
         eos = self.tokenizer.eos_token_id
         stops = stop_token_ids(self.tokenizer)
-        vocab = core_model(model).config.get_text_config().vocab_size if self.sampler_cfg.token_masks else None
+        vocab = arch.vocab_size(model) if self.sampler_cfg.token_masks else None
         fixed = torch.tensor([lay.block(0)[1] for lay in layouts], dtype=torch.bool)
         guided = torch.tensor([i % group >= group - self.rl.guided for i in range(len(rows))])
         blocks: list[torch.Tensor | None] = [None] * len(rows)

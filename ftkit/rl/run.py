@@ -204,12 +204,14 @@ def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_a
     or a fresh LoRA — and the reference policy."""
     from transformers import set_seed
 
-    from ftkit.model.load import attach_lora, load_base
+    from ftkit.model import arch
+    from ftkit.model.load import load_base
+    from ftkit.model.lora import attach_lora
     from ftkit.rl.likelihood import ReferencePolicy
 
     model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
-    if int(model.config.canvas_length) != canvas_length:
-        raise FtkitError(f"model canvas_length {model.config.canvas_length} != {canvas_length}")
+    if arch.canvas_length(model) != canvas_length:
+        raise FtkitError(f"model canvas_length {arch.canvas_length(model)} != {canvas_length}")
     if recipe.train.gradient_checkpointing:
         from ftkit.model.checkpointing import set_gradient_checkpointing
 
@@ -255,7 +257,9 @@ def rl(
 def _rl(
     recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bool, extra_callbacks: list | None
 ) -> dict[str, Any]:
-    from ftkit.model.load import load_tokenizer, parameter_groups
+    from ftkit.model import arch
+    from ftkit.model.load import load_tokenizer
+    from ftkit.model.lora import parameter_groups
     from ftkit.rl.rollout import Rollout
     from ftkit.rl.trainer import RLTrainer, StepItems, collate_items
     from ftkit.run.plots import plot_reward_curve
@@ -278,8 +282,8 @@ def _rl(
         if canvas_length is None:
             from transformers import AutoConfig
 
-            canvas_length = int(
-                AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision).canvas_length
+            canvas_length = arch.canvas_length(
+                AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision)
             )
         examples = task.build_dataset("train", recipe.task.train_size, recipe.task.seed, recipe.task.data_path)
         if not examples:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ftkit.diffusion.means import row_means
 from ftkit.diffusion.token_layout import collate
 from ftkit.recipe import DiffusionSection, RLSection
-from ftkit.rl.likelihood import ReferencePolicy, masked_mean, position_losses, sequence_loss
+from ftkit.rl.likelihood import ReferencePolicy, position_losses, sequence_loss
 from ftkit.rl.objective import policy_terms, token_policy_terms
 from ftkit.rl.rollout import Rollout, Round, derived_seed
 from ftkit.sft.trainer import DiffusionTrainer
@@ -178,7 +179,7 @@ class RLTrainer(DiffusionTrainer):
                 loss = terms.loss.sum() / len(round_.samples)
             self.accelerator.backward(loss)
             total += loss.detach()
-            elbo = masked_mean(new.detach(), chosen) if self.token_credit else new.detach()
+            elbo = row_means(new.detach(), chosen) if self.token_credit else new.detach()
             sums += torch.stack(
                 [terms.kl.detach().sum(), terms.clipped.detach().float().sum(), terms.ratio.detach().sum(), elbo.sum()]
             ).double()

@@ -441,6 +441,7 @@ def load_run(
     one is an FtkitError naming it and what to do."""
     import torch
 
+    from ftkit.model import arch
     from ftkit.model.load import load_base, load_full_model
     from ftkit.tasks import make_task
 
@@ -460,7 +461,7 @@ def load_run(
         model = model.to(device)
     model.eval()
     task = make_task(recipe.task.name, recipe.task.options)
-    return LoadedRun(run_dir, recipe, model, tokenizer, task, int(model.config.canvas_length), adapter_dir)
+    return LoadedRun(run_dir, recipe, model, tokenizer, task, arch.canvas_length(model), adapter_dir)
 
 
 def load_adapter(base, adapter_dir: Path, trainable: bool = False, shared_stacks: bool = False):
@@ -471,7 +472,7 @@ def load_adapter(base, adapter_dir: Path, trainable: bool = False, shared_stacks
     further keeps one adapter)."""
     from peft import PeftModel
 
-    from ftkit.model.load import expert_pattern_warning_silenced
+    from ftkit.model.lora import expert_pattern_warning_silenced
     from ftkit.model.quant import bind_expert_lora
 
     try:

@@ -142,15 +142,9 @@ def _train(
 ) -> dict[str, Any]:
     from transformers import set_seed
 
-    from ftkit.model.load import (
-        attach_lora,
-        check_full_training,
-        load_base,
-        load_in_turns,
-        load_tokenizer,
-        make_fully_trainable,
-        parameter_groups,
-    )
+    from ftkit.model import arch
+    from ftkit.model.load import check_full_training, load_base, load_in_turns, load_tokenizer, make_fully_trainable
+    from ftkit.model.lora import attach_lora, parameter_groups
     from ftkit.run.plots import plot_loss_curve, plot_noise_vs_loss
     from ftkit.run.threads import apply_threads
     from ftkit.sft.trainer import DiffusionTrainer, JsonlLogCallback, LogLineCallback
@@ -170,7 +164,7 @@ def _train(
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision)
-            canvas_length = int(config.canvas_length)
+            canvas_length = arch.canvas_length(config)
             if recipe.is_full:
                 check_full_training(config, recipe.model.base)
         # Built once per fingerprint and cached (ftkit.tasks.data); other processes read what the main one made.
@@ -186,8 +180,8 @@ def _train(
         # The main process loads first (a tiny run's base is written then), then the ranks of each node one by one:
         # a 4-bit load holds the dense experts in host RAM until they are quantized.
         model = load_in_turns(lambda: load_base(recipe.model, recipe.quant, tokenizer, run_dir))
-        if int(model.config.canvas_length) != canvas_length:
-            raise FtkitError(f"model canvas_length {model.config.canvas_length} != {canvas_length}")
+        if arch.canvas_length(model) != canvas_length:
+            raise FtkitError(f"model canvas_length {arch.canvas_length(model)} != {canvas_length}")
         if recipe.train.gradient_checkpointing:
             from ftkit.model.checkpointing import set_gradient_checkpointing
 

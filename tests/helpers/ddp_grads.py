@@ -16,7 +16,8 @@ import torch
 from ftkit.diffusion.loss import diffusion_loss
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.char_tokenizer import build_char_tokenizer
-from ftkit.model.load import attach_lora, build_tiny
+from ftkit.model.load import build_tiny
+from ftkit.model.lora import attach_lora
 from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec, QuantSection
 from ftkit.tasks.sudoku import SudokuTask
 

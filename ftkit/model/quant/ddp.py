@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ftkit.model.quant.experts import EXPERT_TENSORS, QuantizedExperts
+from ftkit.model.arch import EXPERT_TENSORS
+from ftkit.model.quant.experts import QuantizedExperts
 from ftkit.model.quant.nf4 import NF4Tensor
 
 

@@ -6,12 +6,15 @@ transiently, grouped GEMM (`grouped.py`), gate, grouped GEMM, weight by the rout
 layers share each expert tensor; the shared NF4 storage is one child module of both, quantized once.
 
 LoRA on the experts stays PEFT's own `target_parameters` adapter (same keys, same shapes): the module keeps a
-shape-only placeholder Parameter under the original name for PEFT to find, and `lora.py` makes PEFT's wrapper hand
-its low-rank factors to this forward, which adds them as a low-rank grouped path (never a dense delta).
+shape-only placeholder Parameter under the original name for PEFT to find, and `ftkit.model.quant.lora` makes PEFT's
+wrapper hand its low-rank factors to this forward (`QuantizedExperts.lora_factors_applied`), which adds them as a
+low-rank grouped path (never a dense delta).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +22,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ftkit.errors import FtkitError
+from ftkit.model.arch import EXPERT_TENSORS
 from ftkit.model.mixins import add_mixin
 from ftkit.model.quant.grouped import KERNELS, FrozenQuantizedGroupedLinear, low_rank_grouped_linear, resolve_kernel
 from ftkit.model.quant.nf4 import NF4Tensor
 
-EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# One adapter's update of an expert tensor: (A (E, r, in), B (E, out, r), scaling).
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]
 
 
 class QuantizedExperts(nn.Module):
@@ -37,9 +44,24 @@ class QuantizedExperts(nn.Module):
     def storage(self, name: str) -> NF4Tensor:
         return getattr(self, f"{name}_nf4")
 
-    def lora_factors(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        # Filled by ftkit.model.quant.lora.QuantizedExpertLora for the duration of its forward.
-        return self.__dict__.setdefault("_active_lora", {}).get(name, [])
+    def lora_factors(self, name: str) -> list[LoraFactors]:
+        """The low-rank updates `forward` adds to expert tensor `name` (set by `lora_factors_applied`)."""
+        return self._active_lora_factors().get(name, [])
+
+    @contextmanager
+    def lora_factors_applied(self, name: str, factors: list[LoraFactors]) -> Iterator[None]:
+        """While inside, `forward` adds these (A (E, r, in), B (E, out, r), scaling) updates to expert tensor `name`:
+        how ftkit.model.quant.lora.QuantizedExpertLora hands its adapters' factors over for its forward."""
+        slots = self._active_lora_factors()
+        slots[name] = factors
+        try:
+            yield
+        finally:
+            slots.pop(name, None)
+
+    def _active_lora_factors(self) -> dict[str, list[LoraFactors]]:
+        # Kept in the instance dict: the mixin is swapped onto modules that were built without it (no __init__ ran).
+        return self.__dict__.setdefault("_active_lora", {})
 
     def _project(self, name: str, x: torch.Tensor, offsets: torch.Tensor, kernel: str, slices) -> torch.Tensor:
         storage = self.storage(name)

@@ -47,13 +47,9 @@ def _make_wrapper_class():
         @contextmanager
         def _activate_lora(self, active_adapters):
             adapters = [a for a in active_adapters if a in self.lora_A]
-            base = self.get_base_layer()
-            slots = base.__dict__.setdefault("_active_lora", {})
-            slots[self.parameter_name] = [self.expert_factors(a) for a in adapters]
-            try:
+            factors = [self.expert_factors(a) for a in adapters]
+            with self.get_base_layer().lora_factors_applied(self.parameter_name, factors):
                 yield
-            finally:
-                slots.pop(self.parameter_name, None)
 
         def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
             raise FtkitError("cannot merge LoRA into 4-bit experts; load the adapter on a bf16 base to merge")
