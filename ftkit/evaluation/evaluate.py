@@ -45,6 +45,7 @@ from ftkit.diffusion.token_layout import canvas_to_text, layout_example, stop_to
 from ftkit.errors import FtkitError
 from ftkit.recipe.schema import EvalSection
 from ftkit.run.lock import holds_run_lock
+from ftkit.run.paths import RunPaths
 from ftkit.tasks.base import Example, Violation
 from ftkit.tasks.data import load_examples
 from ftkit.tasks.sandbox import SandboxPolicy
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 MAX_RENOISE_ROUNDS = 2  # verifier rounds per batch; each round may spend the full `steps` budget again
 PLAIN, VERIFIER, BEST_OF_N = "plain", "verifier", "plain_best_of_n"
-CANONICAL = "eval.json"
+CANONICAL = RunPaths.EVAL
 # progress(label, examples done, examples total): called before the first batch and after each one.
 Progress = Callable[[str, int, int], None]
 
@@ -351,7 +352,7 @@ def _load_run(run_dir: Path, adapter: bool, checkpoint: str | None = None):
     # Late import: rundir pulls in the model loaders; tests replace this function with in-memory pieces.
     from ftkit.run.rundir import load_run
 
-    return load_run(run_dir, adapter=adapter, checkpoint=checkpoint)
+    return load_run(run_dir, trained=adapter, checkpoint=checkpoint)
 
 
 DATA_FILE_LIMIT = 1_000_000  # --data without -n: every example of the file
@@ -575,7 +576,7 @@ def evaluate_run(
         if size <= 0:
             raise FtkitError(f"{run_dir}: the recipe's {cfg.split} split is empty (task.{cfg.split}_size)")
         examples = load_examples(run.task, cfg.split, size, recipe.task.seed, recipe.task.data_path)
-    weights = measured_weights(run_dir, recipe, base_only, getattr(run, "adapter_dir", None))
+    weights = measured_weights(run_dir, recipe, base_only, getattr(run, "weights_dir", None))
     checkpoint_name = weights.get("checkpoint")
     notes = []
     if checkpoint is None and checkpoint_name is not None:

@@ -29,22 +29,11 @@ from typing import Any
 from ftkit.errors import FtkitError
 from ftkit.run import rundir
 from ftkit.run.lock import holds_run_lock
+from ftkit.run.paths import RunPaths, is_rl_summary
 
-HUB_UPLOAD_DIR = "hub_upload"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PLACEHOLDER_REPO = "YOUR_USER/YOUR_REPO"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-EVAL_FILE = "eval.json"  # the canonical result (ftkit.evaluation.evaluate.CANONICAL)
-RUN_FILES = (rundir.RECIPE_FILE, rundir.SUMMARY, "loss.png", "reward.png")  # copied when present
-RL_EVAL_FILE = "rl_eval.json"  # an RL run's before/after (ftkit.rl.run.RL_EVAL)
+RUN_FILES = (RunPaths.RECIPE, RunPaths.SUMMARY, RunPaths.LOSS_PLOT, RunPaths.REWARD_PLOT)  # copied when present
 CARD_TAGS = ("diffusion-gemma", "block-diffusion", "ftkit")
 NO_TOKEN_HELP = "no Hugging Face token found: run `hf auth login` or set HF_TOKEN"
 
@@ -84,7 +73,7 @@ def push_run(
         if on_note is not None:
             on_note(note)
     if dry_run:
-        target = Path(dry_run_dir) if dry_run_dir is not None else plan.run_dir / HUB_UPLOAD_DIR
+        target = Path(dry_run_dir) if dry_run_dir is not None else RunPaths(plan.run_dir).hub_upload
         return _stage_in_place(target, lambda into: stage_upload(plan, into))
 
     token = token or _find_token()
@@ -128,19 +117,19 @@ def plan_push(
     from ftkit.recipe.schema import load_recipe
 
     run_dir = rundir.require_run_dir(run_dir)
-    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
+    recipe = load_recipe(RunPaths(run_dir).recipe)
     what = "full model" if recipe.is_full else "adapter"
     for name in rundir.weight_files(recipe.is_full):
         if not (run_dir / name).is_file():
             raise FtkitError(f"{run_dir}: no {name}: the run has no final {what} yet; train first (`ftkit train`)")
-    if not (run_dir / rundir.SUMMARY).is_file():
-        raise FtkitError(f"{run_dir}: no {rundir.SUMMARY}: the run did not finish; train first (`ftkit train`)")
+    if not RunPaths(run_dir).summary.is_file():
+        raise FtkitError(f"{run_dir}: no {RunPaths.SUMMARY}: the run did not finish; train first (`ftkit train`)")
     repo = repo or recipe.hub.repo
     if repo is None and need_repo:
         raise FtkitError("no repo to push to: pass --repo USER/NAME or set `hub.repo` in the recipe")
     if repo is not None and not REPO_ID.fullmatch(repo):
         raise FtkitError(f"repo {repo!r}: expected a hub repo id of the form USER/NAME")
-    if recipe.is_random_init and not recipe.is_full and not (run_dir / "base" / "config.json").is_file():
+    if recipe.is_random_init and not recipe.is_full and not (RunPaths(run_dir).base / RunPaths.FULL_CONFIG).is_file():
         raise FtkitError(
             f"{run_dir}: a {recipe.model.base}-preset run must hold its base weights in base/; train first"
         )
@@ -158,34 +147,30 @@ def plan_push(
     )
 
 
-def is_rl_run(summary: dict[str, Any]) -> bool:
-    return summary.get("stage") == "rl"
-
-
 def _rl_comparison(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
     """An RL run's rl_eval.json, if it records evaluating the adapter the run holds now (else left out, with a
     note): a file without the hash cannot show which weights its "after" measured."""
-    path = run_dir / RL_EVAL_FILE
-    if not is_rl_run(_read_json(run_dir / rundir.SUMMARY)) or not path.is_file():
+    path = RunPaths(run_dir).rl_eval
+    if not is_rl_summary(_read_json(RunPaths(run_dir).summary)) or not path.is_file():
         return None, []
     comparison = _read_json(path)
     made_with = comparison.get("adapter_sha256")
     if made_with is None:
-        return None, [f"{RL_EVAL_FILE} left out: it does not record which {rundir.ADAPTER_WEIGHTS} it evaluated"]
+        return None, [f"{path.name} left out: it does not record which {RunPaths.ADAPTER_WEIGHTS} it evaluated"]
     if made_with != rundir.weights_sha256(run_dir, full=False):
-        return None, [f"{RL_EVAL_FILE} left out: it evaluated another {rundir.ADAPTER_WEIGHTS} than the run holds now"]
+        return None, [f"{path.name} left out: it evaluated another {RunPaths.ADAPTER_WEIGHTS} than the run holds now"]
     return comparison, []
 
 
 def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[str, Any] | None, list[str]]:
     from ftkit.evaluation.evaluate import canonical_problems
 
-    path = run_dir / EVAL_FILE
+    path = RunPaths(run_dir).eval
     if not path.is_file():
         if allow_no_eval:
-            return None, [f"no {EVAL_FILE}: the card says the model was not evaluated"]
+            return None, [f"no {RunPaths.EVAL}: the card says the model was not evaluated"]
         raise FtkitError(
-            f"{run_dir}: no {EVAL_FILE}, the run's own evaluation that push publishes; run "
+            f"{run_dir}: no {RunPaths.EVAL}, the run's own evaluation that push publishes; run "
             f"`ftkit eval {run_dir}` first, or pass --allow-no-eval to push without results"
         )
     problems = canonical_problems(_read_json(path), recipe, run_dir)
@@ -193,7 +178,7 @@ def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[st
         return _read_json(path), []
     why = "; ".join(problems)
     if allow_no_eval:
-        return None, [f"{EVAL_FILE} left out, it is not the run's own evaluation ({why})"]
+        return None, [f"{RunPaths.EVAL} left out, it is not the run's own evaluation ({why})"]
     raise FtkitError(
         f"{path}: not the run's own evaluation ({why}); rerun `ftkit eval {run_dir}` to evaluate as "
         "the recipe says, or pass --allow-no-eval to push without results"
@@ -208,15 +193,15 @@ def upload_file_names(plan: PushPlan) -> list[str]:
     """Paths (relative to the run dir) of the run files that go into the upload, README.md excluded."""
     run_dir = plan.run_dir
     names = rundir.saved_model_files(run_dir, plan.full_model)
-    names += [n for n in TOKENIZER_FILES if (run_dir / n).is_file()]
+    names += [n for n in RunPaths.tokenizer_files() if (run_dir / n).is_file()]
     names += [n for n in RUN_FILES if (run_dir / n).is_file()]
     if plan.evaluation is not None:
-        names.append(EVAL_FILE)
+        names.append(RunPaths.EVAL)
     if plan.rl_comparison is not None:
-        names.append(RL_EVAL_FILE)
+        names.append(RunPaths.RL_EVAL)
     if plan.recipe.is_random_init and not plan.full_model:
         # The random-init base is part of the model: without it the adapter cannot be loaded by anyone.
-        names += sorted(f"base/{p.name}" for p in (run_dir / "base").iterdir() if p.is_file())
+        names += sorted(f"{RunPaths.BASE}/{p.name}" for p in RunPaths(run_dir).base.iterdir() if p.is_file())
     return names
 
 
@@ -315,7 +300,7 @@ def model_card(plan: PushPlan) -> str:
     from ftkit.model.load import TIED_NOTE
 
     recipe = plan.recipe
-    summary = _read_json(plan.run_dir / rundir.SUMMARY)
+    summary = _read_json(RunPaths(plan.run_dir).summary)
     repo = plan.repo or PLACEHOLDER_REPO
     task = recipe.task.name
     what = "fine-tuned model" if plan.full_model else "LoRA adapter"
@@ -362,7 +347,7 @@ def model_card(plan: PushPlan) -> str:
             "",
         ]
 
-    if is_rl_run(summary):
+    if is_rl_summary(summary):
         lines += ["## Training", "", *_rl_training_lines(summary, recipe, plan.rl_comparison), ""]
     else:
         lines += ["## Training", "", *_training_lines(summary, recipe), ""]
@@ -374,7 +359,7 @@ def model_card(plan: PushPlan) -> str:
             "`recipe.yaml` holds the full training recipe.",
             "",
         ]
-    lines += [f"Trained with ftkit (`ftkit {'rl' if is_rl_run(summary) else 'train'} recipe.yaml`).", ""]
+    lines += [f"Trained with ftkit (`ftkit {'rl' if is_rl_summary(summary) else 'train'} recipe.yaml`).", ""]
     card = ModelCard(f"---\n{card_metadata(plan).to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)
 
@@ -496,7 +481,7 @@ def _rl_training_lines(summary: dict[str, Any], recipe, comparison: dict[str, An
             "",
             f"Held-out `{comparison.get('split', 'test')}` split, {comparison.get('num_examples', '?')} "
             "examples, before and after RL with the same sampler settings and seeds "
-            f"(`{RL_EVAL_FILE}`):",
+            f"(`{RunPaths.RL_EVAL}`):",
             "",
             "| metric | before RL | after RL |",
             "|---|---:|---:|",
@@ -677,7 +662,8 @@ def push_export(
             )
 
     if dry_run:
-        target = Path(dry_run_dir) if dry_run_dir is not None else folder.parent / f"{folder.name}-{HUB_UPLOAD_DIR}"
+        default = folder.parent / f"{folder.name}-{RunPaths.HUB_UPLOAD}"
+        target = Path(dry_run_dir) if dry_run_dir is not None else default
         return _stage_in_place(target, stage)
     token = token or _find_token()
     with tempfile.TemporaryDirectory(prefix="ftkit-push-") as tmp:
