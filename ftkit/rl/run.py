@@ -35,6 +35,7 @@ from ftkit.run.prepare import (
     canvas_length,
     check_launch,
     log_callbacks,
+    prepare_base,
     quiet_printer,
     removed_on_failure,
     run_locked,
@@ -224,20 +225,11 @@ def _evaluate(model, tokenizer, task, examples, recipe: Recipe, canvas_length: i
 def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_adapter: bool):
     """The base (as `ftkit train` loads it: 4-bit, checkpointing) with the trainable adapter — the copied init adapter
     or a fresh LoRA — and the reference policy."""
-    from transformers import set_seed
-
     from ftkit.model.load import attach_lora, load_base
     from ftkit.rl.likelihood import ReferencePolicy
 
     model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
-    if int(model.config.canvas_length) != canvas_length:
-        raise FtkitError(f"model canvas_length {model.config.canvas_length} != {canvas_length}")
-    if recipe.train.gradient_checkpointing:
-        from ftkit.model.checkpointing import set_gradient_checkpointing
-
-        set_gradient_checkpointing(model, True, encoder=recipe.train.checkpoint_encoder)
-        model.enable_input_require_grads()
-    set_seed(recipe.train.seed)  # PEFT draws a fresh lora_A from the global RNG
+    prepare_base(model, recipe, canvas_length)
     if from_adapter:
         model = rundir.load_adapter(
             model, RunPaths(run_dir).reference, trainable=True, shared_stacks=recipe.lora.shared_stacks

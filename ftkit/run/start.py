@@ -74,16 +74,7 @@ def plan_start(
             rundir.say(f"{run_dir}: --resume: no checkpoint yet; starting from scratch")
         return Start()
 
-    if RunPaths(run_dir).recipe.exists():
-        previous = rundir.load_run_recipe(run_dir)
-        changed = [key for s in same_sections for key in changed_keys(s, getattr(previous, s), getattr(recipe, s))]
-        if previous.train.trainable != recipe.train.trainable:  # an adapter cannot continue a full model, or back
-            changed.append(f"train.trainable ({previous.train.trainable} -> {recipe.train.trainable})")
-        if changed:
-            raise FtkitError(
-                f"{run_dir}: --resume with other settings than the run was started with: "
-                f"{', '.join(changed)}; these must stay as they were (the checkpoint continues them)"
-            )
+    _check_resume_settings(run_dir, recipe, same_sections)
     rundir.check_run_inputs(run_dir, recipe)
     step, max_steps = rundir.checkpoint_step(ckpt), recipe.train.max_steps
     if step > max_steps:
@@ -100,6 +91,21 @@ def plan_start(
         return Start(str(ckpt), step, done=True)
     rundir.say(f"resuming from {ckpt.name} (step {step} of {max_steps})")
     return Start(str(ckpt), step)
+
+
+def _check_resume_settings(run_dir: Path, recipe, same_sections: tuple[str, ...]) -> None:
+    """A resume keeps the recipe sections `same_sections` and train.trainable of the run it continues."""
+    if not RunPaths(run_dir).recipe.exists():
+        return
+    previous = rundir.load_run_recipe(run_dir)
+    changed = [key for s in same_sections for key in changed_keys(s, getattr(previous, s), getattr(recipe, s))]
+    if previous.train.trainable != recipe.train.trainable:  # an adapter cannot continue a full model, or back
+        changed.append(f"train.trainable ({previous.train.trainable} -> {recipe.train.trainable})")
+    if changed:
+        raise FtkitError(
+            f"{run_dir}: --resume with other settings than the run was started with: "
+            f"{', '.join(changed)}; these must stay as they were (the checkpoint continues them)"
+        )
 
 
 def changed_keys(prefix: str, old: Any, new: Any) -> list[str]:
