@@ -52,6 +52,8 @@ def run_locked(
 
 
 def training_arguments(recipe: Recipe, run_dir: Path):
+    """The recipe's train section (and `training_args`) as transformers.TrainingArguments, checkpoints under
+    RUN/checkpoints: for both trainers (`ftkit rl` passes a recipe with one placeholder item per step)."""
     from transformers import TrainingArguments
 
     t = recipe.train
