@@ -204,7 +204,7 @@ def _own_evaluation(run_dir: Path, recipe, checkpoint: str | None, note) -> dict
 def _manifest(run_dir: Path, weights_dir: Path, recipe, facts: ExportFacts, folder: Path) -> dict[str, Any]:
     from ftkit.evaluation.evaluate import file_sha256
 
-    weights = weights_dir / rundir.weights_file(recipe.is_full)
+    weights = weights_dir / RunPaths.weights_file(recipe.is_full)
     return {
         "format": 1,
         "run": str(run_dir.resolve()),

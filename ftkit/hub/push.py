@@ -119,7 +119,7 @@ def plan_push(
     run_dir = rundir.require_run_dir(run_dir)
     recipe = load_recipe(RunPaths(run_dir).recipe)
     what = "full model" if recipe.is_full else "adapter"
-    for name in rundir.weight_files(recipe.is_full):
+    for name in RunPaths.weight_files(recipe.is_full):
         if not (run_dir / name).is_file():
             raise FtkitError(f"{run_dir}: no {name}: the run has no final {what} yet; train first (`ftkit train`)")
     if not RunPaths(run_dir).summary.is_file():
@@ -192,7 +192,7 @@ def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[st
 def upload_file_names(plan: PushPlan) -> list[str]:
     """Paths (relative to the run dir) of the run files that go into the upload, README.md excluded."""
     run_dir = plan.run_dir
-    names = rundir.saved_model_files(run_dir, plan.full_model)
+    names = RunPaths.saved_model_files(run_dir, plan.full_model)
     names += [n for n in RunPaths.tokenizer_files() if (run_dir / n).is_file()]
     names += [n for n in RUN_FILES if (run_dir / n).is_file()]
     if plan.evaluation is not None:

@@ -20,21 +20,6 @@ from ftkit.run import filecheck, manifest
 from ftkit.run.paths import RunPaths
 
 
-def weight_files(full: bool) -> tuple[str, ...]:
-    """The files that hold what a run trained: its adapter, or with train.trainable=full its full model."""
-    return RunPaths.weight_files(full)
-
-
-def saved_model_files(folder: Path, full: bool) -> list[str]:
-    """What save_pretrained wrote into `folder` that a run keeps, weights first (RunPaths.saved_model_files)."""
-    return RunPaths.saved_model_files(folder, full)
-
-
-def weights_file(full: bool) -> str:
-    """The file that holds what a run trained (a sharded full model: its first shard's name stands for all)."""
-    return RunPaths.weights_file(full)
-
-
 def weights_sha256(folder: Path, full: bool) -> str | None:
     """The hash that identifies the trained weights in `folder` (a run directory or one of its checkpoints), or None
     when it holds none: the weights file's sha256, or for a sharded full model the sha256 of its shards' names and
@@ -44,7 +29,7 @@ def weights_sha256(folder: Path, full: bool) -> str | None:
     if not full:
         names = [RunPaths.ADAPTER_WEIGHTS] if (folder / RunPaths.ADAPTER_WEIGHTS).is_file() else []
     else:
-        names = [n for n in saved_model_files(folder, full=True) if n.endswith(".safetensors")]
+        names = [n for n in RunPaths.saved_model_files(folder, full=True) if n.endswith(".safetensors")]
     if not names:
         return None
     if len(names) == 1:
@@ -217,7 +202,7 @@ def newest_intact_checkpoint(run_dir: Path) -> Path | None:
 def verified_weights_checkpoint(ckpt: Path, full: bool = False) -> Path:
     """A checkpoint about to be evaluated: its adapter (or full model) files must match its manifest (`--resume`
     makes the same check on every file)."""
-    damage = manifest.verify(ckpt, only=weight_files(full))
+    damage = manifest.verify(ckpt, only=RunPaths.weight_files(full))
     if damage is not None:
         older = [c.name for c in _checkpoints_in(ckpt.parent) if c != ckpt]
         hint = f"evaluate an earlier one (--checkpoint {older[0]})" if older else "no other checkpoint is left"
@@ -264,7 +249,7 @@ def clear_attempt(run_dir: Path, also: tuple[str, ...] = ()) -> list[str]:
 
 def final_weights_problem(run_dir: Path, full: bool = False) -> str | None:
     """What is wrong with the run's final adapter (or full model) files, or None when they are intact."""
-    for name in weight_files(full):
+    for name in RunPaths.weight_files(full):
         what = filecheck.problem(run_dir / name)
         if what:
             return f"{name}: {what}"
@@ -286,7 +271,7 @@ def weights_location(run_dir: Path, checkpoint: str | None = None, full: bool = 
     """The final adapter (with `full`: the full model), or a named/`latest` checkpoint's; verified (FtkitError
     naming the damaged file)."""
     if checkpoint is None:
-        if any((run_dir / n).exists() for n in (*weight_files(full), RunPaths.SUMMARY)):
+        if any((run_dir / n).exists() for n in (*RunPaths.weight_files(full), RunPaths.SUMMARY)):
             what = final_weights_problem(run_dir, full)
             if what:
                 final = "model" if full else "adapter"
