@@ -87,9 +87,9 @@ def train_with_checkpoints(recipe_path: str, overrides: list[str], run_dir: Path
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    from ftkit.run import rundir
+    from ftkit.run.paths import RunPaths
 
-    root = run_dir / rundir.CHECKPOINTS
+    root = RunPaths(run_dir).checkpoints
     return sorted(int(p.name.split("-")[1]) for p in root.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
 
 
@@ -98,13 +98,14 @@ def evaluate_points(run_dir: Path, num_examples: int | None) -> list[dict]:
     from ftkit.evaluation import EvalRequest, evaluate_run
     from ftkit.recipe import load_recipe
     from ftkit.run import rundir
+    from ftkit.run.paths import RunPaths
 
-    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
+    recipe = load_recipe(RunPaths(run_dir).recipe)
     times = {}
     if (run_dir.parent / TIMES_FILE).is_file():
         times = {int(k): v for k, v in json.loads((run_dir.parent / TIMES_FILE).read_text()).items()}
     times[0] = [0.0, 0.0]
-    losses = {r["step"]: r["loss"] for r in rundir.read_jsonl(run_dir / rundir.TRAIN_LOG) if "loss" in r}
+    losses = {r["step"]: r["loss"] for r in rundir.read_jsonl(RunPaths(run_dir).train_log) if "loss" in r}
     tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * recipe.model.tiny.canvas_length
     points = []
     for step in [0, *checkpoint_steps(run_dir)]:

@@ -115,8 +115,8 @@ AllowWeakSandbox = Annotated[
     bool,
     typer.Option(
         "--allow-weak-sandbox",
-        help="Run model-written code (code_infill tests) even where only the weak sandbox (an audit hook, no namespaces) "
-        "is available; same as eval.allow_weak_sandbox: true.",
+        help="Run model-written code (code_infill tests) even where only the weak sandbox (an audit hook, no "
+        "namespaces) is available; same as eval.allow_weak_sandbox: true.",
     ),
 ]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides KEY.PATH=VALUE, e.g. train.max_steps=10.")]
@@ -150,7 +150,8 @@ def train(
     output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Overrides train.output_dir.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Overrides model.base (e.g. `tiny`).")] = None,
 ) -> None:
-    """Train a LoRA adapter (or every weight: train.trainable=full) with the diffusion objective; writes the run directory."""
+    # One line: the command list shows the docstring's line breaks as they are.
+    """Train a LoRA adapter (or every weight: train.trainable=full) with the diffusion objective; writes the run directory."""  # noqa: E501
     from ftkit.recipe import load_recipe
 
     extra = list(overrides or [])
@@ -311,7 +312,8 @@ def eval_(
         bool,
         typer.Option(
             "--compare-verifier",
-            help="Plain vs verifier-guided on the same examples and seeds, plus plain best-of-n at the verifier's decoder forwards.",
+            help="Plain vs verifier-guided on the same examples and seeds, plus plain best-of-n at the verifier's "
+            "decoder forwards.",
         ),
     ] = False,
     sweep_steps: Annotated[str | None, typer.Option("--sweep-steps", help="Comma list, e.g. 1,4,16,64.")] = None,
@@ -332,7 +334,8 @@ def eval_(
         Path | None,
         typer.Option(
             "--data",
-            help="Evaluate every example of this data file (the task's format, read as task.data_path) instead of the recipe's split; writes eval_data-<name>.json.",
+            help="Evaluate every example of this data file (the task's format, read as task.data_path) instead of "
+            "the recipe's split; writes eval_data-<name>.json.",
         ),
     ] = None,
     token_masks: Annotated[
@@ -495,9 +498,10 @@ def _generate(run_dir: Path, input: str, task_name: str | None = None, **options
 def _run_allows_weak_sandbox(run_dir: Path) -> bool:
     """The run's own `eval.allow_weak_sandbox` (generate reads no other eval setting from this command)."""
     from ftkit.recipe import load_recipe
+    from ftkit.run.paths import RunPaths
 
     try:
-        return load_recipe(run_dir / "recipe.yaml").eval.allow_weak_sandbox
+        return load_recipe(RunPaths(run_dir).recipe).eval.allow_weak_sandbox
     except FtkitError:
         return False  # generate reports the run directory's problem itself
 

@@ -13,6 +13,7 @@ from test_train import Snapshot, crash_and_resume, probe_batch, tiny_recipe
 from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe import recipe_from_dict
 from ftkit.run import rundir
+from ftkit.run.paths import RunPaths
 from ftkit.sft.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,14 +110,14 @@ def test_saved_full_model_reloads_with_identical_logits_and_ties(full_run):
     out, snap, _ = full_run
     run = rundir.load_run(out)
     assert all(a is b for a, b in tied_pairs(run.model))
-    assert run.adapter_dir == out
+    assert run.weights_dir == out
     with torch.no_grad():
         assert torch.equal(run.model(**probe_batch()).logits, snap.logits)
-    base = rundir.load_run(out, adapter=False)  # the untrained random init, for `eval --base`
+    base = rundir.load_run(out, trained=False)  # the untrained random init, for `eval --base`
     with torch.no_grad():
         assert not torch.allclose(base.model(**probe_batch()).logits, snap.logits)
     ckpt = rundir.load_run(out, checkpoint="checkpoint-3")
-    assert ckpt.adapter_dir.name == "checkpoint-3"
+    assert ckpt.weights_dir.name == "checkpoint-3"
     with torch.no_grad():
         assert not torch.equal(ckpt.model(**probe_batch()).logits, snap.logits)
 
@@ -311,6 +312,6 @@ def test_rl_on_a_full_run_takes_it_as_the_base(full_run, tmp_path):
     data["rl"]["init_from"] = None
     summary = rl(recipe_from_dict(data), progress=False)
     assert summary["steps"] == 2 and (tmp_path / "rl" / "adapter_model.safetensors").is_file()
-    rows = [r for r in rundir.read_jsonl(tmp_path / "rl" / rundir.TRAIN_LOG) if "reward" in r]
+    rows = [r for r in rundir.read_jsonl(RunPaths(tmp_path / "rl").train_log) if "reward" in r]
     first = next((r for r in rows if "kl" in r), None)
     assert first is None or first["kl"] == 0.0

@@ -34,7 +34,8 @@ from ftkit.hub import access as hub_access
 from ftkit.recipe import EvalSection, LoraSection, ModelSection, PresetSpec, Recipe, TaskSection, TrainSection
 from ftkit.run import rundir
 from ftkit.run import start as runstart
-from ftkit.run.lock import LOCK_FILE, holds_run_lock
+from ftkit.run.lock import holds_run_lock
+from ftkit.run.paths import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 PUZZLE = "510060980978215436403070501000501000004027050135006092207003860340008270000750014"
@@ -175,11 +176,11 @@ def test_a_failed_command_leaves_nothing_and_cannot_disarm_the_guard(tmp_path):
     line = error_line(ftkit(*train))
     assert "proj: exists and is not an ftkit run directory (it holds README.md)" in line
     # ... also when a lock file is there (as an earlier ftkit's failed eval left one): it does not vouch for the rest.
-    (proj / LOCK_FILE).write_text("")
+    (proj / RunPaths.LOCK).write_text("")
     line = error_line(ftkit(*train))
     assert "proj: exists and is not an ftkit run directory (it holds README.md)" in line
     assert (proj / "README.md").read_text() == "precious\n"
-    assert sorted(p.name for p in proj.iterdir()) == [LOCK_FILE, "README.md"]
+    assert sorted(p.name for p in proj.iterdir()) == [RunPaths.LOCK, "README.md"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_an_evaluation_names_the_checkpoint_it_measured(tmp_path, monkeypatch):
         tokenizer=build_char_tokenizer(),
         task=SudokuTask(),
         canvas_length=PresetSpec().canvas_length,
-        adapter_dir=ckpt,
+        weights_dir=ckpt,
     )  # load_run's fallback
     monkeypatch.setattr(ev, "_load_run", lambda run_dir, adapter, checkpoint=None: run)
     monkeypatch.setattr(
@@ -268,23 +269,23 @@ def test_generate_names_the_weights_that_answer(tmp_path):
 
     lora, full = Recipe(), Recipe(train=TrainSection(trainable="full"))
     ckpt = tmp_path / "checkpoints" / "checkpoint-100"
-    assert weights_label(SimpleNamespace(recipe=lora, run_dir=tmp_path, adapter_dir=tmp_path)) == "fine-tuned adapter"
-    assert weights_label(SimpleNamespace(recipe=full, run_dir=tmp_path, adapter_dir=tmp_path)) == "fine-tuned model"
+    assert weights_label(SimpleNamespace(recipe=lora, run_dir=tmp_path, weights_dir=tmp_path)) == "fine-tuned adapter"
+    assert weights_label(SimpleNamespace(recipe=full, run_dir=tmp_path, weights_dir=tmp_path)) == "fine-tuned model"
     assert (
-        weights_label(SimpleNamespace(recipe=lora, run_dir=tmp_path, adapter_dir=ckpt))
+        weights_label(SimpleNamespace(recipe=lora, run_dir=tmp_path, weights_dir=ckpt))
         == "checkpoint-100: the run has no final adapter yet, so its newest checkpoint answers"
     )
     assert (
-        weights_label(SimpleNamespace(recipe=full, run_dir=tmp_path, adapter_dir=None))
+        weights_label(SimpleNamespace(recipe=full, run_dir=tmp_path, weights_dir=None))
         == "base model: its untrained initial weights"
     )
-    assert weights_label(SimpleNamespace(recipe=lora, run_dir=tmp_path, adapter_dir=None)) == "base model, no adapter"
+    assert weights_label(SimpleNamespace(recipe=lora, run_dir=tmp_path, weights_dir=None)) == "base model, no adapter"
 
 
 def test_a_command_that_finds_no_run_takes_no_lock(tmp_path):
     @holds_run_lock("eval")
     def command(run_dir):
-        return (Path(run_dir) / LOCK_FILE).exists()
+        return (Path(run_dir) / RunPaths.LOCK).exists()
 
     (tmp_path / "README.md").write_text("mine")
     assert command(tmp_path) is False and sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
@@ -294,12 +295,12 @@ def test_a_command_that_finds_no_run_takes_no_lock(tmp_path):
 
 def test_only_versions_json_marks_a_directory_as_a_run(tmp_path):
     (tmp_path / "README.md").write_text("mine")
-    (tmp_path / LOCK_FILE).write_text("")
+    (tmp_path / RunPaths.LOCK).write_text("")
     assert rundir.foreign_entries(tmp_path) == ["README.md"]
     (tmp_path / "README.md").unlink()
     assert rundir.foreign_entries(tmp_path) == []  # only a lock file: an attempt that saved nothing
     (tmp_path / "README.md").write_text("mine")
-    (tmp_path / rundir.VERSIONS).write_text("{}")
+    (tmp_path / RunPaths.VERSIONS).write_text("{}")
     assert rundir.foreign_entries(tmp_path) == []
 
 
@@ -326,14 +327,14 @@ def test_the_final_adapter_has_no_template_card(tmp_path):
         ),
         LoraSection(r=2, alpha=4),
     )
-    runstart.save_adapter(model, tmp_path)
+    runstart.save_weights(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     ckpt = tmp_path / "checkpoint-1"
     model.save_pretrained(ckpt)  # as the Trainer saves a checkpoint: PEFT's README.md included
     assert (ckpt / "README.md").is_file()
     final = tmp_path / "final"
     final.mkdir()
-    runstart.copy_adapter(ckpt, final)
+    runstart.copy_weights(ckpt, final)
     assert sorted(p.name for p in final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 

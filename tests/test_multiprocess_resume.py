@@ -16,6 +16,7 @@ from test_faults import DRIVER, wait_for
 from test_multiprocess import _torchrun
 
 from ftkit.run import manifest, rundir
+from ftkit.run.paths import RunPaths
 
 STEPS = ["--max-steps", "6", "--save-steps", "2"]
 
@@ -79,7 +80,7 @@ def test_every_rank_part_is_in_the_checkpoint(uninterrupted):
     ckpts = rundir.checkpoints(uninterrupted)
     assert [c.name for c in ckpts] == ["checkpoint-6", "checkpoint-4", "checkpoint-2"][: len(ckpts)] and ckpts
     for ckpt in ckpts:
-        files = json.loads((ckpt / manifest.MANIFEST).read_text())["files"]
+        files = json.loads((ckpt / RunPaths.MANIFEST).read_text())["files"]
         assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt"} <= set(files)
         assert manifest.verify(ckpt) is None
     assert not (uninterrupted / "checkpoints" / ".staging").exists()

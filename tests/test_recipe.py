@@ -145,7 +145,7 @@ def test_training_args_reach_the_optimizer_and_scheduler(tmp_path):
     import torch
     from transformers import Trainer
 
-    from ftkit.sft.run import training_arguments
+    from ftkit.run.prepare import training_arguments
 
     r = recipe_from_dict(
         {

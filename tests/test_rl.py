@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe import recipe_from_dict
 from ftkit.run import rundir
+from ftkit.run.paths import RunPaths
 from ftkit.tasks import base as task_base
 from ftkit.tasks.base import Example, Piece, PromptCanvas, RewardParts, Violation, reward_parts
 
@@ -114,7 +115,7 @@ def toy_recipe(out, init_from=None, train=None, rl=None, **sections):
 
 
 def rl_rows(run_dir: Path) -> list[dict]:
-    return [r for r in rundir.read_jsonl(run_dir / rundir.TRAIN_LOG) if "reward" in r]
+    return [r for r in rundir.read_jsonl(RunPaths(run_dir).train_log) if "reward" in r]
 
 
 @pytest.mark.slow  # 40 RL steps (~8 s alone on an idle 2-core machine, several times that under load)

@@ -11,7 +11,8 @@ import pytest
 from test_faults import DRIVER, ROOT, kill9, wait_for
 
 from ftkit.run import rundir
-from ftkit.run.lock import LOCK_FILE, RunLock, RunLocked, _process_start
+from ftkit.run.lock import RunLock, RunLocked, _process_start
+from ftkit.run.paths import RunPaths
 
 
 def _dead_pid() -> int:
@@ -29,7 +30,7 @@ def test_a_second_holder_is_refused_naming_the_first(tmp_path):
         assert "(started 20" in message and "wait for it to finish or stop it" in message
     with RunLock(tmp_path, "eval") as again:  # released: free again, and nothing stale to report
         assert again.taken_over is None
-    assert (tmp_path / LOCK_FILE).read_text() == ""
+    assert (tmp_path / RunPaths.LOCK).read_text() == ""
 
 
 def test_the_lock_of_a_dead_process_is_taken_over_saying_so(tmp_path, capsys):
@@ -42,10 +43,10 @@ def test_the_lock_of_a_dead_process_is_taken_over_saying_so(tmp_path, capsys):
         "started": "2025-01-01 10:00:00 +0000",
         "process_start": "1",
     }
-    (tmp_path / LOCK_FILE).write_text(json.dumps(dead))
+    (tmp_path / RunPaths.LOCK).write_text(json.dumps(dead))
     with RunLock(tmp_path, "train") as lock:
         assert lock.taken_over == dead
-        holder = json.loads((tmp_path / LOCK_FILE).read_text())
+        holder = json.loads((tmp_path / RunPaths.LOCK).read_text())
         assert holder["pid"] == os.getpid() and holder["purpose"] == "train"
     err = capsys.readouterr().err
     assert (
@@ -65,7 +66,7 @@ def test_a_live_holder_is_refused_even_where_flock_is_not_enforced(tmp_path):
             "started": "now",
             "process_start": _process_start(sleeper.pid),
         }
-        (tmp_path / LOCK_FILE).write_text(json.dumps(live))
+        (tmp_path / RunPaths.LOCK).write_text(json.dumps(live))
         with pytest.raises(RunLocked, match=rf"in use by pid {sleeper.pid} .*does not enforce locks"):
             RunLock(tmp_path, "train").acquire()
     finally:

@@ -16,6 +16,7 @@ from ftkit.cli import app
 from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe import recipe_from_dict
 from ftkit.run import manifest, rundir
+from ftkit.run.paths import RunPaths
 from ftkit.sft.run import train
 
 PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
@@ -74,8 +75,8 @@ def recipe_file(run: Path, tmp_path: Path) -> Path:
 
 def test_every_checkpoint_has_a_manifest_of_all_its_files(finished):
     for ckpt in rundir.checkpoints(finished):
-        files = json.loads((ckpt / manifest.MANIFEST).read_text())["files"]
-        on_disk = {p.name for p in ckpt.iterdir() if p.is_file()} - {manifest.MANIFEST}
+        files = json.loads((ckpt / RunPaths.MANIFEST).read_text())["files"]
+        on_disk = {p.name for p in ckpt.iterdir() if p.is_file()} - {RunPaths.MANIFEST}
         assert set(files) == on_disk and {"adapter_model.safetensors", "optimizer.pt", "rng_state.pth"} <= on_disk
         assert all(files[n]["size"] == (ckpt / n).stat().st_size for n in files)
         assert manifest.verify(ckpt) is None
@@ -98,7 +99,7 @@ def test_manifest_catches_truncation_changed_bytes_and_missing_files(run):
 
 def test_a_checkpoint_without_manifest_gets_the_structural_check(run):
     ckpt = run / "checkpoints" / "checkpoint-6"
-    (ckpt / manifest.MANIFEST).unlink()
+    (ckpt / RunPaths.MANIFEST).unlink()
     assert manifest.verify(ckpt) is None
     weights = ckpt / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1])
@@ -216,7 +217,7 @@ def test_resume_after_the_final_save_was_lost_writes_it_from_the_last_checkpoint
     assert (run / "train_log.jsonl").read_text() == log  # no step was trained
     got, want = load_file(run / "adapter_model.safetensors"), load_file(finished / "adapter_model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert rundir.load_run(run).adapter_dir == run
+    assert rundir.load_run(run).weights_dir == run
 
 
 def test_resume_without_an_intact_checkpoint_keeps_the_results(run):

@@ -133,7 +133,7 @@ def test_saved_adapter_reloads_with_identical_logits(trained):
     with torch.no_grad():
         logits = run.model(**probe_batch()).logits
     assert torch.equal(logits, snap.logits)
-    base = rundir.load_run(out, adapter=False)
+    base = rundir.load_run(out, trained=False)
     with torch.no_grad():
         assert not torch.allclose(base.model(**probe_batch()).logits, snap.logits)
 

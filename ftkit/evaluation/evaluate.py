@@ -51,7 +51,7 @@ def _load_run(run_dir: Path, adapter: bool, checkpoint: str | None = None):
     # Late import: rundir pulls in the model loaders; tests replace this function with in-memory pieces.
     from ftkit.run.rundir import load_run
 
-    return load_run(run_dir, adapter=adapter, checkpoint=checkpoint)
+    return load_run(run_dir, trained=adapter, checkpoint=checkpoint)
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _evaluate_locked(run_dir: Path, request: EvalRequest, progress: Progress | N
     threads = apply_threads(recipe.train.cpu_threads)
     cfg = request.settings(recipe.eval)
     examples, size = _choose_examples(request, run, cfg, run_dir)
-    weights = measured_weights(run_dir, recipe, request.base_only, getattr(run, "adapter_dir", None))
+    weights = measured_weights(run_dir, recipe, request.base_only, getattr(run, "weights_dir", None))
     notes = _notes(request, recipe, cfg, examples, weights.get("checkpoint"))
     for note in notes:
         say(f"note: {note}")

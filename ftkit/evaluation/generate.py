@@ -163,12 +163,12 @@ def weights_label(run) -> str:
     """Which weights a loaded run answers with, as `generate` prints it: a run still training (no final weights) is
     answered by its newest checkpoint, and says so."""
     full = run.recipe.is_full
-    if run.adapter_dir is None:
+    if run.weights_dir is None:
         return "base model: its untrained initial weights" if full else "base model, no adapter"
-    if Path(run.adapter_dir).resolve() == Path(run.run_dir).resolve():
+    if Path(run.weights_dir).resolve() == Path(run.run_dir).resolve():
         return "fine-tuned model" if full else "fine-tuned adapter"
     return (
-        f"{Path(run.adapter_dir).name}: the run has no final {'model' if full else 'adapter'} yet, so its newest "
+        f"{Path(run.weights_dir).name}: the run has no final {'model' if full else 'adapter'} yet, so its newest "
         "checkpoint answers"
     )
 
@@ -176,9 +176,10 @@ def weights_label(run) -> str:
 def run_task_name(run_dir) -> str:
     """The task a run was trained on, from its recipe alone (no model loaded)."""
     from ftkit.recipe import load_recipe
-    from ftkit.run.rundir import RECIPE_FILE, require_run_dir
+    from ftkit.run.paths import RunPaths
+    from ftkit.run.rundir import require_run_dir
 
-    return load_recipe(require_run_dir(run_dir) / RECIPE_FILE).task.name
+    return load_recipe(RunPaths(require_run_dir(run_dir)).recipe).task.name
 
 
 def generate_one(
@@ -202,7 +203,7 @@ def generate_one(
     from ftkit.run.rundir import load_run
 
     traj_path = _check_request(run_dir, text, steps, save_trajectory, max_new_tokens, task_name)
-    run = load_run(run_dir, adapter=not base_only)
+    run = load_run(run_dir, trained=not base_only)
     check_answer_budget(run.task, max_new_tokens)
     example = example_from_input(run.task, text)
     pc = run.task.to_prompt_canvas(example)

@@ -20,8 +20,9 @@ from typing import Any
 
 from ftkit.errors import FtkitError
 from ftkit.recipe import EvalSection
+from ftkit.run.paths import RunPaths
 
-CANONICAL = "eval.json"
+CANONICAL = RunPaths.EVAL
 PLAIN, VERIFIER, BEST_OF_N = "plain", "verifier", "plain_best_of_n"  # the sampling modes, as results name them
 
 
@@ -110,7 +111,7 @@ def file_sha256(path: Path) -> str | None:
 def measured_weights(run_dir: Path, recipe, base_only: bool, adapter_dir) -> dict[str, Any]:
     """Which weights an evaluation measures, as its result records them: the base model, the run's final adapter
     (or full model), or a checkpoint's; with the sha256 of the trained weights (`rundir.weights_sha256`)."""
-    from ftkit.run.rundir import weights_file, weights_sha256
+    from ftkit.run.rundir import weights_sha256
 
     if base_only:
         return {"source": "base", "model": recipe.model.base}
@@ -120,9 +121,9 @@ def measured_weights(run_dir: Path, recipe, base_only: bool, adapter_dir) -> dic
     if not final:
         out["checkpoint"] = folder.name
     try:
-        path = (folder / weights_file(recipe.is_full)).relative_to(run_dir)
+        path = (folder / RunPaths.weights_file(recipe.is_full)).relative_to(run_dir)
     except ValueError:  # a checkpoint given as a path outside the run
-        path = folder / weights_file(recipe.is_full)
+        path = folder / RunPaths.weights_file(recipe.is_full)
     out["file"] = path.as_posix()
     out["sha256"] = weights_sha256(folder, recipe.is_full)
     return out
@@ -133,9 +134,9 @@ def canonical_problems(report: dict[str, Any], recipe, run_dir: Path) -> list[st
     Checked from its content, so an eval.json written by an older ftkit or copied in is judged the same way: one
     that does not record the hash of the weights it measured, or another hash than the run's final weights have, is
     not the evaluation of the weights `ftkit push` uploads."""
-    from ftkit.run.rundir import weights_file, weights_sha256
+    from ftkit.run.rundir import weights_sha256
 
-    weights = weights_file(recipe.is_full)
+    weights = RunPaths.weights_file(recipe.is_full)
     problems = []
     cfg = report.get("eval") if isinstance(report.get("eval"), dict) else {}
     own = recipe.eval

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import FtkitError
+from ftkit.run.paths import RunPaths
 
 EXPORT_TAGS = ("diffusion-gemma", "block-diffusion", "ftkit")
 
@@ -21,7 +22,7 @@ def generation_config(base_dir: Path | None, recipe):
     )
 
     config = DiffusionGemmaGenerationConfig()
-    if base_dir is not None and (base_dir / "generation_config.json").is_file():
+    if base_dir is not None and (base_dir / RunPaths.GENERATION_CONFIG).is_file():
         try:
             config = DiffusionGemmaGenerationConfig.from_pretrained(str(base_dir))
         except (OSError, ValueError, TypeError) as e:

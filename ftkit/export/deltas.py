@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ftkit.errors import FtkitError
-from ftkit.run.rundir import ADAPTER_WEIGHTS
+from ftkit.run.paths import RunPaths
 
 PEFT_PREFIX = "base_model.model."
 # fp32 elements of an expert tensor updated at once (16 MB): one expert of the real model's gate_up_proj.
@@ -72,7 +72,7 @@ class AdapterTensors:
     def __init__(self, adapter_dir: Path):
         from safetensors import safe_open
 
-        self.path = Path(adapter_dir) / ADAPTER_WEIGHTS
+        self.path = Path(adapter_dir) / RunPaths.ADAPTER_WEIGHTS
         try:
             self.file = safe_open(str(self.path), framework="pt")
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types

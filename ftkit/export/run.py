@@ -32,6 +32,7 @@ from ftkit.export.shards import write_shards
 from ftkit.model.arch import tied_targets, untie
 from ftkit.run import rundir
 from ftkit.run.lock import holds_run_lock
+from ftkit.run.paths import RunPaths
 
 EXPORT_MANIFEST = "ftkit_export.json"
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -104,7 +105,7 @@ def export_run(
     _check_out(out)
     recipe = rundir.load_run_recipe(run_dir)
     rundir.check_run_inputs(run_dir, recipe)
-    weights_dir = rundir.adapter_location(run_dir, checkpoint, full=recipe.is_full)
+    weights_dir = rundir.weights_location(run_dir, checkpoint, full=recipe.is_full)
     base_dir = weights_dir if recipe.is_full else base_weights_dir(recipe, run_dir)
     config = _load_config(base_dir)
     form = export_form(recipe)
@@ -141,7 +142,7 @@ def export_run(
         rundir.load_run_tokenizer(run_dir).save_pretrained(str(staging))
         evaluation = _own_evaluation(run_dir, recipe, checkpoint, notes)
         if evaluation is not None:
-            shutil.copyfile(run_dir / "eval.json", staging / "eval.json")
+            shutil.copyfile(RunPaths(run_dir).eval, staging / RunPaths.EVAL)
         facts = ExportFacts(
             form=form,
             dtype=dtype,
@@ -150,7 +151,7 @@ def export_run(
             checkpoint=checkpoint,
             evaluation=evaluation,
         )
-        summary = _read_json(run_dir / rundir.SUMMARY)
+        summary = _read_json(RunPaths(run_dir).summary)
         (staging / "README.md").write_text(model_card(recipe, summary, facts, out.name), encoding="utf-8")
         record = _manifest(run_dir, weights_dir, recipe, facts, staging)
         rundir.atomic_write_json(staging / EXPORT_MANIFEST, record)
@@ -186,7 +187,7 @@ def _own_evaluation(run_dir: Path, recipe, checkpoint: str | None, note) -> dict
     """The run's canonical eval.json, if it evaluated the weights being exported."""
     from ftkit.evaluation.result_files import canonical_problems
 
-    path = run_dir / "eval.json"
+    path = RunPaths(run_dir).eval
     if not path.is_file():
         note("no eval.json in the run: the card says the export was not evaluated (run `ftkit eval RUN` first)")
         return None
@@ -204,7 +205,7 @@ def _own_evaluation(run_dir: Path, recipe, checkpoint: str | None, note) -> dict
 def _manifest(run_dir: Path, weights_dir: Path, recipe, facts: ExportFacts, folder: Path) -> dict[str, Any]:
     from ftkit.evaluation.result_files import file_sha256
 
-    weights = weights_dir / rundir.weights_file(recipe.is_full)
+    weights = weights_dir / RunPaths.weights_file(recipe.is_full)
     return {
         "format": 1,
         "run": str(run_dir.resolve()),
@@ -216,7 +217,7 @@ def _manifest(run_dir: Path, weights_dir: Path, recipe, facts: ExportFacts, fold
         "weights_sha256": file_sha256(weights),
         "form": facts.form,
         "dtype": facts.dtype,
-        "eval": "eval.json" if facts.evaluation is not None else None,
+        "eval": RunPaths.EVAL if facts.evaluation is not None else None,
         "files": sorted([p.name for p in folder.iterdir() if p.is_file()] + [EXPORT_MANIFEST]),
         "versions": rundir.library_versions(),
     }

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftkit.hub.plan import PLACEHOLDER_REPO, REPO_ID, RL_EVAL_FILE, PushPlan, is_rl_run, read_json
-from ftkit.run import rundir
+from ftkit.hub.plan import PLACEHOLDER_REPO, REPO_ID, PushPlan, read_json
+from ftkit.run.paths import RunPaths, is_rl_summary
 
 CARD_TAGS = ("diffusion-gemma", "block-diffusion", "ftkit")
 
@@ -84,14 +84,14 @@ def model_card(plan: PushPlan) -> str:
     from huggingface_hub import ModelCard
 
     recipe = plan.recipe
-    summary = read_json(plan.run_dir / rundir.SUMMARY)
+    summary = read_json(RunPaths(plan.run_dir).summary)
     repo = plan.repo or PLACEHOLDER_REPO
     what = "fine-tuned model" if plan.full_model else "LoRA adapter"
 
     lines = [f"# {repo.split('/')[-1]}: DiffusionGemma {what} for `{recipe.task.name}`", ""]
     lines += _notice_lines(plan)
     lines += ["## Model", "", *_model_lines(plan)]
-    if is_rl_run(summary):
+    if is_rl_summary(summary):
         lines += ["## Training", "", *_rl_training_lines(summary, recipe, plan.rl_comparison), ""]
     else:
         lines += ["## Training", "", *training_lines(summary, recipe), ""]
@@ -103,7 +103,7 @@ def model_card(plan: PushPlan) -> str:
             "`recipe.yaml` holds the full training recipe.",
             "",
         ]
-    lines += [f"Trained with ftkit (`ftkit {'rl' if is_rl_run(summary) else 'train'} recipe.yaml`).", ""]
+    lines += [f"Trained with ftkit (`ftkit {'rl' if is_rl_summary(summary) else 'train'} recipe.yaml`).", ""]
     card = ModelCard(f"---\n{card_metadata(plan).to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)
 
@@ -288,7 +288,7 @@ def _rl_comparison_lines(comparison: dict[str, Any] | None) -> list[str]:
         "",
         f"Held-out `{comparison.get('split', 'test')}` split, {comparison.get('num_examples', '?')} "
         "examples, before and after RL with the same sampler settings and seeds "
-        f"(`{RL_EVAL_FILE}`):",
+        f"(`{RunPaths.RL_EVAL}`):",
         "",
         "| metric | before RL | after RL |",
         "|---|---:|---:|",

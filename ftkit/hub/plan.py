@@ -17,11 +17,10 @@ from typing import Any
 
 from ftkit.errors import FtkitError
 from ftkit.run import rundir
+from ftkit.run.paths import RunPaths, is_rl_summary
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PLACEHOLDER_REPO = "YOUR_USER/YOUR_REPO"
-EVAL_FILE = "eval.json"  # the canonical result (ftkit.evaluation.result_files.CANONICAL)
-RL_EVAL_FILE = "rl_eval.json"  # an RL run's before/after (ftkit.rl.run.RL_EVAL)
 
 
 @dataclass(frozen=True)
@@ -50,19 +49,19 @@ def plan_push(
     from ftkit.recipe import load_recipe
 
     run_dir = rundir.require_run_dir(run_dir)
-    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
+    recipe = load_recipe(RunPaths(run_dir).recipe)
     what = "full model" if recipe.is_full else "adapter"
-    for name in rundir.weight_files(recipe.is_full):
+    for name in RunPaths.weight_files(recipe.is_full):
         if not (run_dir / name).is_file():
             raise FtkitError(f"{run_dir}: no {name}: the run has no final {what} yet; train first (`ftkit train`)")
-    if not (run_dir / rundir.SUMMARY).is_file():
-        raise FtkitError(f"{run_dir}: no {rundir.SUMMARY}: the run did not finish; train first (`ftkit train`)")
+    if not RunPaths(run_dir).summary.is_file():
+        raise FtkitError(f"{run_dir}: no {RunPaths.SUMMARY}: the run did not finish; train first (`ftkit train`)")
     repo = repo or recipe.hub.repo
     if repo is None and need_repo:
         raise FtkitError("no repo to push to: pass --repo USER/NAME or set `hub.repo` in the recipe")
     if repo is not None and not REPO_ID.fullmatch(repo):
         raise FtkitError(f"repo {repo!r}: expected a hub repo id of the form USER/NAME")
-    if recipe.is_random_init and not recipe.is_full and not (run_dir / "base" / "config.json").is_file():
+    if recipe.is_random_init and not recipe.is_full and not (RunPaths(run_dir).base / RunPaths.FULL_CONFIG).is_file():
         raise FtkitError(
             f"{run_dir}: a {recipe.model.base}-preset run must hold its base weights in base/; train first"
         )
@@ -80,34 +79,30 @@ def plan_push(
     )
 
 
-def is_rl_run(summary: dict[str, Any]) -> bool:
-    return summary.get("stage") == "rl"
-
-
 def _rl_comparison(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
     """An RL run's rl_eval.json, if it records evaluating the adapter the run holds now (else left out, with a
     note): a file without the hash cannot show which weights its "after" measured."""
-    path = run_dir / RL_EVAL_FILE
-    if not is_rl_run(read_json(run_dir / rundir.SUMMARY)) or not path.is_file():
+    path = RunPaths(run_dir).rl_eval
+    if not is_rl_summary(read_json(RunPaths(run_dir).summary)) or not path.is_file():
         return None, []
     comparison = read_json(path)
     made_with = comparison.get("adapter_sha256")
     if made_with is None:
-        return None, [f"{RL_EVAL_FILE} left out: it does not record which {rundir.ADAPTER_WEIGHTS} it evaluated"]
+        return None, [f"{path.name} left out: it does not record which {RunPaths.ADAPTER_WEIGHTS} it evaluated"]
     if made_with != rundir.weights_sha256(run_dir, full=False):
-        return None, [f"{RL_EVAL_FILE} left out: it evaluated another {rundir.ADAPTER_WEIGHTS} than the run holds now"]
+        return None, [f"{path.name} left out: it evaluated another {RunPaths.ADAPTER_WEIGHTS} than the run holds now"]
     return comparison, []
 
 
 def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[str, Any] | None, list[str]]:
     from ftkit.evaluation.result_files import canonical_problems
 
-    path = run_dir / EVAL_FILE
+    path = RunPaths(run_dir).eval
     if not path.is_file():
         if allow_no_eval:
-            return None, [f"no {EVAL_FILE}: the card says the model was not evaluated"]
+            return None, [f"no {RunPaths.EVAL}: the card says the model was not evaluated"]
         raise FtkitError(
-            f"{run_dir}: no {EVAL_FILE}, the run's own evaluation that push publishes; run "
+            f"{run_dir}: no {RunPaths.EVAL}, the run's own evaluation that push publishes; run "
             f"`ftkit eval {run_dir}` first, or pass --allow-no-eval to push without results"
         )
     problems = canonical_problems(read_json(path), recipe, run_dir)
@@ -115,7 +110,7 @@ def _canonical_eval(run_dir: Path, recipe, allow_no_eval: bool) -> tuple[dict[st
         return read_json(path), []
     why = "; ".join(problems)
     if allow_no_eval:
-        return None, [f"{EVAL_FILE} left out, it is not the run's own evaluation ({why})"]
+        return None, [f"{RunPaths.EVAL} left out, it is not the run's own evaluation ({why})"]
     raise FtkitError(
         f"{path}: not the run's own evaluation ({why}); rerun `ftkit eval {run_dir}` to evaluate as "
         "the recipe says, or pass --allow-no-eval to push without results"

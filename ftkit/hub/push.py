@@ -19,9 +19,10 @@ from pathlib import Path
 
 from ftkit.errors import FtkitError
 from ftkit.hub.plan import PLACEHOLDER_REPO, REPO_ID, plan_push, read_json
-from ftkit.hub.stage import HUB_UPLOAD_DIR, stage_in_place, stage_upload
+from ftkit.hub.stage import stage_in_place, stage_upload
 from ftkit.hub.upload import find_token, upload_folder
 from ftkit.run.lock import holds_run_lock
+from ftkit.run.paths import RunPaths
 
 
 @holds_run_lock("push")
@@ -44,7 +45,7 @@ def push_run(
         if on_note is not None:
             on_note(note)
     if dry_run:
-        target = Path(dry_run_dir) if dry_run_dir is not None else plan.run_dir / HUB_UPLOAD_DIR
+        target = Path(dry_run_dir) if dry_run_dir is not None else RunPaths(plan.run_dir).hub_upload
         return stage_in_place(target, lambda into: stage_upload(plan, into))
 
     token = token or find_token()
@@ -105,7 +106,8 @@ def push_export(
             )
 
     if dry_run:
-        target = Path(dry_run_dir) if dry_run_dir is not None else folder.parent / f"{folder.name}-{HUB_UPLOAD_DIR}"
+        default = folder.parent / f"{folder.name}-{RunPaths.HUB_UPLOAD}"
+        target = Path(dry_run_dir) if dry_run_dir is not None else default
         return stage_in_place(target, stage)
     token = token or find_token()
     with tempfile.TemporaryDirectory(prefix="ftkit-push-") as tmp:

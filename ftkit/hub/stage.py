@@ -9,35 +9,26 @@ import tempfile
 from pathlib import Path
 
 from ftkit.hub.card import model_card
-from ftkit.hub.plan import EVAL_FILE, RL_EVAL_FILE, PushPlan
+from ftkit.hub.plan import PushPlan
 from ftkit.run import rundir
+from ftkit.run.paths import RunPaths
 
-HUB_UPLOAD_DIR = "hub_upload"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-RUN_FILES = (rundir.RECIPE_FILE, rundir.SUMMARY, "loss.png", "reward.png")  # copied when present
+RUN_FILES = (RunPaths.RECIPE, RunPaths.SUMMARY, RunPaths.LOSS_PLOT, RunPaths.REWARD_PLOT)  # copied when present
 
 
 def upload_file_names(plan: PushPlan) -> list[str]:
     """Paths (relative to the run dir) of the run files that go into the upload, README.md excluded."""
     run_dir = plan.run_dir
-    names = rundir.saved_model_files(run_dir, plan.full_model)
-    names += [n for n in TOKENIZER_FILES if (run_dir / n).is_file()]
+    names = RunPaths.saved_model_files(run_dir, plan.full_model)
+    names += [n for n in RunPaths.tokenizer_files() if (run_dir / n).is_file()]
     names += [n for n in RUN_FILES if (run_dir / n).is_file()]
     if plan.evaluation is not None:
-        names.append(EVAL_FILE)
+        names.append(RunPaths.EVAL)
     if plan.rl_comparison is not None:
-        names.append(RL_EVAL_FILE)
+        names.append(RunPaths.RL_EVAL)
     if plan.recipe.is_random_init and not plan.full_model:
         # The random-init base is part of the model: without it the adapter cannot be loaded by anyone.
-        names += sorted(f"base/{p.name}" for p in (run_dir / "base").iterdir() if p.is_file())
+        names += sorted(f"{RunPaths.BASE}/{p.name}" for p in RunPaths(run_dir).base.iterdir() if p.is_file())
     return names
 
 

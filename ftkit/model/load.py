@@ -19,6 +19,7 @@ import torch
 from ftkit.errors import FtkitError
 from ftkit.model import arch
 from ftkit.recipe import PRESETS, ModelSection, PresetSpec, QuantSection
+from ftkit.run.paths import RunPaths
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,7 +91,7 @@ def resolve_base(model_cfg: ModelSection, run_dir: Path | None = None) -> str:
     if model_cfg.base in PRESETS:
         if run_dir is None:
             raise FtkitError(f"the {model_cfg.base} preset needs a run directory to hold its base weights")
-        return str(run_dir / "base")
+        return str(RunPaths(run_dir).base)
     return model_cfg.base
 
 
@@ -140,7 +141,7 @@ def load_tokenizer(model_cfg: ModelSection, run_dir: Path | None = None):
     from transformers import AutoTokenizer
 
     if model_cfg.base in PRESETS:
-        if run_dir is not None and (run_dir / "tokenizer_config.json").is_file():
+        if run_dir is not None and (run_dir / RunPaths.TOKENIZER_REQUIRED[0]).is_file():
             return AutoTokenizer.from_pretrained(run_dir)
         from ftkit.model.char_tokenizer import build_char_tokenizer
 
@@ -166,7 +167,7 @@ def load_base(model_cfg: ModelSection, quant: QuantSection, tokenizer, run_dir: 
     if model_cfg.base in PRESETS:
         base_dir = Path(resolve_base(model_cfg, run_dir))
         # A preset base is fp32 and never quantized, through either loader; through Unsloth from the first load on.
-        if not (base_dir / "config.json").is_file():
+        if not (base_dir / RunPaths.FULL_CONFIG).is_file():
             model = build_tiny(model_cfg.tiny, tokenizer)
             model.save_pretrained(base_dir)
         elif model_cfg.loader == "transformers":

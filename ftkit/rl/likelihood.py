@@ -47,8 +47,8 @@ def sequence_loss(
     diffusion: DiffusionSection,
     seeds: list[int],
 ) -> torch.Tensor:
-    """(B,) per-token ELBO loss of each canvas in `batch` (`ftkit.diffusion.token_layout.collate` keys): the canvas cross-entropy
-    averaged over the positions where `free` (B, L) is true, then over one corruption draw per seed."""
+    """(B,) per-token ELBO loss of each canvas in `batch` (`ftkit.diffusion.token_layout.collate` keys): the canvas
+    cross-entropy averaged over the positions where `free` (B, L) is true, then over one corruption draw per seed."""
     return row_means(position_losses(model, batch, diffusion, seeds), free)
 
 

@@ -9,8 +9,9 @@ averaged over the free canvas positions: l(y) = -ELBO(y) / |free|, in nats per t
     loss(y)   = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + kl_coef * (l_theta(y) - l_ref(y))^2 / 2
 
 with A the group-normalized advantage; a step minimizes the sum of loss(y) over the round's kept samples divided by
-all N samples of the round (GRPO's mean, skipped groups contributing 0). The KL term is Schulman's k2 estimator on the per-token log-likelihood
-difference to the reference policy (ESPO uses k2 too: k3's exp() of a sequence-level difference explodes).
+all N samples of the round (GRPO's mean, skipped groups contributing 0). The KL term is Schulman's k2 estimator on the
+per-token log-likelihood difference to the reference policy (ESPO uses k2 too: k3's exp() of a sequence-level
+difference explodes).
 """
 
 from __future__ import annotations

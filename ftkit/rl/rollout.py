@@ -148,7 +148,6 @@ class Rollout:
     @torch.no_grad()
     def sample(self, model, index: int) -> Round:
         started = time.perf_counter()
-        device = next(model.parameters()).device
         group = self.rl.group_size
         prompts = self.prompts_for(index)
         rows = [p for p in prompts for _ in range(group)]
@@ -156,9 +155,49 @@ class Rollout:
         length = layouts[0].block_length
         eos = self.tokenizer.eos_token_id
         stops = stop_token_ids(self.tokenizer)
-        vocab = arch.vocab_size(model) if self.sampler_cfg.token_masks else None
         fixed = torch.tensor([lay.block(0)[1] for lay in layouts], dtype=torch.bool)
         guided = torch.tensor([i % group >= group - self.rl.guided for i in range(len(rows))])
+        blocks, calls = self._denoise(model, index, rows, layouts, guided)
+        canvas = canonical_canvas(torch.stack(blocks), ~fixed, eos, stops, end_of_turn_id(self.tokenizer))
+        outputs = [canvas_to_text(self.tokenizer, row) for row in canvas.tolist()]
+        parts = [reward_parts(self.task, self.examples[p], out) for p, out in zip(rows, outputs)]
+        satisfied = torch.tensor([r.satisfied for r in parts], dtype=torch.float32)
+        success = torch.tensor([r.success for r in parts], dtype=torch.float32)
+        rewards = self.rl.reward.satisfied * satisfied + self.rl.reward.success * success
+        samples = [_sample_layout(lay, row, set(stops)) for lay, row in zip(layouts, canvas.tolist())]
+        chosen = torch.tensor(
+            [chosen_positions(lay, stops, self.sampler_cfg.token_masks) for lay in layouts], dtype=torch.bool
+        )
+        advantages, kept_groups, flagged = self._advantages(rows, canvas, chosen, rewards, success, length)
+        return Round(
+            index=index,
+            prompts=prompts,
+            samples=samples,
+            outputs=outputs,
+            rewards=rewards,
+            satisfied=satisfied,
+            success=success,
+            advantages=advantages,
+            kept=kept_groups.repeat_interleave(group),
+            guided=guided,
+            chosen=chosen,
+            group_size=group,
+            entropy=sample_entropy(
+                canvas.view(-1, group, canvas.shape[1]), chosen.view(-1, group, chosen.shape[1])[:, 0]
+            ),
+            flagged=flagged,
+            decoder_calls=calls,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _denoise(self, model, index: int, rows: list[int], layouts, guided: torch.Tensor):
+        """(one block of tokens per sample, decoder calls): the plain samples first, then the guided ones, in
+        batches of eval.batch_size, each sample under its own seed."""
+        device = next(model.parameters()).device
+        length = layouts[0].block_length
+        eos = self.tokenizer.eos_token_id
+        stops = stop_token_ids(self.tokenizer)
+        vocab = arch.vocab_size(model) if self.sampler_cfg.token_masks else None
         blocks: list[torch.Tensor | None] = [None] * len(rows)
         calls = 0
         batch_size = self.sampler_cfg.batch_size
@@ -186,16 +225,12 @@ class Rollout:
                 for i, tokens in zip(chunk, result.tokens):
                     blocks[i] = torch.tensor((tokens + [eos] * length)[:length], dtype=torch.long)
                 calls += result.forward_passes
-        canvas = canonical_canvas(torch.stack(blocks), ~fixed, eos, stops, end_of_turn_id(self.tokenizer))
-        outputs = [canvas_to_text(self.tokenizer, row) for row in canvas.tolist()]
-        parts = [reward_parts(self.task, self.examples[p], out) for p, out in zip(rows, outputs)]
-        satisfied = torch.tensor([r.satisfied for r in parts], dtype=torch.float32)
-        success = torch.tensor([r.success for r in parts], dtype=torch.float32)
-        rewards = self.rl.reward.satisfied * satisfied + self.rl.reward.success * success
-        samples = [_sample_layout(lay, row, set(stops)) for lay, row in zip(layouts, canvas.tolist())]
-        chosen = torch.tensor(
-            [chosen_positions(lay, stops, self.sampler_cfg.token_masks) for lay in layouts], dtype=torch.bool
-        )
+        return blocks, calls
+
+    def _advantages(self, rows: list[int], canvas, chosen, rewards, success, length: int):
+        """(advantages, kept groups, flagged fraction): per position from the checker's flags with token credit,
+        else per sample from the group's rewards; negatives scaled by rl.negative_weight."""
+        group = self.rl.group_size
         flagged = 0.0
         if self.rl.credit == "token":
             clean = self.clean_positions(rows, canvas, chosen)
@@ -212,27 +247,7 @@ class Rollout:
         else:
             advantages, kept_groups = group_advantages(rewards.view(-1, group))
             advantages = advantages.flatten()
-        advantages = scale_negatives(advantages, self.rl.negative_weight)
-        return Round(
-            index=index,
-            prompts=prompts,
-            samples=samples,
-            outputs=outputs,
-            rewards=rewards,
-            satisfied=satisfied,
-            success=success,
-            advantages=advantages,
-            kept=kept_groups.repeat_interleave(group),
-            guided=guided,
-            chosen=chosen,
-            group_size=group,
-            entropy=sample_entropy(
-                canvas.view(-1, group, canvas.shape[1]), chosen.view(-1, group, chosen.shape[1])[:, 0]
-            ),
-            flagged=flagged,
-            decoder_calls=calls,
-            seconds=time.perf_counter() - started,
-        )
+        return scale_negatives(advantages, self.rl.negative_weight), kept_groups, flagged
 
     def _verifier(self, rows: list[int]):
         return rows_verifier(self.tokenizer, self.task, [self.examples[p] for p in rows])

@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,25 +29,24 @@ from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe import Recipe
 from ftkit.run import filecheck, rundir
 from ftkit.run import start as runstart
-from ftkit.run.lock import RunLock
-from ftkit.run.start import (
-    Start,
-    copy_adapter,
-    plan_start,
-    print_parameter_groups,
-    reset_logs,
-    save_adapter,
-    stderr_note,
+from ftkit.run.paths import RL_STAGE, RunPaths
+from ftkit.run.prepare import (
+    apply_thread_choice,
+    canvas_length,
+    check_launch,
+    log_callbacks,
+    prepare_base,
+    quiet_printer,
+    removed_on_failure,
+    run_locked,
+    training_arguments,
+    write_final_weights,
+    write_run_files,
 )
+from ftkit.run.start import Start, print_parameter_groups, reset_logs
 
 log = logging.getLogger(__name__)
 
-REFERENCE_DIR = "reference_adapter"
-EVAL_BEFORE = "rl_eval_before.json"
-RL_EVAL = "rl_eval.json"
-REWARD_PLOT = "reward.png"
-# What an rl attempt writes before its first checkpoint, besides train's files: cleared when it is started over.
-ATTEMPT_FILES = (REFERENCE_DIR, f".staging-{REFERENCE_DIR}", ".staging-base", EVAL_BEFORE, REWARD_PLOT)
 # A resumed run keeps the rl section too: its rounds, rewards and reference would differ otherwise.
 SAME_ON_RESUME = (*runstart.SAME_ON_RESUME, "rl")
 
@@ -94,11 +94,12 @@ def init_adapter(recipe: Recipe) -> Path | None:
     try:
         rundir.require_run_dir(init_dir)
         source = rundir.load_run_recipe(init_dir)
-        if not (init_dir / rundir.SUMMARY).is_file() and not (init_dir / rundir.ADAPTER_CONFIG).exists():
+        init = RunPaths(init_dir)
+        if not init.summary.is_file() and not (init_dir / RunPaths.ADAPTER_CONFIG).exists():
             raise FtkitError(
                 f"{init_dir}: the run has no final adapter (unfinished? `ftkit train RECIPE --resume` finishes it)"
             )
-        damage = rundir.final_adapter_problem(init_dir)
+        damage = rundir.final_weights_problem(init_dir)
         if damage:
             raise FtkitError(
                 f"{init_dir}/{damage}; it is the adapter RL would continue: `ftkit train RECIPE --resume` "
@@ -122,19 +123,19 @@ def _is_full_parameter_run(run_dir: Path) -> bool:
     from ftkit.recipe import read_yaml
 
     try:
-        data = read_yaml(run_dir / rundir.RECIPE_FILE)
+        data = read_yaml(RunPaths(run_dir).recipe)
     except FtkitError:
         data = None
     train = data.get("train") if isinstance(data, dict) else None
     if isinstance(train, dict) and train.get("trainable") == "full":
         return True
-    return not (run_dir / rundir.ADAPTER_CONFIG).exists() and (run_dir / "model.safetensors").exists()
+    return not (run_dir / RunPaths.ADAPTER_CONFIG).exists() and (run_dir / RunPaths.FULL_WEIGHTS).exists()
 
 
 def check_reference(run_dir: Path) -> None:
     """A resumed run's copy of the init adapter (its starting point and KL reference) is there and whole."""
-    for name in rundir.ADAPTER_FILES:
-        path = run_dir / REFERENCE_DIR / name
+    for name in RunPaths.adapter_files():
+        path = RunPaths(run_dir).reference / name
         what = filecheck.problem(path)
         if what:
             raise FtkitError(
@@ -170,17 +171,18 @@ def one_canvas_layouts(task, tokenizer, examples, canvas_length: int, max_prompt
 def _copy_reference(init_dir: Path, run_dir: Path) -> None:
     """The tiny base the init adapter was made on (if any), then the adapter into run_dir/reference_adapter; each
     staged and renamed into place, so a present reference_adapter/ means both are complete."""
-    if (init_dir / "base").is_dir() and not (run_dir / "base").exists():
-        staging = run_dir / ".staging-base"
+    init, run = RunPaths(init_dir), RunPaths(run_dir)
+    if init.base.is_dir() and not run.base.exists():
+        staging = run / RunPaths.staging(RunPaths.BASE)
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(init_dir / "base", staging)
-        rundir.replace_dir(staging, run_dir / "base")
-    staging = run_dir / f".staging-{REFERENCE_DIR}"
+        shutil.copytree(init.base, staging)
+        rundir.replace_dir(staging, run.base)
+    staging = run / RunPaths.staging(RunPaths.REFERENCE)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in (rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS):
+    for name in RunPaths.adapter_files():
         shutil.copy2(init_dir / name, staging / name)
-    rundir.replace_dir(staging, run_dir / REFERENCE_DIR)
+    rundir.replace_dir(staging, run.reference)
 
 
 def _evaluate(model, tokenizer, task, examples, recipe: Recipe, canvas_length: int) -> dict[str, Any]:
@@ -202,25 +204,15 @@ def _evaluate(model, tokenizer, task, examples, recipe: Recipe, canvas_length: i
 def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_adapter: bool):
     """The base (as `ftkit train` loads it: 4-bit, checkpointing) with the trainable adapter — the copied init adapter
     or a fresh LoRA — and the reference policy."""
-    from transformers import set_seed
-
-    from ftkit.model import arch
     from ftkit.model.load import load_base
     from ftkit.model.lora import attach_lora
     from ftkit.rl.likelihood import ReferencePolicy
 
     model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
-    if arch.canvas_length(model) != canvas_length:
-        raise FtkitError(f"model canvas_length {arch.canvas_length(model)} != {canvas_length}")
-    if recipe.train.gradient_checkpointing:
-        from ftkit.model.checkpointing import set_gradient_checkpointing
-
-        set_gradient_checkpointing(model, True, encoder=recipe.train.checkpoint_encoder)
-        model.enable_input_require_grads()
-    set_seed(recipe.train.seed)  # PEFT draws a fresh lora_A from the global RNG
+    prepare_base(model, recipe, canvas_length)
     if from_adapter:
         model = rundir.load_adapter(
-            model, run_dir / REFERENCE_DIR, trainable=True, shared_stacks=recipe.lora.shared_stacks
+            model, RunPaths(run_dir).reference, trainable=True, shared_stacks=recipe.lora.shared_stacks
         )
     else:
         model = attach_lora(model, recipe.lora)
@@ -236,113 +228,40 @@ def rl(
     from the newest intact checkpoint, a complete run left as it is, an attempt that saved nothing started over)."""
     from accelerate import PartialState
 
-    from ftkit.sft.run import check_launch
-
     check_rl_recipe(recipe)
     check_launch(recipe)
     if PartialState(cpu=not torch.cuda.is_available()).num_processes > 1:
         raise FtkitError("ftkit rl runs in one process; launch it without `accelerate launch` / torchrun")
-    run_dir = Path(recipe.train.output_dir)
-    fresh = not run_dir.exists()
-    lock = RunLock(run_dir, "rl")
-    try:
-        start = plan_start(lock, run_dir, recipe, resume, SAME_ON_RESUME, ATTEMPT_FILES)
-        if start.complete_summary is not None:
-            return start.complete_summary
+
+    def body(run_dir: Path, start: Start, fresh: bool) -> dict[str, Any]:
         return _rl(recipe, run_dir, start, fresh, progress, extra_callbacks)
-    finally:
-        lock.release()
+
+    return run_locked(
+        recipe, "rl", resume, body, same_sections=SAME_ON_RESUME, attempt_files=RunPaths.rl_attempt_files()
+    )
+
+
+@dataclass
+class _Prepared:
+    """What `ftkit rl` trains and evaluates: built before training starts (a failure there removes a run directory
+    it made)."""
+
+    model: Any
+    trainer: Any
+    tokenizer: Any
+    task: Any
+    held_out: list
+    canvas_length: int
 
 
 def _rl(
     recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bool, extra_callbacks: list | None
 ) -> dict[str, Any]:
-    from ftkit.model import arch
-    from ftkit.model.load import load_tokenizer
-    from ftkit.model.lora import parameter_groups
-    from ftkit.rl.rollout import Rollout
-    from ftkit.rl.trainer import RLTrainer, StepItems, collate_items
-    from ftkit.run.plots import plot_reward_curve
-    from ftkit.run.threads import apply_threads
-    from ftkit.sft.run import training_arguments
-    from ftkit.sft.trainer import JsonlLogCallback, LogLineCallback
-    from ftkit.tasks import make_task
-
-    threads = apply_threads(recipe.train.cpu_threads)  # before any work: the load average must not count ours
-    stderr_note(threads.describe())
-    from_adapter = recipe.rl.init_from is not None
-    try:
-        task = make_task(recipe.task.name, recipe.task.options)
-        # A fresh start copies the init_from run's adapter; a resumed run has its copy (init_from may be gone).
-        init_dir = init_adapter(recipe) if start.checkpoint is None else None
-        if start.checkpoint is not None and from_adapter:
-            check_reference(run_dir)
-        tokenizer = load_tokenizer(recipe.model, run_dir if start.checkpoint else init_dir)
-        canvas_length = recipe.model.tiny.canvas_length if recipe.is_random_init else None
-        if canvas_length is None:
-            from transformers import AutoConfig
-
-            canvas_length = arch.canvas_length(
-                AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision)
-            )
-        examples = task.build_dataset("train", recipe.task.train_size, recipe.task.seed, recipe.task.data_path)
-        if not examples:
-            raise FtkitError(
-                f"{recipe.task.data_path or f'the {recipe.task.name} builder'}: the train dataset is empty"
-            )
-        examples, layouts = one_canvas_layouts(task, tokenizer, examples, canvas_length, recipe.train.max_prompt_length)
-        held_out = []
-        if recipe.rl.evaluate:
-            size = min(recipe.eval.num_examples, recipe.task.test_size)
-            held_out = task.build_dataset("test", size, recipe.task.seed, recipe.task.data_path) if size > 0 else []
-            if not held_out:
-                raise FtkitError("rl.evaluate: the test split is empty (task.test_size); set rl.evaluate=false to skip")
-
-        # versions.json first: it marks the directory as a run (rundir.foreign_entries)
-        rundir.atomic_write_json(run_dir / rundir.VERSIONS, rundir.library_versions())
-        rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, recipe.to_yaml())
-        tokenizer.save_pretrained(run_dir)
-        if init_dir is not None:
-            _copy_reference(init_dir, run_dir)
-        model, reference = _policy(recipe, tokenizer, run_dir, canvas_length, from_adapter)
-        print_parameter_groups(parameter_groups(model))
-
-        reset_logs(run_dir, start.step)
-        if recipe.rl.evaluate and filecheck.problem(run_dir / EVAL_BEFORE) is not None:
-            # The starting policy (the checkpoint is loaded later, by the Trainer): the same on every attempt.
-            rundir.atomic_write_json(
-                run_dir / EVAL_BEFORE, _evaluate(model, tokenizer, task, held_out, recipe, canvas_length)
-            )
-
-        callbacks = [JsonlLogCallback(run_dir / rundir.TRAIN_LOG), *(extra_callbacks or [])]
-        if progress:
-            from trl.trainer.callbacks import RichProgressCallback
-
-            callbacks.append(RichProgressCallback())
-        else:
-            callbacks.append(LogLineCallback())
-        # The Trainer's batch is one placeholder per optimizer step; the round's micro-batches are RLTrainer's.
-        one_item = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, batch_size=1, grad_accum=1))
-        trainer = RLTrainer(
-            model=model,
-            args=training_arguments(one_item, run_dir),
-            train_dataset=StepItems(recipe.train.max_steps),
-            data_collator=collate_items,
-            callbacks=callbacks,
-            rollout=Rollout(task, tokenizer, examples, layouts, recipe.rl, recipe.eval, recipe.train.seed),
-            rl=recipe.rl,
-            reference=reference,
-            micro_batch=recipe.train.batch_size,
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            diffusion=recipe.diffusion,
-        )
-        from transformers import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # bare dicts; the callbacks above print each log
-    except BaseException:
-        if created and run_dir.exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-made is left behind
-        raise
+    apply_thread_choice(recipe)
+    paths = RunPaths(run_dir)
+    with removed_on_failure(run_dir, created):
+        prepared = _prepare(recipe, paths, start, progress, extra_callbacks)
+    model, trainer = prepared.model, prepared.trainer
     began, cpu_began = time.time(), time.process_time()
     if start.done:
         # The checkpoint at max_steps holds the final adapter: load it, train nothing (the Trainer would run one
@@ -351,22 +270,104 @@ def _rl(
     else:
         trainer.train(resume_from_checkpoint=start.checkpoint)
     elapsed, cpu_seconds = time.time() - began, time.process_time() - cpu_began
+    return _finish(recipe, paths, start, prepared, elapsed, cpu_seconds)
 
-    if start.done:
-        copy_adapter(Path(start.checkpoint), run_dir)
-    else:
-        save_adapter(model, run_dir)
-    rows = rundir.read_jsonl(run_dir / rundir.TRAIN_LOG)
-    plot_reward_curve(rows, run_dir / REWARD_PLOT)
+
+def _prepare(recipe: Recipe, paths: RunPaths, start: Start, progress: bool, extra_callbacks: list | None) -> _Prepared:
+    """Task data, run files (with the reference adapter), policy, the starting policy's evaluation, trainer."""
+    from ftkit.model.load import load_tokenizer
+    from ftkit.model.lora import parameter_groups
+    from ftkit.rl.rollout import Rollout
+    from ftkit.tasks import make_task
+
+    run_dir = paths.root
+    from_adapter = recipe.rl.init_from is not None
+    task = make_task(recipe.task.name, recipe.task.options)
+    # A fresh start copies the init_from run's adapter; a resumed run has its copy (init_from may be gone).
+    init_dir = init_adapter(recipe) if start.checkpoint is None else None
+    if start.checkpoint is not None and from_adapter:
+        check_reference(run_dir)
+    tokenizer = load_tokenizer(recipe.model, run_dir if start.checkpoint else init_dir)
+    canvas = canvas_length(recipe)
+    examples, layouts = _training_examples(recipe, task, tokenizer, canvas)
+    held_out = _held_out(recipe, task)
+
+    write_run_files(paths, recipe, tokenizer)
+    if init_dir is not None:
+        _copy_reference(init_dir, run_dir)
+    model, reference = _policy(recipe, tokenizer, run_dir, canvas, from_adapter)
+    print_parameter_groups(parameter_groups(model))
+
+    reset_logs(run_dir, start.step)
+    if recipe.rl.evaluate and filecheck.problem(paths.rl_eval_before) is not None:
+        # The starting policy (the checkpoint is loaded later, by the Trainer): the same on every attempt.
+        rundir.atomic_write_json(paths.rl_eval_before, _evaluate(model, tokenizer, task, held_out, recipe, canvas))
+    rollout = Rollout(task, tokenizer, examples, layouts, recipe.rl, recipe.eval, recipe.train.seed)
+    trainer = _trainer(
+        recipe, paths, model, tokenizer, rollout, reference, log_callbacks(paths, progress, extra_callbacks)
+    )
+    return _Prepared(model, trainer, tokenizer, task, held_out, canvas)
+
+
+def _training_examples(recipe: Recipe, task, tokenizer, canvas: int):
+    examples = task.build_dataset("train", recipe.task.train_size, recipe.task.seed, recipe.task.data_path)
+    if not examples:
+        raise FtkitError(f"{recipe.task.data_path or f'the {recipe.task.name} builder'}: the train dataset is empty")
+    return one_canvas_layouts(task, tokenizer, examples, canvas, recipe.train.max_prompt_length)
+
+
+def _held_out(recipe: Recipe, task) -> list:
+    """The test split `rl.evaluate` scores before and after (none without it)."""
+    if not recipe.rl.evaluate:
+        return []
+    size = min(recipe.eval.num_examples, recipe.task.test_size)
+    held_out = task.build_dataset("test", size, recipe.task.seed, recipe.task.data_path) if size > 0 else []
+    if not held_out:
+        raise FtkitError("rl.evaluate: the test split is empty (task.test_size); set rl.evaluate=false to skip")
+    return held_out
+
+
+def _trainer(recipe: Recipe, paths: RunPaths, model, tokenizer, rollout, reference, callbacks: list):
+    from ftkit.rl.trainer import RLTrainer, StepItems, collate_items
+
+    # The Trainer's batch is one placeholder per optimizer step; the round's micro-batches are RLTrainer's.
+    one_item = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, batch_size=1, grad_accum=1))
+    trainer = RLTrainer(
+        model=model,
+        args=training_arguments(one_item, paths.root),
+        train_dataset=StepItems(recipe.train.max_steps),
+        data_collator=collate_items,
+        callbacks=callbacks,
+        rollout=rollout,
+        rl=recipe.rl,
+        reference=reference,
+        micro_batch=recipe.train.batch_size,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        diffusion=recipe.diffusion,
+    )
+    quiet_printer(trainer)
+    return trainer
+
+
+def _finish(
+    recipe: Recipe, paths: RunPaths, start: Start, prepared: _Prepared, elapsed: float, cpu_seconds: float
+) -> dict[str, Any]:
+    """After training: the final adapter, the reward plot, the held-out before/after and summary.json."""
+    from ftkit.run.plots import plot_reward_curve
+
+    model = prepared.model
+    write_final_weights(model, start, paths.root)
+    rows = rundir.read_jsonl(paths.train_log)
+    plot_reward_curve(rows, paths.reward_plot)
     comparison = None
     if recipe.rl.evaluate:
-        after = _evaluate(model, tokenizer, task, held_out, recipe, canvas_length)
-        before = json.loads((run_dir / EVAL_BEFORE).read_text())
-        comparison = _comparison(recipe, before, after, run_dir)
-        rundir.atomic_write_json(run_dir / RL_EVAL, comparison)
+        after = _evaluate(model, prepared.tokenizer, prepared.task, prepared.held_out, recipe, prepared.canvas_length)
+        before = json.loads(paths.rl_eval_before.read_text())
+        comparison = _comparison(recipe, before, after, paths.root)
+        rundir.atomic_write_json(paths.rl_eval, comparison)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    summary = _summary(recipe, rows, trainer.totals, elapsed, cpu_seconds, start.step, comparison, trainable)
-    rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
+    summary = _summary(recipe, rows, prepared.trainer.totals, elapsed, cpu_seconds, start.step, comparison, trainable)
+    rundir.atomic_write_json(paths.summary, summary)
     return summary
 
 
@@ -388,7 +389,7 @@ def _comparison(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], r
             for stage, report in (("before", before), ("after", after))
         },
         # What "after" evaluated: `ftkit push` cites these numbers only for the adapter the run still holds.
-        "adapter_sha256": file_sha256(run_dir / rundir.ADAPTER_WEIGHTS),
+        "adapter_sha256": file_sha256(run_dir / RunPaths.ADAPTER_WEIGHTS),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -408,7 +409,7 @@ def _summary(
     logged = [r for r in rows if "reward" in r]
     first, last = (logged[0], logged[-1]) if logged else ({}, {})
     return {
-        "stage": "rl",  # what `ftkit push` tells an RL run by (its card describes the RL stage)
+        "stage": RL_STAGE,  # ftkit.run.paths.is_rl_summary
         "base_model": recipe.model.base,
         "task": recipe.task.name,
         "init_from": recipe.rl.init_from,

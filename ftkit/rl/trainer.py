@@ -11,23 +11,26 @@ moment. Checkpoints are only written at round boundaries (`train.save_steps` is 
 a resumed run re-samples its first round with exactly the weights the uninterrupted run sampled it with; every draw
 is seeded by (seed, round, ...), so the resumed run reproduces the uninterrupted one.
 
-Everything else comes from `DiffusionTrainer`: atomic checkpoints and the per-step metric averages in the log.
+Checkpoints are atomic through the same component `ftkit train`'s trainer uses (ftkit.run.checkpoint_writer).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from transformers import Trainer
 
 from ftkit.diffusion.means import row_means
 from ftkit.diffusion.token_layout import collate
+from ftkit.model.compat import restore_indexed_cpu_locations
 from ftkit.recipe import DiffusionSection, RLSection
 from ftkit.rl.likelihood import ReferencePolicy, position_losses, sequence_loss
 from ftkit.rl.objective import policy_terms, token_policy_terms
 from ftkit.rl.rollout import Rollout, Round, derived_seed
-from ftkit.sft.trainer import DiffusionTrainer
+from ftkit.run.checkpoint_writer import AtomicCheckpointWriter
 
 
 class StepItems(torch.utils.data.Dataset):
@@ -58,7 +61,9 @@ class Buffered:
     seconds: float  # sampling + the no-grad likelihoods
 
 
-class RLTrainer(DiffusionTrainer):
+class RLTrainer(Trainer):
+    model_accepts_loss_kwargs = False
+
     def __init__(
         self,
         *args,
@@ -70,7 +75,10 @@ class RLTrainer(DiffusionTrainer):
         diffusion: DiffusionSection,
         **kwargs,
     ):
-        super().__init__(*args, diffusion=diffusion, noise_log=None, **kwargs)
+        restore_indexed_cpu_locations()  # a multi-process CPU resume on transformers 5.17
+        super().__init__(*args, **kwargs)
+        self.checkpoint_writer = AtomicCheckpointWriter(self)
+        self.diffusion = diffusion
         self.rollout = rollout
         self.rl = rl
         self.reference = reference
@@ -207,4 +215,7 @@ class RLTrainer(DiffusionTrainer):
             for key, (total, count) in self._metric_sums.items():
                 logs[key] = round(total / count, 6)
             self._metric_sums = {}
-        super(DiffusionTrainer, self).log(logs, start_time)  # transformers' own log: no diffusion-loss parts here
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.checkpoint_writer.save(partial(super()._save_checkpoint, model, trial))

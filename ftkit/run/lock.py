@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import FtkitError
-
-LOCK_FILE = ".ftkit.lock"
-RUN_MARKER = "recipe.yaml"  # rundir.RECIPE_FILE: a run directory holds it from its first moments
+from ftkit.run.paths import RunPaths
 
 
 class RunLocked(FtkitError):
@@ -76,7 +74,7 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path, purpose: str, processes: int = 1):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
+        self.path = RunPaths(self.run_dir).lock
         self.purpose = purpose
         self.processes = processes
         self._fd: int | None = None
@@ -197,7 +195,7 @@ def holds_run_lock(purpose: str):
         @functools.wraps(fn)
         def locked(*args, **kwargs):
             run_dir = Path(signature.bind(*args, **kwargs).arguments["run_dir"])
-            if not (run_dir / RUN_MARKER).is_file():
+            if not RunPaths(run_dir).recipe.is_file():  # a run directory holds it from its first moments
                 return fn(*args, **kwargs)
             with RunLock(run_dir, purpose):
                 return fn(*args, **kwargs)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftkit.run import filecheck
+from ftkit.run.paths import RunPaths
 
-MANIFEST = "manifest.json"
 FORMAT = 1
 # Checked structurally when a checkpoint has no manifest (one written before manifests existed).
-KEY_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
+KEY_FILES = (*RunPaths.adapter_files(), *RunPaths.TRAINER_STATE)
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,14 @@ def sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = (p for p in folder.rglob("*") if p.is_file() and p.name != RunPaths.MANIFEST)
+    return sorted(p.relative_to(folder).as_posix() for p in files)
 
 
 def write_manifest(folder: Path) -> Path:
     """Hash every file of `folder` and write `manifest.json` there (fsynced): the last file a checkpoint gets."""
     files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256(folder / name)} for name in _files(folder)}
-    path = folder / MANIFEST
+    path = folder / RunPaths.MANIFEST
     with path.open("w", encoding="utf-8") as f:
         json.dump({"format": FORMAT, "files": files}, f, indent=1)
         f.write("\n")
@@ -53,13 +54,13 @@ def write_manifest(folder: Path) -> Path:
 
 def verify(folder: Path, only: tuple[str, ...] | None = None) -> Damage | None:
     """The first damaged file of a checkpoint (all its files, or the ones named in `only`), or None if intact."""
-    path = folder / MANIFEST
+    path = folder / RunPaths.MANIFEST
     if not path.is_file():
         return _verify_structure(folder, only)
     try:
         files = json.loads(path.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return Damage(MANIFEST, "unreadable")
+        return Damage(RunPaths.MANIFEST, "unreadable")
     for name in only or files:
         entry = files.get(name)
         if entry is None:

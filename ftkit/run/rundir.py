@@ -1,21 +1,5 @@
-"""A run directory: what `ftkit train` writes and what `eval`, `generate` and `push` read.
-
-runs/NAME/
-  recipe.yaml                     the resolved recipe (overrides applied)
-  adapter_config.json             the final PEFT adapter (standard format)
-  adapter_model.safetensors
-  config.json, model.safetensors  instead of the adapter with train.trainable=full: the full model
-  tokenizer*.json                 the tokenizer used
-  base/                           presets (tiny, small) only: the random-init base weights
-  checkpoints/checkpoint-N/       Trainer checkpoints (adapter, optimizer, RNG, state, manifest.json), written
-                                  atomically
-  checkpoints/damaged-checkpoint-N/  a checkpoint `--resume` found damaged, moved aside (never deleted)
-  .ftkit.lock                     the one-writer lock (ftkit.run.lock)
-  train_log.jsonl                 one JSON object per logging step
-  noise_loss.jsonl                (noise level t, canvas loss) per training example
-  loss.png, noise_loss.png        plots
-  versions.json, summary.json     library versions; loss before/after, speed, parameter counts
-  eval.json                       written by `ftkit eval`
+"""A run directory (its layout: ftkit.run.paths.RunPaths): integrity checks, atomic writes, checkpoints and
+loading a run back.
 """
 
 from __future__ import annotations
@@ -33,52 +17,7 @@ from typing import Any
 
 from ftkit.errors import FtkitError
 from ftkit.run import filecheck, manifest
-
-RECIPE_FILE = "recipe.yaml"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-CHECKPOINTS = "checkpoints"
-TRAIN_LOG = "train_log.jsonl"
-NOISE_LOG = "noise_loss.jsonl"
-SUMMARY = "summary.json"
-VERSIONS = "versions.json"
-BASE_DIR = "base"
-TOKENIZER_REQUIRED = ("tokenizer_config.json", "tokenizer.json")
-TOKENIZER_OPTIONAL = (
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
-# A full model (train.trainable: full), as save_pretrained writes it (one shard: full training is for small models).
-FULL_CONFIG = "config.json"
-FULL_MODEL_FILES = (FULL_CONFIG, "model.safetensors")
-
-
-def weight_files(full: bool) -> tuple[str, ...]:
-    """The files that hold what a run trained: its adapter, or with train.trainable=full its full model."""
-    return FULL_MODEL_FILES if full else ADAPTER_FILES
-
-
-def saved_model_files(folder: Path, full: bool) -> list[str]:
-    """What save_pretrained wrote into `folder` that a run keeps, weights first (so they are in place before the
-    config that names them): the adapter's two files, or a full model's safetensors (sharded or not, with its
-    index), generation config and config."""
-    if not full:
-        return [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
-    weights = sorted(
-        p.name
-        for p in folder.glob("model*")
-        if p.is_file() and p.name.endswith((".safetensors", ".safetensors.index.json"))
-    )
-    return [*weights, *(n for n in ("generation_config.json", FULL_CONFIG) if (folder / n).is_file())]
-
-
-def weights_file(full: bool) -> str:
-    """The file that holds what a run trained (a sharded full model: its first shard's name stands for all)."""
-    return FULL_MODEL_FILES[1] if full else ADAPTER_WEIGHTS
+from ftkit.run.paths import RunPaths
 
 
 def weights_sha256(folder: Path, full: bool) -> str | None:
@@ -88,9 +27,9 @@ def weights_sha256(folder: Path, full: bool) -> str | None:
     import hashlib
 
     if not full:
-        names = [ADAPTER_WEIGHTS] if (folder / ADAPTER_WEIGHTS).is_file() else []
+        names = [RunPaths.ADAPTER_WEIGHTS] if (folder / RunPaths.ADAPTER_WEIGHTS).is_file() else []
     else:
-        names = [n for n in saved_model_files(folder, full=True) if n.endswith(".safetensors")]
+        names = [n for n in RunPaths.saved_model_files(folder, full=True) if n.endswith(".safetensors")]
     if not names:
         return None
     if len(names) == 1:
@@ -99,22 +38,6 @@ def weights_sha256(folder: Path, full: bool) -> str | None:
 
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' own pattern (trainer_utils._re_checkpoint)
-DAMAGED_PREFIX = "damaged-"
-# What `ftkit train` writes before it has anything worth keeping: an attempt that died before its first checkpoint
-# leaves only these, and the next attempt may clear them (ftkit.sft.run).
-ATTEMPT_FILES = (
-    RECIPE_FILE,
-    VERSIONS,
-    TRAIN_LOG,
-    NOISE_LOG,
-    "loss.png",
-    "noise_loss.png",
-    ".staging-adapter",
-    BASE_DIR,
-    *TOKENIZER_REQUIRED,
-    *TOKENIZER_OPTIONAL,
-    f"{CHECKPOINTS}/.staging",
-)
 
 
 def say(message: str) -> None:
@@ -222,15 +145,15 @@ def require_directory(run_dir: str | Path) -> Path:
 
 def require_run_dir(run_dir: str | Path) -> Path:
     run_dir = require_directory(run_dir)
-    if not (run_dir / RECIPE_FILE).is_file():
-        raise FtkitError(f"{run_dir}: not an ftkit run directory (no {RECIPE_FILE}); run `ftkit train` first")
+    if not RunPaths(run_dir).recipe.is_file():
+        raise FtkitError(f"{run_dir}: not an ftkit run directory (no {RunPaths.RECIPE}); run `ftkit train` first")
     return run_dir
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     from transformers.trainer_utils import get_last_checkpoint
 
-    ckpt_root = run_dir / CHECKPOINTS
+    ckpt_root = RunPaths(run_dir).checkpoints
     if not ckpt_root.is_dir():
         return None
     last = get_last_checkpoint(str(ckpt_root))
@@ -243,7 +166,7 @@ def checkpoint_step(path: Path) -> int:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """The run's `checkpoint-N` folders, newest first."""
-    return _checkpoints_in(run_dir / CHECKPOINTS)
+    return _checkpoints_in(RunPaths(run_dir).checkpoints)
 
 
 def _checkpoints_in(folder: Path) -> list[Path]:
@@ -255,11 +178,11 @@ def _checkpoints_in(folder: Path) -> list[Path]:
 
 def move_aside(ckpt: Path) -> Path:
     """Rename a damaged checkpoint out of the way (Trainer's pattern no longer matches it); never delete it."""
-    target = ckpt.with_name(DAMAGED_PREFIX + ckpt.name)
+    target = ckpt.with_name(RunPaths.DAMAGED_PREFIX + ckpt.name)
     n = 1
     while target.exists():
         n += 1
-        target = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}.{n}")
+        target = ckpt.with_name(f"{RunPaths.DAMAGED_PREFIX}{ckpt.name}.{n}")
     os.replace(ckpt, target)
     return target
 
@@ -276,10 +199,10 @@ def newest_intact_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def verified_adapter_checkpoint(ckpt: Path, full: bool = False) -> Path:
+def verified_weights_checkpoint(ckpt: Path, full: bool = False) -> Path:
     """A checkpoint about to be evaluated: its adapter (or full model) files must match its manifest (`--resume`
     makes the same check on every file)."""
-    damage = manifest.verify(ckpt, only=weight_files(full))
+    damage = manifest.verify(ckpt, only=RunPaths.weight_files(full))
     if damage is not None:
         older = [c.name for c in _checkpoints_in(ckpt.parent) if c != ckpt]
         hint = f"evaluate an earlier one (--checkpoint {older[0]})" if older else "no other checkpoint is left"
@@ -292,19 +215,18 @@ def foreign_entries(run_dir: Path) -> list[str]:
     clear files of theirs that happen to have a run file's name. A training command writes versions.json before
     anything else it keeps, so that file marks a run directory. The lock file does not: any command that takes it
     creates it (a failed one may leave it), so it is ignored rather than taken as a sign of a run."""
-    from ftkit.run.lock import LOCK_FILE
-
-    if not run_dir.is_dir() or (run_dir / VERSIONS).exists():
+    if not run_dir.is_dir() or RunPaths(run_dir).versions.exists():
         return []
-    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    return sorted(p.name for p in run_dir.iterdir() if p.name != RunPaths.LOCK)
 
 
 def kept_results(run_dir: Path) -> list[str]:
     """What a run directory holds that a new attempt must not replace silently: checkpoints, the final adapter, the
     summary and evaluations."""
     names = [p.relative_to(run_dir).as_posix() for p in checkpoints(run_dir)]
-    names += [n for n in (*ADAPTER_FILES, *FULL_MODEL_FILES, SUMMARY) if (run_dir / n).exists()]
-    names += sorted(p.name for p in run_dir.glob("eval*.json"))
+    kept = (*RunPaths.adapter_files(), *RunPaths.full_model_files(), RunPaths.SUMMARY)
+    names += [n for n in kept if (run_dir / n).exists()]
+    names += sorted(p.name for p in run_dir.glob(RunPaths.EVAL_GLOB))
     return names
 
 
@@ -313,7 +235,7 @@ def clear_attempt(run_dir: Path, also: tuple[str, ...] = ()) -> list[str]:
     in `also` that another command writes, e.g. `ftkit rl`; anything else in the directory, damaged checkpoints
     included, stays). Returns the names removed."""
     removed = []
-    for name in (*ATTEMPT_FILES, *also):
+    for name in (*RunPaths.attempt_files(), *also):
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -325,9 +247,9 @@ def clear_attempt(run_dir: Path, also: tuple[str, ...] = ()) -> list[str]:
     return removed
 
 
-def final_adapter_problem(run_dir: Path, full: bool = False) -> str | None:
+def final_weights_problem(run_dir: Path, full: bool = False) -> str | None:
     """What is wrong with the run's final adapter (or full model) files, or None when they are intact."""
-    for name in weight_files(full):
+    for name in RunPaths.weight_files(full):
         what = filecheck.problem(run_dir / name)
         if what:
             return f"{name}: {what}"
@@ -342,36 +264,37 @@ class LoadedRun:
     tokenizer: Any
     task: Any
     canvas_length: int
-    adapter_dir: Path | None
+    weights_dir: Path | None  # where the trained adapter or full model was loaded from; None: the base alone
 
 
-def adapter_location(run_dir: Path, checkpoint: str | None = None, full: bool = False) -> Path:
+def weights_location(run_dir: Path, checkpoint: str | None = None, full: bool = False) -> Path:
     """The final adapter (with `full`: the full model), or a named/`latest` checkpoint's; verified (FtkitError
     naming the damaged file)."""
     if checkpoint is None:
-        if any((run_dir / n).exists() for n in (*weight_files(full), SUMMARY)):
-            what = final_adapter_problem(run_dir, full)
+        if any((run_dir / n).exists() for n in (*RunPaths.weight_files(full), RunPaths.SUMMARY)):
+            what = final_weights_problem(run_dir, full)
             if what:
+                final = "model" if full else "adapter"
                 raise FtkitError(
                     f"{run_dir}/{what}; evaluate a checkpoint instead (--checkpoint latest), or run "
-                    f"`ftkit train RECIPE --resume` to write the final {'model' if full else 'adapter'} again from the last one"
+                    f"`ftkit train RECIPE --resume` to write the final {final} again from the last one"
                 )
             return run_dir
         last = latest_checkpoint(run_dir)
         if last is None:
             raise FtkitError(f"{run_dir}: no {'full model' if full else 'adapter'} and no checkpoint yet")
-        return verified_adapter_checkpoint(last, full)
+        return verified_weights_checkpoint(last, full)
     if checkpoint == "latest":
         last = latest_checkpoint(run_dir)
         if last is None:
             raise FtkitError(f"{run_dir}: no checkpoint yet")
-        return verified_adapter_checkpoint(last, full)
+        return verified_weights_checkpoint(last, full)
     path = Path(checkpoint)
     if not path.is_absolute() and not path.exists():
-        path = run_dir / CHECKPOINTS / checkpoint
+        path = RunPaths(run_dir).checkpoints / checkpoint
     if not path.is_dir():
         raise FtkitError(f"{path}: no such checkpoint")
-    return verified_adapter_checkpoint(path, full)
+    return verified_weights_checkpoint(path, full)
 
 
 # Sections every recipe.yaml train has written holds. Keys inside a section may be missing (a run made by an older
@@ -384,7 +307,7 @@ def load_run_recipe(run_dir: Path):
     newline (a cut inside a line loses it; a cut between lines loses the last section's keys at most)."""
     from ftkit.recipe import load_recipe, read_yaml
 
-    path = run_dir / RECIPE_FILE
+    path = RunPaths(run_dir).recipe
     fix = f"rewrite it with `ftkit validate RECIPE [OVERRIDES] > {path}` (the recipe and overrides of the run)"
     data = read_yaml(path)
     missing = [name for name in RECIPE_SECTIONS if not isinstance(data, dict) or name not in data]
@@ -400,7 +323,8 @@ def load_run_recipe(run_dir: Path):
 def check_run_inputs(run_dir: Path, recipe) -> None:
     """The run's tokenizer and (tiny preset) base weights are there and whole, so that loading them never fails
     half-way or goes looking for them on the Hub."""
-    for name in (*TOKENIZER_REQUIRED, *(n for n in TOKENIZER_OPTIONAL if (run_dir / n).exists())):
+    optional = (n for n in RunPaths.TOKENIZER_OPTIONAL if (run_dir / n).exists())
+    for name in (*RunPaths.TOKENIZER_REQUIRED, *optional):
         what = filecheck.problem(run_dir / name)
         if what:
             raise FtkitError(
@@ -408,9 +332,9 @@ def check_run_inputs(run_dir: Path, recipe) -> None:
                 "it from the base model (or a copy of the run)"
             )
     if recipe.is_random_init:
-        base = run_dir / BASE_DIR
-        weights = sorted(base.glob("*.safetensors")) or [base / "model.safetensors"]
-        for path in (base / "config.json", *weights):
+        base = RunPaths(run_dir).base
+        weights = sorted(base.glob("*.safetensors")) or [base / RunPaths.FULL_WEIGHTS]
+        for path in (base / RunPaths.FULL_CONFIG, *weights):
             what = filecheck.problem(path)
             if what:
                 raise FtkitError(
@@ -433,11 +357,11 @@ def load_run_tokenizer(run_dir: Path):
 
 
 def load_run(
-    run_dir: str | Path, adapter: bool = True, checkpoint: str | None = None, device: str | None = None
+    run_dir: str | Path, trained: bool = True, checkpoint: str | None = None, device: str | None = None
 ) -> LoadedRun:
-    """Recipe, tokenizer, base model (+ the run's LoRA adapter unless `adapter=False`), task instance. A full run
-    (train.trainable: full) loads its trained full model instead (`adapter_dir` is then where it came from);
-    `adapter=False` gives its untrained base. Every run file is checked before it is read: a damaged or missing
+    """Recipe, tokenizer, base model (+ the run's LoRA adapter unless `trained=False`), task instance. A full run
+    (train.trainable: full) loads its trained full model instead (`weights_dir` is then where it came from);
+    `trained=False` gives its untrained base. Every run file is checked before it is read: a damaged or missing
     one is an FtkitError naming it and what to do."""
     import torch
 
@@ -448,20 +372,20 @@ def load_run(
     run_dir = require_run_dir(run_dir)
     recipe = load_run_recipe(run_dir)
     check_run_inputs(run_dir, recipe)
-    adapter_dir = adapter_location(run_dir, checkpoint, full=recipe.is_full) if adapter else None
+    weights_dir = weights_location(run_dir, checkpoint, full=recipe.is_full) if trained else None
     tokenizer = load_run_tokenizer(run_dir)
-    if adapter_dir is not None and recipe.is_full:
-        model = load_full_model(recipe.model, adapter_dir)
+    if weights_dir is not None and recipe.is_full:
+        model = load_full_model(recipe.model, weights_dir)
     else:
         model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
-        if adapter_dir is not None:
-            model = load_adapter(model, adapter_dir, shared_stacks=recipe.lora.shared_stacks)
+        if weights_dir is not None:
+            model = load_adapter(model, weights_dir, shared_stacks=recipe.lora.shared_stacks)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if recipe.quant.mode == "none":  # a quantized base is already on its GPU (and cannot be moved)
         model = model.to(device)
     model.eval()
     task = make_task(recipe.task.name, recipe.task.options)
-    return LoadedRun(run_dir, recipe, model, tokenizer, task, arch.canvas_length(model), adapter_dir)
+    return LoadedRun(run_dir, recipe, model, tokenizer, task, arch.canvas_length(model), weights_dir)
 
 
 def load_adapter(base, adapter_dir: Path, trainable: bool = False, shared_stacks: bool = False):

@@ -19,6 +19,7 @@ from typing import Any
 from ftkit.errors import FtkitError
 from ftkit.run import rundir
 from ftkit.run.lock import RunLock
+from ftkit.run.paths import RunPaths
 
 # What a resumed run must share with the run it continues: the adapter continues on the same base.
 SAME_ON_RESUME = ("model", "lora", "quant")
@@ -73,16 +74,7 @@ def plan_start(
             rundir.say(f"{run_dir}: --resume: no checkpoint yet; starting from scratch")
         return Start()
 
-    if (run_dir / rundir.RECIPE_FILE).exists():
-        previous = rundir.load_run_recipe(run_dir)
-        changed = [key for s in same_sections for key in changed_keys(s, getattr(previous, s), getattr(recipe, s))]
-        if previous.train.trainable != recipe.train.trainable:  # an adapter cannot continue a full model, or back
-            changed.append(f"train.trainable ({previous.train.trainable} -> {recipe.train.trainable})")
-        if changed:
-            raise FtkitError(
-                f"{run_dir}: --resume with other settings than the run was started with: "
-                f"{', '.join(changed)}; these must stay as they were (the checkpoint continues them)"
-            )
+    _check_resume_settings(run_dir, recipe, same_sections)
     rundir.check_run_inputs(run_dir, recipe)
     step, max_steps = rundir.checkpoint_step(ckpt), recipe.train.max_steps
     if step > max_steps:
@@ -90,16 +82,30 @@ def plan_start(
             f"{ckpt}: step {step} is past train.max_steps={max_steps}; raise train.max_steps to continue the run"
         )
     if step == max_steps:
-        summary = run_dir / rundir.SUMMARY
-        if summary.is_file() and rundir.final_adapter_problem(run_dir, recipe.is_full) is None:
+        summary = RunPaths(run_dir).summary
+        if summary.is_file() and rundir.final_weights_problem(run_dir, recipe.is_full) is None:
             rundir.say(f"{run_dir}: the run is complete (step {step} of {max_steps}); nothing to resume")
             return Start(str(ckpt), step, done=True, complete_summary=json.loads(summary.read_text()))
-        rundir.say(
-            f"resuming from {ckpt.name}: training is done; writing the final {'model' if recipe.is_full else 'adapter'}"
-        )
+        final = "model" if recipe.is_full else "adapter"
+        rundir.say(f"resuming from {ckpt.name}: training is done; writing the final {final}")
         return Start(str(ckpt), step, done=True)
     rundir.say(f"resuming from {ckpt.name} (step {step} of {max_steps})")
     return Start(str(ckpt), step)
+
+
+def _check_resume_settings(run_dir: Path, recipe, same_sections: tuple[str, ...]) -> None:
+    """A resume keeps the recipe sections `same_sections` and train.trainable of the run it continues."""
+    if not RunPaths(run_dir).recipe.exists():
+        return
+    previous = rundir.load_run_recipe(run_dir)
+    changed = [key for s in same_sections for key in changed_keys(s, getattr(previous, s), getattr(recipe, s))]
+    if previous.train.trainable != recipe.train.trainable:  # an adapter cannot continue a full model, or back
+        changed.append(f"train.trainable ({previous.train.trainable} -> {recipe.train.trainable})")
+    if changed:
+        raise FtkitError(
+            f"{run_dir}: --resume with other settings than the run was started with: "
+            f"{', '.join(changed)}; these must stay as they were (the checkpoint continues them)"
+        )
 
 
 def changed_keys(prefix: str, old: Any, new: Any) -> list[str]:
@@ -138,8 +144,8 @@ def reset_logs(run_dir: Path, resumed_step: int) -> None:
     """A fresh run starts with empty logs; a resumed one keeps what was logged up to its checkpoint. A log row's
     step counts finished optimizer steps; a noise row's step is the one being computed (one less)."""
     for name, keep in (
-        (rundir.TRAIN_LOG, lambda step: step <= resumed_step),
-        (rundir.NOISE_LOG, lambda step: step < resumed_step),
+        (RunPaths.TRAIN_LOG, lambda step: step <= resumed_step),
+        (RunPaths.NOISE_LOG, lambda step: step < resumed_step),
     ):
         path = run_dir / name
         if resumed_step == 0:
@@ -149,24 +155,24 @@ def reset_logs(run_dir: Path, resumed_step: int) -> None:
             rundir.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def copy_adapter(ckpt: Path, run_dir: Path, full: bool = False) -> None:
+def copy_weights(ckpt: Path, run_dir: Path, full: bool = False) -> None:
     """The final adapter (or full model) from a checkpoint (the Trainer saved it with the same save_pretrained),
     each file atomic. PEFT's README.md is left out: an empty template card, not the run's (`ftkit push` writes
     one)."""
-    for name in rundir.saved_model_files(ckpt, full):
+    for name in RunPaths.saved_model_files(ckpt, full):
         if (ckpt / name).exists():
             rundir.atomic_write(run_dir / name, lambda tmp, src=ckpt / name: shutil.copyfile(src, tmp))
 
 
-def save_adapter(model, run_dir: Path, full: bool = False) -> None:
+def save_weights(model, run_dir: Path, full: bool = False) -> None:
     """save_pretrained into a staging dir, then move the files into place one by one (each atomic), the weights
     before the config that names them. `full`: the whole model (config, generation config, safetensors with the
     ties recorded, not duplicated), so the run directory loads with `from_pretrained`. PEFT's template README.md
-    stays behind, as in `copy_adapter`."""
-    staging = run_dir / ".staging-adapter"
+    stays behind, as in `copy_weights`."""
+    staging = RunPaths(run_dir).weights_staging
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
-    for name in rundir.saved_model_files(staging, full):
+    for name in RunPaths.saved_model_files(staging, full):
         if (staging / name).exists():
             (staging / name).replace(run_dir / name)
     shutil.rmtree(staging, ignore_errors=True)

@@ -3,34 +3,26 @@
 `compute_loss` calls `ftkit.diffusion.loss.diffusion_loss`; the loss is a per-micro-batch mean, and
 `model_accepts_loss_kwargs = False` makes the Trainer divide by the accumulation steps itself, so gradient
 accumulation matches a large batch. Noise is drawn from a generator seeded by (seed, optimizer step, micro-batch,
-process): a resumed run draws exactly the noise an uninterrupted one would. Checkpoints are written to a staging
-directory and renamed into place, so a kill during a save never leaves a half-written `checkpoint-N`; each carries a
-manifest (ftkit.run.manifest) that `--resume` and `eval --checkpoint` verify.
+process): a resumed run draws exactly the noise an uninterrupted one would. Checkpoints are atomic
+(ftkit.run.checkpoint_writer).
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import shutil
-import sys
+from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
+from transformers import Trainer
 
 from ftkit.diffusion.loss import diffusion_loss
-from ftkit.errors import FtkitError
 from ftkit.model.compat import restore_indexed_cpu_locations
 from ftkit.recipe import DiffusionSection
-from ftkit.run import manifest
-from ftkit.run.rundir import replace_dir
+from ftkit.run.checkpoint_writer import AtomicCheckpointWriter
 
 BATCH_KEYS = ("input_ids", "attention_mask", "prompt_len", "canvas", "fixed")
 LOSS_PARTS = ("diffusion_loss", "encoder_loss", "noise_level", "self_conditioned")  # logged beside `loss`
-STAGING = ".staging"
 
 
 class DiffusionTrainer(Trainer):
@@ -39,6 +31,7 @@ class DiffusionTrainer(Trainer):
     def __init__(self, *args, diffusion: DiffusionSection, noise_log: Path | None = None, **kwargs):
         restore_indexed_cpu_locations()  # a multi-process CPU resume on transformers 5.17
         super().__init__(*args, **kwargs)
+        self.checkpoint_writer = AtomicCheckpointWriter(self)
         self.diffusion = diffusion
         self.noise_log = noise_log
         self._micro = 0
@@ -114,98 +107,4 @@ class DiffusionTrainer(Trainer):
             self._noise_rows = []
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into `.staging/` first, then rename it into place (atomic on one filesystem), with a
-        manifest of its files (sizes, sha256) written last.
-
-        Under several processes every rank writes its part (its RNG state; rank 0 the rest) into the same staging
-        folder: rank 0 clears leftovers before anyone writes, and renames only after every rank has written. Both
-        points are collectives that also carry each rank's success, so a rank that fails (a full disk) makes all of
-        them stop with the previous checkpoint intact instead of leaving the others waiting forever."""
-        root = Path(self.args.output_dir)
-        staging_root = root / STAGING
-        name = f"checkpoint-{self.state.global_step}"
-        if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)  # leftovers of a run killed mid-save
-        self._everyone_ok(True)  # nobody writes into the staging folder before it is cleared
-        original, limit = self.args.output_dir, self.args.save_total_limit
-        self.args.output_dir, self.args.save_total_limit = str(staging_root), None
-        failure: BaseException | None = None
-        try:
-            super()._save_checkpoint(model, trial)
-        except OSError as e:
-            failure = e
-        finally:
-            self.args.output_dir, self.args.save_total_limit = original, limit
-        if self._everyone_ok(failure is None) and self.args.should_save:
-            try:
-                _fsync_tree(staging_root / name)
-                manifest.write_manifest(staging_root / name)
-                replace_dir(staging_root / name, root / name)
-                shutil.rmtree(staging_root, ignore_errors=True)
-                rotate_checkpoints(output_dir=original, save_total_limit=limit, use_mtime=False)
-            except OSError as e:
-                failure = e
-        if not self._everyone_ok(failure is None):
-            if self.args.should_save:
-                shutil.rmtree(staging_root, ignore_errors=True)
-            if failure is None:
-                raise FtkitError(
-                    f"{root}: another process failed while writing {name}; the previous checkpoint is "
-                    "intact — rerun with --resume"
-                )
-            if isinstance(failure, OSError) and failure.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise FtkitError(
-                    f"{root}: disk full while writing {name}; the previous checkpoint is intact — free some space "
-                    "and rerun with --resume"
-                ) from None
-            raise failure
-
-    def _everyone_ok(self, ok: bool) -> bool:
-        """Whether every process reports `ok`; a barrier as well when there are several."""
-        if self.args.world_size <= 1:
-            return ok
-        import torch.distributed as dist
-
-        failed = torch.tensor([0 if ok else 1], device=self.args.device)
-        dist.all_reduce(failed)
-        return int(failed.item()) == 0
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
-
-
-class JsonlLogCallback(TrainerCallback):
-    """Appends every log dict (with its step) to train_log.jsonl."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-class LogLineCallback(TrainerCallback):
-    """One plain line per log for output that is not a terminal (a file, a pipe, CI), e.g.
-    `step 10/300  loss 3.091  diffusion_loss 2.874  learning_rate 0.0015`: the Trainer's own printer writes bare
-    dicts without the step."""
-
-    def __init__(self, stream=None):
-        self.stream = stream
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        parts = [f"step {state.global_step}/{state.max_steps}"]
-        for key, value in logs.items():
-            if key == "total_flos" or not isinstance(value, (int, float)):
-                continue
-            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
-        print("  ".join(parts), file=self.stream or sys.stderr, flush=True)
+        self.checkpoint_writer.save(partial(super()._save_checkpoint, model, trial))

@@ -25,8 +25,8 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from test_train import tiny_recipe  # noqa: E402
 
+from ftkit.run.log_callbacks import JsonlLogCallback  # noqa: E402
 from ftkit.sft.run import train  # noqa: E402
-from ftkit.sft.trainer import JsonlLogCallback  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
