@@ -13,24 +13,14 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from ftkit.model.arch import RELEASED, RELEASED_VOCAB
+
 hf_logging.disable_progress_bar()  # keep the printed tables readable
 
-# The real model's widths (google/diffusiongemma-26B-A4B-it); only the layer count varies in the benchmark.
-TRUE_WIDTH = dict(
-    hidden_size=2816,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    num_global_key_value_heads=2,
-    head_dim=256,
-    global_head_dim=512,
-    num_experts=128,
-    moe_intermediate_size=704,
-    top_k_experts=8,
-    intermediate_size=2112,
-    vocab_size=262144,
-)
-TRUE_CANVAS = 256
-REAL_LAYERS = 30
+# The real model (google/diffusiongemma-26B-A4B-it, ftkit.model.arch.RELEASED); only the layer count varies here.
+TRUE_WIDTH = {"hidden_size": RELEASED["hidden"], "vocab_size": RELEASED_VOCAB}
+TRUE_CANVAS = RELEASED["canvas_length"]
+REAL_LAYERS = RELEASED["layers"]
 PAD, EOS, BOS = 0, 1, 2
 
 
@@ -46,34 +36,21 @@ def layer_types(layers: int) -> list[str]:
 
 
 def true_width_config(layers: int):
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaTextConfig, Gemma4VisionConfig
+    from ftkit.model.load import tiny_config
+    from ftkit.recipe import PresetSpec
 
-    text = DiffusionGemmaTextConfig(
-        num_hidden_layers=layers,
+    spec = PresetSpec(**{**RELEASED, "layers": layers})
+    # The released interleave, window, positions and global k=v heads (the tiny presets' defaults differ).
+    return tiny_config(
+        spec,
+        RELEASED_VOCAB,
+        PAD,
+        EOS,
+        BOS,
         layer_types=layer_types(layers),
         sliding_window=1024,
         max_position_embeddings=8192,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=BOS,
-        **TRUE_WIDTH,
-    )
-    vision = Gemma4VisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
-        position_embedding_size=64,
-    )
-    return DiffusionGemmaConfig(
-        text_config=text,
-        vision_config=vision,
-        canvas_length=TRUE_CANVAS,
-        boi_token_id=None,
-        eoi_token_id=None,
-        image_token_id=None,
+        num_global_key_value_heads=2,
     )
 
 

@@ -141,25 +141,34 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     console.print(f"[green]ok[/] {recipe}")
 
 
-@app.command(cls=Command)
-@friendly_errors
-def train(
-    recipe: RecipeArg,
-    overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
-    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Overrides train.output_dir.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Overrides model.base (e.g. `tiny`).")] = None,
-) -> None:
-    # One line: the command list shows the docstring's line breaks as they are.
-    """Train a LoRA adapter (or every weight: train.trainable=full) with the diffusion objective; writes the run directory."""  # noqa: E501
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")]
+OutputDir = Annotated[Path | None, typer.Option("--output-dir", "-o", help="Overrides train.output_dir.")]
+
+
+def _training_recipe(recipe: Path, overrides: list[str] | None, output_dir: Path | None, options: dict):
+    """The recipe of `train` / `rl`: the file, then its `key=value` overrides, then the command's options (an option
+    left out changes nothing)."""
     from ftkit.recipe import load_recipe
 
     extra = list(overrides or [])
     if output_dir is not None:
         extra.append(f"train.output_dir={output_dir}")
-    if model is not None:
-        extra.append(f"model.base={model}")
-    resolved = load_recipe(recipe, extra)
+    extra += [f"{key}={value}" for key, value in options.items() if value is not None]
+    return load_recipe(recipe, extra)
+
+
+@app.command(cls=Command)
+@friendly_errors
+def train(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    resume: Resume = False,
+    output_dir: OutputDir = None,
+    model: Annotated[str | None, typer.Option("--model", help="Overrides model.base (e.g. `tiny`).")] = None,
+) -> None:
+    # One line: the command list shows the docstring's line breaks as they are.
+    """Train a LoRA adapter (or every weight: train.trainable=full) with the diffusion objective; writes the run directory."""  # noqa: E501
+    resolved = _training_recipe(recipe, overrides, output_dir, {"model.base": model})
     _quiet_libraries()
     from ftkit.sft.run import train as run_training
 
@@ -230,21 +239,14 @@ def _print_train_summary(summary: dict, run_dir: str) -> None:
 def rl(
     recipe: RecipeArg,
     overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
-    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Overrides train.output_dir.")] = None,
+    resume: Resume = False,
+    output_dir: OutputDir = None,
     init_from: Annotated[
         Path | None, typer.Option("--init-from", help="Overrides rl.init_from (a finished `ftkit train` run).")
     ] = None,
 ) -> None:
     """Reinforcement learning from the task's verifier (GRPO on the diffusion ELBO); writes the run directory."""
-    from ftkit.recipe import load_recipe
-
-    extra = list(overrides or [])
-    if output_dir is not None:
-        extra.append(f"train.output_dir={output_dir}")
-    if init_from is not None:
-        extra.append(f"rl.init_from={init_from}")
-    resolved = load_recipe(recipe, extra)
+    resolved = _training_recipe(recipe, overrides, output_dir, {"rl.init_from": init_from})
     from ftkit.rl.run import check_rl_recipe
 
     check_rl_recipe(resolved, where=str(recipe))

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_specs import tiny_spec
 
 from ftkit.model import arch
 from ftkit.model.load import build_tiny
 from ftkit.model.lora import attach_lora
-from ftkit.recipe import LoraSection, PresetSpec
+from ftkit.recipe import LoraSection
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ftkit"
 ALLOWED = PACKAGE / "model"
@@ -104,19 +105,7 @@ def f(core, lora, quant, out, recipe):
 
 @pytest.fixture(scope="module")
 def tiny(char_tokenizer):
-    spec = PresetSpec(
-        layers=2,
-        hidden=48,
-        heads=2,
-        kv_heads=1,
-        head_dim=24,
-        global_head_dim=24,
-        intermediate=64,
-        experts=4,
-        top_k=2,
-        expert_intermediate=32,
-        canvas_length=16,
-    )
+    spec = tiny_spec(16)
     return build_tiny(spec, char_tokenizer), spec
 
 

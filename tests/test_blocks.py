@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_specs import tiny_spec
 
 from ftkit.diffusion.blocks import block_budget, denoise_blocks
 from ftkit.diffusion.sample import DenoiseResult, denoise, row_generators
@@ -16,19 +17,7 @@ from ftkit.tasks.base import Piece, PromptCanvas
 from ftkit.tasks.sudoku import SudokuTask
 
 L = 32
-SPEC = PresetSpec(
-    layers=2,
-    hidden=48,
-    heads=2,
-    kv_heads=1,
-    head_dim=24,
-    global_head_dim=24,
-    intermediate=64,
-    experts=4,
-    top_k=2,
-    expert_intermediate=32,
-    canvas_length=L,
-)
+SPEC = tiny_spec(L)
 
 
 @pytest.fixture(scope="module")

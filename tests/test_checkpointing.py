@@ -3,6 +3,7 @@ the activations kept for backward shrink."""
 
 import pytest
 import torch
+from tiny_specs import tiny_spec
 
 from ftkit.diffusion.loss import decoder_inputs, diffusion_loss
 from ftkit.diffusion.token_layout import collate, layout_example
@@ -10,22 +11,10 @@ from ftkit.model.checkpointing import CheckpointedEncoderLayer, set_gradient_che
 from ftkit.model.load import build_tiny
 from ftkit.model.lora import attach_lora
 from ftkit.profiling import SavedActivations
-from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec
+from ftkit.recipe import DiffusionSection, LoraSection
 from ftkit.tasks.sudoku import SudokuTask
 
-SPEC = PresetSpec(
-    layers=3,
-    hidden=48,
-    heads=2,
-    kv_heads=1,
-    head_dim=24,
-    global_head_dim=24,
-    intermediate=64,
-    experts=4,
-    top_k=2,
-    expert_intermediate=32,
-    canvas_length=96,
-)
+SPEC = tiny_spec(96, layers=3)
 
 
 @pytest.fixture(scope="module")

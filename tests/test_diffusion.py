@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_specs import tiny_spec
 
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
 from ftkit.diffusion.loss import (
@@ -18,7 +19,7 @@ from ftkit.model.arch import head_logits
 from ftkit.model.compat import disable_decoder_checkpointing, enable_decoder_checkpointing
 from ftkit.model.load import build_tiny
 from ftkit.model.lora import attach_lora
-from ftkit.recipe import DiffusionSection, LoraSection, PresetSpec
+from ftkit.recipe import DiffusionSection, LoraSection
 from ftkit.tasks.sudoku import SudokuTask
 
 
@@ -98,19 +99,7 @@ def tiny_setup():
     from ftkit.model.char_tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    spec = PresetSpec(
-        layers=2,
-        hidden=48,
-        heads=2,
-        kv_heads=1,
-        head_dim=24,
-        global_head_dim=24,
-        intermediate=64,
-        experts=4,
-        top_k=2,
-        expert_intermediate=32,
-        canvas_length=96,
-    )
+    spec = tiny_spec(96)
     model = attach_lora(build_tiny(spec, tok), LoraSection(r=4, alpha=8))
     task = SudokuTask()
     exs = task.build_dataset("test", 3, 0)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_specs import tiny_dims
 
 from ftkit.errors import FtkitError
 from ftkit.export import export_run
@@ -23,19 +24,7 @@ from ftkit.model.load import build_tiny, make_fully_trainable
 from ftkit.model.lora import attach_lora
 from ftkit.recipe import recipe_from_dict
 
-TINY = {
-    "layers": 2,
-    "hidden": 48,
-    "heads": 2,
-    "kv_heads": 1,
-    "head_dim": 24,
-    "global_head_dim": 24,
-    "intermediate": 64,
-    "experts": 4,
-    "top_k": 2,
-    "expert_intermediate": 32,
-    "canvas_length": 32,
-}
+TINY = tiny_dims(32)
 FP32_RELATIVE = 2.0**-14
 
 

@@ -172,6 +172,7 @@ def test_quantized_base_is_refused_at_validation(tmp_path):
 def test_a_base_over_the_limit_is_refused_before_loading_weights(tmp_path):
     """A local base whose config describes the real model's widths (no weights on disk): refused from the
     config alone, and no run directory is left behind."""
+    from ftkit.model.arch import RELEASED
     from ftkit.model.char_tokenizer import build_char_tokenizer
     from ftkit.model.load import tiny_config
     from ftkit.recipe import PresetSpec
@@ -179,18 +180,7 @@ def test_a_base_over_the_limit_is_refused_before_loading_weights(tmp_path):
     base = tmp_path / "big"
     tok = build_char_tokenizer()
     # The real model's depth and expert widths (google/diffusiongemma-26B-A4B-it); the tokenizer is the char one.
-    spec = PresetSpec(
-        layers=30,
-        hidden=2816,
-        heads=16,
-        kv_heads=8,
-        head_dim=256,
-        global_head_dim=512,
-        intermediate=2112,
-        experts=128,
-        top_k=8,
-        expert_intermediate=704,
-    )
+    spec = PresetSpec(**RELEASED)
     tiny_config(spec, len(tok)).save_pretrained(base)
     tok.save_pretrained(base)
     data = full_recipe(tmp_path / "run").to_dict()

@@ -2,26 +2,15 @@ import re
 
 import pytest
 import torch
+from tiny_specs import tiny_spec
 
 from ftkit.diffusion.token_layout import canvas_to_text, end_of_turn_id, layout_example, stop_token_ids
 from ftkit.model.load import build_tiny
 from ftkit.model.lora import attach_lora, lora_targets, parameter_groups
-from ftkit.recipe import LoraSection, PresetSpec
+from ftkit.recipe import LoraSection
 from ftkit.tasks import Piece, PromptCanvas
 
-SPEC = PresetSpec(
-    layers=2,
-    hidden=48,
-    heads=2,
-    kv_heads=1,
-    head_dim=24,
-    global_head_dim=24,
-    intermediate=64,
-    experts=4,
-    top_k=2,
-    expert_intermediate=32,
-    canvas_length=32,
-)
+SPEC = tiny_spec(32)
 
 
 def test_target_regex_hits_text_layers_only():

@@ -9,27 +9,16 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_specs import QUANT_TINY, tiny_spec
 
 from ftkit.errors import FtkitError
 from ftkit.model.compat import enable_decoder_checkpointing
 from ftkit.model.load import build_tiny
 from ftkit.model.lora import attach_lora
 from ftkit.model.quant import QuantizedExperts, bind_expert_lora, expert_storage, quantize_experts, set_expert_kernel
-from ftkit.recipe import LoraSection, PresetSpec, QuantSection
+from ftkit.recipe import LoraSection, QuantSection
 
-SPEC = PresetSpec(
-    layers=2,
-    hidden=128,
-    heads=4,
-    kv_heads=2,
-    head_dim=32,
-    global_head_dim=64,
-    intermediate=128,
-    experts=4,
-    top_k=2,
-    expert_intermediate=64,
-    canvas_length=16,
-)
+SPEC = tiny_spec(16, base=QUANT_TINY)
 QUANT = QuantSection(mode="4bit", compute_dtype="float32", blocksize=64)
 LORA = LoraSection(r=4, alpha=8)
 

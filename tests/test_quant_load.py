@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny_specs import QUANT_TINY, tiny_spec
 
 from ftkit.errors import FtkitError
 from ftkit.model.arch import expert_module_names
@@ -32,19 +33,7 @@ from ftkit.recipe import LoraSection, ModelSection, PresetSpec, QuantSection
 
 # Every 4-bit nn.Linear's output width is a multiple of 32 (router.proj is `experts` wide): bitsandbytes' CPU
 # inference kernel requires it.
-SPEC = PresetSpec(
-    layers=2,
-    hidden=128,
-    heads=4,
-    kv_heads=2,
-    head_dim=32,
-    global_head_dim=64,
-    intermediate=128,
-    experts=32,
-    top_k=2,
-    expert_intermediate=64,
-    canvas_length=16,
-)
+SPEC = tiny_spec(16, base=QUANT_TINY, experts=32)
 QUANT = QuantSection(mode="4bit", compute_dtype="float32", blocksize=64)
 LORA = LoraSection(r=4, alpha=8)
 

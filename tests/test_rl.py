@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import CrashAt
+from tiny_specs import tiny_dims
 from typer.testing import CliRunner
 
 from ftkit.errors import FtkitError, RecipeError
@@ -23,19 +24,7 @@ from ftkit.tasks.base import Example, Piece, PromptCanvas, RewardParts, Violatio
 
 CELLS = 4
 DIGITS = "0123456789"
-TOY_TINY = {
-    "layers": 1,
-    "hidden": 48,
-    "heads": 2,
-    "kv_heads": 1,
-    "head_dim": 24,
-    "global_head_dim": 24,
-    "intermediate": 64,
-    "experts": 4,
-    "top_k": 2,
-    "expert_intermediate": 32,
-    "canvas_length": CELLS + 1,
-}  # the cells, then the end-of-turn token
+TOY_TINY = tiny_dims(CELLS + 1, layers=1)  # the cells, then the end-of-turn token
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_specs import tiny_dims
 
 from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.load import build_tiny
@@ -23,19 +24,7 @@ from ftkit.rl.objective import (
 )
 from ftkit.tasks.sudoku import SudokuTask
 
-TINY = {
-    "layers": 2,
-    "hidden": 48,
-    "heads": 2,
-    "kv_heads": 1,
-    "head_dim": 24,
-    "global_head_dim": 24,
-    "intermediate": 64,
-    "experts": 4,
-    "top_k": 2,
-    "expert_intermediate": 32,
-    "canvas_length": 96,
-}
+TINY = tiny_dims(96)
 
 
 def test_group_advantages_by_hand():

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_rl import CrashAt, rl_rows, rl_run, sevens_registered, sft_run, toy_recipe  # noqa: F401 (fixtures)
+from tiny_specs import tiny_dims
 
 from ftkit.errors import FtkitError
 from ftkit.recipe import recipe_from_dict
@@ -253,19 +254,7 @@ def test_a_full_parameter_rl_recipe_is_refused(tmp_path):
 
 
 def chat_recipe(out: Path, data: Path, **rl):
-    tiny = {
-        "layers": 1,
-        "hidden": 48,
-        "heads": 2,
-        "kv_heads": 1,
-        "head_dim": 24,
-        "global_head_dim": 24,
-        "intermediate": 64,
-        "experts": 4,
-        "top_k": 2,
-        "expert_intermediate": 32,
-        "canvas_length": 24,
-    }
+    tiny = tiny_dims(24, layers=1)
     return recipe_from_dict(
         {
             "model": {"base": "tiny", "dtype": "float32", "tiny": tiny},

@@ -8,6 +8,7 @@ import logging
 import re
 
 import pytest
+from tiny_specs import tiny_dims
 
 from ftkit.diffusion.token_layout import end_of_turn_id, layout_example
 from ftkit.errors import FtkitError
@@ -238,19 +239,7 @@ def test_recipe_validation_catches_verifier_options():
 # The three commands on a tiny chat run
 
 
-TINY = {
-    "layers": 1,
-    "hidden": 48,
-    "heads": 2,
-    "kv_heads": 1,
-    "head_dim": 24,
-    "global_head_dim": 24,
-    "intermediate": 64,
-    "experts": 4,
-    "top_k": 2,
-    "expert_intermediate": 32,
-    "canvas_length": 16,
-}
+TINY = tiny_dims(16, layers=1)
 
 
 @pytest.fixture(scope="module")

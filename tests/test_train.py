@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tiny_specs import tiny_dims
 from transformers import TrainerCallback
 
 from ftkit.errors import FtkitError
@@ -11,19 +12,7 @@ from ftkit.recipe import recipe_from_dict
 from ftkit.run import rundir
 from ftkit.sft.run import train
 
-TINY = {
-    "layers": 2,
-    "hidden": 48,
-    "heads": 2,
-    "kv_heads": 1,
-    "head_dim": 24,
-    "global_head_dim": 24,
-    "intermediate": 64,
-    "experts": 4,
-    "top_k": 2,
-    "expert_intermediate": 32,
-    "canvas_length": 96,
-}
+TINY = tiny_dims(96)
 
 
 def tiny_recipe(out, **train):

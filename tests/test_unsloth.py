@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_specs import QUANT_TINY, tiny_spec
 
 from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe import LoraSection, ModelSection, PresetSpec, QuantSection, recipe_from_dict
+from ftkit.recipe import LoraSection, ModelSection, QuantSection, recipe_from_dict
 
 TINY_SUDOKU = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "sudoku.yaml")
 REQUIRED = os.environ.get("FTKIT_REQUIRE_UNSLOTH") == "1"
@@ -28,19 +29,7 @@ needs_unsloth = pytest.mark.skipif(
 )
 
 # Widths that are multiples of 32 where bitsandbytes' CPU 4-bit kernel needs it (as tests/test_quant_load.py).
-SPEC = PresetSpec(
-    layers=2,
-    hidden=128,
-    heads=4,
-    kv_heads=2,
-    head_dim=32,
-    global_head_dim=64,
-    intermediate=128,
-    experts=32,
-    top_k=2,
-    expert_intermediate=64,
-    canvas_length=96,
-)
+SPEC = tiny_spec(96, base=QUANT_TINY, experts=32)
 LORA = LoraSection(r=4, alpha=8, attention=True, experts=True, dense_mlp=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_specs import tiny_spec
 
 from ftkit.diffusion.blocks import denoise_blocks
 from ftkit.diffusion.corrupt import corrupt_canvas, sample_noise_level
@@ -18,24 +19,12 @@ from ftkit.diffusion.token_layout import collate, layout_example
 from ftkit.model.checkpointing import set_gradient_checkpointing
 from ftkit.model.load import tiny_config
 from ftkit.model.lora import attach_lora
-from ftkit.recipe import DiffusionSection, EvalSection, LoraSection, PresetSpec
+from ftkit.recipe import DiffusionSection, EvalSection, LoraSection
 from ftkit.rl.likelihood import position_losses
 from ftkit.tasks.base import Piece, PromptCanvas
 
 W, L = 24, 8
-SPEC = PresetSpec(
-    layers=3,
-    hidden=48,
-    heads=2,
-    kv_heads=1,
-    head_dim=24,
-    global_head_dim=24,
-    intermediate=64,
-    experts=4,
-    top_k=2,
-    expert_intermediate=32,
-    canvas_length=L,
-)
+SPEC = tiny_spec(L, layers=3)
 # Prompt lengths 18, 30, 46, 83 (the chat template adds 16 tokens): one shorter than the window, three longer;
 # answers of 4, 2, 1 and 3 blocks, so block starts fall on both sides of the window and of each other.
 PROMPTS = ["Hi", "Add these two.", "Count the letters of this line", "Read all of this and then answer: " * 2]

@@ -24,6 +24,24 @@ import torch
 
 # LoRA is scoped to the *text* layers of the encoder and the decoder: a bare `q_proj` also matches the vision tower
 # (whose clippable linears PEFT cannot wrap) and `mlp.*_proj`-like names in the self-conditioning block.
+
+# The released checkpoint (google/diffusiongemma-26B-A4B-it) in a preset's terms (ftkit.recipe.PresetSpec fields):
+# what benchmarks and the 26B-sized tests build at its true widths.
+RELEASED = {
+    "layers": 30,
+    "hidden": 2816,
+    "heads": 16,
+    "kv_heads": 8,
+    "head_dim": 256,
+    "global_head_dim": 512,
+    "intermediate": 2112,
+    "experts": 128,
+    "top_k": 8,
+    "expert_intermediate": 704,
+    "canvas_length": 256,
+}
+RELEASED_VOCAB = 262144
+
 ENCODER_LAYERS = r"model\.encoder\.language_model\.layers\.\d+"
 DECODER_LAYERS = r"model\.decoder\.layers\.\d+"
 ATTENTION_PROJ = r"self_attn\.[qkvo]_proj"

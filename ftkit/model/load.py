@@ -27,13 +27,14 @@ T = TypeVar("T")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def tiny_config(spec: PresetSpec, vocab_size: int, pad_id: int = 0, eos_id: int = 1, bos_id: int = 2):
+def tiny_config(spec: PresetSpec, vocab_size: int, pad_id: int = 0, eos_id: int = 1, bos_id: int = 2, **text_fields):
     """A DiffusionGemma config with the real architecture (sliding + full attention layers, MoE beside a dense MLP,
-    k=v global layers, self-conditioning) at CPU-friendly width. The vision tower is kept minimal."""
+    k=v global layers, self-conditioning) at CPU-friendly width. The vision tower is kept minimal. `text_fields`: any
+    other text-config field (a benchmark's layer interleave or window)."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaTextConfig, Gemma4VisionConfig
 
     layer_types = ["sliding_attention"] * (spec.layers - 1) + ["full_attention"]
-    text = DiffusionGemmaTextConfig(
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=spec.hidden,
         intermediate_size=spec.intermediate,
@@ -53,6 +54,7 @@ def tiny_config(spec: PresetSpec, vocab_size: int, pad_id: int = 0, eos_id: int 
         eos_token_id=eos_id,
         bos_token_id=bos_id,
     )
+    text = DiffusionGemmaTextConfig(**{**fields, **text_fields})
     vision = Gemma4VisionConfig(
         hidden_size=16,
         intermediate_size=32,

@@ -27,22 +27,9 @@ import torch
 
 from ftkit.errors import FtkitError, RecipeError
 from ftkit.recipe import Recipe
-from ftkit.run import filecheck, rundir
+from ftkit.run import filecheck, prepare, rundir
 from ftkit.run import start as runstart
 from ftkit.run.paths import RL_STAGE, RunPaths
-from ftkit.run.prepare import (
-    apply_thread_choice,
-    canvas_length,
-    check_launch,
-    log_callbacks,
-    prepare_base,
-    quiet_printer,
-    removed_on_failure,
-    run_locked,
-    training_arguments,
-    write_final_weights,
-    write_run_files,
-)
 from ftkit.run.start import Start, print_parameter_groups, reset_logs
 
 log = logging.getLogger(__name__)
@@ -209,7 +196,7 @@ def _policy(recipe: Recipe, tokenizer, run_dir: Path, canvas_length: int, from_a
     from ftkit.rl.likelihood import ReferencePolicy
 
     model = load_base(recipe.model, recipe.quant, tokenizer, run_dir)
-    prepare_base(model, recipe, canvas_length)
+    prepare.prepare_base(model, recipe, canvas_length)
     if from_adapter:
         model = rundir.load_adapter(
             model, RunPaths(run_dir).reference, trainable=True, shared_stacks=recipe.lora.shared_stacks
@@ -229,14 +216,14 @@ def rl(
     from accelerate import PartialState
 
     check_rl_recipe(recipe)
-    check_launch(recipe)
+    prepare.check_launch(recipe)
     if PartialState(cpu=not torch.cuda.is_available()).num_processes > 1:
         raise FtkitError("ftkit rl runs in one process; launch it without `accelerate launch` / torchrun")
 
     def body(run_dir: Path, start: Start, fresh: bool) -> dict[str, Any]:
         return _rl(recipe, run_dir, start, fresh, progress, extra_callbacks)
 
-    return run_locked(
+    return prepare.run_locked(
         recipe, "rl", resume, body, same_sections=SAME_ON_RESUME, attempt_files=RunPaths.rl_attempt_files()
     )
 
@@ -257,9 +244,9 @@ class _Prepared:
 def _rl(
     recipe: Recipe, run_dir: Path, start: Start, created: bool, progress: bool, extra_callbacks: list | None
 ) -> dict[str, Any]:
-    apply_thread_choice(recipe)
+    prepare.apply_thread_choice(recipe)
     paths = RunPaths(run_dir)
-    with removed_on_failure(run_dir, created):
+    with prepare.removed_on_failure(run_dir, created):
         prepared = _prepare(recipe, paths, start, progress, extra_callbacks)
     model, trainer = prepared.model, prepared.trainer
     began, cpu_began = time.time(), time.process_time()
@@ -288,11 +275,11 @@ def _prepare(recipe: Recipe, paths: RunPaths, start: Start, progress: bool, extr
     if start.checkpoint is not None and from_adapter:
         check_reference(run_dir)
     tokenizer = load_tokenizer(recipe.model, run_dir if start.checkpoint else init_dir)
-    canvas = canvas_length(recipe)
+    canvas = prepare.canvas_length(recipe)
     examples, layouts = _training_examples(recipe, task, tokenizer, canvas)
     held_out = _held_out(recipe, task)
 
-    write_run_files(paths, recipe, tokenizer)
+    prepare.write_run_files(paths, recipe, tokenizer)
     if init_dir is not None:
         _copy_reference(init_dir, run_dir)
     model, reference = _policy(recipe, tokenizer, run_dir, canvas, from_adapter)
@@ -304,7 +291,7 @@ def _prepare(recipe: Recipe, paths: RunPaths, start: Start, progress: bool, extr
         rundir.atomic_write_json(paths.rl_eval_before, _evaluate(model, tokenizer, task, held_out, recipe, canvas))
     rollout = Rollout(task, tokenizer, examples, layouts, recipe.rl, recipe.eval, recipe.train.seed)
     trainer = _trainer(
-        recipe, paths, model, tokenizer, rollout, reference, log_callbacks(paths, progress, extra_callbacks)
+        recipe, paths, model, tokenizer, rollout, reference, prepare.log_callbacks(paths, progress, extra_callbacks)
     )
     return _Prepared(model, trainer, tokenizer, task, held_out, canvas)
 
@@ -334,7 +321,7 @@ def _trainer(recipe: Recipe, paths: RunPaths, model, tokenizer, rollout, referen
     one_item = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, batch_size=1, grad_accum=1))
     trainer = RLTrainer(
         model=model,
-        args=training_arguments(one_item, paths.root),
+        args=prepare.training_arguments(one_item, paths.root),
         train_dataset=StepItems(recipe.train.max_steps),
         data_collator=collate_items,
         callbacks=callbacks,
@@ -345,7 +332,7 @@ def _trainer(recipe: Recipe, paths: RunPaths, model, tokenizer, rollout, referen
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         diffusion=recipe.diffusion,
     )
-    quiet_printer(trainer)
+    prepare.quiet_printer(trainer)
     return trainer
 
 
@@ -356,7 +343,7 @@ def _finish(
     from ftkit.run.plots import plot_reward_curve
 
     model = prepared.model
-    write_final_weights(model, start, paths.root)
+    prepare.write_final_weights(model, start, paths.root)
     rows = rundir.read_jsonl(paths.train_log)
     plot_reward_curve(rows, paths.reward_plot)
     comparison = None

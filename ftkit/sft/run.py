@@ -16,21 +16,8 @@ from accelerate import PartialState
 from ftkit.diffusion.token_layout import TokenLayout, collate
 from ftkit.errors import FtkitError
 from ftkit.recipe import Recipe
-from ftkit.run import rundir
+from ftkit.run import prepare, rundir
 from ftkit.run.paths import RunPaths
-from ftkit.run.prepare import (
-    apply_thread_choice,
-    canvas_length,
-    check_launch,
-    log_callbacks,
-    prepare_base,
-    quiet_printer,
-    removed_on_failure,
-    run_locked,
-    training_arguments,
-    write_final_weights,
-    write_run_files,
-)
 from ftkit.run.start import Start, print_parameter_groups, reset_logs
 from ftkit.run.threads import machine_description
 
@@ -48,7 +35,7 @@ class Collator:
 def train(
     recipe: Recipe, resume: bool = False, progress: bool = True, extra_callbacks: list | None = None
 ) -> dict[str, Any]:
-    check_launch(recipe)
+    prepare.check_launch(recipe)
     # Under `accelerate launch` every process runs this function; the main process holds the run's lock, decides
     # where to start, writes the run files and the tiny base; the others wait for it and read them.
     dist = PartialState(cpu=not torch.cuda.is_available())
@@ -56,7 +43,7 @@ def train(
     def body(run_dir: Path, start: Start, fresh: bool) -> dict[str, Any]:
         return _train(recipe, dist, run_dir, start, fresh and dist.is_main_process, progress, extra_callbacks)
 
-    return run_locked(
+    return prepare.run_locked(
         recipe,
         "train",
         resume,
@@ -133,10 +120,10 @@ def _train(
 ) -> dict[str, Any]:
     from ftkit.tasks import make_task
 
-    apply_thread_choice(recipe, show=dist.is_main_process)
+    prepare.apply_thread_choice(recipe, show=dist.is_main_process)
     task = make_task(recipe.task.name, recipe.task.options)
     paths = RunPaths(run_dir)
-    with removed_on_failure(run_dir, created):
+    with prepare.removed_on_failure(run_dir, created):
         prepared = _prepare(recipe, dist, paths, start, task, progress, extra_callbacks)
     trainer = prepared.trainer
     began = time.time()
@@ -172,16 +159,16 @@ def _prepare(
 
     run_dir = paths.root
     tokenizer = load_tokenizer(recipe.model, run_dir if start.checkpoint else None)
-    canvas = canvas_length(recipe)
+    canvas = prepare.canvas_length(recipe)
     # Built once per fingerprint and cached (ftkit.tasks.data); other processes read what the main one made.
     with dist.main_process_first():
         train_data = build_training_data(task, tokenizer, recipe, canvas)
     if dist.is_main_process:
-        write_run_files(paths, recipe, tokenizer)
+        prepare.write_run_files(paths, recipe, tokenizer)
     # The main process loads first (a tiny run's base is written then), then the ranks of each node one by one:
     # a 4-bit load holds the dense experts in host RAM until they are quantized.
     model = load_in_turns(lambda: load_base(recipe.model, recipe.quant, tokenizer, run_dir))
-    prepare_base(model, recipe, canvas)
+    prepare.prepare_base(model, recipe, canvas)
     model = make_fully_trainable(model) if recipe.is_full else attach_lora(model, recipe.lora)
     groups = parameter_groups(model)
     if dist.is_main_process:
@@ -189,14 +176,14 @@ def _prepare(
         reset_logs(run_dir, start.step)
     trainer = DiffusionTrainer(
         model=model,
-        args=training_arguments(recipe, run_dir),
+        args=prepare.training_arguments(recipe, run_dir),
         train_dataset=train_data,
         data_collator=Collator(tokenizer.pad_token_id),
         diffusion=recipe.diffusion,
         noise_log=paths.noise_log,
-        callbacks=log_callbacks(paths, progress, extra_callbacks),
+        callbacks=prepare.log_callbacks(paths, progress, extra_callbacks),
     )
-    quiet_printer(trainer)
+    prepare.quiet_printer(trainer)
     return _Prepared(model, trainer, groups, canvas, len(train_data))
 
 
@@ -204,7 +191,7 @@ def _finish(recipe: Recipe, paths: RunPaths, start: Start, prepared: _Prepared, 
     """On the main process after training: the final weights, summary.json and the plots."""
     from ftkit.run.plots import plot_loss_curve, plot_noise_vs_loss
 
-    write_final_weights(prepared.model, start, paths.root, full=recipe.is_full)
+    prepare.write_final_weights(prepared.model, start, paths.root, full=recipe.is_full)
     summary = _summary(
         recipe,
         paths.root,
