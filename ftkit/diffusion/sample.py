@@ -323,6 +323,27 @@ def _tokens_per_forward(canvas: torch.Tensor, free: torch.Tensor, steps_used: to
     return sum(values) / max(1, len(values))
 
 
+def _check_schedule(steps: int, temperature_min: float, temperature_max: float) -> None:
+    if steps <= 0:
+        raise ValueError(f"steps must be > 0, got {steps}")
+    if temperature_max <= 0 or temperature_min < 0 or temperature_min > temperature_max:
+        raise ValueError(
+            f"need 0 <= temperature_min <= temperature_max and temperature_max > 0, got "
+            f"{temperature_min}, {temperature_max}"
+        )
+
+
+def _positions_mask(reported: list[list[int]], like: torch.Tensor) -> torch.Tensor:
+    """The verifier's flagged positions per row as a (B, L) mask; positions off the canvas are ignored."""
+    mask = torch.zeros_like(like, dtype=torch.bool)
+    length = like.shape[-1]
+    for b, positions in enumerate(reported):
+        for p in positions:
+            if 0 <= p < length:
+                mask[b, p] = True
+    return mask
+
+
 @torch.no_grad()
 def denoise(
     model,
@@ -354,13 +375,7 @@ def denoise(
     (`ftkit.diffusion.token_layout.allowed_tokens`). `chunk`: canvas positions per vocabulary-wide chunk (default:
     `default_chunk`); results do not depend on it.
     """
-    if steps <= 0:
-        raise ValueError(f"steps must be > 0, got {steps}")
-    if temperature_max <= 0 or temperature_min < 0 or temperature_min > temperature_max:
-        raise ValueError(
-            f"need 0 <= temperature_min <= temperature_max and temperature_max > 0, got "
-            f"{temperature_min}, {temperature_max}"
-        )
+    _check_schedule(steps, temperature_min, temperature_max)
     core = arch.unwrap_model(model)
     device = prompt_ids.device
     batch, length = canvas_init.shape
@@ -409,13 +424,7 @@ def denoise(
     # Without clamping, a "fixed" position may hold a wrong token, so the verifier may re-noise it too.
     renoisable = ~fixed_mask if clamp else torch.ones_like(fixed_mask)
     for _ in range(max_renoise_rounds if verifier is not None else 0):
-        reported = verifier(canvas)
-        renoise = torch.zeros_like(fixed_mask)
-        for b, positions in enumerate(reported):
-            for p in positions:
-                if 0 <= p < length:
-                    renoise[b, p] = True
-        renoise &= renoisable
+        renoise = _positions_mask(verifier(canvas), fixed_mask) & renoisable
         rows = renoise.any(-1)
         if not rows.any():
             break
