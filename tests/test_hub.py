@@ -430,3 +430,22 @@ def test_push_of_an_export_uploads_the_merged_model_card_and_eval(tmp_path, char
     (tmp_path / "export" / "ftkit_export.json").write_text(json.dumps(manifest))
     with pytest.raises(FtkitError, match="holds no evaluation"):
         push_export(tmp_path / "export", repo="alice/merged", endpoint="http://127.0.0.1:9", token=FAKE_TOKEN)
+
+
+def test_a_failed_dry_run_leaves_no_folder_it_made(tmp_path):
+    """`push --dry-run --dry-run-dir a/b/c` that fails while staging leaves neither the staging folder nor the
+    parent folders it created; folders that were there before stay."""
+    from ftkit.hub.stage import stage_in_place
+
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "new" / "deeper" / "upload"
+
+    def fail(folder):
+        (folder / "half.txt").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        stage_in_place(target, fail)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+    stage_in_place(target, lambda folder: (folder / "ok.txt").write_text("y"))
+    assert (target / "ok.txt").read_text() == "y"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftkit.errors import FtkitError
-from ftkit.run.rundir import atomic_write
+from ftkit.run.rundir import atomic_write, parents_made_for
 from ftkit.tasks.view import INK, WHITE, font
 
 if TYPE_CHECKING:
@@ -101,7 +101,6 @@ def save_trajectory_image(result: GenerateResult, path: Path) -> Path:
         raise FtkitError("no trajectory was recorded")
     images = trajectory_images(result)
     legend = result.view.legend
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: str) -> None:
         if path.suffix.lower() == ".gif":
@@ -117,4 +116,5 @@ def save_trajectory_image(result: GenerateResult, path: Path) -> Path:
             return
         contact_sheet(images, legend).save(tmp, format="PNG")
 
-    return atomic_write(path, write)
+    with parents_made_for(path):
+        return atomic_write(path, write)

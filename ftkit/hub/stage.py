@@ -46,12 +46,12 @@ def stage_upload(plan: PushPlan, folder: Path) -> list[str]:
 def stage_in_place(target: Path, stage) -> str:
     """`stage(folder)` into a temporary folder beside `target`, then moved into place: a dry run that fails leaves
     no half-staged folder, and one that succeeds replaces the previous one whole."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        stage(staging)
-        rundir.replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with rundir.parents_made_for(target):
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            stage(staging)
+            rundir.replace_dir(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return str(target)

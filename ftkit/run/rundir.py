@@ -10,7 +10,8 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,27 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' own pattern
 def say(message: str) -> None:
     """A one-line notice for the user (stderr, so it never mixes with a command's result on stdout)."""
     print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def parents_made_for(path: str | Path) -> Iterator[None]:
+    """Create `path`'s missing parent folders for the block; if the block fails, remove those it created (while
+    still empty), so a failed command leaves no folder behind."""
+    made, folder = [], Path(path).parent
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    for folder in reversed(made):
+        folder.mkdir(exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
