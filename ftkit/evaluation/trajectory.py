@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftkit.errors import FtkitError
-from ftkit.run.rundir import atomic_write, parents_made_for
+from ftkit.run.rundir import atomic_write
 from ftkit.tasks.view import INK, WHITE, font
 
 if TYPE_CHECKING:
@@ -116,5 +116,4 @@ def save_trajectory_image(result: GenerateResult, path: Path) -> Path:
             return
         contact_sheet(images, legend).save(tmp, format="PNG")
 
-    with parents_made_for(path):
-        return atomic_write(path, write)
+    return atomic_write(path, write)

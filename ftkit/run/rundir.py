@@ -69,19 +69,20 @@ def parents_made_for(path: str | Path) -> Iterator[None]:
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Have `write(tmp)` fill a temp file beside `path`, fsync it, then os.replace it over `path`: readers see the
-    old file or the new one, never half of one, and a failed write leaves the old file untouched."""
+    old file or the new one, never half of one, and a failed write leaves the old file untouched (and no folder it
+    made for it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; run files are meant to be read and pushed
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with parents_made_for(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes files private; run files are meant to be read and pushed
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 
